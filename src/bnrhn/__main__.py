@@ -1,0 +1,3 @@
+from bnrhn.cli import main
+
+raise SystemExit(main())

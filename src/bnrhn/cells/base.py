@@ -1,0 +1,90 @@
+"""The interface every recurrent cell implements.
+
+A cell knows only its own equations. Time belongs to the runner (:class:`bnrhn.nn.Recurrent`), which
+calls, for a sequence x_1..x_T:
+
+1. ``xp = cell.project_input(x, step=0, mask=mask)`` once: every state-independent term (W x_t + b for
+   all t) in one matrix product over the whole ``[T, B, I]`` input;
+2. ``state = cell.recur(xp[t], state, step=t, mask=mask[t], h_mask=...)`` for t = 0..T−1.
+
+Decoding one token at a time calls the same two methods with a single step (``[B, I]`` input), so the
+sequence path and the step path share every parameter and every batch-norm convention.
+
+The state is a tuple of ``[B, H]`` tensors whose first element is the cell's output h_t (for the LSTM
+family the second is the memory c_t).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+
+
+def check_size(name: str, value: object) -> int:
+    """A positive integer size, or a ``ValueError`` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class RecurrentCell(nn.Module):
+    """Base class of the recurrent cells.
+
+    Subclasses set ``state_names`` (e.g. ``("h",)`` or ``("h", "c")``) and implement
+    :meth:`project_input` and :meth:`recur`.
+    """
+
+    state_names: tuple[str, ...] = ("h",)
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = check_size("input_size", input_size)
+        self.hidden_size = check_size("hidden_size", hidden_size)
+
+    # -- the interface ----------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """The zero state for ``batch_size`` sequences."""
+        return tuple(torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype) for _ in self.state_names)
+
+    def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        """All state-independent terms for ``x`` of shape ``[T, B, I]`` or ``[B, I]``."""
+        raise NotImplementedError
+
+    def recur(
+        self,
+        xp: Tensor,
+        state: State,
+        step: int = 0,
+        mask: Tensor | None = None,
+        h_mask: Tensor | None = None,
+    ) -> State:
+        """One time step: the new state from the projected input ``xp`` (``[B, P]``) and ``state``.
+
+        ``step`` is the time index (batch-norm cells pick their statistics with it), ``mask`` (``[B]``,
+        True at valid positions) keeps padded positions out of batch statistics, and ``h_mask`` is a
+        variational-dropout mask multiplied into h_{t−1} where it enters the recurrent matrix product.
+        """
+        raise NotImplementedError
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape [T, B, {self.input_size}] or "
+                f"[B, {self.input_size}] (input_size={self.input_size}), got {tuple(x.shape)}"
+            )
+
+    def matmul_flops(self, batch_size: int, steps: int) -> int:
+        """Floating-point operations of the forward matrix products for ``steps`` steps (2 per MAC)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _uniform_(tensors, hidden_size: int) -> None:
+        """PyTorch's RNN initialisation: U(−1/√H, 1/√H)."""
+        bound = 1.0 / math.sqrt(hidden_size)
+        for t in tensors:
+            nn.init.uniform_(t, -bound, bound)

@@ -1,0 +1,176 @@
+"""Recurrent Highway Network cell (Zilly et al. 2016) and its batch-normalised variant (Zhang et al. 2017).
+
+One time step runs L highway layers, l = 1..L, starting from s_0 = s_{t−1} (the state at the previous
+time step) and ending at s_t = s_L:
+
+    h_l = tanh(N_h(W_H x_t·[l ∈ I] + R_{H,l} s_{l−1}) + b_{H,l})        (candidate)
+    t_l = σ(N_t(W_T x_t·[l ∈ I] + R_{T,l} s_{l−1}) + b_{T,l})           (transform gate)
+    c_l = 1 − t_l                                       carry="coupled"   (Zilly et al.)
+    c_l = σ(N_c(W_C x_t·[l ∈ I] + R_{C,l} s_{l−1}) + b_{C,l})  carry="free" (the relaxed carry gate)
+    s_l = h_l ⊙ t_l + s_{l−1} ⊙ c_l
+
+I = {1} (``input_at="first"``, the paper) or {1..L} (``input_at="every"``, the public TF code).
+N_g is the identity (``norm="none"``), a :class:`~bnrhn.nn.SequenceBatchNorm` with statistics per
+highway layer l and time step t (``norm="batch"``, BN-RHN), or a layer norm (``norm="layer"``), applied
+to the pre-activations named in ``normalize`` (any of "h", "t", "c"). Normalisers have no shift of
+their own: the bias b_{g,l} is added after them, so that the negative transform bias (which starts
+the cell near the identity map: with t = 0 and c = 1 every eigenvalue of ∂s_t/∂s_{t−1} is 1) keeps
+its meaning with and without normalisation.
+
+Named presets (see :mod:`bnrhn.cells`):
+
+- ``rhn``: no normalisation, coupled carry, input at the first layer, transform bias −2;
+- ``bn_rhn``: the BN-RHN paper: batch norm on the h pre-activation of every highway layer, per time
+  step, relaxed (free) carry gate, input at the first layer;
+- ``bn_rhn_tf``: the authors' public TensorFlow code: layer norm on h only, free carry with bias −3,
+  transform bias −3, input at every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnrhn.cells.base import RecurrentCell, State, check_size
+from bnrhn.nn.seq_batchnorm import SequenceBatchNorm
+
+_NORMS = ("none", "batch", "layer")
+_CARRIES = ("coupled", "free")
+_INPUT_AT = ("first", "every")
+
+
+class RHNCell(RecurrentCell):
+    """Recurrent highway cell of recurrence depth ``depth`` (see the module docstring for the equations).
+
+    Args:
+        input_size, hidden_size: sizes of x_t and s_t.
+        depth: recurrence depth L ≥ 1.
+        norm: "none", "batch" (BN-RHN) or "layer".
+        normalize: which pre-activations the norm applies to: a subset of ("h", "t", "c"), or a
+            comma-separated string such as "h,t".
+        carry: "coupled" (c = 1 − t) or "free" (c = σ(·), its own gate).
+        input_at: "first" (x_t enters the first highway layer only) or "every".
+        transform_bias: initial b_T (negative: start near the identity; −2 in Zilly's PTB configs).
+        carry_bias: initial b_C of the free carry gate (default: −transform_bias, so c ≈ 1 − t at init).
+        max_steps, per_step, stats, momentum: batch-norm statistics (see SequenceBatchNorm).
+        gamma_init: initial scale of the normalisers (default 0.1 for batch norm as in Cooijmans et
+            al., 1.0 for layer norm).
+    """
+
+    state_names = ("s",)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        depth: int = 3,
+        norm: str = "none",
+        normalize: str | tuple[str, ...] = ("h",),
+        carry: str = "coupled",
+        input_at: str = "first",
+        transform_bias: float = -2.0,
+        carry_bias: float | None = None,
+        max_steps: int = 100,
+        per_step: bool = True,
+        stats: str = "momentum",
+        momentum: float = 0.1,
+        gamma_init: float | None = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size)
+        self.depth = check_size("depth", depth)
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        if carry not in _CARRIES:
+            raise ValueError(f"carry must be one of {_CARRIES}, got {carry!r}")
+        if input_at not in _INPUT_AT:
+            raise ValueError(f"input_at must be one of {_INPUT_AT}, got {input_at!r}")
+        self.gate_names = ("h", "t") if carry == "coupled" else ("h", "t", "c")
+        if isinstance(normalize, str):
+            normalize = tuple(g.strip() for g in normalize.split(",") if g.strip())
+        bad = [g for g in normalize if g not in self.gate_names]
+        if bad:
+            raise ValueError(
+                f"normalize names pre-activations {bad!r} that this cell does not have; "
+                f"choose from {self.gate_names} (carry={carry!r})"
+            )
+        self.norm = norm
+        self.normalize = tuple(g for g in self.gate_names if g in normalize) if norm != "none" else ()
+        self.carry = carry
+        self.input_at = input_at
+        H, G, L = self.hidden_size, len(self.gate_names), self.depth
+        K = 1 if input_at == "first" else L
+        self.weight_ih = nn.Parameter(torch.empty(K * G * H, self.input_size))  # W_{H,T,C} (per layer if every)
+        self.weight_hh = nn.Parameter(torch.empty(L, G * H, H))  # R_{H,T,C; l}
+        self.bias = nn.Parameter(torch.zeros(L, G * H))  # b_{H,T,C; l}
+        self._uniform_([self.weight_ih, self.weight_hh], H)
+        self.transform_bias = float(transform_bias)
+        self.carry_bias = -self.transform_bias if carry_bias is None else float(carry_bias)
+        with torch.no_grad():
+            self.bias[:, H : 2 * H] = self.transform_bias
+            if carry == "free":
+                self.bias[:, 2 * H : 3 * H] = self.carry_bias
+        if gamma_init is None:
+            gamma_init = 0.1 if norm == "batch" else 1.0
+        self.norms = nn.ModuleDict()
+        for l in range(L):
+            for g in self.normalize:
+                self.norms[f"{g}{l}"] = self._make_norm(norm, H, max_steps, per_step, stats, momentum, gamma_init)
+        # When a list, recur() appends (layer, mean t_l, mean c_l) for analysis; None = off.
+        self.gate_log: list | None = None
+
+    @staticmethod
+    def _make_norm(norm, H, max_steps, per_step, stats, momentum, gamma_init) -> nn.Module:
+        if norm == "batch":
+            return SequenceBatchNorm(
+                H, max_steps=max_steps, per_step=per_step, stats=stats, momentum=momentum,
+                center=False, gamma_init=gamma_init,
+            )
+        ln = nn.LayerNorm(H, bias=False)
+        nn.init.constant_(ln.weight, gamma_init)
+        return ln
+
+    def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        self.check_input(x)
+        return torch.nn.functional.linear(x, self.weight_ih)
+
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+        s = state[0]
+        H, G = self.hidden_size, len(self.gate_names)
+        every = self.input_at == "every"
+        for l in range(self.depth):
+            s_in = s if h_mask is None else s * h_mask
+            R_t = self.weight_hh[l].t()
+            if l == 0 or every:
+                x_l = xp if not every else xp[:, l * G * H : (l + 1) * G * H]
+                if self.normalize:
+                    a = torch.addmm(x_l, s_in, R_t)
+                else:  # no normaliser: the bias joins the input term, one op fewer
+                    a = torch.addmm(x_l + self.bias[l], s_in, R_t)
+            elif self.normalize:
+                a = s_in @ R_t
+            else:
+                a = torch.addmm(self.bias[l], s_in, R_t)
+            if self.normalize:
+                parts = list(a.split(H, dim=1))
+                for gi, g in enumerate(self.gate_names):
+                    if g in self.normalize:
+                        norm = self.norms[f"{g}{l}"]
+                        parts[gi] = norm(parts[gi], step, mask) if self.norm == "batch" else norm(parts[gi])
+                a = torch.cat(parts, dim=1) + self.bias[l]
+            if self.carry == "coupled":
+                a_h, a_t = a.chunk(2, dim=1)
+                h, t = torch.tanh(a_h), torch.sigmoid(a_t)
+                c = None
+                s = torch.lerp(s, h, t)  # h ⊙ t + s ⊙ (1 − t)
+            else:
+                a_h, a_t, a_c = a.chunk(3, dim=1)
+                h, t, c = torch.tanh(a_h), torch.sigmoid(a_t), torch.sigmoid(a_c)
+                s = torch.addcmul(h * t, s, c)  # h ⊙ t + s ⊙ c
+            if self.gate_log is not None:
+                self.gate_log.append((l, t.detach().mean().item(), (1 - t if c is None else c).detach().mean().item()))
+        return (s,)
+
+    def matmul_flops(self, batch_size: int, steps: int) -> int:
+        H, G, L = self.hidden_size, len(self.gate_names), self.depth
+        K = 1 if self.input_at == "first" else L
+        return 2 * batch_size * steps * G * H * (K * self.input_size + L * H)

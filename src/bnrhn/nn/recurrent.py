@@ -1,0 +1,217 @@
+"""The runner: stacks recurrent layers of any registered cell and owns time.
+
+Whole sequences (training, teacher forcing)::
+
+    rnn = Recurrent("bn_rhn", input_size=512, hidden_size=512, num_layers=1, depth=3)
+    out, state = rnn(x, lengths=lengths)      # x: [T, B, I] (or [B, T, I] with batch_first=True)
+
+One step at a time (decoding), with the same parameters and batch-norm conventions::
+
+    state = rnn.init_state(B)
+    for t in range(T):
+        y, state = rnn.step(x[t], state, t)
+
+For each layer the state-independent input term W x_t + b is computed for all T steps in one matrix
+product (``cell.project_input``); only the recurrent term is computed inside the time loop. Padded
+positions (t ≥ length) keep the previous state, output zeros and stay out of batch-norm statistics, so
+the final state of each sequence is the one at its own last step (as with packed sequences in
+``torch.nn.LSTM``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import bnrhn.cells as cell_registry  # module import: bnrhn.cells itself imports bnrhn.nn.seq_batchnorm
+from bnrhn.cells.base import State, check_size
+from bnrhn.nn.dropout import check_probability, variational_mask
+
+
+@dataclass
+class DropoutMasks:
+    """Per-sequence dropout masks for every layer: on its input, on its output and on h_{t−1}."""
+
+    inputs: list[Tensor | None]
+    outputs: list[Tensor | None]
+    recurrent: list[Tensor | None]
+
+
+class Recurrent(nn.Module):
+    """A stack of ``num_layers`` recurrent layers built from the cell registered as ``cell``.
+
+    Args:
+        cell: registry name (see :data:`bnrhn.cells.CELLS`).
+        input_size, hidden_size: sizes of x_t and h_t.
+        num_layers: number of stacked layers (layer k > 0 reads layer k−1's output).
+        input_dropout: variational dropout on the input of the first layer.
+        dropout: variational dropout on the output of every layer.
+        recurrent_dropout: variational dropout on h_{t−1} where it enters the recurrent product.
+        batch_first: inputs and outputs are ``[B, T, ·]`` instead of ``[T, B, ·]``.
+        **cell_options: passed to :func:`bnrhn.cells.build_cell` (e.g. ``depth=3``, ``norm="batch"``).
+    """
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        input_dropout: float = 0.0,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        batch_first: bool = False,
+        **cell_options,
+    ) -> None:
+        super().__init__()
+        check_size("num_layers", num_layers)
+        self.cell_name = cell
+        self.input_size = check_size("input_size", input_size)
+        self.hidden_size = check_size("hidden_size", hidden_size)
+        self.num_layers = num_layers
+        self.input_dropout = check_probability("input_dropout", input_dropout)
+        self.dropout = check_probability("dropout", dropout)
+        self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
+        self.batch_first = batch_first
+        self.cells = nn.ModuleList(
+            cell_registry.build_cell(cell, input_size if k == 0 else hidden_size, hidden_size, **cell_options)
+            for k in range(num_layers)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"cell={self.cell_name!r}, num_layers={self.num_layers}, input_dropout={self.input_dropout}, "
+            f"dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout}, batch_first={self.batch_first}"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list[State]:
+        """Zero states, one tuple per layer."""
+        if device is None or dtype is None:
+            p = next(self.parameters())
+            device, dtype = device or p.device, dtype or p.dtype
+        return [cell.init_state(batch_size, device, dtype) for cell in self.cells]
+
+    def sample_dropout_masks(self, batch_size: int) -> DropoutMasks | None:
+        """Fresh per-sequence masks (None in eval mode or when every dropout is 0)."""
+        if not self.training or not (self.input_dropout or self.dropout or self.recurrent_dropout):
+            return None
+        like = next(self.parameters())
+        H = self.hidden_size
+        return DropoutMasks(
+            inputs=[variational_mask(batch_size, self.input_size, self.input_dropout, like)]
+            + [None] * (self.num_layers - 1),
+            outputs=[variational_mask(batch_size, H, self.dropout, like) for _ in self.cells],
+            recurrent=[variational_mask(batch_size, H, self.recurrent_dropout, like) for _ in self.cells],
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        lengths: Tensor | list[int] | None = None,
+        state: list[State] | None = None,
+        step: int = 0,
+    ) -> tuple[Tensor, list[State]]:
+        """Run whole sequences.
+
+        Args:
+            x: ``[T, B, I]`` (``[B, T, I]`` if ``batch_first``).
+            lengths: valid length of each sequence (≤ T); None = all T.
+            state: initial state (list of per-layer tuples); None = zeros.
+            step: time index of x's first step (for batch-norm statistics when continuing a sequence).
+
+        Returns:
+            outputs ``[T, B, H]`` (zeros at padded positions) and the final state of every layer, taken
+            at each sequence's last valid step.
+        """
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"Recurrent expects input of shape [T, B, {self.input_size}]"
+                f"{' (batch_first: [B, T, I])' if self.batch_first else ''}, got {tuple(x.shape)}"
+            )
+        T, B, _ = x.shape
+        mask, full_steps = self._mask(lengths, T, B, x.device)
+        if state is None:
+            state = self.init_state(B, x.device, x.dtype)
+        masks = self.sample_dropout_masks(B)
+        final: list[State] = []
+        layer_in = x
+        for k, cell in enumerate(self.cells):
+            if masks is not None and masks.inputs[k] is not None:
+                layer_in = layer_in * masks.inputs[k]
+            h_mask = masks.recurrent[k] if masks is not None else None
+            xp = cell.project_input(layer_in, step, mask)
+            s = state[k]
+            outs = []
+            for t, xp_t in enumerate(xp.unbind(0)):
+                if t < full_steps:
+                    s = cell.recur(xp_t, s, step + t, None, h_mask)
+                else:
+                    m = mask[t]
+                    new = cell.recur(xp_t, s, step + t, m, h_mask)
+                    keep = m.unsqueeze(1)
+                    s = tuple(torch.where(keep, a, b) for a, b in zip(new, s))
+                outs.append(s[0])
+            out = torch.stack(outs)
+            if full_steps < T:
+                out = out * mask.unsqueeze(2).to(out.dtype)
+            if masks is not None and masks.outputs[k] is not None:
+                out = out * masks.outputs[k]
+            final.append(s)
+            layer_in = out
+        if self.batch_first:
+            layer_in = layer_in.transpose(0, 1)
+        return layer_in, final
+
+    def step(
+        self,
+        x: Tensor,
+        state: list[State] | None,
+        step: int,
+        dropout_masks: DropoutMasks | None = None,
+    ) -> tuple[Tensor, list[State]]:
+        """One time step for every layer: ``x`` is ``[B, I]``; returns the top output ``[B, H]`` and the state.
+
+        ``step`` is the time index (batch-norm cells pick their statistics with it). Dropout is applied
+        only with ``dropout_masks`` (from :meth:`sample_dropout_masks`), so that a sequence keeps one
+        mask over all of its steps.
+        """
+        if x.dim() != 2 or x.shape[-1] != self.input_size:
+            raise ValueError(f"Recurrent.step expects input of shape [B, {self.input_size}], got {tuple(x.shape)}")
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        new_state = []
+        h = x
+        for k, cell in enumerate(self.cells):
+            if dropout_masks is not None and dropout_masks.inputs[k] is not None:
+                h = h * dropout_masks.inputs[k]
+            h_mask = dropout_masks.recurrent[k] if dropout_masks is not None else None
+            s = cell.recur(cell.project_input(h, step), state[k], step, None, h_mask)
+            new_state.append(s)
+            h = s[0]
+            if dropout_masks is not None and dropout_masks.outputs[k] is not None:
+                h = h * dropout_masks.outputs[k]
+        return h, new_state
+
+    def matmul_flops(self, batch_size: int, steps: int) -> int:
+        """Forward matrix-product FLOPs of all layers for ``steps`` steps of ``batch_size`` sequences."""
+        return sum(cell.matmul_flops(batch_size, steps) for cell in self.cells)
+
+    # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _mask(lengths, T: int, B: int, device) -> tuple[Tensor | None, int]:
+        """([T, B] bool mask or None, number of leading steps where every sequence is valid)."""
+        if lengths is None:
+            return None, T
+        lengths = torch.as_tensor(lengths, device=device)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have one entry per sequence ({B}), got shape {tuple(lengths.shape)}")
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"lengths must be in [1, T={T}], got min {int(lengths.min())}, max {int(lengths.max())}")
+        mask = torch.arange(T, device=device).unsqueeze(1) < lengths.unsqueeze(0)
+        return mask, int(lengths.min()) if lengths.numel() else T
