@@ -174,15 +174,27 @@ class Recurrent(nn.Module):
         state: list[State] | None,
         step: int,
         dropout_masks: DropoutMasks | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, list[State]]:
         """One time step for every layer: ``x`` is ``[B, I]``; returns the top output ``[B, H]`` and the state.
 
         ``step`` is the time index (batch-norm cells pick their statistics with it). Dropout is applied
         only with ``dropout_masks`` (from :meth:`sample_dropout_masks`), so that a sequence keeps one
         mask over all of its steps.
+
+        ``mask`` (``[B]`` bool, True = valid) does for one step what ``lengths`` does in
+        :meth:`forward`: sequences whose mask is False keep their previous state, output zeros and stay
+        out of batch-norm statistics. A loop of masked steps therefore equals ``forward`` with the
+        matching lengths (training step by step, e.g. with attention, over padded batches).
         """
         if x.dim() != 2 or x.shape[-1] != self.input_size:
             raise ValueError(f"Recurrent.step expects input of shape [B, {self.input_size}], got {tuple(x.shape)}")
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=x.device).bool()
+            if mask.shape != (x.shape[0],):
+                raise ValueError(f"mask must have one entry per sequence ({x.shape[0]}), got shape {tuple(mask.shape)}")
+            if bool(mask.all()):
+                mask = None  # every sequence valid: same as no mask, and the fused batch-norm path applies
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         new_state = []
@@ -191,9 +203,14 @@ class Recurrent(nn.Module):
             if dropout_masks is not None and dropout_masks.inputs[k] is not None:
                 h = h * dropout_masks.inputs[k]
             h_mask = dropout_masks.recurrent[k] if dropout_masks is not None else None
-            s = cell.recur(cell.project_input(h, step), state[k], step, None, h_mask)
+            s = cell.recur(cell.project_input(h, step, mask), state[k], step, mask, h_mask)
+            if mask is not None:
+                keep = mask.unsqueeze(1)
+                s = tuple(torch.where(keep, a, b) for a, b in zip(s, state[k]))
             new_state.append(s)
             h = s[0]
+            if mask is not None:
+                h = h * mask.unsqueeze(1).to(h.dtype)
             if dropout_masks is not None and dropout_masks.outputs[k] is not None:
                 h = h * dropout_masks.outputs[k]
         return h, new_state

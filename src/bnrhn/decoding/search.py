@@ -1,0 +1,233 @@
+"""Decoding: greedy, sampling with temperature, and batched beam search.
+
+All three work on any model with the decoding interface of :class:`bnrhn.models.Captioner`
+(``start``, ``step``, ``select``) and put the model in eval mode (batch-norm cells then use their
+population statistics of the time index the model passes along, so a beam of 3 sees the same
+normalisation as a training batch of 64).
+
+A caption is ``w_1 .. w_n <end>`` with n ≤ ``max_len``; at step ``max_len + 1`` only ``<end>`` is
+allowed. ``<pad>`` and ``<start>`` are never generated, ``<unk>`` only with ``allow_unk=True``. The
+log-probability of a caption is Σ_t log p(w_t | w_<t, image) including the final ``<end>`` (the
+model's own probabilities: banned tokens are removed, not renormalised away). With length
+normalisation α > 0 beams are ranked by ``logprob / (n + 1)^α`` (im2txt's length normalisation).
+
+**Beam search** (beam K), for all images × beams in one ``[B·K, ·]`` tensor. At step t every alive
+hypothesis is extended by every allowed word; of the 2K best extensions of each image, those ending
+in ``<end>`` *and ranked within the top K* become finished hypotheses (a pool of the K best is kept),
+and the K best that do not end stay alive (states reordered with ``index_select``). An image stops as
+soon as no alive hypothesis can still beat its ``topk``-th finished one (exact: scores only fall as
+words are added; with α > 0 the bound uses the longest possible length), and leaves the batch. With
+K = 1 this is greedy decoding; with K at least the number of candidates it is exhaustive search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Hypothesis:
+    """A generated caption: word ids (no ``<start>``/``<end>``), log-probability, ranking score."""
+
+    tokens: list[int]
+    logprob: float
+    score: float
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _banned(model, allow_unk: bool, device) -> Tensor:
+    cfg = model.cfg
+    banned = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
+    banned[cfg.pad_id] = True
+    banned[cfg.start_id] = True
+    if not allow_unk:
+        banned[cfg.unk_id] = True
+    return banned
+
+
+def _check(max_len: int, beam_size: int = 1) -> None:
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam size must be a positive integer, got {beam_size!r}")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def greedy(model, features: Tensor, max_len: int = 20, allow_unk: bool = False,
+           temperature: float | None = None, generator: torch.Generator | None = None,
+           length_norm: float = 0.0) -> list[Hypothesis]:
+    """Greedy decoding (``temperature=None``) or sampling from softmax(log p / temperature), batched.
+
+    Returns one :class:`Hypothesis` per image. Sampling is reproducible with ``generator``.
+    """
+    _check(max_len)
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    model.eval()
+    device = _device(model)
+    features = features.to(device)
+    B = features.shape[0]
+    cfg = model.cfg
+    banned = _banned(model, allow_unk, device)
+    end_only = torch.ones(cfg.vocab_size, dtype=torch.bool, device=device)
+    end_only[cfg.end_id] = False
+    state = model.start(features)
+    tokens = torch.full((B,), cfg.start_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logprob = torch.zeros(B, dtype=torch.float64, device=device)
+    length = torch.zeros(B, dtype=torch.long, device=device)
+    out = []
+    for t in range(1, max_len + 2):
+        logp, state = model.step(tokens, state)
+        logp = logp.float().masked_fill(banned, float("-inf"))
+        if t == max_len + 1:
+            logp = logp.masked_fill(end_only, float("-inf"))
+        if temperature is None:
+            nxt = logp.argmax(-1)
+        else:
+            probs = (logp / temperature).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        lp = logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
+        logprob += torch.where(done, 0.0, lp.double())
+        nxt = torch.where(done, cfg.pad_id, nxt)
+        out.append(nxt)
+        length += (~done & (nxt != cfg.end_id)).long()
+        done = done | (nxt == cfg.end_id)
+        if bool(done.all()):
+            break
+        tokens = nxt
+    seqs = torch.stack(out, 1).tolist()
+    res = []
+    for b in range(B):
+        toks = seqs[b][: int(length[b])]
+        lp = float(logprob[b])
+        res.append(Hypothesis(toks, lp, lp / (len(toks) + 1) ** length_norm if length_norm else lp))
+    return res
+
+
+def sample(model, features: Tensor, temperature: float = 1.0, max_len: int = 20, allow_unk: bool = False,
+           generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """One caption per image sampled from softmax(log p / temperature)."""
+    return greedy(model, features, max_len, allow_unk, temperature=temperature, generator=generator)
+
+
+@torch.no_grad()
+def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0,
+                topk: int = 1, allow_unk: bool = False) -> list[list[Hypothesis]]:
+    """Batched beam search; for each image the ``topk`` best captions, best first (see the module docstring)."""
+    _check(max_len, beam_size)
+    K = beam_size
+    if not 1 <= topk <= K:
+        raise ValueError(f"topk must be between 1 and the beam size {K}, got {topk}")
+    if length_norm < 0:
+        raise ValueError(f"length_norm must be ≥ 0, got {length_norm}")
+    model.eval()
+    device = _device(model)
+    features = features.to(device)
+    B = features.shape[0]
+    cfg = model.cfg
+    V = cfg.vocab_size
+    NEG = float("-inf")
+    banned = _banned(model, allow_unk, device)
+    end_only = torch.ones(V, dtype=torch.bool, device=device)
+    end_only[cfg.end_id] = False
+    bound_div = float(max_len + 1) ** length_norm
+
+    state = model.select(model.start(features), torch.arange(B, device=device).repeat_interleave(K))
+    alive_lp = torch.full((B, K), NEG, device=device)
+    alive_lp[:, 0] = 0.0  # one start hypothesis per image; the other K−1 slots are empty
+    alive_seq = torch.zeros(B, K, 0, dtype=torch.long, device=device)
+    fin_score = torch.full((B, K), NEG, device=device)
+    fin_lp = torch.full((B, K), NEG, device=device)
+    fin_seq = torch.full((B, K, max_len), cfg.pad_id, dtype=torch.long, device=device)
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
+    image = torch.arange(B, device=device)  # original index of each active row
+    tokens = torch.full((B * K,), cfg.start_id, dtype=torch.long, device=device)
+    results: list[list[Hypothesis] | None] = [None] * B
+
+    for t in range(1, max_len + 2):
+        b = image.numel()
+        n_words = t - 1  # words in the hypotheses being extended
+        logp, state = model.step(tokens, state)
+        logp = logp.float().masked_fill(banned, NEG)
+        if t == max_len + 1:
+            logp = logp.masked_fill(end_only, NEG)
+        cand = (alive_lp.unsqueeze(2) + logp.view(b, K, V)).view(b, K * V)
+        n = min(2 * K, K * V)
+        top_lp, top_i = cand.topk(n, dim=1)  # sorted, best first
+        src, word = top_i // V, top_i % V
+        finite = torch.isfinite(top_lp)
+        is_end = (word == cfg.end_id) & finite
+        rank = torch.arange(n, device=device).unsqueeze(0)
+
+        # finished: <end> extensions within the top K; merged into the pool of the K best
+        new_fin = is_end & (rank < K)
+        norm = float(n_words + 1) ** length_norm
+        seq_src = alive_seq.gather(1, src.unsqueeze(2).expand(b, n, n_words))  # [b, n, n_words]
+        new_seq = torch.full((b, n, max_len), cfg.pad_id, dtype=torch.long, device=device)
+        new_seq[:, :, :n_words] = seq_src
+        all_score = torch.cat([fin_score, torch.where(new_fin, top_lp / norm, NEG)], 1)
+        all_lp = torch.cat([fin_lp, torch.where(new_fin, top_lp, NEG)], 1)
+        all_seq = torch.cat([fin_seq, new_seq], 1)
+        all_len = torch.cat([fin_len, torch.full((b, n), n_words, dtype=torch.long, device=device)], 1)
+        fin_score, order = all_score.topk(K, dim=1)
+        fin_lp = all_lp.gather(1, order)
+        fin_seq = all_seq.gather(1, order.unsqueeze(2).expand(b, K, max_len))
+        fin_len = all_len.gather(1, order)
+
+        # alive: the K best extensions that do not end
+        ok = ~is_end & finite
+        sel = torch.where(ok, rank, rank + n).argsort(dim=1, stable=True)[:, :K]
+        alive_lp = top_lp.gather(1, sel).masked_fill(~ok.gather(1, sel), NEG)
+        src_sel, word_sel = src.gather(1, sel), word.gather(1, sel)
+        alive_seq = torch.cat([alive_seq.gather(1, src_sel.unsqueeze(2).expand(b, K, n_words)),
+                               word_sel.unsqueeze(2)], 2)
+
+        # images whose topk-th finished caption no alive hypothesis can beat are done
+        best_alive = alive_lp.max(1).values
+        if t == max_len + 1:
+            done = torch.ones(b, dtype=torch.bool, device=device)
+        else:
+            done = fin_score[:, topk - 1] >= best_alive / bound_div
+        if bool(done.any()):
+            d_rows = done.nonzero().flatten().tolist()
+            fs, fl, fq, fn = (x[done].tolist() for x in (fin_score, fin_lp, fin_seq, fin_len))
+            for j, r in enumerate(d_rows):
+                results[int(image[r])] = [
+                    Hypothesis(fq[j][k][: fn[j][k]], fl[j][k], fs[j][k]) for k in range(topk) if fs[j][k] > NEG
+                ]
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            image = image[keep]
+            alive_lp, alive_seq, src_sel, word_sel = alive_lp[keep], alive_seq[keep], src_sel[keep], word_sel[keep]
+            fin_score, fin_lp, fin_seq, fin_len = fin_score[keep], fin_lp[keep], fin_seq[keep], fin_len[keep]
+            rows = keep
+        else:
+            rows = torch.arange(b, device=device)
+        flat = (rows.unsqueeze(1) * K + src_sel).flatten()
+        state = model.select(state, flat)
+        tokens = word_sel.flatten()
+    return [r if r is not None else [] for r in results]
+
+
+def decode(model, features: Tensor, method: str = "beam", beam_size: int = 3, max_len: int = 20,
+           length_norm: float = 0.0, temperature: float = 1.0, allow_unk: bool = False,
+           generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """One caption per image with ``method`` = ``greedy``, ``sample`` or ``beam``."""
+    if method == "greedy":
+        return greedy(model, features, max_len, allow_unk, length_norm=length_norm)
+    if method == "sample":
+        return sample(model, features, temperature, max_len, allow_unk, generator)
+    if method == "beam":
+        return [h[0] for h in beam_search(model, features, beam_size, max_len, length_norm, 1, allow_unk)]
+    raise ValueError(f"unknown decoding method {method!r}; choose greedy, sample or beam")

@@ -1,0 +1,20 @@
+"""Frozen CNN image encoders and the on-disk feature cache."""
+
+from bnrhn.encoders.base import (
+    ImageEncoder,
+    ImageFileError,
+    MobileNetV2Encoder,
+    TorchvisionEncoder,
+    build_encoder,
+    imagenet_tensor,
+    load_image,
+)
+from bnrhn.encoders.cache import FeatureSet, default_cache_root, extract_features
+from bnrhn.encoders.mobilenet_v2 import MobileNetV2, load_mobilenet_v2
+from bnrhn.encoders.weights import find_mobilenet_weights
+
+__all__ = [
+    "ImageEncoder", "ImageFileError", "MobileNetV2Encoder", "TorchvisionEncoder", "build_encoder",
+    "imagenet_tensor", "load_image", "FeatureSet", "default_cache_root", "extract_features",
+    "MobileNetV2", "load_mobilenet_v2", "find_mobilenet_weights",
+]

@@ -1,0 +1,13 @@
+"""Models built on the recurrent runner: image captioners."""
+
+from bnrhn.models.captioner import (
+    MODELS,
+    Captioner,
+    CaptionerConfig,
+    DecodeState,
+    ShowAttendTell,
+    ShowTell,
+    build_captioner,
+)
+
+__all__ = ["MODELS", "Captioner", "CaptionerConfig", "DecodeState", "ShowTell", "ShowAttendTell", "build_captioner"]

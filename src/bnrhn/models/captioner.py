@@ -1,0 +1,298 @@
+"""Image captioners over any registered recurrent cell.
+
+Both models read frozen CNN features and generate ``w_1 .. w_n <end>`` one word at a time; both share
+the decoding interface used by :mod:`bnrhn.decoding`:
+
+    state = model.start(features)                  # batch of B images
+    logp, state = model.step(tokens, state)        # tokens [B] = previous words → log p(w_t | ...) [B, V]
+    state = model.select(state, index)             # reorder / repeat images (beam search)
+
+**Show and Tell** (Vinyals et al. 2015), :class:`ShowTell`. With image feature v (pooled, F-d), word
+embedding E and the recurrent decoder f (any cell, ``num_layers`` layers):
+
+    x_0 = W_I v + b_I                     (image embedding; the first input only, never repeated)
+    x_1 = E[<start>],  x_t = E[w_{t−1}]   (teacher forcing: the reference words)
+    h_t = f(x_t, h_{t−1}),  p(w_t | w_<t, v) = softmax(W_o h_t + b_o)      t ≥ 1
+
+Time index t (step 0 = the image) is what batch-norm cells use to pick their per-step statistics, in
+training (whole sequences through :meth:`bnrhn.nn.Recurrent.forward`) and in decoding (one
+:meth:`~bnrhn.nn.Recurrent.step` at a time with ``step=t``) alike.
+
+**Show, Attend and Tell** (Xu et al. 2015, soft attention), :class:`ShowAttendTell`. With the grid
+a_1..a_N (F-d each) and h_{t−1} the top layer's output:
+
+    h_0, c_0 = tanh(W_init mean_i a_i)                       (one map per state tensor and layer)
+    e_{t,i} = w_α · tanh(W_a a_i + W_h h_{t−1} + b),  α_t = softmax_i(e_t)
+    z_t = β_t Σ_i α_{t,i} a_i,  β_t = σ(W_β h_{t−1} + b_β)    (the gating scalar of §4.2.1)
+    h_t = f([E w_{t−1}; z_t], h_{t−1})
+    p(w_t) = softmax(L_o(E w_{t−1} + L_h h_t + L_z z_t))     (the deep output layer, eq. 7)
+
+with time index t = 0 for the ``<start>`` input. The loss adds the doubly stochastic regulariser
+λ Σ_i (1 − Σ_t α_{t,i})² (eq. 14). Because the input at t depends on h_{t−1}, training runs the step
+API too, with a mask per step so that padded positions stay out of batch-norm statistics.
+
+Loss: cross-entropy summed over real tokens only (padding masked), divided by their number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnrhn.nn import Recurrent
+
+MODELS = ("show_tell", "show_attend_tell")
+
+
+@dataclass
+class CaptionerConfig:
+    """Everything needed to rebuild a captioner (stored in every checkpoint)."""
+
+    model: str = "show_tell"
+    vocab_size: int = 0
+    feature_size: int = 1280
+    grid_size: int = 49
+    embed_size: int = 512
+    hidden_size: int = 512
+    num_layers: int = 1
+    cell: str = "lstm"
+    cell_options: dict[str, Any] = field(default_factory=dict)
+    dropout: float = 0.3
+    attention_size: int = 512
+    alpha_c: float = 1.0  # λ of the doubly stochastic regulariser
+    pad_id: int = 0
+    start_id: int = 1
+    end_id: int = 2
+    unk_id: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CaptionerConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class DecodeState:
+    """Decoder state while generating: recurrent state, the next time index, model-specific tensors."""
+
+    rnn: list[tuple[Tensor, ...]]
+    t: int
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def select(self, index: Tensor) -> DecodeState:
+        return DecodeState(
+            [tuple(s.index_select(0, index) for s in layer) for layer in self.rnn],
+            self.t,
+            {k: v.index_select(0, index) for k, v in self.extra.items()},
+        )
+
+
+class Captioner(nn.Module):
+    """Base class: word embedding, recurrent decoder, shared helpers."""
+
+    needs_grid = False
+
+    def __init__(self, cfg: CaptionerConfig, input_size: int) -> None:
+        super().__init__()
+        if cfg.vocab_size < 5:
+            raise ValueError(f"vocab_size must be ≥ 5 (4 special tokens and a word), got {cfg.vocab_size}")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=cfg.pad_id)
+        self.rnn = Recurrent(
+            cfg.cell, input_size, cfg.hidden_size, num_layers=cfg.num_layers,
+            input_dropout=cfg.dropout, dropout=cfg.dropout, **cfg.cell_options,
+        )
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[cfg.pad_id].zero_()
+
+    # -- decoding interface --------------------------------------------------------------------------
+    def start(self, features: Tensor) -> DecodeState:
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        raise NotImplementedError
+
+    @staticmethod
+    def select(state: DecodeState, index: Tensor) -> DecodeState:
+        return state.select(index)
+
+    # -- training ---------------------------------------------------------------------------------------
+    def loss(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, int, dict[str, float]]:
+        """(mean cross-entropy over real tokens [+ regulariser], number of real tokens, parts for logging).
+
+        ``tokens`` ``[B, L]``: ``<start> w_1 .. w_n <end>`` padded with ``<pad>``; ``lengths`` ``[B]``:
+        n + 2 per caption.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sequence_logprob(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """log p(w_1 .. w_n <end> | image) of each caption (teacher forcing), ``[B]``."""
+        logits, targets, mask = self.teacher_forced_logits(features, tokens, lengths)
+        logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (logp * mask).sum(1)
+
+    def teacher_forced_logits(self, features, tokens, lengths) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits ``[B, L−1, V]``, targets ``[B, L−1]``, float mask ``[B, L−1]``)."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _check_tokens(tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, L], got shape {tuple(tokens.shape)}")
+    lengths = torch.as_tensor(lengths, device=tokens.device)
+    if int(lengths.min()) < 2 or int(lengths.max()) > tokens.shape[1]:
+        raise ValueError(f"caption lengths must be in [2, {tokens.shape[1]}], got {lengths.tolist()[:8]}")
+    return tokens, lengths
+
+
+class ShowTell(Captioner):
+    """Show and Tell (see the module docstring for the equations)."""
+
+    def __init__(self, cfg: CaptionerConfig) -> None:
+        super().__init__(cfg, cfg.embed_size)
+        self.image_embed = nn.Linear(cfg.feature_size, cfg.embed_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def _hidden(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Top-layer outputs ``[L, B, H]`` at steps 1..L (step 0, the image, produces no word)."""
+        img = self.image_embed(self.drop(features)).unsqueeze(0)  # [1, B, E]
+        words = self.embed(tokens[:, :-1]).transpose(0, 1)  # <start> w_1 .. : [L−1, B, E]
+        x = torch.cat([img, words], 0)  # [L, B, E]
+        out, _ = self.rnn(x, lengths=lengths, step=0)
+        return out[1:]  # [L−1, B, H]: predictions of w_1 .. <end>
+
+    def teacher_forced_logits(self, features, tokens, lengths):
+        tokens, lengths = _check_tokens(tokens, lengths)
+        h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
+        targets = tokens[:, 1:]
+        return self.out(h), targets, (targets != self.cfg.pad_id).to(h.dtype)
+
+    def loss(self, features, tokens, lengths):
+        tokens, lengths = _check_tokens(tokens, lengths)
+        h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
+        targets = tokens[:, 1:]
+        valid = targets != self.cfg.pad_id
+        # Only real tokens reach the output layer: no logits are computed for padding.
+        logits = self.out(self.drop(h[valid]))
+        n = int(valid.sum())
+        ce = F.cross_entropy(logits, targets[valid], reduction="sum") / n
+        return ce, n, {"ce": float(ce.detach())}
+
+    def start(self, features: Tensor) -> DecodeState:
+        x0 = self.image_embed(features)
+        _, state = self.rnn.step(x0, None, step=0)
+        return DecodeState(state, 1)
+
+    def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        h, rnn_state = self.rnn.step(self.embed(tokens), state.rnn, step=state.t)
+        return self.out(h).log_softmax(-1), DecodeState(rnn_state, state.t + 1, state.extra)
+
+
+class ShowAttendTell(Captioner):
+    """Show, Attend and Tell with soft attention (see the module docstring for the equations)."""
+
+    needs_grid = True
+
+    def __init__(self, cfg: CaptionerConfig) -> None:
+        super().__init__(cfg, cfg.embed_size + cfg.feature_size)
+        F_, H, A, E = cfg.feature_size, cfg.hidden_size, cfg.attention_size, cfg.embed_size
+        n_state = len(self.rnn.cells[0].state_names)
+        self.init_maps = nn.ModuleList(nn.Linear(F_, H) for _ in range(cfg.num_layers * n_state))
+        self.att_feat = nn.Linear(F_, A)
+        self.att_hidden = nn.Linear(H, A, bias=False)
+        self.att_score = nn.Linear(A, 1)
+        self.gate = nn.Linear(H, 1)
+        self.out_h = nn.Linear(H, E)
+        self.out_z = nn.Linear(F_, E, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(E, cfg.vocab_size)
+
+    def _init(self, grid: Tensor) -> tuple[list[tuple[Tensor, ...]], Tensor]:
+        if grid.dim() != 3:
+            raise ValueError(f"Show, Attend and Tell needs grid features [B, N, F], got shape {tuple(grid.shape)}")
+        mean = grid.mean(1)
+        n_state = len(self.rnn.cells[0].state_names)
+        maps = iter(self.init_maps)
+        state = [tuple(torch.tanh(next(maps)(mean)) for _ in range(n_state)) for _ in range(self.cfg.num_layers)]
+        return state, self.att_feat(grid)
+
+    def _attend(self, grid: Tensor, keys: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1)  # [B, N]
+        alpha = e.softmax(-1)
+        z = torch.bmm(alpha.unsqueeze(1), grid).squeeze(1) * torch.sigmoid(self.gate(h))  # [B, F]
+        return z, alpha
+
+    def _logits(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
+        return self.out(self.drop(emb + self.out_h(h) + self.out_z(z)))
+
+    def _run(self, grid, tokens, lengths):
+        """Teacher-forced pass: (deep-output pre-activations [B, L−1, E], attention [B, L−1, N], mask)."""
+        tokens, lengths = _check_tokens(tokens, lengths)
+        grid = grid.to(self.out.weight.dtype)
+        state, keys = self._init(self.drop(grid))
+        B, L = tokens.shape
+        masks = self.rnn.sample_dropout_masks(B)
+        emb = self.embed(tokens[:, :-1])  # [B, L−1, E]
+        valid = torch.arange(L - 1, device=tokens.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [B, L−1]
+        h = state[-1][0]
+        outs, alphas = [], []
+        for t in range(L - 1):
+            z, alpha = self._attend(grid, keys, h)
+            h_new, state = self.rnn.step(torch.cat([emb[:, t], z], 1), state, step=t, dropout_masks=masks,
+                                         mask=valid[:, t])
+            # keep h_{t−1} for finished captions (their later outputs are masked out anyway)
+            h = torch.where(valid[:, t : t + 1], state[-1][0], h)
+            outs.append(emb[:, t] + self.out_h(h_new) + self.out_z(z))
+            alphas.append(alpha)
+        return torch.stack(outs, 1), torch.stack(alphas, 1), valid
+
+    def teacher_forced_logits(self, features, tokens, lengths):
+        pre, _, valid = self._run(features, tokens, lengths)
+        return self.out(pre), tokens[:, 1:], valid.to(pre.dtype)
+
+    def loss(self, features, tokens, lengths):
+        pre, alphas, valid = self._run(features, tokens, lengths)
+        targets = tokens[:, 1:]
+        logits = self.out(self.drop(pre[valid]))
+        n = int(valid.sum())
+        ce = F.cross_entropy(logits, targets[valid], reduction="sum") / n
+        coverage = (alphas * valid.unsqueeze(-1).to(alphas.dtype)).sum(1)  # Σ_t α_{t,i}: [B, N]
+        reg = self.cfg.alpha_c * (1.0 - coverage).square().sum(1).mean()
+        return ce + reg, n, {"ce": float(ce.detach()), "attention_reg": float(reg.detach())}
+
+    def start(self, features: Tensor) -> DecodeState:
+        grid = features.to(self.out.weight.dtype)
+        state, keys = self._init(grid)
+        return DecodeState(state, 0, {"grid": grid, "keys": keys})
+
+    def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        grid, keys = state.extra["grid"], state.extra["keys"]
+        emb = self.embed(tokens)
+        z, alpha = self._attend(grid, keys, state.rnn[-1][0])
+        h, rnn_state = self.rnn.step(torch.cat([emb, z], 1), state.rnn, step=state.t)
+        logp = self._logits(emb, h, z).log_softmax(-1)
+        return logp, DecodeState(rnn_state, state.t + 1, {**state.extra, "alpha": alpha})
+
+
+def build_captioner(cfg: CaptionerConfig | dict) -> Captioner:
+    """A captioner from its config (a :class:`CaptionerConfig` or its dict)."""
+    if isinstance(cfg, dict):
+        cfg = CaptionerConfig.from_dict(cfg)
+    if cfg.model == "show_tell":
+        return ShowTell(cfg)
+    if cfg.model == "show_attend_tell":
+        return ShowAttendTell(cfg)
+    raise ValueError(f"unknown captioning model {cfg.model!r}; choose from {MODELS}")
