@@ -18,6 +18,10 @@ from bnrhn import __version__
 # Order = order shown in --help.
 COMMAND_MODULES = [
     "bnrhn.commands.cells",
+    "bnrhn.commands.features",
+    "bnrhn.commands.train",
+    "bnrhn.commands.caption",
+    "bnrhn.commands.evaluate",
 ]
 
 

@@ -5,8 +5,8 @@ fresh machine with no download. Scene ``i`` of seed ``s`` depends on ``(s, i)`` 
 or two *groups* of shapes; a group is 1–3 identical shapes (same shape, colour and size), and the
 two groups differ. What the captions say, and therefore what a model must read from the image:
 
-- the **shape** (circle, square, triangle), **colour** (red, green, blue, yellow) and **size**
-  (small, big) of every group,
+- the **shape** (circle, square, triangle, star), **colour** (red, green, blue, yellow, purple,
+  orange) and **size** (small, big) of every group,
 - the **count** of each group (a / two / three),
 - for two groups their **relative position** (left of / right of / above / below: the groups lie in
   separate halves of the canvas).
@@ -30,16 +30,18 @@ import numpy as np
 
 from bnrhn.data.captions import CaptionDataset, ImageRecord
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 205, 30),
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 215),
+    "yellow": (240, 210, 25),
+    "purple": (140, 45, 175),
+    "orange": (245, 135, 20),
 }
 SIZES = {"small": 0.085, "big": 0.15}  # radius as a fraction of the image side
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
-VERSION = 1  # bump when the generator changes, so cached images are regenerated
+VERSION = 2  # bump when the generator changes, so cached images are regenerated
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,11 @@ class Group:
 
     def phrase(self, with_size: bool) -> str:
         noun = self.shape + ("s" if self.count > 1 else "")
-        size = f"{self.size} " if with_size else ""
-        return f"{COUNT_WORDS[self.count]} {size}{self.colour} {noun}"
+        words = ([self.size] if with_size else []) + [self.colour, noun]
+        count = COUNT_WORDS[self.count]
+        if count == "a" and words[0][0] in "aeiou":
+            count = "an"
+        return " ".join([count] + words)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ def _sample_scene(rng: np.random.Generator) -> Scene:
     n_groups = 1 if rng.random() < 0.4 else 2
     groups: list[Group] = []
     while len(groups) < n_groups:
-        g = Group(SHAPES[rng.integers(3)], list(COLOURS)[rng.integers(4)], list(SIZES)[rng.integers(2)],
+        g = Group(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
+                  list(SIZES)[rng.integers(2)],
                   int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])))
         if all((g.shape, g.colour) != (h.shape, h.colour) for h in groups):
             groups.append(g)
@@ -80,15 +86,14 @@ def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
     g = scene.groups
     if len(g) == 1:
         a = g[0]
-        where = "in the picture"
         pool = [
             f"{a.phrase(True)}",
-            f"{a.phrase(False)} on a grey background",
             f"there {'is' if a.count == 1 else 'are'} {a.phrase(True)}",
-            f"a picture of {a.phrase(False)}",
-            f"{a.phrase(True)} {where}",
-            f"an image with {a.phrase(False)}",
             f"{'one' if a.count == 1 else COUNT_WORDS[a.count]} {a.colour} {a.shape}{'s' if a.count > 1 else ''}",
+            f"a picture of {a.phrase(False)}",
+            f"{a.phrase(False)} on a plain background",
+            f"an image with {a.phrase(True)}",
+            f"{a.phrase(True)} and nothing else",
         ]
     else:
         a, b = g
@@ -144,6 +149,12 @@ def render(scene: Scene, rng: np.random.Generator, size: int = 224):
         rgb = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[grp.colour])
         if grp.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+        elif grp.shape == "star":  # five points, inner radius 0.45 of the outer
+            rot = rng.uniform(-0.3, 0.3) - math.pi / 2
+            rr = r * 1.3
+            pts = [(cx + rad * math.cos(rot + math.pi * k / 5), cy + rad * math.sin(rot + math.pi * k / 5))
+                   for k in range(10) for rad in [rr if k % 2 == 0 else 0.45 * rr]]
+            draw.polygon(pts, fill=rgb)
         else:
             n = 4 if grp.shape == "square" else 3
             rot = rng.uniform(-0.3, 0.3) + (math.pi / 4 if n == 4 else -math.pi / 2)

@@ -1,0 +1,30 @@
+"""Image captioning: configuration, data preparation, the training task and the high-level API.
+
+The API the other commands use (see :mod:`bnrhn.captioning.api`)::
+
+    train(config) -> RunResult
+    evaluate(checkpoint, split="test", beam=3) -> (results, scores)
+    caption_images(checkpoint, paths, beam=3, topk=3) -> [ImageCaptions]
+    load_dataset(spec) -> CaptionDataset          # synthetic, flickr8k, karpathy:PATH, coco:PATH, folder:PATH
+"""
+
+from bnrhn.captioning.api import (
+    ImageCaptions,
+    LoadedCaptioner,
+    RunResult,
+    caption_images,
+    evaluate,
+    load_captioner,
+    metrics_table,
+    prepare_data,
+    train,
+)
+from bnrhn.captioning.config import CaptionConfig
+from bnrhn.captioning.data import DATASET_SPECS, find_data_root, load_dataset
+from bnrhn.captioning.scoring import ALL_METRICS, score_captions
+
+__all__ = [
+    "CaptionConfig", "train", "evaluate", "caption_images", "load_captioner", "prepare_data", "load_dataset",
+    "find_data_root", "DATASET_SPECS", "RunResult", "ImageCaptions", "LoadedCaptioner", "metrics_table",
+    "score_captions", "ALL_METRICS",
+]

@@ -1,0 +1,320 @@
+"""The high-level captioning API: train, evaluate, caption images.
+
+    from bnrhn.captioning import CaptionConfig, train, evaluate, caption_images
+
+    result = train(CaptionConfig(dataset="synthetic", cell="bn_rhn", run_dir="runs/demo", epochs=5))
+    results, scores = evaluate(result.best_checkpoint, split="test", beam=3)
+    for item in caption_images(result.best_checkpoint, ["photo.jpg"], beam=3, topk=3):
+        print(item.path, item.captions)
+
+Everything a checkpoint needs to caption images is inside it (model, vocabulary, config, encoder
+name and weights hash); only the encoder weights are looked up again (offline, see
+:func:`bnrhn.encoders.find_mobilenet_weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from bnrhn.captioning.config import CaptionConfig
+from bnrhn.captioning.data import (
+    CaptionTensors,
+    SplitFeatures,
+    attach_features,
+    load_dataset,
+    report_problems,
+    stderr_log,
+)
+from bnrhn.captioning.scoring import ALL_METRICS, score_captions
+from bnrhn.captioning.task import CHECKPOINT_KIND, CaptionTask, Prepared, decode_split
+from bnrhn.data.captions import CaptionDataset
+from bnrhn.data.vocab import Vocabulary
+from bnrhn.decoding import beam_search
+from bnrhn.encoders import ImageFileError, build_encoder, load_image
+from bnrhn.models import Captioner, CaptionerConfig, build_captioner
+
+Log = Callable[[str], None]
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def dataset_for_config(config: CaptionConfig, log: Log) -> CaptionDataset:
+    ds = load_dataset(config.dataset, images=config.images, strict=config.strict,
+                      synthetic_sizes=config.synthetic_sizes, cache_dir=config.cache_dir, progress=config.progress)
+    ds = ds.subset({"train": config.max_train_images, "val": config.max_val_images, "test": config.max_test_images})
+    report_problems(ds, log)
+    return ds
+
+
+def prepare_data(config: CaptionConfig, log: Log = stderr_log, encoder=None) -> Prepared:
+    """Read the data set, extract (or reuse) features, build the vocabulary and the training tensors."""
+    ds = dataset_for_config(config, log)
+    if encoder is None:
+        encoder = build_encoder(config.encoder, config.weights, config.resize)
+    grid = config.model == "show_attend_tell"
+    n_before = len(ds.problems)
+    ds, fs = attach_features(ds, encoder, config.cache_dir, grid, config.strict, config.progress,
+                             config.feature_batch_size, log)
+    for p in ds.problems[n_before:]:
+        log(f"data: {p}")
+    train_recs, val_recs, test_recs = ds.split("train"), ds.split("val"), ds.split("test")
+    if not train_recs:
+        raise ValueError(f"{ds.name}: the training split is empty; check the split files or --max-train-images")
+    vocab = Vocabulary.build((c for r in train_recs for c in r.captions), min_count=config.min_count)
+    log(f"data: {ds.summary()}; vocabulary {len(vocab)} words (min count {config.min_count}); "
+        f"features {'extracted in %.1f s' % fs.seconds if not fs.reused else 'from cache'} ({fs.folder})")
+    return Prepared(
+        config=config, dataset=ds, vocab=vocab, encoder=encoder.describe(),
+        train=SplitFeatures.build(train_recs, fs, grid), val=SplitFeatures.build(val_recs, fs, grid),
+        test=SplitFeatures.build(test_recs, fs, grid),
+        train_caps=CaptionTensors.build(train_recs, vocab, config.max_caption_len),
+        val_caps=CaptionTensors.build(val_recs, vocab, config.max_caption_len) if val_recs else None,
+        feature_seconds=fs.seconds,
+    )
+
+
+def model_config(config: CaptionConfig, vocab: Vocabulary, encoder: dict) -> CaptionerConfig:
+    return CaptionerConfig(
+        model=config.model, vocab_size=len(vocab), feature_size=encoder["feature_size"],
+        grid_size=encoder["grid_size"], embed_size=config.embed_size, hidden_size=config.hidden_size,
+        num_layers=config.num_layers, cell=config.cell, cell_options=dict(config.cell_options),
+        dropout=config.dropout, attention_size=config.attention_size, alpha_c=config.alpha_c,
+        pad_id=vocab.pad_id, start_id=vocab.start_id, end_id=vocab.end_id, unk_id=vocab.unk_id,
+    )
+
+
+# -- training ------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: list[dict]  # one row per validation: step, epoch, CIDEr, BLEU-4, loss
+    best: dict  # the validation row of the best checkpoint
+    steps: int
+    seconds: float  # wall-clock of training incl. validation (excl. feature extraction)
+    train_seconds: float  # training steps only
+    tokens_per_s: float
+    n_params: int
+    stopped: str
+    feature_seconds: float
+    config: CaptionConfig = field(repr=False)
+
+    def train_losses(self) -> list[tuple[int, float]]:
+        """(step, loss) of every logged training step (from ``log.jsonl``)."""
+        from bnrhn.training import read_log
+
+        return [(r["step"], r["loss"]) for r in read_log(self.run_dir / "log.jsonl") if r.get("kind") == "train"]
+
+
+def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) -> RunResult:
+    """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``."""
+    from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    data = prepare_data(config, log)
+    torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
+    model = build_captioner(model_config(config, data.vocab, data.encoder))
+    task = CaptionTask(config, data, model)
+    opt = build_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay, config.momentum)
+    total = config.max_steps or config.epochs * task.num_batches(0)
+    sched = build_scheduler(opt, config.schedule, total_steps=total, warmup_steps=config.warmup_steps,
+                            step_size=config.step_size, gamma=config.gamma)
+    has_val = bool(data.val.records)
+    if not has_val:
+        log("data: no validation images; the last checkpoint is also the best (no CIDEr selection)")
+    tcfg = TrainerConfig(
+        run_dir=config.run_dir, max_epochs=config.epochs, max_steps=config.max_steps, max_minutes=config.max_minutes,
+        grad_clip=config.grad_clip, select_metric=config.select_metric if has_val else None,
+        select_mode="min" if config.select_metric == "loss" else "max", patience=config.patience if has_val else None,
+        validate_every=config.validate_every, seed=config.seed, progress=config.progress,
+        description=f"{config.model}/{config.cell}", overwrite=config.overwrite,
+    )
+    trainer = Trainer(task, opt, sched, tcfg)
+    _announce_validations(task, log)
+    log(f"train: {config.model} with a {config.cell} decoder, {model.num_parameters():,} parameters, "
+        f"{len(data.train_caps)} captions / {task.num_batches(0)} batches per epoch -> {config.run_dir}")
+    summary = trainer.fit(resume=resume)
+    history = summary["validations"]
+    best = next((h for h in history if h["step"] == summary["best_step"]), history[-1] if history else {})
+    return RunResult(
+        run_dir=Path(summary["run_dir"]), best_checkpoint=Path(summary["best_checkpoint"]),
+        last_checkpoint=Path(summary["last_checkpoint"]), history=history, best=best, steps=summary["steps"],
+        seconds=summary["seconds"], train_seconds=summary["train_seconds"], tokens_per_s=summary["tokens_per_s"],
+        n_params=model.num_parameters(), stopped=summary["stopped"], feature_seconds=data.feature_seconds,
+        config=config,
+    )
+
+
+def _announce_validations(task: CaptionTask, log: Log) -> None:
+    """Print one line per validation (metrics and a sample caption)."""
+    inner = task.validate
+
+    def validate() -> dict[str, float]:
+        scores = inner()
+        parts = " ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        sample = f" | {task.last_samples[0][1]!r}" if task.last_samples else ""
+        log(f"validation: {parts}{sample}")
+        return scores
+
+    task.validate = validate
+
+
+# -- loading a trained captioner -----------------------------------------------------------------------------
+@dataclass
+class LoadedCaptioner:
+    model: Captioner
+    vocab: Vocabulary
+    config: CaptionConfig
+    encoder: dict
+    checkpoint: Path
+
+
+def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
+    """Model (eval mode), vocabulary and config from a checkpoint file or run folder."""
+    from bnrhn.training import load_checkpoint
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    task = ckpt.get("task")
+    if not isinstance(task, dict) or task.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is a bnrhn checkpoint but not of a captioner (no captioning task state)")
+    vocab = Vocabulary.from_dict(task["vocab"])
+    mcfg = CaptionerConfig.from_dict(task["model_config"])
+    if mcfg.vocab_size != len(vocab):
+        raise ValueError(f"{path}: the model was built for {mcfg.vocab_size} words but the saved vocabulary "
+                         f"has {len(vocab)} (fingerprint {vocab.fingerprint}); the checkpoint is inconsistent")
+    model = build_captioner(mcfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: model weights do not fit the saved model config ({str(exc)[:300]})") from None
+    model.eval()
+    if path.is_dir():
+        path = path / ("best.pt" if (path / "best.pt").exists() else "last.pt")
+    return LoadedCaptioner(model, vocab, CaptionConfig.from_dict(task["config"], str(path)), task["encoder"], path)
+
+
+def _encoder_for(loaded: LoadedCaptioner, weights: str | Path | None, log: Log):
+    if weights is None and loaded.config.weights and Path(loaded.config.weights).is_file():
+        weights = loaded.config.weights  # the file the model was trained with, if it is still there
+    enc = build_encoder(loaded.encoder["encoder"], weights, loaded.config.resize)
+    if enc.weights_id != loaded.encoder.get("weights"):
+        log(f"warning: the encoder weights found now (sha256 {enc.weights_id[:12]}) differ from the ones the "
+            f"model was trained with ({str(loaded.encoder.get('weights'))[:12]}); captions may be worse")
+    return enc
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method: str = "beam", max_len: int | None = None,
+             length_norm: float | None = None, metrics=ALL_METRICS, out_dir: str | Path | None = None,
+             dataset: str | None = None, images: str | None = None, max_images: int | None = None,
+             cache_dir: str | None = None, progress: bool | None = None,
+             log: Log = stderr_log) -> tuple[list[dict], dict[str, float]]:
+    """Caption every image of ``split`` and score them; returns (COCO-format results, {metric: value}).
+
+    The data set is the checkpoint's own (same subset limits) unless ``dataset`` names another. With
+    ``out_dir`` the results go to ``results_<split>.json`` (COCO format: ``[{"image_id", "caption"}]``)
+    and the scores to ``metrics_<split>.json`` / ``.md``.
+    """
+    loaded = load_captioner(checkpoint)
+    cfg = CaptionConfig.from_dict(loaded.config.to_dict())
+    if progress is not None:
+        cfg.progress = progress
+    if dataset is not None:
+        cfg.dataset, cfg.images = dataset, images
+        cfg.max_train_images = cfg.max_val_images = cfg.max_test_images = None
+    if cache_dir is not None:
+        cfg.cache_dir = cache_dir
+    split = {"dev": "val", "valid": "val", "validation": "val"}.get(split, split)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    ds = dataset_for_config(cfg, log)
+    enc = _encoder_for(loaded, None, log)
+    grid = loaded.model.needs_grid
+    ds, fs = attach_features(ds, enc, cfg.cache_dir, grid, cfg.strict, cfg.progress, cfg.feature_batch_size, log)
+    recs = ds.split(split)
+    if max_images is not None:
+        recs = recs[:max_images]
+    if not recs:
+        raise ValueError(f"{ds.name}: the {split} split is empty")
+    feats = SplitFeatures.build(recs, fs, grid)
+    t0 = time.perf_counter()
+    caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, max_len or cfg.max_len,
+                        cfg.length_norm if length_norm is None else length_norm)
+    seconds = time.perf_counter() - t0
+    results = [{"image_id": _coco_id(r.image_id), "caption": c} for r, c in zip(recs, caps)]
+    scores = score_captions({r.image_id: c for r, c in zip(recs, caps)}, {r.image_id: r.captions for r in recs},
+                            metrics)
+    log(f"evaluate: {len(recs)} {split} images captioned ({method}{' %d' % beam if method == 'beam' else ''}) "
+        f"in {seconds:.1f} s")
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"results_{split}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        meta = {"checkpoint": str(loaded.checkpoint), "split": split, "images": len(recs), "method": method,
+                "beam": beam, "dataset": cfg.dataset, "scores": scores}
+        (out / f"metrics_{split}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (out / f"metrics_{split}.md").write_text(metrics_table(scores) + "\n", encoding="utf-8")
+    return results, scores
+
+
+def metrics_table(scores: dict[str, float]) -> str:
+    """A one-row markdown table of the scores."""
+    names = [m for m in ALL_METRICS if m in scores] + [m for m in scores if m not in ALL_METRICS]
+    return "| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n| " + " | ".join(
+        f"{scores[m]:.3f}" for m in names) + " |"
+
+
+def _coco_id(image_id: str) -> Any:
+    return int(image_id) if image_id.isdigit() else image_id
+
+
+# -- captioning images -------------------------------------------------------------------------------------
+@dataclass
+class ImageCaptions:
+    """The captions of one image, best first, as (text, log-probability); ``error`` for unreadable files."""
+
+    path: str
+    captions: list[tuple[str, float]]
+    error: str | None = None
+
+
+def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, max_len: int | None = None,
+                   length_norm: float | None = None, weights: str | Path | None = None, batch_size: int = 32,
+                   log: Log = stderr_log) -> list[ImageCaptions]:
+    """The ``topk`` best beam-search captions of each image file (unreadable files get ``error`` set)."""
+    loaded = load_captioner(checkpoint)
+    enc = _encoder_for(loaded, weights, log)
+    max_len = max_len or loaded.config.max_len
+    length_norm = loaded.config.length_norm if length_norm is None else length_norm
+    if not 1 <= topk <= beam:
+        raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
+    out: list[ImageCaptions] = []
+    paths = [str(p) for p in paths]
+    for s in range(0, len(paths), batch_size):
+        results = [ImageCaptions(p, []) for p in paths[s : s + batch_size]]
+        tensors, ok = [], []
+        for item in results:
+            try:
+                tensors.append(enc.preprocess(load_image(item.path)))
+                ok.append(item)
+            except ImageFileError as exc:
+                item.error = exc.reason
+        if tensors:
+            pooled, grid = enc.encode(torch.stack(tensors))
+            feats = grid if loaded.model.needs_grid else pooled
+            feats = feats.half().float()  # the cached training features were float16
+            for item, hyps in zip(ok, beam_search(loaded.model, feats, beam, max_len, length_norm, topk)):
+                item.captions = [(loaded.vocab.decode(h.tokens), h.logprob) for h in hyps]
+        out.extend(results)
+    return out

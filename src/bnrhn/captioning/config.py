@@ -1,0 +1,134 @@
+"""``CaptionConfig``: every setting of a captioning run, serialised to ``config.json`` and the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bnrhn.models.captioner import MODELS
+
+
+@dataclass
+class CaptionConfig:
+    """Settings of a captioning run (the CLI flags of ``bnrhn train`` map onto these fields).
+
+    Data:
+        dataset: ``synthetic``, ``flickr8k`` (the shared copy, or ``flickr8k:DIR``), ``karpathy:FILE.json``,
+            ``coco:captions_*.json``, ``folder:DIR`` (images + captions.csv/jsonl).
+        images: folder of the images when the dataset's default location is wrong.
+        max_train_images / max_val_images / max_test_images: use only the first N images of a split.
+        synthetic_sizes: train/val/test scene counts of the synthetic data set.
+        strict: refuse (instead of report and skip) empty captions, missing and corrupt images.
+        min_count: words seen fewer times in the training captions become ``<unk>``.
+        max_caption_len: training captions are cut to this many words.
+    Encoder: encoder name (``mobilenet_v2`` or ``tv:ARCH``), weights file, resize mode, cache folder.
+    Model: ``show_tell`` or ``show_attend_tell``; the recurrent ``cell`` and its options; sizes; dropout.
+    Optimisation: optimiser, learning rate, schedule, gradient clipping, batch size, budgets
+        (epochs, steps, minutes), early-stopping patience, seed.
+    Validation: decoding method (``greedy`` is fast; ``beam``), beam size, maximum caption length.
+    """
+
+    # data
+    dataset: str = "synthetic"
+    images: str | None = None
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    max_test_images: int | None = None
+    synthetic_sizes: tuple[int, int, int] = (1500, 150, 150)
+    strict: bool = False
+    min_count: int = 5
+    max_caption_len: int = 20
+    # encoder and feature cache
+    encoder: str = "mobilenet_v2"
+    weights: str | None = None
+    resize: str = "squash"
+    cache_dir: str | None = None
+    feature_batch_size: int = 32
+    # model
+    model: str = "show_tell"
+    cell: str = "lstm"
+    cell_options: dict[str, Any] = field(default_factory=dict)
+    embed_size: int = 512
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.3
+    attention_size: int = 512
+    alpha_c: float = 1.0
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "none"
+    warmup_steps: int = 0
+    step_size: int | None = None
+    gamma: float = 0.5
+    grad_clip: float | None = 5.0
+    batch_size: int = 64
+    epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    patience: int | None = None
+    validate_every: int | None = None
+    select_metric: str = "CIDEr"
+    seed: int = 0
+    # validation decoding
+    val_decode: str = "greedy"
+    beam_size: int = 3
+    max_len: int = 20
+    length_norm: float = 0.0
+    # run
+    run_dir: str = "runs/caption"
+    progress: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.synthetic_sizes, list):
+            self.synthetic_sizes = tuple(self.synthetic_sizes)
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.val_decode not in ("greedy", "beam"):
+            raise ValueError(f"val_decode must be 'greedy' or 'beam', got {self.val_decode!r}")
+        for name in ("embed_size", "hidden_size", "num_layers", "batch_size", "epochs", "beam_size", "max_len",
+                     "max_caption_len", "min_count", "attention_size", "feature_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if len(self.synthetic_sizes) != 3:
+            raise ValueError(f"synthetic_sizes must be (train, val, test), got {self.synthetic_sizes!r}")
+
+    # -- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["synthetic_sizes"] = list(self.synthetic_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> CaptionConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaptionConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if isinstance(d, dict) and isinstance(d.get("task"), dict) and "trainer" in d:
+            d = d["task"]  # a run folder's config.json: {"trainer": ..., "task": <this config>}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings")
+        return cls.from_dict(d, str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

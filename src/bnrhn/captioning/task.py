@@ -1,0 +1,139 @@
+"""The captioning task for :class:`bnrhn.training.Trainer`: batches, the training step, validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bnrhn.captioning.config import CaptionConfig
+from bnrhn.captioning.data import CaptionTensors, SplitFeatures, bucketed_batches
+from bnrhn.captioning.scoring import VALIDATION_METRICS, score_captions
+from bnrhn.data.captions import CaptionDataset
+from bnrhn.data.vocab import Vocabulary
+from bnrhn.decoding import beam_search, greedy
+
+CHECKPOINT_KIND = "bnrhn-captioner"
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs from the data: vocabulary, features per split, training captions."""
+
+    config: CaptionConfig
+    dataset: CaptionDataset
+    vocab: Vocabulary
+    encoder: dict  # encoder.describe()
+    train: SplitFeatures
+    val: SplitFeatures
+    test: SplitFeatures
+    train_caps: CaptionTensors
+    val_caps: CaptionTensors | None
+    feature_seconds: float = 0.0
+
+
+def decode_split(model, split: SplitFeatures, vocab: Vocabulary, method: str = "greedy", beam_size: int = 3,
+                 max_len: int = 20, length_norm: float = 0.0, chunk: int = 500, progress=None) -> list[str]:
+    """One caption per image of ``split`` (text), decoding ``chunk`` images at a time."""
+    out: list[str] = []
+    n = len(split.records)
+    for s in range(0, n, chunk):
+        feats = split.batch(torch.arange(s, min(n, s + chunk)))
+        if method == "beam":
+            hyps = [h[0] for h in beam_search(model, feats, beam_size, max_len, length_norm)]
+        else:
+            hyps = greedy(model, feats, max_len)
+        out.extend(vocab.decode(h.tokens) for h in hyps)
+        if progress is not None:
+            progress(min(n, s + chunk))
+    return out
+
+
+class CaptionTask:
+    """Implements the trainer's task interface for a :class:`~bnrhn.models.Captioner`."""
+
+    def __init__(self, config: CaptionConfig, data: Prepared, model) -> None:
+        self.config = config
+        self.data = data
+        self.model = model
+        self.vocab = data.vocab
+        self._batches: dict[int, list[torch.Tensor]] = {}
+        self.last_samples: list[tuple[str, str]] = []
+
+    # -- batches -------------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        if epoch not in self._batches:
+            self._batches = {epoch: bucketed_batches(self.data.train_caps.lengths, self.config.batch_size,
+                                                     self.config.seed, epoch)}
+        return self._batches[epoch]
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self._epoch_batches(epoch))
+
+    def batches(self, epoch: int, start: int = 0):
+        yield from self._epoch_batches(epoch)[start:]
+
+    def _inputs(self, caps: CaptionTensors, split: SplitFeatures, idx: torch.Tensor):
+        lengths = caps.lengths[idx]
+        tokens = caps.tokens[idx, : int(lengths.max())]
+        return split.batch(caps.image[idx]), tokens, lengths
+
+    def train_step(self, idx: torch.Tensor):
+        feats, tokens, lengths = self._inputs(self.data.train_caps, self.data.train, idx)
+        loss, n_tokens, _ = self.model.loss(feats, tokens, lengths)
+        return loss, n_tokens
+
+    # -- validation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, batch_size: int = 256) -> float:
+        caps = self.data.val_caps
+        if caps is None or len(caps) == 0:
+            return float("nan")
+        total, count = 0.0, 0
+        for s in range(0, len(caps), batch_size):
+            idx = torch.arange(s, min(len(caps), s + batch_size))
+            feats, tokens, lengths = self._inputs(caps, self.data.val, idx)
+            logits, targets, mask = self.model.teacher_forced_logits(feats, tokens, lengths)
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            total += float((ce * mask).sum())
+            count += int(mask.sum())
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        cfg = self.config
+        val = self.data.val
+        if not val.records:
+            return {"loss": float("nan")}
+        self.model.eval()
+        caps = decode_split(self.model, val, self.vocab, cfg.val_decode, cfg.beam_size, cfg.max_len, cfg.length_norm)
+        cands = {r.image_id: c for r, c in zip(val.records, caps)}
+        refs = {r.image_id: r.captions for r in val.records}
+        scores = score_captions(cands, refs, VALIDATION_METRICS)
+        scores["loss"] = self.validation_loss()
+        self.last_samples = [(r.image_id, c) for r, c in zip(val.records[:3], caps[:3])]
+        return scores
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "kind": CHECKPOINT_KIND,
+            "config": self.config.to_dict(),
+            "vocab": self.vocab.to_dict(),
+            "model_config": self.model.cfg.to_dict(),
+            "encoder": dict(self.data.encoder),
+            "dataset": {"name": self.data.dataset.name, "source": self.data.dataset.source,
+                        "counts": self.data.dataset.counts()},
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        saved = Vocabulary.from_dict(d["vocab"])
+        if saved != self.vocab:
+            raise ValueError(
+                f"the checkpoint's vocabulary ({len(saved)} words, fingerprint {saved.fingerprint}) differs from the "
+                f"one built from the current data ({len(self.vocab)} words, fingerprint {self.vocab.fingerprint}); "
+                "resume with the same data set and settings, or start a new run"
+            )
+
+    def config_dict(self) -> dict:
+        return self.config.to_dict()

@@ -1,0 +1,48 @@
+"""``bnrhn features``: extract (or check) the cached CNN features of a caption data set."""
+
+from __future__ import annotations
+
+from bnrhn.commands._caption_args import add_data_args, add_quiet
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "features",
+        help="extract and cache the image features of a data set",
+        description=(
+            "Run the frozen image encoder over every image of a data set once and cache the features on disk "
+            "(float16, memory-mapped). Training and evaluation reuse the cache when the image list and the "
+            "encoder match, and re-extract otherwise. An interrupted extraction resumes."
+        ),
+    )
+    add_data_args(p)
+    p.add_argument("--grid", action="store_true", help="also store the 7x7 spatial grid (needed by show_attend_tell)")
+    add_quiet(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import time
+
+    from bnrhn.captioning.api import dataset_for_config
+    from bnrhn.captioning.data import attach_features, stderr_log
+    from bnrhn.commands._caption_args import config_from_args
+    from bnrhn.encoders import build_encoder
+
+    cfg = config_from_args(args)
+    ds = dataset_for_config(cfg, stderr_log)
+    enc = build_encoder(cfg.encoder, cfg.weights, cfg.resize)
+    t0 = time.perf_counter()
+    _, fs = attach_features(ds, enc, cfg.cache_dir, args.grid, cfg.strict, cfg.progress, cfg.feature_batch_size)
+    seconds = time.perf_counter() - t0
+    n = len(fs.paths)
+    if fs.reused:
+        print(f"{n} images: features already cached in {fs.folder}")
+    else:
+        print(f"{n} images: features extracted in {fs.seconds:.1f} s ({n / max(fs.seconds, 1e-9):.1f} images/s) "
+              f"into {fs.folder}")
+    print(f"encoder {enc.name}: pooled {tuple(fs.pooled.shape)}"
+          + (f", grid {tuple(fs.grid.shape)}" if fs.grid is not None else "") + f", float16; {seconds:.1f} s in all")
+    if fs.failed:
+        print(f"{len(fs.failed)} unreadable image(s) skipped (their captions are dropped)")
+    return 0

@@ -1,0 +1,119 @@
+"""``bnrhn train``: train an image captioner (Show and Tell / Show, Attend and Tell) with any cell."""
+
+from __future__ import annotations
+
+import argparse
+
+from bnrhn.commands._caption_args import S, add_data_args, add_quiet
+
+# Flags that may change when a run is resumed (budgets and early stopping); everything else comes from the run.
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "patience", "progress")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train an image captioner",
+        description=(
+            "Train a captioner on frozen CNN features: Show and Tell or Show, Attend and Tell with any recurrent "
+            "cell. Each epoch the validation split is captioned and scored (CIDEr, BLEU-4); the best checkpoint "
+            "by CIDEr is kept as RUN_DIR/best.pt, the latest as RUN_DIR/last.pt (atomic writes; Ctrl-C saves a "
+            "resumable checkpoint; --resume continues exactly). Every step is logged to RUN_DIR/log.csv and log.jsonl."
+        ),
+        epilog="Example: bnrhn train --dataset flickr8k --cell bn_rhn --epochs 10 --run-dir runs/f8k-bnrhn",
+    )
+    p.add_argument("--config", metavar="FILE.json", help="settings from a JSON file (a run's config.json works); flags override it")
+    p.add_argument("--run-dir", default=S, metavar="DIR", help="output folder (default runs/caption)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last.pt with its own settings "
+                        f"(only {', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OVERRIDES[:4])} may change)")
+    p.add_argument("--overwrite", action="store_true", default=S, help="replace an existing run in --run-dir")
+    add_data_args(p)
+    p.add_argument("--min-count", type=int, default=S, metavar="N", help="words seen fewer times become <unk> (5)")
+    p.add_argument("--max-caption-len", type=int, default=S, metavar="N", help="cut training captions to N words (20)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("show_tell", "show_attend_tell"), default=S, help="captioner (show_tell)")
+    g.add_argument("--cell", default=S, help="recurrent cell: lstm (default), gru, rnn, rhn, bn_rhn, bn_rhn_tf, bn_lstm")
+    g.add_argument("--cell-option", action="append", metavar="KEY=VALUE",
+                   help="cell option, repeatable (e.g. depth=3); see 'bnrhn cells'")
+    g.add_argument("--embed-size", type=int, default=S, metavar="N", help="word/image embedding size (512)")
+    g.add_argument("--hidden-size", type=int, default=S, metavar="N", help="recurrent state size (512)")
+    g.add_argument("--num-layers", type=int, default=S, metavar="N", help="stacked recurrent layers (1)")
+    g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout (0.3)")
+    g.add_argument("--attention-size", type=int, default=S, metavar="N", help="attention MLP size (512)")
+    g.add_argument("--alpha-c", type=float, default=S, metavar="L", help="doubly stochastic attention weight (1.0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=S, help="adam (default), adamw or sgd")
+    g.add_argument("--lr", type=float, default=S, help="learning rate (1e-3)")
+    g.add_argument("--weight-decay", type=float, default=S, help="weight decay (0)")
+    g.add_argument("--momentum", type=float, default=S, help="SGD momentum (0.9)")
+    g.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default=S, help="learning-rate schedule (none)")
+    g.add_argument("--warmup-steps", type=int, default=S, metavar="N", help="linear warm-up steps (0)")
+    g.add_argument("--step-size", type=int, default=S, metavar="N", help="steps between decays (step/exponential)")
+    g.add_argument("--gamma", type=float, default=S, help="decay factor (0.5)")
+    g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm (5.0)")
+    g.add_argument("--batch-size", type=int, default=S, metavar="N", help="captions per batch (64)")
+    g.add_argument("--epochs", type=int, default=S, metavar="N", help="maximum epochs (10)")
+    g.add_argument("--max-steps", type=int, default=S, metavar="N", help="stop after N steps")
+    g.add_argument("--max-minutes", type=float, default=S, metavar="M", help="stop after M minutes")
+    g.add_argument("--patience", type=int, default=S, metavar="N", help="early stop after N validations without improvement")
+    g.add_argument("--validate-every", type=int, default=S, metavar="N", help="validate every N steps (default: each epoch)")
+    g.add_argument("--select-metric", choices=("CIDEr", "BLEU-4", "loss"), default=S, help="picks best.pt (CIDEr)")
+    g.add_argument("--seed", type=int, default=S, help="random seed (0)")
+    g = p.add_argument_group("validation decoding")
+    g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="greedy (default, fast) or beam")
+    g.add_argument("--beam-size", type=int, default=S, metavar="K", help="beam size for --val-decode beam (3)")
+    g.add_argument("--max-len", type=int, default=S, metavar="N", help="longest generated caption (20 words)")
+    g.add_argument("--length-norm", type=float, default=S, metavar="A", help="beam length normalisation exponent (0 = off)")
+    add_quiet(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from bnrhn.captioning import CaptionConfig, train
+    from bnrhn.commands._caption_args import config_from_args
+    from bnrhn.training import TrainingDiverged, load_checkpoint
+
+    if args.resume:
+        run_dir = Path(getattr(args, "run_dir", "runs/caption"))
+        ckpt = load_checkpoint(run_dir / "last.pt")  # clear FileNotFoundError / ValueError naming the file
+        task = ckpt.get("task") or {}
+        if "config" not in task:
+            raise ValueError(f"{run_dir / 'last.pt'} is not a captioning run's checkpoint")
+        saved = dict(task["config"])
+        given = {k: v for k, v in vars(args).items() if k in CaptionConfig.__dataclass_fields__}
+        changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and k != "run_dir" and saved.get(k) != v)
+        if changed:
+            raise ValueError(
+                "--resume continues a run with its own settings; these flags differ from the run's: "
+                + ", ".join("--" + k.replace("_", "-") for k in changed)
+                + f". Drop them, or start a new run in another --run-dir"
+            )
+        saved.update({k: given[k] for k in RESUMABLE_OVERRIDES if k in given})
+        saved["run_dir"] = str(run_dir)
+        if args.quiet:
+            saved["progress"] = False
+        cfg = CaptionConfig.from_dict(saved, str(run_dir / "last.pt"))
+    else:
+        base = CaptionConfig.load(args.config).to_dict() if args.config else None
+        cfg = config_from_args(args, base)
+    if cfg.progress and not sys.stderr.isatty():
+        cfg.progress = False
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingDiverged as exc:
+        print(f"bnrhn train: error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: resume with  bnrhn train --resume --run-dir {cfg.run_dir}", file=sys.stderr)
+        return 130
+    best = result.best
+    scores = ", ".join(f"{k} {best[k]:.3f}" for k in ("CIDEr", "BLEU-4", "loss") if k in best)
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_s:,.0f} tokens/s, "
+          f"{result.n_params:,} parameters; stopped: {result.stopped})")
+    print(f"best checkpoint: {result.best_checkpoint}" + (f" (step {best.get('step')}: {scores})" if best else ""))
+    print(f"logs: {result.run_dir / 'log.csv'}, {result.run_dir / 'log.jsonl'}")
+    return 0
