@@ -272,3 +272,20 @@ def test_interrupted_extraction_resumes(tmp_path):
     full = extract_features(paths, MeanColour(), tmp_path / "fresh", progress=False, log=logs.append)
     assert np.array_equal(np.asarray(fs.pooled), np.asarray(full.pooled))
     assert not (tmp_path / "c" / "progress.json").exists()
+
+
+def test_a_subset_reuses_the_cache_of_a_larger_list(tmp_path):
+    paths = _images(tmp_path, 6)
+    logs: list[str] = []
+    full = extract_features(paths, MeanColour(), tmp_path / "all", progress=False, log=logs.append)
+    enc = MeanColour()
+    sub = extract_features(paths[1:4], enc, tmp_path / "sub", progress=False, log=logs.append,
+                           search=[tmp_path / "all"])
+    assert enc.calls == 0 and sub.reused and "larger image list" in logs[-1]
+    assert np.array_equal(sub.pooled[sub.rows(paths[1:4])], full.pooled[full.rows(paths[1:4])])
+    # a changed file is not served from the larger cache
+    Image.new("RGB", (16, 16), (3, 3, 3)).save(paths[2])
+    os.utime(paths[2], ns=(5, 5))
+    enc = MeanColour()
+    extract_features(paths[1:4], enc, tmp_path / "sub", progress=False, log=logs.append, search=[tmp_path / "all"])
+    assert enc.calls == 3

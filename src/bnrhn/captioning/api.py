@@ -122,6 +122,8 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     data = prepare_data(config, log)
+    if resume:
+        _check_resumable(Path(config.run_dir) / "last.pt", data.vocab)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
     model = build_captioner(model_config(config, data.vocab, data.encoder))
     task = CaptionTask(config, data, model)
@@ -153,6 +155,22 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
         n_params=model.num_parameters(), stopped=summary["stopped"], feature_seconds=data.feature_seconds,
         config=config,
     )
+
+
+def _check_resumable(path: Path, vocab: Vocabulary) -> None:
+    """Refuse, before any weight is loaded, to resume a run whose vocabulary differs from the data's."""
+    from bnrhn.training import load_checkpoint
+
+    task = load_checkpoint(path).get("task")
+    if not isinstance(task, dict) or task.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a captioning run's checkpoint; cannot resume it as one")
+    saved = Vocabulary.from_dict(task["vocab"])
+    if saved != vocab:
+        raise ValueError(
+            f"cannot resume {path}: its vocabulary ({len(saved)} words, fingerprint {saved.fingerprint}) differs "
+            f"from the one built from the current data ({len(vocab)} words, fingerprint {vocab.fingerprint}); "
+            "resume with the same data set and settings (--min-count, --max-*-images), or start a new run"
+        )
 
 
 def _announce_validations(task: CaptionTask, log: Log) -> None:

@@ -80,11 +80,21 @@ def _need(arg: str, spec: str) -> None:
 
 
 def feature_cache_dir(dataset: CaptionDataset, encoder_name: str, cache_dir: str | Path | None) -> Path:
-    """``<cache>/features/<dataset>-<encoder>-<hash of the data source>``."""
+    """``<cache>/features/<dataset>-<encoder>-<hash of the data source>-<images>-<hash of their paths>``.
+
+    Each image list (a data set, or a subset of it) has its own folder; a subset also reuses the
+    folder of a larger list of the same source (see :func:`cache_family`).
+    """
+    paths = sorted(str(Path(r.path).resolve()) for r in dataset.records)
+    h = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:8]
+    return cache_family(dataset, encoder_name, cache_dir) / f"{len(paths)}img-{h}"
+
+
+def cache_family(dataset: CaptionDataset, encoder_name: str, cache_dir: str | Path | None) -> Path:
+    """The folder holding every feature cache of one data source and encoder."""
     root = Path(cache_dir) if cache_dir else default_cache_root()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{dataset.name}-{encoder_name}").strip("-").lower()
-    h = hashlib.sha256(dataset.source.encode()).hexdigest()[:8]
-    return root / "features" / f"{slug}-{h}"
+    return root / "features" / f"{slug}-{hashlib.sha256(dataset.source.encode()).hexdigest()[:8]}"
 
 
 def report_problems(dataset: CaptionDataset, log, limit: int = 5) -> None:
@@ -101,8 +111,10 @@ def attach_features(dataset: CaptionDataset, encoder, cache_dir, grid: bool, str
                     batch_size: int = 32, log=None) -> tuple[CaptionDataset, FeatureSet]:
     """Extract (or reuse) the features of every image in ``dataset``; drop images that cannot be read."""
     folder = feature_cache_dir(dataset, encoder.name, cache_dir)
+    family = folder.parent
+    others = sorted((d for d in family.iterdir() if d.is_dir()), key=lambda d: d.name) if family.is_dir() else []
     fs = extract_features([r.path for r in dataset.records], encoder, folder, grid=grid, batch_size=batch_size,
-                          strict=strict, progress=progress, log=log)
+                          strict=strict, progress=progress, log=log, search=others)
     bad = {r.image_id for r in dataset.records if not fs.valid(r.path)}
     return dataset.without(bad, "unreadable image files"), fs
 

@@ -35,14 +35,14 @@ def run(args) -> int:
     t0 = time.perf_counter()
     _, fs = attach_features(ds, enc, cfg.cache_dir, args.grid, cfg.strict, cfg.progress, cfg.feature_batch_size)
     seconds = time.perf_counter() - t0
-    n = len(fs.paths)
+    n = len({str(r.path) for r in ds.records})
     if fs.reused:
         print(f"{n} images: features already cached in {fs.folder}")
     else:
         print(f"{n} images: features extracted in {fs.seconds:.1f} s ({n / max(fs.seconds, 1e-9):.1f} images/s) "
               f"into {fs.folder}")
-    print(f"encoder {enc.name}: pooled {tuple(fs.pooled.shape)}"
-          + (f", grid {tuple(fs.grid.shape)}" if fs.grid is not None else "") + f", float16; {seconds:.1f} s in all")
+    print(f"encoder {enc.name}: pooled {fs.pooled.shape[1]}-d" + (f", grid {fs.grid.shape[1]}x{fs.grid.shape[2]}"
+          if fs.grid is not None else "") + f", float16 memory-mapped in {fs.folder}; {seconds:.1f} s in all")
     if fs.failed:
         print(f"{len(fs.failed)} unreadable image(s) skipped (their captions are dropped)")
     return 0

@@ -63,15 +63,18 @@ def _key(path) -> str:
     return str(Path(path).resolve())
 
 
-def image_list_digest(paths: list[str]) -> str:
+def _signature(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
+
+
+def image_list_digest(paths: list[str], signatures: list[str] | None = None) -> str:
     """sha256 of the resolved paths with their sizes and modification times (missing files included)."""
     h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            sig = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            sig = "missing"
+    for p, sig in zip(paths, signatures if signatures is not None else map(_signature, paths)):
         h.update(f"{p}\0{sig}\n".encode())
     return h.hexdigest()
 
@@ -121,6 +124,26 @@ def _open_cache(folder: Path, expect: dict, need_grid: bool) -> tuple[FeatureSet
     return FeatureSet(folder, pooled, grid, list(meta["paths"]), dict(meta.get("failed", {})), meta), None
 
 
+def _open_superset(folder: Path, expect: dict, need_grid: bool, wanted: list[str],
+                    sigs: dict[str, str]) -> FeatureSet | None:
+    """A cache in ``folder`` made by the same encoder for a larger image list holding all of ``wanted``."""
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("format") != FORMAT or any(meta.get(k) != expect[k] for k in ("encoder", "weights", "preprocess")):
+        return None
+    if (need_grid and not meta.get("has_grid")) or len(meta.get("paths", [])) <= len(wanted):
+        return None
+    have = dict(zip(meta["paths"], meta.get("signatures") or []))
+    if any(have.get(p) != sigs[p] for p in wanted):
+        return None
+    fs, _ = _open_cache(folder, {**expect, "n_images": meta["n_images"],
+                                 "image_list_sha256": meta["image_list_sha256"]}, need_grid)
+    return fs
+
+
 def extract_features(
     paths: list[str | Path],
     encoder: ImageEncoder,
@@ -130,11 +153,14 @@ def extract_features(
     strict: bool = False,
     progress: bool = True,
     log=None,
+    search: list[str | Path] | None = None,
 ) -> FeatureSet:
     """Features of every image in ``paths`` (duplicates allowed), from the cache in ``folder`` or extracted.
 
-    ``grid=True`` also stores the spatial grid. ``log`` (default: print to stderr) receives the
-    one-line messages (reuse, rebuild reason, unreadable images).
+    ``grid=True`` also stores the spatial grid. ``search``: other cache folders whose features may be
+    reused when they hold every requested image, unchanged, from the same encoder (e.g. the cache of a
+    whole data set serving a subset of it). ``log`` (default: print to stderr) receives the one-line
+    messages (reuse, rebuild reason, unreadable images).
     """
     from tqdm.auto import tqdm
 
@@ -145,19 +171,30 @@ def extract_features(
     unique = list(dict.fromkeys(_key(p) for p in paths))
     if not unique:
         raise ValueError("no images to extract features from")
+    signatures = [_signature(p) for p in unique]
     expect = {
         "format": FORMAT,
         **{k: v for k, v in encoder.describe().items() if k != "weights"},
         "weights": encoder.weights_id,
         "n_images": len(unique),
-        "image_list_sha256": image_list_digest(unique),
+        "image_list_sha256": image_list_digest(unique, signatures),
     }
     cached, why = _open_cache(folder, expect, grid)
     if cached is not None:
-        cached.paths = unique  # identical (the digest matched)
         log(f"features: reusing the cache in {folder} ({len(unique)} images, {encoder.name})")
         cached.reused = True
         return cached
+    sigs = dict(zip(unique, signatures))
+    for other in search or []:
+        other = Path(other)
+        if other.resolve() == folder.resolve() or not (other / "meta.json").is_file():
+            continue
+        sup = _open_superset(other, expect, grid, unique, sigs)
+        if sup is not None:
+            log(f"features: reusing the cache of a larger image list in {other} ({len(unique)} of "
+                f"{len(sup.paths)} images, {encoder.name})")
+            sup.reused = True
+            return sup
     if why:
         log(f"features: the cache in {folder} does not match ({why}); extracting again")
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,7 +267,7 @@ def extract_features(
         os.replace(tmp_grid, folder / "grid.npy")
     else:
         (folder / "grid.npy").unlink(missing_ok=True)
-    meta = {**expect, "has_grid": grid, "dtype": "float16", "paths": unique, "failed": failed,
+    meta = {**expect, "has_grid": grid, "dtype": "float16", "paths": unique, "signatures": signatures, "failed": failed,
             "seconds": round(seconds, 2), "images_per_s": round((N - start) / max(seconds, 1e-9), 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
@@ -240,6 +277,5 @@ def extract_features(
     fs, why = _open_cache(folder, expect, grid)
     if fs is None:
         raise RuntimeError(f"feature cache in {folder} unreadable right after writing it: {why}")
-    fs.paths = unique
     fs.seconds = seconds
     return fs

@@ -157,6 +157,11 @@ def _check_tokens(tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return tokens, lengths
 
 
+def _target_mask(tokens: Tensor, lengths: Tensor) -> Tensor:
+    """[B, L−1] bool: True where tokens[:, 1:] is a real target (w_1 .. <end>), from the lengths alone."""
+    return torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+
+
 class ShowTell(Captioner):
     """Show and Tell (see the module docstring for the equations)."""
 
@@ -177,14 +182,13 @@ class ShowTell(Captioner):
     def teacher_forced_logits(self, features, tokens, lengths):
         tokens, lengths = _check_tokens(tokens, lengths)
         h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
-        targets = tokens[:, 1:]
-        return self.out(h), targets, (targets != self.cfg.pad_id).to(h.dtype)
+        return self.out(h), tokens[:, 1:], _target_mask(tokens, lengths).to(h.dtype)
 
     def loss(self, features, tokens, lengths):
         tokens, lengths = _check_tokens(tokens, lengths)
         h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
         targets = tokens[:, 1:]
-        valid = targets != self.cfg.pad_id
+        valid = _target_mask(tokens, lengths)
         # Only real tokens reach the output layer: no logits are computed for padding.
         logits = self.out(self.drop(h[valid]))
         n = int(valid.sum())
@@ -246,7 +250,7 @@ class ShowAttendTell(Captioner):
         B, L = tokens.shape
         masks = self.rnn.sample_dropout_masks(B)
         emb = self.embed(tokens[:, :-1])  # [B, L−1, E]
-        valid = torch.arange(L - 1, device=tokens.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [B, L−1]
+        valid = _target_mask(tokens, lengths)  # [B, L−1]
         h = state[-1][0]
         outs, alphas = [], []
         for t in range(L - 1):

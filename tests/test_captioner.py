@@ -1,0 +1,131 @@
+"""Captioning models: masked step API = sequence API, decoding path = teacher-forced path, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnrhn.cells import CELLS
+from bnrhn.models import CaptionerConfig, build_captioner
+from bnrhn.nn import Recurrent
+
+ALL_CELLS = list(CELLS)
+
+
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_masked_steps_equal_forward_with_lengths(cell):
+    """A loop of Recurrent.step(..., mask=) in training mode reproduces forward(x, lengths): outputs, final
+    states and batch-norm running statistics (padded positions stay out of them)."""
+    torch.manual_seed(0)
+    T, B, I, H = 6, 5, 4, 7
+    a = Recurrent(cell, I, H, num_layers=2, dropout=0.2, recurrent_dropout=0.1, input_dropout=0.1)
+    b = Recurrent(cell, I, H, num_layers=2, dropout=0.2, recurrent_dropout=0.1, input_dropout=0.1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(T, B, I)
+    lengths = torch.tensor([6, 2, 4, 1, 6])
+    a.train(), b.train()
+    torch.manual_seed(1)
+    out_a, final_a = a(x, lengths=lengths)
+    torch.manual_seed(1)
+    masks = b.sample_dropout_masks(B)
+    valid = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)
+    state, outs = None, []
+    for t in range(T):
+        h, state = b.step(x[t], state, step=t, dropout_masks=masks, mask=valid[t])
+        outs.append(h)
+    assert torch.allclose(torch.stack(outs), out_a, atol=1e-5)
+    for sa, sb in zip(final_a, state):
+        assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(sa, sb))
+    for (name, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers()):
+        assert torch.allclose(ba.float(), bb.float(), atol=1e-5), name
+
+
+def test_step_mask_is_optional_and_checked():
+    r = Recurrent("lstm", 3, 4)
+    x = torch.randn(2, 3)
+    h1, _ = r.step(x, None, 0)
+    h2, _ = r.step(x, None, 0, mask=torch.tensor([True, True]))
+    assert torch.equal(h1, h2)
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        r.step(x, None, 0, mask=torch.tensor([True]))
+
+
+def _model(kind, cell, vocab=11, seed=0, dropout=0.25):
+    torch.manual_seed(seed)
+    return build_captioner(CaptionerConfig(model=kind, vocab_size=vocab, feature_size=6, grid_size=4, embed_size=8,
+                                           hidden_size=9, cell=cell, attention_size=5, dropout=dropout))
+
+
+def _batch(kind, B=6, L=7, vocab=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, 4, 6, generator=g) if kind == "show_attend_tell" else torch.randn(B, 6, generator=g)
+    lengths = torch.randint(2, L + 1, (B,), generator=g)
+    lengths[0] = L
+    tok = torch.zeros(B, L, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        tok[i, :n] = torch.cat([torch.tensor([1]), torch.randint(4, vocab, (n - 2,), generator=g), torch.tensor([2])])
+    return f, tok, lengths
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"])
+def test_decoding_steps_equal_teacher_forcing_in_eval_mode(kind, cell):
+    """start()+step() with the reference words give the log-probabilities of the training path: same
+    time indices, same batch-norm statistics."""
+    m = _model(kind, cell)
+    f, tok, lengths = _batch(kind)
+    m.train()
+    for _ in range(3):  # populate batch-norm statistics
+        m.loss(f, tok, lengths)
+    m.eval()
+    with torch.no_grad():
+        logits, targets, mask = m.teacher_forced_logits(f, tok, lengths)
+        ref = logits.log_softmax(-1)
+        state = m.start(f)
+        for t in range(tok.shape[1] - 1):
+            logp, state = m.step(tok[:, t], state)
+            rows = mask[:, t].bool()
+            assert torch.allclose(logp[rows], ref[rows, t], atol=1e-5), f"step {t}"
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+def test_loss_masks_padding_and_learns(kind):
+    m = _model(kind, "bn_rhn")
+    f, tok, lengths = _batch(kind)
+    m.eval()
+    ce_ref = torch.nn.functional.cross_entropy
+    logits, targets, mask = m.teacher_forced_logits(f, tok, lengths)
+    expected = (ce_ref(logits.transpose(1, 2), targets, reduction="none") * mask).sum() / mask.sum()
+    with torch.no_grad():
+        loss, n, parts = m.loss(f, tok, lengths)
+    assert n == int((lengths - 1).sum())
+    assert torch.isclose(torch.tensor(parts["ce"]), expected, atol=1e-5)
+    # padding content does not matter
+    tok2 = tok.clone()
+    tok2[torch.arange(tok.shape[1]).unsqueeze(0) >= lengths.unsqueeze(1)] = 5
+    with torch.no_grad():
+        assert torch.isclose(m.loss(f, tok2, lengths)[0], loss)
+    if kind == "show_attend_tell":
+        assert parts["attention_reg"] > 0
+    m = _model(kind, "bn_rhn", dropout=0.0).train()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-2)
+    first = None
+    for _ in range(40):  # memorise six captions
+        loss, _, _ = m.loss(f, tok, lengths)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="unknown captioning model"):
+        build_captioner(CaptionerConfig(model="show_and_guess", vocab_size=10))
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_captioner(CaptionerConfig(vocab_size=3))
+    with pytest.raises(ValueError, match="unknown cell"):
+        build_captioner(CaptionerConfig(vocab_size=10, cell="transformer"))
+    m = _model("show_attend_tell", "lstm")
+    with pytest.raises(ValueError, match="grid features"):
+        m.start(torch.randn(2, 6))
