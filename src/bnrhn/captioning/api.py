@@ -85,6 +85,7 @@ def model_config(config: CaptionConfig, vocab: Vocabulary, encoder: dict) -> Cap
         grid_size=encoder["grid_size"], embed_size=config.embed_size, hidden_size=config.hidden_size,
         num_layers=config.num_layers, cell=config.cell, cell_options=dict(config.cell_options),
         dropout=config.dropout, attention_size=config.attention_size, alpha_c=config.alpha_c,
+        feature_norm=config.feature_norm,
         pad_id=vocab.pad_id, start_id=vocab.start_id, end_id=vocab.end_id, unk_id=vocab.unk_id,
     )
 
@@ -126,6 +127,7 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
         _check_resumable(Path(config.run_dir) / "last.pt", data.vocab)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
     model = build_captioner(model_config(config, data.vocab, data.encoder))
+    model.set_feature_stats(data.train.feats)
     task = CaptionTask(config, data, model)
     opt = build_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay, config.momentum)
     total = config.max_steps or config.epochs * task.num_batches(0)

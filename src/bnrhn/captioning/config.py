@@ -56,6 +56,7 @@ class CaptionConfig:
     dropout: float = 0.3
     attention_size: int = 512
     alpha_c: float = 1.0
+    feature_norm: str = "standardize"
     # optimisation
     optimizer: str = "adam"
     lr: float = 1e-3

@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout (0.3)")
     g.add_argument("--attention-size", type=int, default=S, metavar="N", help="attention MLP size (512)")
     g.add_argument("--alpha-c", type=float, default=S, metavar="L", help="doubly stochastic attention weight (1.0)")
+    g.add_argument("--feature-norm", choices=("standardize", "none"), default=S,
+                   help="standardise image features with training-set statistics (default) or feed them raw")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=S, help="adam (default), adamw or sgd")
     g.add_argument("--lr", type=float, default=S, help="learning rate (1e-3)")

@@ -7,6 +7,11 @@ the decoding interface used by :mod:`bnrhn.decoding`:
     logp, state = model.step(tokens, state)        # tokens [B] = previous words → log p(w_t | ...) [B, V]
     state = model.select(state, index)             # reorder / repeat images (beam search)
 
+Image features are standardised per channel with the training set's mean and standard deviation
+(``feature_norm="standardize"``, saved in the model's buffers; ``"none"`` leaves them raw): frozen CNN
+features share a large common component, and without this a plain LSTM decoder is slow to pick up
+the differences between images.
+
 **Show and Tell** (Vinyals et al. 2015), :class:`ShowTell`. With image feature v (pooled, F-d), word
 embedding E and the recurrent decoder f (any cell, ``num_layers`` layers):
 
@@ -64,6 +69,7 @@ class CaptionerConfig:
     dropout: float = 0.3
     attention_size: int = 512
     alpha_c: float = 1.0  # λ of the doubly stochastic regulariser
+    feature_norm: str = "standardize"  # or "none"
     pad_id: int = 0
     start_id: int = 1
     end_id: int = 2
@@ -112,6 +118,36 @@ class Captioner(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         with torch.no_grad():
             self.embed.weight[cfg.pad_id].zero_()
+        if cfg.feature_norm not in ("standardize", "none"):
+            raise ValueError(f"feature_norm must be 'standardize' or 'none', got {cfg.feature_norm!r}")
+        # Feature standardisation v ← (v − μ) / σ per channel, with μ, σ from the training images
+        # (set_feature_stats); saved with the model so that decoding normalises the same way.
+        self.register_buffer("feature_mean", torch.zeros(cfg.feature_size))
+        self.register_buffer("feature_std", torch.ones(cfg.feature_size))
+
+    def set_feature_stats(self, features: Tensor) -> None:
+        """Per-channel mean and standard deviation of training features ``[N, F]`` or ``[N, G, F]``."""
+        if self.cfg.feature_norm == "none":
+            return
+        flat = features.reshape(-1, features.shape[-1])
+        total = torch.zeros(flat.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for s in range(0, flat.shape[0], 65536):  # chunks: a float64 copy of a whole grid would be large
+            chunk = flat[s : s + 65536].double()
+            total += chunk.sum(0)
+            squares += chunk.square().sum(0)
+        n = max(flat.shape[0], 2)
+        mean = total / n
+        var = (squares / n - mean.square()) * n / (n - 1)
+        with torch.no_grad():
+            self.feature_mean.copy_(mean.float())
+            self.feature_std.copy_(var.clamp_min(0).sqrt().float().clamp_min(1e-2))
+
+    def normalize(self, features: Tensor) -> Tensor:
+        features = features.to(self.feature_mean.dtype)
+        if self.cfg.feature_norm == "none":
+            return features
+        return (features - self.feature_mean) / self.feature_std
 
     # -- decoding interface --------------------------------------------------------------------------
     def start(self, features: Tensor) -> DecodeState:
@@ -173,7 +209,7 @@ class ShowTell(Captioner):
 
     def _hidden(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Top-layer outputs ``[L, B, H]`` at steps 1..L (step 0, the image, produces no word)."""
-        img = self.image_embed(self.drop(features)).unsqueeze(0)  # [1, B, E]
+        img = self.image_embed(self.drop(self.normalize(features))).unsqueeze(0)  # [1, B, E]
         words = self.embed(tokens[:, :-1]).transpose(0, 1)  # <start> w_1 .. : [L−1, B, E]
         x = torch.cat([img, words], 0)  # [L, B, E]
         out, _ = self.rnn(x, lengths=lengths, step=0)
@@ -196,7 +232,7 @@ class ShowTell(Captioner):
         return ce, n, {"ce": float(ce.detach())}
 
     def start(self, features: Tensor) -> DecodeState:
-        x0 = self.image_embed(features)
+        x0 = self.image_embed(self.normalize(features))
         _, state = self.rnn.step(x0, None, step=0)
         return DecodeState(state, 1)
 
@@ -245,7 +281,7 @@ class ShowAttendTell(Captioner):
     def _run(self, grid, tokens, lengths):
         """Teacher-forced pass: (deep-output pre-activations [B, L−1, E], attention [B, L−1, N], mask)."""
         tokens, lengths = _check_tokens(tokens, lengths)
-        grid = grid.to(self.out.weight.dtype)
+        grid = self.normalize(grid)
         state, keys = self._init(self.drop(grid))
         B, L = tokens.shape
         masks = self.rnn.sample_dropout_masks(B)
@@ -278,7 +314,7 @@ class ShowAttendTell(Captioner):
         return ce + reg, n, {"ce": float(ce.detach()), "attention_reg": float(reg.detach())}
 
     def start(self, features: Tensor) -> DecodeState:
-        grid = features.to(self.out.weight.dtype)
+        grid = self.normalize(features)
         state, keys = self._init(grid)
         return DecodeState(state, 0, {"grid": grid, "keys": keys})
 
