@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "bnrhn.commands.train",
     "bnrhn.commands.caption",
     "bnrhn.commands.evaluate",
+    "bnrhn.commands.score",
 ]
 
 

@@ -2,7 +2,8 @@
 
 ``score_captions(candidates, references, metrics)`` returns ``{metric: corpus value}`` with the
 coco-caption names (``BLEU-1``..``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr``). It calls
-:func:`bnrhn.metrics.score` (coco-caption's tokenisation and metrics).
+:func:`bnrhn.metrics.score` (coco-caption's PTB tokenisation and metrics, CIDEr = CIDEr-D), asking only
+for the metric families needed (validation computes BLEU and CIDEr-D in-process, no JVM).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 ALL_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 VALIDATION_METRICS = ("BLEU-4", "CIDEr")
+_FAMILY = {"BLEU-1": "bleu", "BLEU-2": "bleu", "BLEU-3": "bleu", "BLEU-4": "bleu", "METEOR": "meteor",
+           "ROUGE-L": "rouge", "CIDEr": "cider"}
 
 
 def score_captions(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]],
@@ -26,8 +29,9 @@ def score_captions(candidates: Mapping[str, str], references: Mapping[str, Seque
         raise ValueError("no captions to score")
     from bnrhn.metrics import score
 
+    families = sorted({_FAMILY[m] for m in metrics})
     cands = {str(k): v for k, v in candidates.items()}
     refs = {str(k): list(references[k]) for k in candidates}
-    result = score(cands, refs, metrics=tuple(metrics))
-    corpus = result if isinstance(result, Mapping) else getattr(result, "corpus")
-    return {m: float(corpus[m]) for m in metrics}
+    result = score(cands, refs, metrics=families)
+    # a metric that could not be computed (METEOR without Java) is NaN; score() has warned why
+    return {m: float(result.corpus.get(m, float("nan"))) for m in metrics}
