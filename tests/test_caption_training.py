@@ -56,8 +56,8 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def synthetic_run(cache, tmp_path_factory):
     _need_weights()
-    cfg = tiny(cache, tmp_path_factory.mktemp("runs") / "syn", dataset="synthetic:400,60,10", cell="bn_rhn",
-               embed_size=96, hidden_size=96, epochs=4, min_count=1)
+    cfg = tiny(cache, tmp_path_factory.mktemp("runs") / "syn", dataset="synthetic:400,60,10", cell="lstm",
+               embed_size=64, hidden_size=64, epochs=4, min_count=1)
     return train(cfg)
 
 

@@ -259,14 +259,17 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     ds = dataset_for_config(cfg, log)
-    enc = _encoder_for(loaded, None, log)
-    grid = loaded.model.needs_grid
-    ds, fs = attach_features(ds, enc, cfg.cache_dir, grid, cfg.strict, cfg.progress, cfg.feature_batch_size, log)
     recs = ds.split(split)
     if max_images is not None:
         recs = recs[:max_images]
     if not recs:
         raise ValueError(f"{ds.name}: the {split} split is empty")
+    # features of this split only (a cache of the whole data set is reused when there is one)
+    ds = CaptionDataset(ds.name, recs, list(ds.problems), ds.source)
+    enc = _encoder_for(loaded, None, log)
+    grid = loaded.model.needs_grid
+    ds, fs = attach_features(ds, enc, cfg.cache_dir, grid, cfg.strict, cfg.progress, cfg.feature_batch_size, log)
+    recs = ds.records
     feats = SplitFeatures.build(recs, fs, grid)
     t0 = time.perf_counter()
     caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, max_len or cfg.max_len,
@@ -311,14 +314,25 @@ class ImageCaptions:
 
 def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, max_len: int | None = None,
                    length_norm: float | None = None, weights: str | Path | None = None, batch_size: int = 32,
+                   method: str = "beam", temperature: float = 1.0, seed: int = 0,
                    log: Log = stderr_log) -> list[ImageCaptions]:
-    """The ``topk`` best beam-search captions of each image file (unreadable files get ``error`` set)."""
+    """Captions of each image file, best first, with their log-probabilities.
+
+    ``method="beam"``: the ``topk`` best captions of a beam of ``beam``; ``"greedy"``: one caption;
+    ``"sample"``: ``topk`` captions sampled at ``temperature`` (reproducible with ``seed``). Files that
+    cannot be read get ``error`` set and no captions; the others are captioned all the same.
+    """
+    from bnrhn.decoding import greedy, sample
+
+    if method not in ("beam", "greedy", "sample"):
+        raise ValueError(f"method must be beam, greedy or sample, got {method!r}")
+    if method == "beam" and not 1 <= topk <= beam:
+        raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
     loaded = load_captioner(checkpoint)
     enc = _encoder_for(loaded, weights, log)
     max_len = max_len or loaded.config.max_len
     length_norm = loaded.config.length_norm if length_norm is None else length_norm
-    if not 1 <= topk <= beam:
-        raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
+    generator = torch.Generator().manual_seed(seed)
     out: list[ImageCaptions] = []
     paths = [str(p) for p in paths]
     for s in range(0, len(paths), batch_size):
@@ -334,7 +348,14 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
             pooled, grid = enc.encode(torch.stack(tensors))
             feats = grid if loaded.model.needs_grid else pooled
             feats = feats.half().float()  # the cached training features were float16
-            for item, hyps in zip(ok, beam_search(loaded.model, feats, beam, max_len, length_norm, topk)):
-                item.captions = [(loaded.vocab.decode(h.tokens), h.logprob) for h in hyps]
+            if method == "beam":
+                hyps = beam_search(loaded.model, feats, beam, max_len, length_norm, topk)
+            elif method == "greedy":
+                hyps = [[h] for h in greedy(loaded.model, feats, max_len)]
+            else:
+                draws = [sample(loaded.model, feats, temperature, max_len, generator=generator) for _ in range(topk)]
+                hyps = [sorted((d[i] for d in draws), key=lambda h: -h.logprob) for i in range(len(ok))]
+            for item, hs in zip(ok, hyps):
+                item.captions = [(loaded.vocab.decode(h.tokens), h.logprob) for h in hs]
         out.extend(results)
     return out

@@ -16,7 +16,12 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="a checkpoint file (best.pt / last.pt) or a run folder")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     p.add_argument("--beam", type=int, default=3, metavar="K", help="beam size (3)")
-    p.add_argument("--topk", type=int, default=None, metavar="N", help="captions to print per image (default: the beam size)")
+    p.add_argument("--topk", type=int, default=None, metavar="N",
+                   help="captions to print per image (default: the beam size; with --sample: 5 samples)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (one caption) instead of beam search")
+    p.add_argument("--sample", action="store_true", help="sample captions instead of beam search")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--max-len", type=int, default=None, metavar="N", help="longest caption in words (the model's, 20)")
     p.add_argument("--length-norm", type=float, default=None, metavar="A", help="length normalisation exponent (0 = off)")
     p.add_argument("--weights", default=None, metavar="PATH", help="encoder weights file (default: found offline)")
@@ -30,11 +35,15 @@ def run(args) -> int:
 
     from bnrhn.captioning import caption_images
 
-    topk = args.topk if args.topk is not None else args.beam
-    if args.beam < 1:
-        raise ValueError(f"--beam must be ≥ 1, got {args.beam}")
+    if args.greedy and args.sample:
+        raise ValueError("choose one of --greedy and --sample")
+    method = "greedy" if args.greedy else "sample" if args.sample else "beam"
+    topk = args.topk if args.topk is not None else (5 if args.sample else args.beam)
+    if args.beam < 1 or topk < 1:
+        raise ValueError(f"--beam and --topk must be ≥ 1, got {args.beam} and {topk}")
     results = caption_images(args.checkpoint, args.images, beam=args.beam, topk=topk, max_len=args.max_len,
-                             length_norm=args.length_norm, weights=args.weights)
+                             length_norm=args.length_norm, weights=args.weights, method=method,
+                             temperature=args.temperature, seed=args.seed)
     failed = 0
     for r in results:
         if r.error:
