@@ -212,3 +212,25 @@ def test_folder_with_corrupt_and_missing_images(cache, tmp_path, capsys):
     rc = main(["train", "--dataset", f"folder:{folder}", "--strict", "--run-dir", str(tmp_path / "run3"),
                "--cache-dir", str(cache), "--quiet"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_train_command_config_file_and_existing_run(cache, tmp_path, capsys):
+    _need_weights()
+    base = ["train", "--dataset", "synthetic:12,4,4", "--min-count", "1", "--embed-size", "16", "--hidden-size", "16",
+            "--max-steps", "1", "--cache-dir", str(cache), "--quiet"]
+    assert main(base + ["--run-dir", str(tmp_path / "a"), "--cell", "gru", "--cell-option", "bias=false"]) == 0
+    capsys.readouterr()
+    # an existing run is refused at once (before any data is read), naming the way out
+    assert main(base + ["--run-dir", str(tmp_path / "a")]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    # a run's config.json reproduces its settings; flags override them
+    assert main(["train", "--config", str(tmp_path / "a" / "config.json"), "--run-dir", str(tmp_path / "b"),
+                 "--max-steps", "2", "--quiet"]) == 0
+    a = json.loads((tmp_path / "a" / "config.json").read_text())["task"]
+    b = json.loads((tmp_path / "b" / "config.json").read_text())["task"]
+    assert b["cell"] == "gru" and b["cell_options"] == {"bias": False} and b["max_steps"] == 2
+    assert {k: v for k, v in a.items() if k not in ("run_dir", "max_steps")} == \
+           {k: v for k, v in b.items() if k not in ("run_dir", "max_steps")}
+    # resuming refuses flags that would change the run
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "b"), "--cell", "lstm", "--quiet"]) == 2
+    assert "--cell" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from bnrhn.captioning.api import (
     LoadedCaptioner,
     RunResult,
     caption_images,
+    demo_config,
     evaluate,
     load_captioner,
     metrics_table,
@@ -24,7 +25,7 @@ from bnrhn.captioning.data import DATASET_SPECS, find_data_root, load_dataset
 from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 
 __all__ = [
-    "CaptionConfig", "train", "evaluate", "caption_images", "load_captioner", "prepare_data", "load_dataset",
+    "CaptionConfig", "demo_config", "train", "evaluate", "caption_images", "load_captioner", "prepare_data", "load_dataset",
     "find_data_root", "DATASET_SPECS", "RunResult", "ImageCaptions", "LoadedCaptioner", "metrics_table",
     "score_captions", "ALL_METRICS",
 ]

@@ -91,6 +91,16 @@ def model_config(config: CaptionConfig, vocab: Vocabulary, encoder: dict) -> Cap
 
 
 # -- training ------------------------------------------------------------------------------------------
+DEMO_SETTINGS = dict(dataset="synthetic", embed_size=128, hidden_size=128, lr=3e-3, dropout=0.1, batch_size=64,
+                     epochs=5, min_count=5, max_len=20)
+
+
+def demo_config(cell: str = "lstm", run_dir: str | Path = "runs/demo", **overrides) -> CaptionConfig:
+    """Settings that train a small Show-and-Tell captioner on the synthetic scenes in one or two minutes
+    on two CPU cores (:data:`DEMO_SETTINGS`, see docs/captioning.md for measured results)."""
+    return CaptionConfig(**{**DEMO_SETTINGS, "cell": cell, "run_dir": str(run_dir), **overrides})
+
+
 @dataclass
 class RunResult:
     """What :func:`train` returns."""
@@ -120,6 +130,12 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``."""
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
 
+    last = Path(config.run_dir) / "last.pt"
+    if not resume and last.exists() and not config.overwrite:  # say so before extracting any feature
+        raise FileExistsError(
+            f"{config.run_dir} already holds a training run ({last.name}); resume it (--resume), choose another "
+            "--run-dir, or pass --overwrite to start afresh"
+        )
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     data = prepare_data(config, log)

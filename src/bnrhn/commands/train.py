@@ -110,7 +110,11 @@ def run(args) -> int:
         print(f"bnrhn train: error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(f"\ninterrupted: resume with  bnrhn train --resume --run-dir {cfg.run_dir}", file=sys.stderr)
+        if (Path(cfg.run_dir) / "last.pt").exists():
+            print(f"\ninterrupted: resume with  bnrhn train --resume --run-dir {cfg.run_dir}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first checkpoint; run the same command again "
+                  "(feature extraction resumes where it stopped)", file=sys.stderr)
         return 130
     best = result.best
     scores = ", ".join(f"{k} {best[k]:.3f}" for k in ("CIDEr", "BLEU-4", "loss") if k in best)
