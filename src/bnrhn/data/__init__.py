@@ -1,0 +1,1 @@
+"""Data sets: caption corpora, character corpora (``bnrhn.data.text``)."""
