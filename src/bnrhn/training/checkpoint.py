@@ -1,0 +1,97 @@
+"""Checkpoints: atomic writes, clear errors on load, and the random-number state for exact resume.
+
+A checkpoint is a ``dict`` of plain Python values and tensors saved with :func:`torch.save`; it is
+read back with ``weights_only=True`` so that loading a file never runs code from it. Writes go to a
+temporary file in the same folder, are flushed to disk, then renamed over the target
+(:func:`os.replace` is atomic on POSIX and Windows), so an interrupted write never leaves a torn
+checkpoint behind and the previous one stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "bnrhn-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically (temp file + fsync + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` naming the path when it
+    is not a readable bnrhn checkpoint (truncated, corrupt, or another program's file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).exists():
+                return load_checkpoint(path / name, map_location)
+        raise FileNotFoundError(f"no best.pt or last.pt in run folder {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a bnrhn checkpoint (no '{FORMAT}' marker)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer bnrhn (checkpoint format {payload['format_version']}); upgrade bnrhn"
+        )
+    return payload
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of Python's, NumPy's and PyTorch's generators, as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators captured by :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])

@@ -1,0 +1,321 @@
+"""The training loop shared by every task (captioning, language modelling).
+
+The trainer knows optimisation; the task knows the data and the model's loss. A task implements::
+
+    model: nn.Module
+    num_batches(epoch) -> int
+    batches(epoch, start=0) -> iterator       # deterministic order for (seed, epoch), skipping `start`
+    train_step(batch) -> (loss, tokens)       # scalar loss to minimise, number of target tokens
+    validate() -> dict[str, float]            # e.g. {"CIDEr": ..., "BLEU-4": ..., "loss": ...}
+    state_dict() -> dict / load_state_dict(d) # what a usable checkpoint needs besides the model
+    config_dict() -> dict                     # optional: written to config.json
+
+Each step: zero_grad → loss.backward() → clip the global gradient norm → optimiser step → scheduler
+step. A non-finite loss or gradient norm raises :class:`TrainingDiverged` *before* the optimiser
+touches the parameters, so ``last.pt`` (the last good state) stays intact. Ctrl-C is deferred to the
+end of the current step, which then writes a resumable ``last.pt`` and raises ``KeyboardInterrupt``
+(a second Ctrl-C aborts at once). Resuming restores model, optimiser, scheduler, task state, counters
+and all random generators, and skips the batches of the epoch already done, so a resumed run
+reproduces the losses of an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bnrhn.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from bnrhn.training.log import StepLogger
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite; the last good checkpoint is left intact."""
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of :class:`Trainer` (see the module docstring)."""
+
+    run_dir: str
+    max_epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    grad_clip: float | None = 5.0
+    select_metric: str | None = None
+    select_mode: str = "max"
+    patience: int | None = None
+    validate_every: int | None = None  # None: after each epoch; N: every N steps (and at the end)
+    checkpoint_every: int | None = None  # steps; None: at each validation / epoch end
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+    description: str = "train"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "max_steps", "validate_every", "checkpoint_every", "patience"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.select_mode not in ("max", "min"):
+            raise ValueError(f"select_mode must be 'max' or 'min', got {self.select_mode!r}")
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    seconds: float = 0.0  # wall-clock spent in fit(), summed over resumed runs
+    train_seconds: float = 0.0  # time in training steps only
+    tokens: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    last_validation_step: int = -1
+    validations: list | None = None
+
+
+class Trainer:
+    def __init__(self, task, optimizer, scheduler=None, config: TrainerConfig | None = None) -> None:
+        if config is None:
+            raise ValueError("Trainer needs a TrainerConfig (at least run_dir)")
+        self.task = task
+        self.model = task.model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.last_path = self.run_dir / "last.pt"
+        self.best_path = self.run_dir / "best.pt"
+        self.state = TrainerState(validations=[])
+        self.logger = StepLogger(self.run_dir)
+        self._stop_requested = False
+        self._stop_reason: str | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train until a budget or early stopping ends it; returns a summary dict."""
+        self._prepare_run_dir(resume)
+        start = time.perf_counter()
+        base_seconds = self.state.seconds
+        cfg = self.config
+        previous_handler = self._install_sigint_handler()
+        bar = None
+        try:
+            while self._stop_reason is None and self.state.epoch < cfg.max_epochs:
+                epoch = self.state.epoch
+                n = self.task.num_batches(epoch)
+                bar = tqdm(
+                    total=n, initial=self.state.batch_in_epoch, desc=f"{cfg.description} epoch {epoch + 1}/{cfg.max_epochs}",
+                    disable=not cfg.progress, leave=False, dynamic_ncols=True, unit="batch",
+                )
+                for batch in self.task.batches(epoch, self.state.batch_in_epoch):
+                    self._train_step(batch, bar)
+                    self.state.seconds = base_seconds + time.perf_counter() - start
+                    self._check_budgets()
+                    if self._stop_requested:
+                        self._save(self.last_path)
+                        raise KeyboardInterrupt
+                    if cfg.validate_every and self.state.global_step % cfg.validate_every == 0:
+                        self._validate()
+                    elif cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
+                        self._save(self.last_path)
+                    if self._stop_reason is not None:
+                        break
+                bar.close()
+                if self._stop_reason is None:  # epoch completed
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    if cfg.validate_every is None:
+                        self._validate()
+                    else:
+                        self._save(self.last_path)
+            if self._stop_reason is None:
+                self._stop_reason = "max_epochs"
+            if self.state.last_validation_step != self.state.global_step and self._stop_reason != "early_stopping":
+                self._validate()
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            # After a deferred Ctrl-C last.pt holds this very step; after a second Ctrl-C (mid-step) the
+            # previous last.pt is the good state and is left untouched.
+            raise
+        finally:
+            self._restore_sigint_handler(previous_handler)
+        self.state.seconds = base_seconds + time.perf_counter() - start
+        self._save(self.last_path)
+        if not self.best_path.exists():
+            self._save(self.best_path)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": s.global_step,
+            "epochs": s.epoch + (s.batch_in_epoch > 0),
+            "stopped": self._stop_reason,
+            "seconds": s.seconds,
+            "train_seconds": s.train_seconds,
+            "tokens": s.tokens,
+            "tokens_per_s": s.tokens / s.train_seconds if s.train_seconds > 0 else 0.0,
+            "best_step": s.best_step,
+            "best_value": s.best_value,
+            "select_metric": self.config.select_metric,
+            "best_checkpoint": str(self.best_path),
+            "last_checkpoint": str(self.last_path),
+            "validations": list(s.validations or []),
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    def _train_step(self, batch, bar) -> None:
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.model.train()
+        loss, tokens = self.task.train_step(batch)
+        step = self.state.global_step + 1
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {step} (epoch {self.state.epoch + 1}); training stopped, "
+                f"the last good checkpoint is {self.last_path if self.last_path.exists() else 'none (no checkpoint yet)'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"gradient norm is {grad_norm} at step {step} (epoch {self.state.epoch + 1}); training stopped, "
+                f"the last good checkpoint is {self.last_path if self.last_path.exists() else 'none (no checkpoint yet)'}"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        dt = time.perf_counter() - t0
+        s = self.state
+        s.global_step = step
+        s.batch_in_epoch += 1
+        s.train_seconds += dt
+        s.tokens += int(tokens)
+        tps = tokens / dt if dt > 0 else 0.0
+        if step % cfg.log_every == 0:
+            self.logger.log_step(
+                step=step, epoch=s.epoch + 1, loss=loss_value, lr=lr, grad_norm=grad_norm,
+                tokens=int(tokens), tokens_per_s=round(tps, 1), seconds=round(s.seconds, 3),
+            )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{s.tokens / s.train_seconds:.0f}", refresh=False)
+
+    def _check_budgets(self) -> None:
+        cfg, s = self.config, self.state
+        if cfg.max_steps is not None and s.global_step >= cfg.max_steps:
+            self._stop_reason = "max_steps"
+        elif cfg.max_minutes is not None and s.seconds >= 60.0 * cfg.max_minutes:
+            self._stop_reason = "max_minutes"
+
+    def _validate(self) -> None:
+        cfg, s = self.config, self.state
+        t0 = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in (self.task.validate() or {}).items()}
+        self.model.train()
+        s.last_validation_step = s.global_step
+        s.validations.append({"step": s.global_step, "epoch": s.epoch, **metrics})
+        self.logger.log_validation(s.global_step, s.epoch, metrics, time.perf_counter() - t0)
+        improved = False
+        if cfg.select_metric:
+            if cfg.select_metric not in metrics:
+                raise ValueError(
+                    f"select_metric {cfg.select_metric!r} is not among the validation metrics {sorted(metrics)}"
+                )
+            value = metrics[cfg.select_metric]
+            better = (lambda a, b: a > b) if cfg.select_mode == "max" else (lambda a, b: a < b)
+            if math.isfinite(value) and (s.best_value is None or better(value, s.best_value)):
+                s.best_value, s.best_step, s.bad_validations = value, s.global_step, 0
+                improved = True
+            else:
+                s.bad_validations += 1
+        self._save(self.last_path)
+        if improved or not cfg.select_metric:
+            self._save(self.best_path)
+        if cfg.patience is not None and s.bad_validations >= cfg.patience:
+            self._stop_reason = "early_stopping"
+
+    # ----------------------------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "task": self.task.state_dict(),
+            "trainer": asdict(self.state),
+            "trainer_config": asdict(self.config),
+            "rng": capture_rng_state(),
+        }
+
+    def _save(self, path: Path) -> None:
+        save_checkpoint(path, self._payload())
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        cfg = self.config
+        if resume:
+            if not self.last_path.exists():
+                raise FileNotFoundError(f"cannot resume: no checkpoint {self.last_path}")
+            ckpt = load_checkpoint(self.last_path)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scheduler is not None and ckpt.get("scheduler") is not None:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.task.load_state_dict(ckpt["task"])
+            self.state = TrainerState(**ckpt["trainer"])
+            restore_rng_state(ckpt["rng"])
+            self.logger.truncate_after(self.state.global_step)
+            return
+        if self.last_path.exists() and not cfg.overwrite:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a training run ({self.last_path.name}); "
+                "resume it (--resume), choose another folder, or pass --overwrite to start afresh"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("log.jsonl", "log.csv", "validation.csv", "last.pt", "best.pt"):
+            (self.run_dir / name).unlink(missing_ok=True)
+        config = {"trainer": asdict(cfg)}
+        if hasattr(self.task, "config_dict"):
+            config["task"] = self.task.config_dict()
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+
+    # Ctrl-C: finish the current step, write last.pt, then stop. -----------------------------------
+    def _install_sigint_handler(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            tqdm.write("Ctrl-C: stopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_sigint_handler(previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

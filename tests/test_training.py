@@ -1,0 +1,176 @@
+"""The shared trainer: exact resume, NaN stop with the last good checkpoint intact, atomic checkpoints,
+early stopping, budgets, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from bnrhn.nn import Recurrent
+from bnrhn.training import (
+    Trainer, TrainerConfig, TrainingDiverged, build_optimizer, build_scheduler, load_checkpoint,
+    read_log, save_checkpoint,
+)
+
+
+class ToyTask:
+    """Next-value regression with a small GRU and dropout (so RNG state matters for exact resume)."""
+
+    def __init__(self, seed=0, n=48, batch=8, nan_at_step=None, interrupt_at_step=None):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, 3, generator=g)
+        self.y = self.x.sum(-1, keepdim=True).cumsum(1)
+        self.seed, self.batch = seed, batch
+        torch.manual_seed(seed)
+        self.rnn = Recurrent("gru", 3, 16, batch_first=True, dropout=0.2)
+        self.head = nn.Linear(16, 1)
+        self.model = nn.ModuleDict({"rnn": self.rnn, "head": self.head})
+        self.nan_at_step, self.interrupt_at_step = nan_at_step, interrupt_at_step
+        self.steps_run = 0
+        self.counter = torch.zeros(())  # task state that must survive resume
+
+    def num_batches(self, epoch):
+        return len(self.x) // self.batch
+
+    def batches(self, epoch, start=0):
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        for b in range(start, self.num_batches(epoch)):
+            yield perm[b * self.batch : (b + 1) * self.batch]
+
+    def train_step(self, idx):
+        self.steps_run += 1
+        self.counter += 1
+        if self.interrupt_at_step and self.steps_run == self.interrupt_at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        out, _ = self.rnn(self.x[idx])
+        loss = (self.head(out) - self.y[idx]).pow(2).mean()
+        if self.nan_at_step and self.steps_run >= self.nan_at_step:
+            loss = loss * float("nan")
+        return loss, idx.numel() * 6
+
+    def validate(self):
+        out, _ = self.rnn(self.x[:16])
+        return {"loss": float((self.head(out) - self.y[:16]).pow(2).mean())}
+
+    def state_dict(self):
+        return {"counter": self.counter.clone()}
+
+    def load_state_dict(self, d):
+        self.counter = d["counter"].clone()
+
+
+def make(tmp_path, name="run", **kw):
+    task = ToyTask(**{k: v for k, v in kw.items() if k in ("nan_at_step", "interrupt_at_step")})
+    opt = build_optimizer(task.model.parameters(), "adam", lr=1e-2)
+    sched = build_scheduler(opt, "cosine", total_steps=60, warmup_steps=3)
+    cfg_kw = {k: v for k, v in kw.items() if k not in ("nan_at_step", "interrupt_at_step")}
+    cfg = TrainerConfig(run_dir=str(tmp_path / name), progress=False, select_metric="loss", select_mode="min", **cfg_kw)
+    return task, Trainer(task, opt, sched, cfg)
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in read_log(run_dir / "log.jsonl") if r["kind"] == "train"]
+
+
+def test_training_reduces_loss_and_writes_run_folder(tmp_path):
+    task, trainer = make(tmp_path, max_epochs=5)
+    summary = trainer.fit()
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 30 and summary["steps"] == 30
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    for name in ("last.pt", "best.pt", "log.jsonl", "log.csv", "validation.csv", "config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["trainer"]["global_step"] == summary["best_step"]
+    assert summary["tokens_per_s"] > 0
+
+
+def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path):
+    _, full = make(tmp_path, "full", max_epochs=4)
+    full.fit()
+    # Stop mid-epoch (step 9 of 6-batch epochs), then resume in a fresh process-like setup.
+    _, part = make(tmp_path, "part", max_epochs=4, max_steps=9)
+    part.fit()
+    _, resumed = make(tmp_path, "part", max_epochs=4)
+    summary = resumed.fit(resume=True)
+    assert summary["steps"] == 24
+    assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")
+    assert float(resumed.task.counter) == 24  # task state restored
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    task, trainer = make(tmp_path, max_epochs=5, checkpoint_every=4, nan_at_step=11)
+    with pytest.raises(TrainingDiverged, match="step 11"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["trainer"]["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_ctrl_c_leaves_resumable_checkpoint(tmp_path):
+    task, trainer = make(tmp_path, max_epochs=3, interrupt_at_step=5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["trainer"]["global_step"] == 5
+    _, resumed = make(tmp_path, max_epochs=3)
+    assert resumed.fit(resume=True)["steps"] == 18
+
+
+def test_budget_and_early_stopping(tmp_path):
+    _, t = make(tmp_path, "steps", max_epochs=100, max_steps=7)
+    assert t.fit()["stopped"] == "max_steps"
+
+    class Flat(ToyTask):
+        def validate(self):
+            return {"loss": 1.0}
+
+    task = Flat()
+    opt = build_optimizer(task.model.parameters(), "sgd", lr=1e-3)
+    cfg = TrainerConfig(run_dir=str(tmp_path / "es"), max_epochs=50, patience=2, select_metric="loss",
+                        select_mode="min", progress=False)
+    s = Trainer(task, opt, None, cfg).fit()
+    assert s["stopped"] == "early_stopping" and s["epochs"] == 3
+
+
+def test_existing_run_is_refused_without_resume(tmp_path):
+    _, t = make(tmp_path, max_epochs=1)
+    t.fit()
+    _, t2 = make(tmp_path, max_epochs=1)
+    with pytest.raises(FileExistsError, match="--resume"):
+        t2.fit()
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        make(tmp_path, "other", max_epochs=1)[1].fit(resume=True)
+
+
+def test_checkpoint_write_is_atomic_and_corruption_is_reported(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))  # old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainerConfig(run_dir="x", max_steps=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        build_optimizer([nn.Parameter(torch.ones(1))], "rmsprop")
+    with pytest.raises(ValueError, match="step_size"):
+        build_scheduler(build_optimizer([nn.Parameter(torch.ones(1))]), "step")
