@@ -24,6 +24,7 @@ def _common(p, default_cells: str) -> None:
     p.add_argument("--length", type=int, default=100, help="sequence length T in characters (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and of the text positions (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and numbers")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -69,6 +70,9 @@ def run(args) -> int:
     from bnrhn.analysis.reports import prepare_models, run_gates, run_gradients, run_jacobian
     from bnrhn.data.text import check_seq_len
 
+    from bnrhn.commands.lm import set_threads
+
+    set_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     check_seq_len(args.length)
     if args.hidden < 1:

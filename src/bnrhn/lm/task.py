@@ -46,12 +46,14 @@ class CharLMTask:
         batch_size: B parallel streams.
         seq_len: L, the TBPTT window.
         eval_batch_size: streams for validation (default: B).
+        valid_chars: validate during training on the first ``valid_chars`` characters of the validation
+            text only (cheaper frequent validations); ``evaluate("valid")`` always uses all of it.
         device: where the model lives.
     """
 
     def __init__(self, model: CharLM, corpus: CharCorpus, batch_size: int = 32, seq_len: int = 100,
                  eval_batch_size: int | None = None, device: str | torch.device = "cpu",
-                 extra_config: dict[str, Any] | None = None) -> None:
+                 extra_config: dict[str, Any] | None = None, valid_chars: int | None = None) -> None:
         check_seq_len(seq_len)
         if model.vocab_size != len(corpus.vocab):
             raise ValueError(f"model vocabulary size {model.vocab_size} != corpus vocabulary size {len(corpus.vocab)}")
@@ -63,6 +65,9 @@ class CharLMTask:
         self.device = torch.device(device)
         self.train_batches = TBPTTBatches(corpus.train, batch_size, seq_len)
         self.extra_config = dict(extra_config or {})
+        if valid_chars is not None and valid_chars < 2:
+            raise ValueError(f"valid_chars must be ≥ 2 (or None for the whole validation text), got {valid_chars}")
+        self.valid_chars = valid_chars
         self.carried: list | None = None  # state after the last training window (detached)
 
     # -- Trainer interface --------------------------------------------------------------------------
@@ -85,7 +90,8 @@ class CharLMTask:
         return loss, window.num_targets
 
     def validate(self) -> dict[str, float]:
-        score = self.evaluate("valid")
+        ids = self.corpus.valid if self.valid_chars is None else self.corpus.valid[: self.valid_chars]
+        score = evaluate_ids(self.model, ids, self.eval_batch_size, self.seq_len)
         return {"loss": score.loss, "bpc": score.bpc, "perplexity": score.perplexity}
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,6 +115,7 @@ class CharLMTask:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "eval_batch_size": self.eval_batch_size,
+            "valid_chars": self.valid_chars,
             "batches_per_epoch": len(self.train_batches),
             "model": dict(self.model.config),
             "corpus": {"source": self.corpus.source, "transform": self.corpus.transform, **self.corpus.summary()},
