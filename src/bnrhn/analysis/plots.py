@@ -87,43 +87,53 @@ def plot_jacobian_trace(traces: dict[str, dict[str, list[float]]], path, subtitl
 
 
 def plot_gershgorin(panels: dict[str, dict[str, Any]], path, subtitle: str = "") -> Path:
-    """One panel per model: Geršgorin discs (centre a_ii, radius Σ_{j≠i}|a_ij|), eigenvalues, unit circle.
+    """Per model, two panels: top, the Geršgorin discs (centre a_ii, radius Σ_{j≠i}|a_ij|) with the
+    eigenvalues and the unit circle; bottom, the eigenvalues alone, zoomed, with the unit circle.
 
     ``panels[label]`` has ``centres``, ``radii``, ``eig_real``, ``eig_imag``, ``size`` and ``state``.
     """
     n = len(panels)
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.6 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, (label, p) in zip(axes.flat, panels.items()):
+    fig, axes = plt.subplots(2, n, figsize=(4.3 * n, 8.6), squeeze=False)
+    blue = (0.12, 0.47, 0.71)
+    for k, (label, p) in enumerate(panels.items()):
+        ax, zoom = axes[0, k], axes[1, k]
         centres, radii = p["centres"], p["radii"]
+        # Hundreds of overlapping discs: outlines only, so that single discs stay visible.
         for c, r in zip(centres, radii):
-            ax.add_patch(Circle((c, 0.0), r, facecolor="tab:blue", edgecolor="tab:blue", alpha=0.06, lw=0.6))
-        ax.scatter(centres, [0.0] * len(centres), s=6, color="tab:blue", marker="|", label="disc centre a_ii")
-        ax.scatter(p["eig_real"], p["eig_imag"], s=10, color="tab:red", zorder=3, label="eigenvalue λ of A")
-        ax.add_patch(Circle((0, 0), 1.0, fill=False, ls="--", color="k", lw=1.0, label="unit circle |z| = 1"))
+            ax.add_patch(Circle((c, 0.0), r, fill=False, edgecolor=(*blue, 0.3), lw=0.6))
+        ax.scatter(centres, [0.0] * len(centres), s=16, color="navy", marker="|", lw=0.8, zorder=2,
+                   label="disc centre a_ii")
+        for a in (ax, zoom):
+            a.scatter(p["eig_real"], p["eig_imag"], s=8, color="tab:red", zorder=3, label="eigenvalue λ of A")
+            a.add_patch(Circle((0, 0), 1.0, fill=False, ls="--", color="k", lw=1.0, label="unit circle |z| = 1"))
+            a.set_aspect("equal")
+            a.set_xlabel("real part")
+            a.set_ylabel("imaginary part")
+            a.grid(True, alpha=0.25)
         xs = [c - r for c, r in zip(centres, radii)] + [c + r for c, r in zip(centres, radii)] + list(p["eig_real"]) + [-1.05, 1.05]
-        ys = [r for r in radii] + [abs(v) for v in p["eig_imag"]] + [1.05]
-        half = max(max(xs) - min(xs), 2 * max(ys)) / 2 * 1.08
-        mid = (max(xs) + min(xs)) / 2
-        ax.set_xlim(mid - half, mid + half)
-        ax.set_ylim(-half, half)
-        ax.set_aspect("equal")
-        ax.set_xlabel("real part")
-        ax.set_ylabel("imaginary part")
-        ax.grid(True, alpha=0.25)
-        ax.set_title(f"{label}\n{p['state']} ({p['size']}×{p['size']}), max radius {max(radii):.3g}", fontsize=9)
-    # One legend for the figure, with a disc proxy.
-    disc = Circle((0, 0), 1, facecolor="tab:blue", alpha=0.25, edgecolor="tab:blue")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend([disc] + handles, ["Geršgorin disc: centre a_ii, radius Σ_(j≠i)|a_ij|"] + labels,
-               loc="lower center", ncol=4, fontsize=8, frameon=False)
+        ys = list(radii) + [abs(v) for v in p["eig_imag"]] + [1.05]
+        _square_limits(ax, min(xs), max(xs), max(ys))
+        ex = list(p["eig_real"]) + [-1.0, 1.0]
+        ey = [abs(v) for v in p["eig_imag"]] + [1.0]
+        _square_limits(zoom, min(ex), max(ex), max(ey))
+        ax.set_title(f"{label}\n{p['state']} ({p['size']}×{p['size']}): discs, max radius {max(radii):.3g}", fontsize=9)
+        rho = max((a * a + b * b) ** 0.5 for a, b in zip(p["eig_real"], p["eig_imag"]))
+        zoom.set_title(f"{label}: eigenvalues only, spectral radius {rho:.3g}", fontsize=9)
+    handles = [Circle((0, 0), 1, fill=False, edgecolor=(*blue, 0.8))]
+    labels = ["Geršgorin disc: centre a_ii, radius Σ_(j≠i)|a_ij| (row i)"]
+    h, l = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles + h, labels + l, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"Geršgorin discs and eigenvalues of one temporal Jacobian A_t = ∂s_t/∂s_(t−1)"
-                 f"{': ' + subtitle if subtitle else ''}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+                 f"{': ' + subtitle if subtitle else ''}\n(every eigenvalue lies in the union of the discs)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.94))
     return _save(fig, path)
+
+
+def _square_limits(ax, xmin: float, xmax: float, yabs: float) -> None:
+    half = max(xmax - xmin, 2 * yabs) / 2 * 1.08
+    mid = (xmax + xmin) / 2
+    ax.set_xlim(mid - half, mid + half)
+    ax.set_ylim(-half, half)
 
 
 def plot_gate_activity(models: dict[str, dict[str, Any]], path, subtitle: str = "") -> Path:

@@ -114,6 +114,11 @@ def run_seed_report(args) -> dict[str, Any]:
     curves: dict[str, dict[str, list]] = {}
     report_path = out / "results.json"
     previous = json.loads(report_path.read_text()) if report_path.exists() else {}
+    # Variants measured by earlier calls with the same output folder stay in the report.
+    for name, old in previous.get("variants", {}).items():
+        if name in VARIANTS and name not in names:
+            rows[name] = old
+            curves[VARIANTS[name]["label"]] = {**_train_curve(out / name), "diverged_step": old.get("diverged_step")}
     for name in names:
         spec = VARIANTS[name]
         run_dir = out / name
@@ -127,6 +132,7 @@ def run_seed_report(args) -> dict[str, Any]:
         if old and not args.overwrite and _cfg_key(old.get("config", {})) == _cfg_key(asdict(cfg)):
             log(f"[{name}] kept from an earlier run (--overwrite to redo)")
             rows[name] = old
+            rows = {k: rows[k] for k in VARIANTS if k in rows}
             curves[spec["label"]] = _train_curve(run_dir)
             if old.get("diverged_step") is not None:
                 curves[spec["label"]]["diverged_step"] = old["diverged_step"]
@@ -157,6 +163,7 @@ def run_seed_report(args) -> dict[str, Any]:
         row["wall_seconds"] = time.perf_counter() - t0
         row["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         rows[name] = row
+        rows = {k: rows[k] for k in VARIANTS if k in rows}  # table order = VARIANTS order
         curve = _train_curve(run_dir)
         curve["diverged_step"] = row.get("diverged_step")
         curves[spec["label"]] = curve
@@ -165,7 +172,8 @@ def run_seed_report(args) -> dict[str, Any]:
         log(f"[{name}] {row['outcome']}; valid BPC {_fmt((row.get('valid') or {}).get('bpc'))} "
             f"({row['wall_seconds']:.0f} s)")
     report = _write_report(out, args, ptb, corpus, rows)
-    smoothed = {k: {**c, "train_loss": _smooth(c["train_loss"])} for k, c in curves.items()}
+    order = [VARIANTS[k]["label"] for k in rows]
+    smoothed = {k: {**curves[k], "train_loss": _smooth(curves[k]["train_loss"])} for k in order if k in curves}
     plot_loss_curves(
         smoothed, out / "loss_curves.png",
         title=f"PTB characters, hidden {args.hidden}, windows of {args.seq_len}, batch {args.batch_size}: "
