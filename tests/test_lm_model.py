@@ -70,6 +70,31 @@ def test_evaluation_equals_the_loss_of_one_unbroken_pass(cell):
     assert s4.chars == 299 and abs(s4.loss - ref) < 0.05
 
 
+def test_reset_state_evaluation_scores_each_window_from_zero():
+    vocab = CharVocab.from_texts(TEXT)
+    ids = vocab.encode(TEXT[:141])  # 140 predictions = 20 windows of 7
+    model = tiny_model(len(vocab), "gru").eval()
+    with torch.no_grad():
+        x, y = ids[:-1].reshape(20, 7).t(), ids[1:].reshape(20, 7).t()  # [7, 20]: the windows side by side
+        logits, _ = model(x)
+        ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1)).item()
+    s = evaluate_ids(model, ids, batch_size=1, seq_len=7, carry_state=False)
+    assert s.loss == pytest.approx(ref, rel=1e-6)
+    assert evaluate_ids(model, ids, batch_size=1, seq_len=7).loss != pytest.approx(ref, rel=1e-6)
+
+
+def test_task_without_carried_state_starts_every_window_from_zero():
+    task = make_task()
+    task.carry_state = False
+    w = list(task.batches(0))
+    task.train_step(w[0])
+    task.train_step(w[1])
+    after = task.carried[0][0].clone()
+    task.carried = None
+    task.train_step(w[1])  # train_step does not update the weights (the trainer does), so this must repeat
+    assert torch.allclose(task.carried[0][0], after)
+
+
 def test_weight_tying_needs_equal_sizes():
     m = CharLM(10, "gru", 12, tie_weights=True)
     assert m.decoder.weight is m.embedding.weight

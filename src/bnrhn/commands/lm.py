@@ -35,6 +35,9 @@ def _add_train_options(p) -> None:
     o.add_argument("--batch-size", type=int, help="parallel text streams B (default 32)")
     o.add_argument("--seq-len", type=int, help="truncated-BPTT window L ≥ 2 (default 100)")
     o.add_argument("--eval-batch-size", type=int, help="streams for validation/test (default: batch size)")
+    o.add_argument("--reset-state", dest="carry_state", action="store_false", default=None,
+                   help="start every window from the zero state instead of carrying the state across windows "
+                        "(fixed-length sequences; evaluation does the same)")
     o.add_argument("--valid-chars", type=int,
                    help="validate during training on the first N validation characters (default: all); "
                         "the final scores always use the whole validation text")
@@ -242,8 +245,9 @@ def run_evaluate(args) -> int:
         dropped, what = 0, f"{split} split of {cfg.text or cfg.ptb or cfg.train}"
     if ids.numel() < 2:
         raise ValueError(f"{what}: fewer than 2 characters left to score")
-    score = evaluate_ids(lm.model, ids, batch, seq_len)
-    out = {"text": what, **score.as_dict(), "skipped_unknown_chars": dropped, "batch_size": batch, "seq_len": seq_len}
+    score = evaluate_ids(lm.model, ids, batch, seq_len, carry_state=lm.carry_state)
+    out = {"text": what, **score.as_dict(), "skipped_unknown_chars": dropped, "batch_size": batch, "seq_len": seq_len,
+           "carry_state": lm.carry_state}
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -10,7 +10,8 @@ For a text x_1..x_N the model is scored on every one of the N − 1 predictions 
 The text is cut into B contiguous streams evaluated in parallel (see :class:`bnrhn.data.text.TBPTTBatches`)
 in windows of the training window length L; the state is carried from one window to the next and the
 time index passed to batch-norm cells is the position inside the window, as in training. Each stream
-starts from the zero state, so larger B means slightly less context at B places of the text.
+starts from the zero state, so larger B means slightly less context at B places of the text. A model
+trained with ``carry_state=False`` (every window from the zero state) is evaluated the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _detach(state):
 
 
 @torch.no_grad()
-def evaluate_ids(model, ids: Tensor, batch_size: int = 64, seq_len: int = 100, progress=None) -> LMScore:
+def evaluate_ids(model, ids: Tensor, batch_size: int = 64, seq_len: int = 100, progress=None,
+                 carry_state: bool = True) -> LMScore:
     """Score ``model`` (a :class:`bnrhn.models.char_lm.CharLM`) on the character ids ``ids``.
 
     ``progress``: optional callable(n) called after each window with the number of windows done.
@@ -78,7 +80,7 @@ def evaluate_ids(model, ids: Tensor, batch_size: int = 64, seq_len: int = 100, p
         for win in batches:
             x, y = win.inputs.to(device), win.targets.to(device)
             lengths = None if win.lengths is None else win.lengths.clamp(min=1).to(device)
-            logits, state = model(x, state=state, step=0, lengths=lengths)
+            logits, state = model(x, state=state if carry_state else None, step=0, lengths=lengths)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="none")
             if win.lengths is not None:
                 mask = torch.arange(x.shape[0]).unsqueeze(1) < win.lengths.unsqueeze(0)

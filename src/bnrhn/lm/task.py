@@ -6,7 +6,16 @@ Truncated backpropagation through time (TBPTT). The training text is cut into B 
 continue each stream. The hidden state at the end of a window is carried, detached, into the next one
 (the gradient is truncated at window boundaries, the state is not) and reset to zero at the start of
 every epoch. The carried state is part of the task's ``state_dict``, so resuming from a checkpoint
-continues the streams exactly where they were.
+continues the streams exactly where they were. With ``carry_state=False`` every window starts from the
+zero state instead (fixed-length training sequences, as in Cooijmans et al. and the BN-RHN paper), and
+evaluation does the same so that it measures the model the way it was trained.
+
+Why this option exists: a highway cell with a *free* carry gate (``bn_rhn``) computes
+s_t = h ⊙ t + s_{t−1} ⊙ c with c and t independent, so nothing bounds ‖s‖ when c + t > 1, and batch norm of
+R s is blind to the scale of s. Carried over a stream of tens of thousands of characters the state
+(which is also the output that feeds the softmax) can grow without limit; on tiny Shakespeare it did
+(docs/language_models.md). A coupled carry (c = 1 − t) makes s a convex combination and bounded;
+the LSTM emits h = σ(o) ⊙ tanh(·) ∈ (−1, 1) whatever its memory does.
 
 Batch norm and TBPTT. The time index t passed to the cells (which picks batch-norm statistics) is the
 position *inside* the window, 0..L−1, in training, in evaluation and (modulo L) in sampling. This is
@@ -48,12 +57,14 @@ class CharLMTask:
         eval_batch_size: streams for validation (default: B).
         valid_chars: validate during training on the first ``valid_chars`` characters of the validation
             text only (cheaper frequent validations); ``evaluate("valid")`` always uses all of it.
+        carry_state: carry the hidden state across windows (True) or start each window from zero.
         device: where the model lives.
     """
 
     def __init__(self, model: CharLM, corpus: CharCorpus, batch_size: int = 32, seq_len: int = 100,
                  eval_batch_size: int | None = None, device: str | torch.device = "cpu",
-                 extra_config: dict[str, Any] | None = None, valid_chars: int | None = None) -> None:
+                 extra_config: dict[str, Any] | None = None, valid_chars: int | None = None,
+                 carry_state: bool = True) -> None:
         check_seq_len(seq_len)
         if model.vocab_size != len(corpus.vocab):
             raise ValueError(f"model vocabulary size {model.vocab_size} != corpus vocabulary size {len(corpus.vocab)}")
@@ -68,6 +79,7 @@ class CharLMTask:
         if valid_chars is not None and valid_chars < 2:
             raise ValueError(f"valid_chars must be ≥ 2 (or None for the whole validation text), got {valid_chars}")
         self.valid_chars = valid_chars
+        self.carry_state = bool(carry_state)
         self.carried: list | None = None  # state after the last training window (detached)
 
     # -- Trainer interface --------------------------------------------------------------------------
@@ -80,7 +92,7 @@ class CharLMTask:
             yield self.train_batches.window(k)
 
     def train_step(self, window) -> tuple[torch.Tensor, int]:
-        if window.index == 0:  # a new epoch starts every stream from the zero state
+        if window.index == 0 or not self.carry_state:  # a new epoch starts every stream from the zero state
             self.carried = None
         x = window.inputs.to(self.device)
         y = window.targets.to(self.device)
@@ -91,7 +103,7 @@ class CharLMTask:
 
     def validate(self) -> dict[str, float]:
         ids = self.corpus.valid if self.valid_chars is None else self.corpus.valid[: self.valid_chars]
-        score = evaluate_ids(self.model, ids, self.eval_batch_size, self.seq_len)
+        score = evaluate_ids(self.model, ids, self.eval_batch_size, self.seq_len, carry_state=self.carry_state)
         return {"loss": score.loss, "bpc": score.bpc, "perplexity": score.perplexity}
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,6 +128,7 @@ class CharLMTask:
             "seq_len": self.seq_len,
             "eval_batch_size": self.eval_batch_size,
             "valid_chars": self.valid_chars,
+            "carry_state": self.carry_state,
             "batches_per_epoch": len(self.train_batches),
             "model": dict(self.model.config),
             "corpus": {"source": self.corpus.source, "transform": self.corpus.transform, **self.corpus.summary()},
@@ -127,7 +140,7 @@ class CharLMTask:
         ids = self.corpus.splits().get(split)
         if ids is None:
             raise ValueError(f"the corpus has no {split!r} split")
-        return evaluate_ids(self.model, ids, self.eval_batch_size, self.seq_len)
+        return evaluate_ids(self.model, ids, self.eval_batch_size, self.seq_len, carry_state=self.carry_state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +158,10 @@ class LoadedLM:
     @property
     def seq_len(self) -> int:
         return int(self.train_config.get("seq_len", 100))
+
+    @property
+    def carry_state(self) -> bool:
+        return bool(self.train_config.get("carry_state", True))
 
     @property
     def transform(self) -> dict | None:

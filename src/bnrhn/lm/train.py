@@ -56,6 +56,7 @@ class LMTrainConfig:
     seq_len: int = 100
     eval_batch_size: int | None = None
     valid_chars: int | None = None  # validate during training on the first N validation characters only
+    carry_state: bool = True  # carry the hidden state across TBPTT windows (False: each window from zero)
     optimizer: str = "adam"
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -146,7 +147,8 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
     torch.manual_seed(cfg.seed)
     model = CharLM(**cfg.model_kwargs(len(corpus.vocab))).to(device)
     task = CharLMTask(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batch_size, device,
-                      extra_config={"lm_config": asdict(cfg)}, valid_chars=cfg.valid_chars)
+                      extra_config={"lm_config": asdict(cfg)}, valid_chars=cfg.valid_chars,
+                      carry_state=cfg.carry_state)
     steps_per_epoch = task.num_batches(0)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
