@@ -51,7 +51,7 @@ def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkey
     monkeypatch.setattr(task_module.CharLMTask, "train_step", train_step)
     out = tmp_path / "report"
     args = ["lm", "experiment", "seed-report", "--ptb", str(mini_ptb), "--out", str(out), "--hidden", "8",
-            "--seq-len", "10", "--batch-size", "4", "--epochs", "1", "--max-minutes", "0", "--validate-every", "3",
+            "--seq-len", "10", "--batch-size", "4", "--epochs", "1", "--max-steps", "0", "--validate-every", "3",
             "--eval-batch-size", "16", "--variants", "lstm,bn_lstm_shared,bn_lstm_carry_norm", "--quiet"]
     assert main(args) == 0
     table = capsys.readouterr().out

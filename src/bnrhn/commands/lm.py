@@ -115,11 +115,14 @@ def register(subparsers) -> None:
     x.add_argument("--batch-size", type=int, default=32, help="default 32 (the paper: 64)")
     x.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     x.add_argument("--epochs", type=int, default=1, help="epochs per variant (default 1)")
-    x.add_argument("--max-minutes", type=float, default=4.0, help="training budget per variant in minutes (default 4; 0 = none)")
-    x.add_argument("--validate-every", type=int, default=200, help="validate every N steps (default 200)")
+    x.add_argument("--max-steps", type=int, default=1000,
+                   help="training windows per variant (default 1000: the same data for every variant; 0 = no limit)")
+    x.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget per variant in minutes (default 0 = none)")
+    x.add_argument("--validate-every", type=int, default=250, help="validate every N steps (default 250)")
     x.add_argument("--eval-batch-size", type=int, default=128, help="streams for validation (default 128)")
-    x.add_argument("--valid-chars", type=int, default=0,
-                   help="validate on the first N characters of the validation text only (default 0 = all)")
+    x.add_argument("--valid-chars", type=int, default=50000,
+                   help="validate during training on the first N validation characters (default 50000; 0 = all); "
+                        "the final scores always use the whole validation and test texts")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--device", default="cpu")
     x.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")

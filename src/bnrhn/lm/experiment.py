@@ -20,7 +20,8 @@ The results go to ``results.json``, ``results.md`` (a table) and ``loss_curves.p
 
 At the published size (Cooijmans et al.: 1000 hidden units, windows of 100 characters) on a GPU::
 
-    bnrhn lm experiment seed-report --hidden 1000 --seq-len 100 --batch-size 64 --epochs 20 --max-minutes 0 --device cuda
+    bnrhn lm experiment seed-report --hidden 1000 --seq-len 100 --batch-size 64 --epochs 20 --max-steps 0 \
+        --valid-chars 0 --device cuda
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def run_seed_report(args) -> dict[str, Any]:
         cfg = LMTrainConfig(
             run_dir=str(run_dir), ptb=str(ptb), cell=spec["cell"], hidden=args.hidden, cell_options=dict(spec["options"]),
             batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size, lr=args.lr,
-            epochs=args.epochs, max_minutes=args.max_minutes or None, validate_every=args.validate_every,
+            epochs=args.epochs, max_steps=args.max_steps or None, max_minutes=args.max_minutes or None,
+            validate_every=args.validate_every,
             valid_chars=args.valid_chars or None, seed=args.seed, device=args.device, progress=progress, overwrite=True,
         )
         old = previous.get("variants", {}).get(name)
@@ -148,6 +150,8 @@ def run_seed_report(args) -> dict[str, Any]:
             bad_valid = [v for v in res["validations"] if not math.isfinite(v.get("loss", math.nan))]
             if res["stopped"] == "max_minutes":
                 row["outcome"] = f"trained; stopped by the {args.max_minutes:g}-minute budget"
+            elif res["stopped"] == "max_steps":
+                row["outcome"] = f"trained {res['steps']} windows (budget)"
             else:
                 row["outcome"] = f"trained; {res['stopped'].replace('_', ' ')}"
             if bad_valid:
@@ -228,7 +232,7 @@ def _write_report(out: Path, args, ptb: Path, corpus, rows: dict[str, dict[str, 
         "experiment": "seed-report",
         "ptb": str(ptb),
         "corpus": info,
-        "settings": {k: getattr(args, k) for k in ("hidden", "seq_len", "batch_size", "lr", "epochs", "max_minutes",
+        "settings": {k: getattr(args, k) for k in ("hidden", "seq_len", "batch_size", "lr", "epochs", "max_steps", "max_minutes",
                                                    "validate_every", "eval_batch_size", "valid_chars", "seed", "device")},
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "variants": rows,
@@ -237,7 +241,8 @@ def _write_report(out: Path, args, ptb: Path, corpus, rows: dict[str, dict[str, 
     lines = [
         f"PTB characters ({info['vocab_size']} symbols; train {info['train_chars']:,}, valid {info['valid_chars']:,} "
         f"characters), hidden {args.hidden}, TBPTT windows of {args.seq_len}, batch {args.batch_size}, Adam lr {args.lr}, "
-        f"budget {args.epochs} epoch(s)" + (f" or {args.max_minutes:g} min" if args.max_minutes else "") + " per variant.",
+        f"budget per variant: {args.epochs} epoch(s)" + (f" or {args.max_steps} windows" if args.max_steps else "")
+        + (f" or {args.max_minutes:g} min" if args.max_minutes else "") + ", whichever comes first.",
         "Validation scores on the whole validation text with the best checkpoint.",
         "",
         "| variant | outcome | steps | epochs | valid loss (nats) | valid BPC | valid perplexity | test BPC | s/epoch | chars/s |",
