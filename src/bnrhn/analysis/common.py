@@ -46,7 +46,7 @@ class AnalysisModel:
         return self.model.config["cell"]
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -73,7 +73,7 @@ def parse_cell_spec(spec: str) -> tuple[str, dict[str, Any]]:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"cell spec {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...], got {item!r}")
-            v = _parse_value(value.strip())
+            v = parse_value(value.strip())
             if key.strip() == "normalize" and isinstance(v, str):
                 v = v.replace("+", ",")
             opts[key.strip()] = v

@@ -6,7 +6,6 @@ labels with units, and a legend naming the models.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

@@ -63,7 +63,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
     from bnrhn.analysis.common import read_analysis_text

@@ -133,7 +133,7 @@ def register(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------------
 def _parse_cell_options(items: list[str] | None, cell: str) -> dict:
-    from bnrhn.analysis.common import _parse_value
+    from bnrhn.analysis.common import parse_value
     from bnrhn.cells import cell_options
 
     valid = cell_options(cell)
@@ -145,7 +145,7 @@ def _parse_cell_options(items: list[str] | None, cell: str) -> dict:
             raise ValueError(f"--cell-option expects KEY=VALUE, got {item!r}")
         if key not in valid:
             raise ValueError(f"--cell-option {key!r} is not an option of cell {cell!r}; valid: {', '.join(sorted(valid))}")
-        out[key] = _parse_value(value.strip())
+        out[key] = parse_value(value.strip())
     return out
 
 

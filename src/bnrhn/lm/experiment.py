@@ -98,7 +98,7 @@ def run_seed_report(args) -> dict[str, Any]:
     """Run every requested variant (skipping those with results unless ``--overwrite``) and write the report."""
     from bnrhn.analysis.plots import plot_loss_curves
     from bnrhn.data.text import CharCorpus
-    from bnrhn.lm.train import LMTrainConfig, RESULTS_FILE, train_char_lm
+    from bnrhn.lm.train import LMTrainConfig, train_char_lm
     from bnrhn.training import TrainingDiverged, load_checkpoint
 
     names = list(VARIANTS) if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -27,7 +27,6 @@ almost every step of an epoch into the last slot (t ≥ T_max), i.e. shared stat
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -187,7 +186,3 @@ def load_char_lm(path, device: str | torch.device = "cpu") -> LoadedLM:
         raise ValueError(f"{path}: the model weights do not match the saved configuration: {exc}") from None
     model.to(device).eval()
     return LoadedLM(model, vocab, task, payload)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
