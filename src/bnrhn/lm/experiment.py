@@ -180,8 +180,9 @@ def run_seed_report(args) -> dict[str, Any]:
     smoothed = {k: {**curves[k], "train_loss": _smooth(curves[k]["train_loss"])} for k in order if k in curves}
     plot_loss_curves(
         smoothed, out / "loss_curves.png",
-        title=f"PTB characters, hidden {args.hidden}, windows of {args.seq_len}, batch {args.batch_size}: "
-              "training loss (25-step mean) and validation loss",
+        title=f"PTB characters, hidden {args.hidden}, windows of {args.seq_len}, batch {args.batch_size}: training loss "
+              f"(25-step mean) and validation loss"
+              + (f" (first {args.valid_chars:,} validation characters)" if args.valid_chars else ""),
         ylabel="loss (nats per character)",
     )
     print((out / "results.md").read_text())
