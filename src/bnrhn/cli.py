@@ -18,6 +18,7 @@ from bnrhn import __version__
 # Order = order shown in --help.
 COMMAND_MODULES = [
     "bnrhn.commands.cells",
+    "bnrhn.commands.score",
     "bnrhn.commands.lm",
     "bnrhn.commands.analyze",
 ]

@@ -17,9 +17,12 @@ family the second is the memory c_t).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from bnrhn.cells.deferred import WeightTaps
 
 State = tuple[Tensor, ...]
 
@@ -44,6 +47,28 @@ class RecurrentCell(nn.Module):
         super().__init__()
         self.input_size = check_size("input_size", input_size)
         self.hidden_size = check_size("hidden_size", hidden_size)
+        self._taps: dict | None = None
+
+    @contextmanager
+    def sequence(self):
+        """Within this block the recurrent products of :meth:`recur` defer their weight gradients to one
+        product per sequence (see :mod:`bnrhn.cells.deferred`). The runner wraps its time loop in it."""
+        previous, self._taps = self._taps, {}
+        try:
+            yield self
+        finally:
+            self._taps = previous
+
+    def recurrent_mm(self, key, base: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """base + h Wᵀ + b, the state-dependent product of one step (``key`` names the weight)."""
+        if self._taps is not None:
+            taps = self._taps.get(key)
+            if taps is None:
+                taps = self._taps[key] = WeightTaps(weight, bias)
+            return taps.addmm(base, h)
+        if bias is not None:
+            base = bias if base is None else base + bias
+        return h @ weight.t() if base is None else torch.addmm(base, h, weight.t())
 
     # -- the interface ----------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:

@@ -68,7 +68,7 @@ class BNLSTMCell(RecurrentCell):
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         h, c = state
         h_in = h if h_mask is None else h * h_mask
-        gates = self.bn_h(h_in @ self.weight_hh.t(), step, mask) + xp
+        gates = self.bn_h(self.recurrent_mm("hh", None, h_in, self.weight_hh), step, mask) + xp
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         c_n = self.bn_c(c, step, mask)

@@ -37,7 +37,7 @@ class GRUCell(RecurrentCell):
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         h = state[0]
         h_in = h if h_mask is None else h * h_mask
-        hp = F.linear(h_in, self.weight_hh, self.bias_hh)
+        hp = self.recurrent_mm("hh", None, h_in, self.weight_hh, self.bias_hh)
         x_r, x_z, x_n = xp.chunk(3, dim=1)
         h_r, h_z, h_n = hp.chunk(3, dim=1)
         r = torch.sigmoid(x_r + h_r)

@@ -49,7 +49,7 @@ class LSTMCell(RecurrentCell):
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         h, c = state
         h_in = h if h_mask is None else h * h_mask
-        return lstm_update(torch.addmm(xp, h_in, self.weight_hh.t()), c)
+        return lstm_update(self.recurrent_mm("hh", xp, h_in, self.weight_hh), c)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * 4 * self.hidden_size * (self.input_size + self.hidden_size)

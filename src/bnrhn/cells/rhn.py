@@ -100,15 +100,18 @@ class RHNCell(RecurrentCell):
         H, G, L = self.hidden_size, len(self.gate_names), self.depth
         K = 1 if input_at == "first" else L
         self.weight_ih = nn.Parameter(torch.empty(K * G * H, self.input_size))  # W_{H,T,C} (per layer if every)
-        self.weight_hh = nn.Parameter(torch.empty(L, G * H, H))  # R_{H,T,C; l}
-        self.bias = nn.Parameter(torch.zeros(L, G * H))  # b_{H,T,C; l}
-        self._uniform_([self.weight_ih, self.weight_hh], H)
+        # One parameter per highway layer rather than one stacked tensor: indexing a stacked tensor inside
+        # the time loop makes every backward step materialise a zero gradient of the whole stack.
+        self.weight_hh = nn.ParameterList(nn.Parameter(torch.empty(G * H, H)) for _ in range(L))  # R_{H,T,C; l}
+        self.bias = nn.ParameterList(nn.Parameter(torch.zeros(G * H)) for _ in range(L))  # b_{H,T,C; l}
+        self._uniform_([self.weight_ih, *self.weight_hh], H)
         self.transform_bias = float(transform_bias)
         self.carry_bias = -self.transform_bias if carry_bias is None else float(carry_bias)
         with torch.no_grad():
-            self.bias[:, H : 2 * H] = self.transform_bias
-            if carry == "free":
-                self.bias[:, 2 * H : 3 * H] = self.carry_bias
+            for b in self.bias:
+                b[H : 2 * H] = self.transform_bias
+                if carry == "free":
+                    b[2 * H : 3 * H] = self.carry_bias
         if gamma_init is None:
             gamma_init = 0.1 if norm == "batch" else 1.0
         self.norms = nn.ModuleDict()
@@ -131,25 +134,25 @@ class RHNCell(RecurrentCell):
 
     def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         self.check_input(x)
-        return torch.nn.functional.linear(x, self.weight_ih)
+        if self.normalize:  # the bias comes after the normaliser, inside recur()
+            return torch.nn.functional.linear(x, self.weight_ih)
+        # Without a normaliser the biases of the layers that read x_t join the input projection, so
+        # they are added (and their gradients summed) once for all steps instead of once per step.
+        layers = range(self.depth) if self.input_at == "every" else range(1)
+        return torch.nn.functional.linear(x, self.weight_ih, torch.cat([self.bias[l] for l in layers]))
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         s = state[0]
-        H, G = self.hidden_size, len(self.gate_names)
+        H = self.hidden_size
         every = self.input_at == "every"
+        xs = xp.chunk(self.depth, dim=1) if every else (xp,)  # one split: its backward is one cat
         for l in range(self.depth):
             s_in = s if h_mask is None else s * h_mask
-            R_t = self.weight_hh[l].t()
-            if l == 0 or every:
-                x_l = xp if not every else xp[:, l * G * H : (l + 1) * G * H]
-                if self.normalize:
-                    a = torch.addmm(x_l, s_in, R_t)
-                else:  # no normaliser: the bias joins the input term, one op fewer
-                    a = torch.addmm(x_l + self.bias[l], s_in, R_t)
-            elif self.normalize:
-                a = s_in @ R_t
+            if l == 0 or every:  # x_l holds b_l already when there is no normaliser
+                a = self.recurrent_mm(l, xs[l], s_in, self.weight_hh[l])
             else:
-                a = torch.addmm(self.bias[l], s_in, R_t)
+                bias = None if self.normalize else self.bias[l]
+                a = self.recurrent_mm(l, None, s_in, self.weight_hh[l], bias)
             if self.normalize:
                 parts = list(a.split(H, dim=1))
                 for gi, g in enumerate(self.gate_names):

@@ -35,7 +35,7 @@ class RNNCell(RecurrentCell):
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         h = state[0]
         h_in = h if h_mask is None else h * h_mask
-        return (torch.tanh(torch.addmm(xp, h_in, self.weight_hh.t())),)
+        return (torch.tanh(self.recurrent_mm("hh", xp, h_in, self.weight_hh)),)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * self.hidden_size * (self.input_size + self.hidden_size)

@@ -148,15 +148,16 @@ class Recurrent(nn.Module):
             xp = cell.project_input(layer_in, step, mask)
             s = state[k]
             outs = []
-            for t, xp_t in enumerate(xp.unbind(0)):
-                if t < full_steps:
-                    s = cell.recur(xp_t, s, step + t, None, h_mask)
-                else:
-                    m = mask[t]
-                    new = cell.recur(xp_t, s, step + t, m, h_mask)
-                    keep = m.unsqueeze(1)
-                    s = tuple(torch.where(keep, a, b) for a, b in zip(new, s))
-                outs.append(s[0])
+            with cell.sequence():
+                for t, xp_t in enumerate(xp.unbind(0)):
+                    if t < full_steps:
+                        s = cell.recur(xp_t, s, step + t, None, h_mask)
+                    else:
+                        m = mask[t]
+                        new = cell.recur(xp_t, s, step + t, m, h_mask)
+                        keep = m.unsqueeze(1)
+                        s = tuple(torch.where(keep, a, b) for a, b in zip(new, s))
+                    outs.append(s[0])
             out = torch.stack(outs)
             if full_steps < T:
                 out = out * mask.unsqueeze(2).to(out.dtype)

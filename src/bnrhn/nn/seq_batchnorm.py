@@ -175,10 +175,9 @@ class SequenceBatchNorm(nn.Module):
             mean, var = self.running_mean[idx], self.running_var[idx]  # [T, F]
             y = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
             return self._affine(y)
-        if mask is None:
-            w = x.new_ones(T, B, 1)
-        else:
-            w = mask.to(x.dtype).reshape(T, B, 1)
+        if mask is None or bool(mask.all()):
+            return self._forward_sequence_full(x, step0)
+        w = mask.to(x.dtype).reshape(T, B, 1)
         n = w.sum(1)  # [T, 1]
         mean = (x * w).sum(1) / n.clamp_min(1)  # [T, F]
         var = ((x - mean.unsqueeze(1)).square() * w).sum(1) / n.clamp_min(1)
@@ -190,6 +189,21 @@ class SequenceBatchNorm(nn.Module):
                 if k >= 2:
                     self._update_running(self.slot(step0 + t), mean[t].detach(), var[t].detach() * (k / (k - 1)))
         return self._affine(y)
+
+    def _forward_sequence_full(self, x: Tensor, step0: int) -> Tensor:
+        """Every position valid: one fused batch-norm kernel with (step, feature) pairs as channels."""
+        T, B, Fdim = x.shape
+        if B < 2:  # a lone sequence has no batch variance
+            return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))
+        flat = x.transpose(0, 1).reshape(B, T * Fdim)  # channel (t, f) ↔ column t·F + f
+        weight = self.weight.repeat(T) if self.weight is not None else None
+        bias = self.bias.repeat(T) if self.bias is not None else None
+        y = F.batch_norm(flat, None, None, weight, bias, True, 0.0, self.eps)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach(), dim=1, correction=1)  # unbiased, for the population
+            for t in range(T):
+                self._update_running(self.slot(step0 + t), mean[t], var[t])
+        return y.reshape(B, T, Fdim).transpose(0, 1)
 
     # ----------------------------------------------------------------------------------------------
     def _affine(self, y: Tensor) -> Tensor:

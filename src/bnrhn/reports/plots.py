@@ -1,0 +1,65 @@
+"""Training curves: total loss vs training steps for every model on one plot (the BN-RHN paper's figure),
+and validation CIDEr vs steps beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) < window:
+        return v
+    kernel = np.ones(window) / window
+    head = np.cumsum(v[: window - 1]) / np.arange(1, window)  # running mean while the window fills
+    return np.concatenate([head, np.convolve(v, kernel, mode="valid")])
+
+
+def plot_training_curves(
+    path: str | Path,
+    losses: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    validation: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
+    validation_label: str = "validation CIDEr",
+    title: str = "Training loss",
+    smooth: int | None = None,
+) -> Path:
+    """Write a PNG with training loss vs steps (raw, faint, and a moving average) for each model, and
+    ``validation`` (e.g. CIDEr) vs steps in a second panel when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if validation else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, (steps, values)) in enumerate(losses.items()):
+        color = colors[i % len(colors)]
+        window = smooth or max(1, len(values) // 50)
+        ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(steps, _smooth(values, window), color=color, linewidth=1.8,
+                label=f"{name}" + (f" (moving average of {window})" if window > 1 else ""))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cross-entropy loss (nats per word)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if validation:
+        ax2 = axes[0][1]
+        for i, (name, (steps, values)) in enumerate(validation.items()):
+            ax2.plot(steps, values, marker="o", color=colors[i % len(colors)], label=name)
+        ax2.set_xlabel("training step")
+        ax2.set_ylabel(validation_label)
+        ax2.set_title(f"{validation_label} during training")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

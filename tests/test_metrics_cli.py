@@ -1,0 +1,96 @@
+"""``bnrhn score`` on COCO annotations, Karpathy split JSON and Flickr8k's token file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bnrhn.cli import main
+from bnrhn.commands.score import default_output
+from bnrhn.metrics import score
+from metrics_support import coco_val, flickr8k, need_file, need_java, subset
+
+pytestmark = pytest.mark.data
+FAST = "bleu,rouge,cider"
+
+
+def _results(tmp_path, pairs, name="results.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in pairs]), encoding="utf-8")
+    return path
+
+
+def test_coco_annotations(tmp_path, capsys):
+    images = subset(coco_val(), 100)
+    res = _results(tmp_path, [(i, caps[0].upper() + "!!") for i, caps in images.items()])
+    ann = need_file("coco/captions_val2017.json")
+    assert main(["score", str(res), "--references", str(ann), "--metrics", FAST]) == 0
+    out = capsys.readouterr().out
+    assert "100 images scored against" in out and "4900 reference images without a result left out" in out
+    assert "CIDEr" in out and "BLEU-4" in out
+    written = json.loads((tmp_path / "results.scores.json").read_text())
+    direct = score({i: caps[0].upper() + "!!" for i, caps in images.items()}, images, metrics=FAST)
+    assert written["corpus"] == pytest.approx(direct.corpus, abs=1e-12)
+    assert len(written["per_image"]) == 100 and written["matched_on"] == "image_id"
+    assert written["per_image"][0]["image_id"] == list(images)[0]
+
+
+def _karpathy(tmp_path):
+    """A Karpathy-style dataset_flickr8k.json built from the official Flickr8k files."""
+    images = []
+    for split in ("train", "dev", "test"):
+        for name, caps in subset(flickr8k(split), 40).items():
+            images.append({"filename": name, "imgid": len(images), "split": "val" if split == "dev" else split,
+                           "sentences": [{"raw": c, "tokens": c.lower().split()} for c in caps]})
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"images": images, "dataset": "flickr8k"}), encoding="utf-8")
+    return path, images
+
+
+def test_karpathy_split_and_id_namings(tmp_path, capsys):
+    path, images = _karpathy(tmp_path)
+    test = [im for im in images if im["split"] == "test"]
+    refs = {im["filename"]: [s["raw"] for s in im["sentences"]] for im in test}
+    cands = {im["filename"]: im["sentences"][0]["raw"][::-1] for im in test}   # any caption will do
+    expected = score(cands, refs, metrics=FAST).corpus
+    for ids, naming in ((lambda im: im["filename"], "filename"), (lambda im: im["imgid"], "imgid"),
+                        (lambda im: im["filename"][:-4], "stem")):
+        res = _results(tmp_path, [(ids(im), cands[im["filename"]]) for im in test], name=f"r_{naming}.json")
+        out = tmp_path / f"{naming}.json"
+        assert main(["score", str(res), "-r", str(path), "--split", "test", "-m", FAST, "--json", str(out)]) == 0
+        written = json.loads(out.read_text())
+        assert written["matched_on"] == naming and written["reference_images_left_out"] == 0
+        assert written["corpus"] == pytest.approx(expected, abs=1e-12)
+    capsys.readouterr()
+    # a result image outside the split: error naming it
+    train = next(im for im in images if im["split"] == "train")
+    res = _results(tmp_path, [(train["filename"], "a dog")], name="bad.json")
+    assert main(["score", str(res), "-r", str(path), "--split", "test", "-m", FAST]) == 2
+    assert repr(train["filename"]) in capsys.readouterr().err
+
+
+def test_flickr8k_token_file_and_output_options(tmp_path, capsys):
+    tokens = need_file("flickr8k/Flickr8k.token.txt")
+    test = subset(flickr8k("test"), 50)
+    res = _results(tmp_path, [(name, caps[1]) for name, caps in test.items()], name="run.json")
+    assert main(["score", str(res), "-r", str(tokens), "-m", "bleu", "--json", "-"]) == 0
+    assert not (tmp_path / "run.scores.json").exists()
+    assert "BLEU-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["score", str(res), "-r", str(tokens), "--tokenizer", "spacy"])
+    assert main(["score", str(res), "-r", str(tokens), "-m", "bleu", "--json", str(res)]) == 2
+    assert "would overwrite" in capsys.readouterr().err
+    assert default_output("a/b/results.json") == "a/b/results.scores.json"
+    assert default_output("run.txt") == "run.txt.scores.json"
+
+
+@pytest.mark.slow
+def test_all_metrics_with_meteor(tmp_path, capsys):
+    need_java()
+    images = subset(coco_val(), 30)
+    res = _results(tmp_path, [(i, caps[0]) for i, caps in images.items()])
+    assert main(["score", str(res), "-r", str(need_file("coco/captions_val2017.json"))]) == 0
+    written = json.loads((tmp_path / "results.scores.json").read_text())
+    assert set(written["corpus"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert 0.9 < written["corpus"]["METEOR"] <= 1.0      # the candidate is one of the references
