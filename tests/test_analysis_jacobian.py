@@ -64,7 +64,8 @@ def test_rhn_that_carries_everything_has_identity_jacobian():
     torch.manual_seed(0)
     cell = build_cell("rhn", 7, 16, depth=3, transform_bias=-50.0).eval()
     with torch.no_grad():
-        cell.weight_hh.mul_(5.0)  # large recurrent weights do not matter when the gates carry
+        for w in cell.weight_hh:  # one recurrent matrix per highway layer
+            w.mul_(5.0)  # large recurrent weights do not matter when the gates carry
     xp = cell.project_input(torch.randn(1, 7) * 3, 0)
     A = step_jacobian(cell, xp, (torch.randn(1, 16),), step=0)
     torch.testing.assert_close(A, torch.eye(16), rtol=0, atol=1e-6)
