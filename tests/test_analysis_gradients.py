@@ -20,6 +20,15 @@ TEXT = ("Now is the winter of our discontent\nMade glorious summer by this sun o
         "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n") * 10
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: intra-op threads only add synchronisation (and are very slow on a busy machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def text():
     vocab = CharVocab.from_texts(TEXT)

@@ -17,6 +17,15 @@ CELLS = ["rnn", "lstm", "gru", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"]
 TEXT = "the quick brown fox jumps over the lazy dog; " * 30
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: intra-op threads only add synchronisation (and are very slow on a busy machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def reference_jacobian(cell, xp, state, step):
     """∂ vec(state_t) / ∂ vec(state_(t−1)) with torch.autograd.functional.jacobian (one input per state part)."""
     def f(*parts):
