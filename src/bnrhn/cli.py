@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "bnrhn.commands.caption",
     "bnrhn.commands.evaluate",
     "bnrhn.commands.score",
+    "bnrhn.commands.lm",
+    "bnrhn.commands.analyze",
 ]
 
 

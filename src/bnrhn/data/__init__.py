@@ -1,4 +1,4 @@
-"""Data: caption data sets (readers, vocabulary, synthetic scenes)."""
+"""Data: caption data sets (readers, vocabulary, synthetic scenes); character corpora in ``bnrhn.data.text``."""
 
 from bnrhn.data.captions import (
     CaptionDataset,

@@ -1,4 +1,5 @@
-"""Models built on the recurrent runner: image captioners."""
+"""Models built on the recurrent runner: image captioners (here) and the character-level language model
+(``bnrhn.models.char_lm``)."""
 
 from bnrhn.models.captioner import (
     MODELS,

@@ -1,0 +1,126 @@
+"""``bnrhn analyze gradients|jacobian|gates``: the gradient-flow analyses, measured on real text.
+
+Each writes PNG figures and the numbers (JSON + CSV) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _common(p, default_cells: str) -> None:
+    p.add_argument("--text", metavar="FILE",
+                   help="UTF-8 text the models read (real input); default with --checkpoint: its training text")
+    p.add_argument("--ptb-chars", action="store_true",
+                   help="FILE is word-level Penn Treebank: convert it to characters for the fresh models (checkpoints "
+                        "apply the conversion they were trained with)")
+    p.add_argument("--cells", default=None,
+                   help=f"fresh models to compare, comma-separated cell specs, e.g. 'rnn,lstm:forget_bias=0,rhn:depth=5' "
+                        f"(default without --checkpoint: {default_cells}; with --checkpoint: none)")
+    p.set_defaults(default_cells=default_cells)
+    p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
+                   help="a trained language model (bnrhn lm train's best.pt/last.pt); repeatable")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the fresh models (default 128)")
+    p.add_argument("--length", type=int, default=100, help="sequence length T in characters (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and of the text positions (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and numbers")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze", help="gradient-flow analysis: gradient norms, Jacobian spectra, Geršgorin discs, gates",
+        description="Measure why gated and highway cells keep gradients alive, on real text, for fresh or trained models.",
+    )
+    sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+
+    g = sub.add_parser("gradients", help="‖∂L_T/∂h_t‖ for every t: how far back the last loss's gradient reaches",
+                       description="For each model, the norm of the gradient of the last step's loss w.r.t. the state "
+                                   "at every earlier step, over a batch of real text windows (log-scale figure).")
+    _common(g, "rnn,lstm,gru,rhn,bn_rhn")
+    g.add_argument("--batch", type=int, default=32, help="number of text windows averaged (default 32)")
+    g.add_argument("--state", choices=("h", "full"), default="h",
+                   help="plot ‖∂L/∂h_t‖ (h) or the whole state's gradient, e.g. [h, c] (full); both are in the JSON")
+    g.add_argument("--layer", type=int, default=-1, help="stacked layer whose states are measured (default: top)")
+    g.set_defaults(func=run, analysis="gradients")
+
+    j = sub.add_parser("jacobian", help="spectral radius, σ_max and Geršgorin discs of A_t = ∂s_t/∂s_(t−1)",
+                       description="The temporal Jacobian along one real sequence: its spectral radius and largest "
+                                   "singular value per step, and the Geršgorin discs with the eigenvalues at one step.")
+    _common(j, "rnn,lstm,rhn,bn_rhn")
+    j.add_argument("--part", choices=("full", "h"), default="full",
+                   help="full: the whole state (LSTM [h, c], 2H×2H); h: the block ∂h_t/∂h_(t−1) (default full)")
+    j.add_argument("--layer", type=int, default=0, help="stacked layer (default 0)")
+    j.add_argument("--disc-step", type=int, default=None, help="step t whose discs are drawn (1..T, default T)")
+    j.set_defaults(func=run, analysis="jacobian")
+
+    a = sub.add_parser("gates", help="mean transform and carry gate per highway depth (RHN family)",
+                       description="Mean transform-gate and carry-gate activity per highway depth of RHN-family models.")
+    _common(a, "rhn,bn_rhn,bn_rhn_tf")
+    a.add_argument("--batch", type=int, default=32, help="number of text windows (default 32)")
+    a.set_defaults(func=run, analysis="gates")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from bnrhn.analysis.common import read_analysis_text
+    from bnrhn.analysis.reports import prepare_models, run_gates, run_gradients, run_jacobian
+    from bnrhn.data.text import check_seq_len
+
+    from bnrhn.commands.lm import set_threads
+
+    set_threads(args.threads)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    check_seq_len(args.length)
+    if args.hidden < 1:
+        raise ValueError(f"--hidden must be a positive integer, got {args.hidden}")
+    if getattr(args, "batch", 1) < 1:
+        raise ValueError(f"--batch must be a positive integer, got {args.batch}")
+    spec = args.cells if args.cells is not None else ("" if args.checkpoint else args.default_cells)
+    cells = [c.strip() for c in spec.split(",") if c.strip()]
+    text_path = args.text
+    if text_path is None and args.checkpoint:
+        text_path = _checkpoint_text(args.checkpoint[0])
+        log(f"text: {text_path} (the first checkpoint's validation text)")
+    text = read_analysis_text(text_path)
+    models = prepare_models(text, str(text_path), cells, args.checkpoint, args.hidden, args.length, args.seed,
+                            fresh_transform="ptb_chars" if args.ptb_chars else None, log=log)
+    out = Path(args.out)
+    if args.analysis == "gradients":
+        rep = run_gradients(models, out, str(text_path), args.length, args.batch, args.seed, args.state, args.layer)
+        for label, r in rep["results"].items():
+            g = r["h"]["geomean"]
+            marks = [d for d in (0, 10, 25, 50, args.length - 1) if d < len(g)]
+            print(f"{label:34s} " + "  ".join(f"d={d}: {g[d]:.2e}" for d in marks))
+        files = ["gradients.png", "gradients.json", "gradients.csv"]
+    elif args.analysis == "jacobian":
+        rep = run_jacobian(models, out, str(text_path), args.length, args.seed, args.part, args.layer, args.disc_step)
+        for label, r in rep["results"].items():
+            print(f"{label:34s} {r['state']:10s} mean ρ(A) {r['mean_spectral_radius']:.3f}  mean σ_max {r['mean_sigma_max']:.3f}"
+                  f"  max disc radius {max(r['discs']['radii']):.3g}")
+        files = ["jacobian_spectrum.png", "gershgorin.png", "jacobian.json", "jacobian.csv", "gershgorin.csv",
+                 "eigenvalues.csv"]
+    else:
+        rep = run_gates(models, out, str(text_path), args.length, args.batch, args.seed)
+        for label, r in rep["results"].items():
+            t = ", ".join(f"{v:.3f}" for v in r["transform_mean"][0])
+            c = ", ".join(f"{v:.3f}" for v in r["carry_mean"][0])
+            print(f"{label:34s} transform per depth [{t}]  carry [{c}]")
+        if rep["skipped_not_highway"]:
+            log(f"skipped (not highway cells): {', '.join(rep['skipped_not_highway'])}")
+        files = ["gates.png", "gates.json", "gates.csv"]
+    log("wrote " + ", ".join(str(out / f) for f in files))
+    return 0
+
+
+def _checkpoint_text(path: str) -> str:
+    from bnrhn.lm.task import load_char_lm
+
+    lm = load_char_lm(path)
+    src = lm.corpus_info.get("source", {})
+    for key in ("valid", "path"):
+        if key in src:
+            return src[key]
+    raise ValueError(f"{path}: the checkpoint does not record its text; give --text FILE")

@@ -1,0 +1,222 @@
+"""``bnrhn lm train`` as a function: settings → corpus → model → :class:`bnrhn.training.Trainer` → scores.
+
+The settings (:class:`LMTrainConfig`) are saved as ``lm_config.json`` in the run folder, so that
+``--resume`` rebuilds the same corpus and model; the results (best validation and test loss, BPC,
+perplexity, time per epoch) go to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnrhn.data.text import CharCorpus, check_seq_len
+from bnrhn.lm.evaluate import LMScore
+from bnrhn.lm.task import CharLMTask
+from bnrhn.models.char_lm import CharLM
+
+__all__ = ["LMTrainConfig", "build_corpus", "train_char_lm", "LM_CONFIG_FILE", "RESULTS_FILE"]
+
+LM_CONFIG_FILE = "lm_config.json"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class LMTrainConfig:
+    """Every setting of a character-LM training run (the ``bnrhn lm train`` options)."""
+
+    run_dir: str = "runs/lm"
+    # data: one of text (split by fractions), train/valid[/test] files, or ptb (a folder of word-level PTB)
+    text: str | None = None
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    ptb: str | None = None
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    ptb_unk: str | None = None
+    # model
+    cell: str = "lstm"
+    hidden: int = 256
+    layers: int = 1
+    embed: int | None = None
+    tie_weights: bool = False
+    input_dropout: float = 0.0
+    dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    cell_options: dict[str, Any] = field(default_factory=dict)
+    # optimisation
+    batch_size: int = 32
+    seq_len: int = 100
+    eval_batch_size: int | None = None
+    valid_chars: int | None = None  # validate during training on the first N validation characters only
+    carry_state: bool = True  # carry the hidden state across TBPTT windows (False: each window from zero)
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "none"
+    warmup_steps: int = 0
+    step_size: int | None = None
+    gamma: float = 0.5
+    grad_clip: float | None = 5.0
+    epochs: int = 10
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    validate_every: int | None = None
+    checkpoint_every: int | None = None
+    patience: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_seq_len(self.seq_len)
+        for name in ("hidden", "layers", "batch_size", "epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        sources = [s for s in ("text", "ptb") if getattr(self, s)] + (["train/valid"] if self.train or self.valid else [])
+        if len(sources) > 1:
+            raise ValueError(f"give one corpus: --text, --train/--valid[/--test] or --ptb (got {', '.join(sources)})")
+        if not sources:
+            raise ValueError("no corpus: give --text FILE, --train FILE --valid FILE [--test FILE], or --ptb DIR")
+        if (self.train is None) != (self.valid is None):
+            raise ValueError("--train and --valid go together (and --test optionally)")
+        if self.test and not self.train:
+            raise ValueError("--test goes with --train and --valid")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LMTrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown language-model setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def model_kwargs(self, vocab_size: int) -> dict[str, Any]:
+        from bnrhn.cells import cell_options
+
+        opts = dict(self.cell_options)
+        # Batch-norm cells: one statistics slot per position inside the TBPTT window (see bnrhn.lm.task).
+        if "max_steps" in cell_options(self.cell) and "max_steps" not in opts:
+            opts["max_steps"] = self.seq_len
+        return dict(
+            vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden, num_layers=self.layers,
+            embed_size=self.embed, input_dropout=self.input_dropout, dropout=self.dropout,
+            recurrent_dropout=self.recurrent_dropout, tie_weights=self.tie_weights, **opts,
+        )
+
+
+def build_corpus(cfg: LMTrainConfig) -> CharCorpus:
+    if cfg.ptb:
+        return CharCorpus.ptb_chars(cfg.ptb, unk=cfg.ptb_unk)
+    if cfg.text:
+        return CharCorpus.from_file(cfg.text, cfg.valid_fraction, cfg.test_fraction)
+    return CharCorpus.from_files(cfg.train, cfg.valid, cfg.test)
+
+
+def _score_dict(s: LMScore | None) -> dict[str, Any] | None:
+    return None if s is None else s.as_dict()
+
+
+def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus | None = None,
+                  log=print) -> dict[str, Any]:
+    """Train (or resume) a character LM; returns the results written to ``results.json``.
+
+    Raises :class:`bnrhn.training.TrainingDiverged` when the loss becomes non-finite (``last.pt`` keeps
+    the last good state).
+    """
+    from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler, load_checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    if not resume and (run_dir / "last.pt").exists() and not cfg.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a training run (last.pt); resume it (--resume), choose another "
+            "--run-dir, or pass --overwrite to start afresh"
+        )
+    corpus = corpus or build_corpus(cfg)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = CharLM(**cfg.model_kwargs(len(corpus.vocab))).to(device)
+    task = CharLMTask(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batch_size, device,
+                      extra_config={"lm_config": asdict(cfg)}, valid_chars=cfg.valid_chars,
+                      carry_state=cfg.carry_state)
+    steps_per_epoch = task.num_batches(0)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    scheduler = None
+    if cfg.schedule != "none" or cfg.warmup_steps:
+        scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
+                                    step_size=cfg.step_size, gamma=cfg.gamma)
+    tcfg = TrainerConfig(
+        run_dir=str(run_dir), max_epochs=cfg.epochs, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes,
+        grad_clip=cfg.grad_clip, select_metric="loss", select_mode="min", patience=cfg.patience,
+        validate_every=cfg.validate_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+        progress=cfg.progress, description=f"lm {cfg.cell}", overwrite=cfg.overwrite,
+    )
+    trainer = Trainer(task, optimizer, scheduler, tcfg)
+    if not resume:
+        save_lm_config(cfg)  # before training, so that an interrupted run can be resumed
+    n_params = sum(p.numel() for p in model.parameters())
+    info = corpus.summary()
+    log(f"corpus: {info['vocab_size']} characters; train {info['train_chars']:,}, valid {info['valid_chars']:,}"
+        + (f", test {info['test_chars']:,}" if "test_chars" in info else "")
+        + f"; unigram entropy {info['train_unigram_bits']:.3f} bits/char")
+    log(f"model: {cfg.cell} ×{cfg.layers}, hidden {cfg.hidden}, {n_params:,} parameters; "
+        f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch")
+    t0 = time.perf_counter()
+    summary = trainer.fit(resume=resume)
+    if resume:
+        save_lm_config(cfg)  # budgets may have been extended
+    wall = time.perf_counter() - t0
+    # Score the selected (best-validation) weights on validation and test.
+    best = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    valid = task.evaluate("valid")  # the whole validation text, also when training validated on a part
+    test = task.evaluate("test") if corpus.test is not None else None
+    epochs_done = summary["steps"] / steps_per_epoch if steps_per_epoch else 0.0
+    results = {
+        "run_dir": str(run_dir),
+        "cell": cfg.cell,
+        "hidden": cfg.hidden,
+        "layers": cfg.layers,
+        "parameters": n_params,
+        "corpus": info,
+        "steps": summary["steps"],
+        "epochs": epochs_done,
+        "stopped": summary["stopped"],
+        "best_step": summary["best_step"],
+        "valid": _score_dict(valid),
+        "test": _score_dict(test),
+        "train_seconds": summary["train_seconds"],
+        "seconds": summary["seconds"],
+        "wall_seconds_this_call": wall,
+        "seconds_per_epoch": summary["train_seconds"] / epochs_done if epochs_done > 0 else math.nan,
+        "chars_per_second": summary["tokens_per_s"],
+        "validations": summary["validations"],
+    }
+    (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    return results
+
+
+def save_lm_config(cfg: LMTrainConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LM_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+
+
+def load_lm_config(run_dir: str | Path) -> LMTrainConfig:
+    path = Path(run_dir) / LM_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: {path} not found (was {run_dir} made by bnrhn lm train?)")
+    return LMTrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))

@@ -1,0 +1,77 @@
+"""The seed-report experiment end to end on a miniature Penn Treebank: table, JSON, loss curves, and a
+diverging variant recorded as an outcome rather than a crash."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from bnrhn.cli import main
+from bnrhn.lm import task as task_module
+
+WORDS = "the market fell N points as <unk> investors sold shares of the company 's stock".split()
+
+
+@pytest.fixture
+def mini_ptb(tmp_path):
+    rng = random.Random(0)
+    d = tmp_path / "ptb"
+    d.mkdir()
+    for split, n in (("train", 40), ("valid", 10), ("test", 10)):
+        lines = [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + " " for _ in range(n)]
+        (d / f"ptb.{split}.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkeypatch, capsys):
+    # Make the carry-norm variant's loss non-finite at its 4th step, as a real divergence would: the
+    # trainer raises TrainingDiverged before the optimiser step and the experiment records it.
+    real_step = task_module.CharLMTask.train_step
+    calls = {"n": 0}
+
+    def train_step(self, window):
+        loss, n = real_step(self, window)
+        if self.model.config.get("carry_norm") == "recurrence":
+            calls["n"] += 1
+            if calls["n"] >= 4:
+                loss = loss * float("nan")
+        return loss, n
+
+    monkeypatch.setattr(task_module.CharLMTask, "train_step", train_step)
+    out = tmp_path / "report"
+    args = ["lm", "experiment", "seed-report", "--ptb", str(mini_ptb), "--out", str(out), "--hidden", "8",
+            "--seq-len", "10", "--batch-size", "4", "--epochs", "1", "--max-steps", "0", "--validate-every", "3",
+            "--eval-batch-size", "16", "--variants", "lstm,bn_lstm_shared,bn_lstm_carry_norm", "--quiet"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    rep = json.loads((out / "results.json").read_text())
+    v = rep["variants"]
+    assert list(v) == ["lstm", "bn_lstm_shared", "bn_lstm_carry_norm"]
+    assert v["lstm"]["outcome"].startswith("trained") and v["lstm"]["valid"]["bpc"] > 0
+    assert v["bn_lstm_shared"]["config"]["cell_options"] == {"per_step": False}
+    div = v["bn_lstm_carry_norm"]
+    assert div["outcome"].startswith("diverged: loss is nan at step 4") and div["diverged_step"] == 4
+    assert div["valid"] is not None and "before the divergence" in div["valid_from"]  # last good checkpoint scored
+    assert "| BN-LSTM (normalise the carry) | diverged" in table
+    assert (out / "results.md").read_text() in table + "\n"
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    # A second call reuses the finished variants instead of training again.
+    assert main(args[:-3] + ["--variants", "lstm", "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["variants"]["lstm"] == v["lstm"]
+
+
+def test_unknown_variant(mini_ptb, tmp_path, capsys):
+    assert main(["lm", "experiment", "seed-report", "--ptb", str(mini_ptb), "--out", str(tmp_path / "x"),
+                 "--variants", "lstm,gru"]) == 2
+    assert "unknown variant(s) gru" in capsys.readouterr().err
