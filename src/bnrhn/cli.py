@@ -17,6 +17,8 @@ from bnrhn import __version__
 
 # Order = order shown in --help.
 COMMAND_MODULES = [
+    "bnrhn.commands.demo",
+    "bnrhn.commands.compare",
     "bnrhn.commands.cells",
     "bnrhn.commands.features",
     "bnrhn.commands.train",

@@ -119,8 +119,11 @@ class Trainer:
             while self._stop_reason is None and self.state.epoch < cfg.max_epochs:
                 epoch = self.state.epoch
                 n = self.task.num_batches(epoch)
+                budget = f"/{cfg.max_epochs}" if cfg.max_steps is None and cfg.max_minutes is None else ""
+                if cfg.max_steps is not None:
+                    budget += f" (from step {self.state.global_step} of {cfg.max_steps})"
                 bar = tqdm(
-                    total=n, initial=self.state.batch_in_epoch, desc=f"{cfg.description} epoch {epoch + 1}/{cfg.max_epochs}",
+                    total=n, initial=self.state.batch_in_epoch, desc=f"{cfg.description} epoch {epoch + 1}{budget}",
                     disable=not cfg.progress, leave=False, dynamic_ncols=True, unit="batch",
                 )
                 for batch in self.task.batches(epoch, self.state.batch_in_epoch):

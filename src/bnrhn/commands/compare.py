@@ -1,0 +1,110 @@
+"""``bnrhn compare``: train several caption decoders under one protocol and write the paper's table."""
+
+from __future__ import annotations
+
+import argparse
+
+from bnrhn.commands._caption_args import S, add_data_args, add_quiet
+
+
+def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str]) -> None:
+    p.add_argument("--cells", nargs="+", default=default_cells, metavar="CELL",
+                   help=f"decoder cells to compare (default: {' '.join(default_cells)}); see 'bnrhn cells'")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="repeat with N seeds (seed, seed+1, ...) and report mean ± std (default 1)")
+    p.add_argument("--beam", type=int, default=3, metavar="K", help="beam size for the test captions (3)")
+    p.add_argument("--gallery", type=int, default=12, metavar="N", help="test images in gallery.html (12)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out folder (only bnrhn's own report files and runs are replaced)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted comparison in --out: finished runs are kept, an interrupted one "
+                        "continues from its last checkpoint (repeat the original command and add --resume)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and optimisation (shared by every cell)")
+    g.add_argument("--config", metavar="FILE.json", help="base settings from a JSON file (a run's config.json works)")
+    g.add_argument("--model", choices=("show_tell", "show_attend_tell"), default=S, help="captioner (show_tell)")
+    g.add_argument("--cell-option", action="append", metavar="KEY=VALUE",
+                   help="option for every cell that accepts it, repeatable (e.g. depth=3)")
+    g.add_argument("--min-count", type=int, default=S, metavar="N", help="words seen fewer times become <unk>")
+    g.add_argument("--max-caption-len", type=int, default=S, metavar="N", help="cut training captions to N words")
+    g.add_argument("--embed-size", type=int, default=S, metavar="N", help="word/image embedding size")
+    g.add_argument("--hidden-size", type=int, default=S, metavar="N", help="recurrent state size")
+    g.add_argument("--num-layers", type=int, default=S, metavar="N", help="stacked recurrent layers")
+    g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout")
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=S, help="optimiser")
+    g.add_argument("--lr", type=float, default=S, help="learning rate")
+    g.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default=S, help="learning-rate schedule")
+    g.add_argument("--weight-decay", type=float, default=S, help="weight decay")
+    g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm")
+    g.add_argument("--attention-size", type=int, default=S, metavar="N", help="attention MLP size (show_attend_tell)")
+    g.add_argument("--batch-size", type=int, default=S, metavar="N", help="captions per batch")
+    g.add_argument("--validate-every", type=int, default=S, metavar="N", help="validate every N steps (default: each epoch)")
+    g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="decoding for validation CIDEr")
+    g.add_argument("--max-len", type=int, default=S, metavar="N", help="longest generated caption (20 words)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="train several decoders (e.g. lstm rhn bn_rhn) under one protocol and compare them",
+        description=(
+            "Train each decoder cell with the same data, encoder, sizes, budget and seed; caption the test split "
+            "with beam search; score BLEU-1..4, ROUGE-L, METEOR and CIDEr; write results.md/results.json (the "
+            "BN-RHN paper's table, best in bold), loss.png (training loss and validation CIDEr vs steps), "
+            "gallery.html (test images with every model's caption) and the runs' checkpoints into --out."
+        ),
+        epilog="Example: bnrhn compare --cells lstm rhn bn_rhn --dataset flickr8k --budget 20m --out runs/f8k-compare",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="experiment folder (must not exist, unless --overwrite)")
+    p.add_argument("--budget", required=True, metavar="STEPS|TIME",
+                   help="training budget per run: steps (e.g. 3000; deterministic) or time (e.g. 10m, 1.5h)")
+    add_compare_args(p, ["lstm", "rhn", "bn_rhn"])
+    add_data_args(p)
+    add_model_args(p)
+    add_quiet(p)
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args, base_defaults: dict | None = None):
+    """CompareSettings from parsed arguments (``base_defaults`` = the command's own base config)."""
+    from pathlib import Path
+
+    from bnrhn.captioning import CaptionConfig
+    from bnrhn.commands._caption_args import config_from_args
+    from bnrhn.experiments.compare import CompareSettings, command_line, parse_budget
+
+    base = dict(base_defaults or {})
+    if getattr(args, "config", None):
+        base.update(CaptionConfig.load(args.config).to_dict())
+    cfg = config_from_args(args, base)
+    steps, minutes = parse_budget(args.budget)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
+    return CompareSettings(
+        cells=list(args.cells), base=cfg, out_dir=Path(args.out), budget_steps=steps, budget_minutes=minutes,
+        seeds=[args.seed + k for k in range(args.seeds)], beam=args.beam, gallery_size=args.gallery,
+        overwrite=args.overwrite, resume=args.resume, command=command_line(),
+    )
+
+
+def run_settings(settings) -> int:
+    """Run a comparison; Ctrl-C and divergence end with a message saying how to go on."""
+    import sys
+
+    from bnrhn.experiments.compare import run_compare
+
+    try:
+        run_compare(settings)
+    except KeyboardInterrupt:
+        again = settings.command if "--resume" in settings.command.split() else f"{settings.command} --resume"
+        print(f"\ninterrupted; finished runs and the current run's last checkpoint are kept in {settings.out_dir}.\n"
+              f"Continue with:  {again}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run(args) -> int:
+    return run_settings(settings_from_args(args))

@@ -1,0 +1,394 @@
+"""The BN-RHN paper's experiment: train several caption decoders under one protocol and compare them.
+
+Every cell is trained with the same data, encoder, sizes, optimiser, budget and seed, then captions the
+test split with beam search and is scored on the seven metrics. The experiment folder holds:
+
+- ``results.md`` / ``results.json``: the paper's table (rows BLEU-1..4, ROUGE-L, METEOR, CIDEr; one column
+  per cell; best in bold; mean ± std over seeds when there are several), plus training time, tokens/s,
+  parameters and steps;
+- ``loss.png``: training loss vs steps for every cell on one plot, and validation CIDEr vs steps;
+- ``gallery.html`` (+ ``images/``): test images with every model's caption and the human captions;
+- ``runs/<cell>-seed<N>/``: each run's checkpoints, logs, test captions (``results_test.json``) and scores;
+- ``command.txt`` and ``compare.json``: the exact command and the resolved settings to reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from bnrhn.reports import METRIC_ORDER, metrics_table, plot_training_curves, write_gallery
+
+Log = Callable[[str], None]
+
+MODEL_NAMES = {"show_tell": "Show and Tell", "show_attend_tell": "Show, Attend and Tell"}
+REPORT_FILES = ("results.md", "results.json", "loss.png", "gallery.html", "command.txt", "compare.json")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- settings -------------------------------------------------------------------------------------------
+def parse_budget(text: str | int | float) -> tuple[int | None, float | None]:
+    """``"2000"`` / ``"2000steps"`` → (2000 steps, None); ``"10m"``, ``"10min"``, ``"1.5h"`` → (None, minutes)."""
+    s = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(steps?|m|min|mins|minutes?|h|hours?|s|sec|seconds?)?", s)
+    if not m:
+        raise ValueError(f"--budget must be a number of steps (e.g. 2000) or a time (e.g. 10m, 1.5h), got {text!r}")
+    value, unit = float(m.group(1)), m.group(2) or "steps"
+    if value <= 0:
+        raise ValueError(f"--budget must be positive, got {text!r}")
+    if unit.startswith("step"):
+        if value != int(value):
+            raise ValueError(f"--budget in steps must be a whole number, got {text!r}")
+        return int(value), None
+    minutes = value * 60 if unit.startswith("h") else value / 60 if unit.startswith("s") else value
+    return None, minutes
+
+
+@dataclass
+class CompareSettings:
+    """One comparison: the cells, the shared base config (a ``CaptionConfig``), budget, seeds, output."""
+
+    cells: list[str]
+    base: Any  # CaptionConfig
+    out_dir: Path
+    budget_steps: int | None = None
+    budget_minutes: float | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    beam: int = 3
+    gallery_size: int = 12
+    overwrite: bool = False
+    resume: bool = False
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        """What defines the experiment (``command`` aside): a resumed run must match it."""
+        return {
+            "cells": self.cells, "seeds": self.seeds, "budget_steps": self.budget_steps,
+            "budget_minutes": self.budget_minutes, "beam": self.beam, "gallery_size": self.gallery_size,
+            "out_dir": str(self.out_dir), "command": self.command, "base_config": self.base.to_dict(),
+        }
+
+
+def check_settings(s: CompareSettings, log: Log = _stderr) -> None:
+    """Every check that can fail before training starts: cells, budget, seeds, data set, output folder."""
+    from bnrhn.captioning.api import dataset_for_config
+    from bnrhn.cells import CELLS, build_cell, cell_options
+
+    if not s.cells:
+        raise ValueError("--cells needs at least one cell name")
+    unknown = [c for c in s.cells if c not in CELLS]
+    if unknown:
+        raise ValueError(f"unknown cell(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(CELLS)}")
+    if len(set(s.cells)) != len(s.cells):
+        raise ValueError(f"--cells names a cell twice: {s.cells}")
+    if s.budget_steps is None and s.budget_minutes is None:
+        raise ValueError("a budget is needed: --budget STEPS or --budget MINUTESm")
+    if (s.budget_steps is not None and s.budget_steps <= 0) or (s.budget_minutes is not None and s.budget_minutes <= 0):
+        raise ValueError("--budget must be positive")
+    if not s.seeds:
+        raise ValueError("--seeds must be at least 1")
+    if s.beam < 1:
+        raise ValueError(f"--beam must be ≥ 1, got {s.beam}")
+    for key in s.base.cell_options:
+        if not any(key in cell_options(c) for c in s.cells):
+            raise ValueError(f"--cell-option {key}: none of the cells {s.cells} has that option; see 'bnrhn cells'")
+    for cell in s.cells:  # a bad option value fails here, not after the first cell has trained
+        build_cell(cell, 8, 8, **options_for(cell, s.base.cell_options))
+    out = Path(s.out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out} exists and is not a folder")
+    if s.resume:
+        _check_resume(s, out)
+    elif out.exists() and any(out.iterdir()) and not s.overwrite:
+        raise FileExistsError(
+            f"output folder {out} already exists; choose another --out, pass --resume to finish an interrupted "
+            "comparison there, or --overwrite to write a new report into it (bnrhn replaces only its own report "
+            "files and runs; nothing else there is deleted)"
+        )
+    ds = dataset_for_config(replace(s.base, progress=False), lambda m: None)  # raises for a missing data set
+    counts = ds.counts()
+    if counts["test"] == 0:
+        raise ValueError(f"{ds.name} has no test images to compare the models on")
+    log(f"compare: {ds.summary()}")
+
+
+def _check_resume(s: CompareSettings, out: Path) -> None:
+    saved_path = out / "compare.json"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"--resume: {saved_path} not found; {out} holds no comparison to resume")
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    now = json.loads(json.dumps(s.to_dict()))  # the same JSON types as the saved file
+    for d in (saved, now):  # what may change between invocations
+        d.get("base_config", {}).pop("progress", None)
+        d.get("base_config", {}).pop("overwrite", None)
+    ignore = {"command", "out_dir"}
+    differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if differ:
+        raise ValueError(
+            f"--resume: the settings differ from those of the comparison in {out} ({', '.join(differ)}); "
+            f"repeat its command (see {out / 'command.txt'}) with --resume"
+        )
+
+
+def options_for(cell: str, options: dict) -> dict:
+    """The shared ``--cell-option`` values that ``cell`` accepts (``depth=3`` applies to RHN cells only)."""
+    from bnrhn.cells import cell_options
+
+    accepted = cell_options(cell)
+    return {k: v for k, v in options.items() if k in accepted}
+
+
+# -- running ---------------------------------------------------------------------------------------------
+@dataclass
+class CellRun:
+    cell: str
+    seed: int
+    run_dir: Path
+    scores: dict[str, float]
+    steps: int
+    train_seconds: float
+    seconds: float
+    tokens_per_s: float
+    n_params: int
+    stopped: str
+    losses: list[tuple[int, float]]
+    validation: list[tuple[int, float]]
+    captions: dict[str, str]  # test image id -> caption
+
+    def to_dict(self) -> dict:
+        return {
+            "cell": self.cell, "seed": self.seed, "run_dir": str(self.run_dir), "scores": self.scores,
+            "steps": self.steps, "train_seconds": self.train_seconds, "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s, "parameters": self.n_params, "stopped": self.stopped,
+        }
+
+    def save(self, path: Path) -> None:
+        """Everything the report needs, so that a resumed comparison does not redo a finished run."""
+        d = {**self.to_dict(), "losses": self.losses, "validation": self.validation, "captions": self.captions}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(d) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "CellRun":
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return cls(
+            cell=d["cell"], seed=d["seed"], run_dir=Path(d["run_dir"]), scores=d["scores"], steps=d["steps"],
+            train_seconds=d["train_seconds"], seconds=d["seconds"], tokens_per_s=d["tokens_per_s"],
+            n_params=d["parameters"], stopped=d["stopped"], losses=[tuple(x) for x in d["losses"]],
+            validation=[tuple(x) for x in d["validation"]], captions=d["captions"],
+        )
+
+
+RUN_SUMMARY = "compare_run.json"  # written into each run's folder once it is trained and evaluated
+
+
+def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
+    """Check, train every cell for every seed, evaluate on the test split, write the report; returns the summary."""
+    check_settings(s, log)
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if s.resume:
+        with open(out / "command.txt", "a", encoding="utf-8") as f:
+            f.write(s.command + "\n")
+    else:
+        (out / "command.txt").write_text(s.command + "\n", encoding="utf-8")
+        (out / "compare.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n", encoding="utf-8")
+    runs: list[CellRun] = []
+    total = len(s.cells) * len(s.seeds)
+    for seed in s.seeds:
+        for cell in s.cells:
+            k = len(runs) + 1
+            run_dir = out / "runs" / f"{cell}-seed{seed}"
+            if s.resume and (run_dir / RUN_SUMMARY).is_file():
+                runs.append(CellRun.load(run_dir / RUN_SUMMARY))
+                log(f"compare [{k}/{total}]: {cell} seed {seed} already done ({run_dir})")
+                continue
+            runs.append(_train_and_evaluate(s, cell, seed, run_dir, f"compare [{k}/{total}]", log))
+    summary = write_report(s, runs, sum(r.seconds for r in runs), log)
+    log(f"compare: report written to {out / 'results.md'} (gallery: {out / 'gallery.html'})")
+    return summary
+
+
+def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path, tag: str, log: Log) -> CellRun:
+    """Train one decoder (resuming its run when asked and possible), caption the test split, score it.
+
+    A run whose loss becomes NaN is a result, not a crash: its best checkpoint so far (if any) is evaluated
+    and the table says it diverged."""
+    from bnrhn.captioning import evaluate, train
+    from bnrhn.captioning.scoring import ALL_METRICS
+    from bnrhn.training import TrainingDiverged
+
+    t0 = time.perf_counter()
+    cfg = replace(
+        s.base, cell=cell, cell_options=options_for(cell, s.base.cell_options), seed=seed, run_dir=str(run_dir),
+        overwrite=True, max_steps=s.budget_steps, max_minutes=s.budget_minutes, epochs=10**6,
+    )
+    resume = s.resume and (run_dir / "last.pt").is_file()
+    log(f"{tag}: {'resuming' if resume else 'training'} {cell} (seed {seed}) -> {run_dir}")
+    try:
+        result = train(cfg, resume=resume, log=log)
+        best, steps, stopped = result.best_checkpoint, result.steps, result.stopped
+        train_seconds, tokens_per_s, n_params = result.train_seconds, result.tokens_per_s, result.n_params
+    except TrainingDiverged as exc:
+        log(f"{tag}: {cell} diverged ({exc})")
+        best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else None
+        steps = max((r["step"] for r in _log_rows(run_dir) if r.get("kind") == "train"), default=0)
+        stopped, train_seconds, tokens_per_s = "diverged (NaN loss)", time.perf_counter() - t0, float("nan")
+        n_params = _count_parameters(cfg)
+    rows = _log_rows(run_dir)
+    losses = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    validation = [(r["step"], r["CIDEr"]) for r in rows if r.get("kind") == "validation" and "CIDEr" in r]
+    if best is None:
+        scores, captions = {m: float("nan") for m in METRIC_ORDER}, {}
+    else:
+        log(f"{tag}: evaluating {cell} on the test split (beam {s.beam})")
+        results, scores = evaluate(best, split="test", beam=s.beam, metrics=ALL_METRICS, out_dir=run_dir,
+                                   progress=s.base.progress, log=log)
+        captions = {str(r["image_id"]): r["caption"] for r in results}
+    run = CellRun(
+        cell=cell, seed=seed, run_dir=run_dir, scores=scores, steps=steps, train_seconds=train_seconds,
+        seconds=time.perf_counter() - t0, tokens_per_s=tokens_per_s, n_params=n_params, stopped=stopped,
+        losses=losses, validation=validation, captions=captions,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run.save(run_dir / RUN_SUMMARY)
+    log(f"{tag}: {cell} seed {seed}: " + ", ".join(f"{m} {scores[m]:.3f}" for m in METRIC_ORDER if m in scores))
+    return run
+
+
+def _log_rows(run_dir: Path) -> list[dict]:
+    from bnrhn.training import read_log
+
+    path = run_dir / "log.jsonl"
+    return list(read_log(path)) if path.is_file() else []
+
+
+def _count_parameters(cfg) -> int:
+    from bnrhn.training import load_checkpoint
+
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt") if (Path(cfg.run_dir) / "last.pt").is_file() else None
+    return sum(v.numel() for v in ckpt["model"].values()) if ckpt else 0
+
+
+# -- the report ------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float] | float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def _nan_to_none(x):
+    """Strict JSON has no NaN: a missing score (a run that diverged before any checkpoint) becomes null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _fmt_seconds(sec: float) -> str:
+    return f"{sec / 60:.1f} min" if sec >= 90 else f"{sec:.0f} s"
+
+
+def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: Log = _stderr) -> dict:
+    out = Path(s.out_dir)
+    by_cell = {c: [r for r in runs if r.cell == c] for c in s.cells}
+    metrics = [m for m in METRIC_ORDER if any(m in r.scores for r in runs)]
+    columns = {c: {m: _mean_std([r.scores.get(m, float("nan")) for r in rs]) for m in metrics} for c, rs in by_cell.items()}
+    mean = lambda xs: sum(xs) / len(xs)
+    extra = {
+        "training time (per run)": {c: _fmt_seconds(mean([r.train_seconds for r in rs])) for c, rs in by_cell.items()},
+        "tokens/s (training)": {c: f"{mean([r.tokens_per_s for r in rs]):,.0f}" for c, rs in by_cell.items()},
+        "parameters": {c: f"{rs[0].n_params:,}" for c, rs in by_cell.items()},
+        "steps": {c: f"{mean([r.steps for r in rs]):.0f}" for c, rs in by_cell.items()},
+    }
+    if any(r.stopped.startswith("diverged") for r in runs):
+        extra["diverged (NaN loss)"] = {c: f"{sum(r.stopped.startswith('diverged') for r in rs)} of {len(rs)}"
+                                        for c, rs in by_cell.items()}
+    base = s.base
+    budget = f"{s.budget_steps} steps" if s.budget_steps else f"{s.budget_minutes:g} minutes"
+    seeds_note = (f"mean ± sample std over {len(s.seeds)} seeds ({', '.join(map(str, s.seeds))})"
+                  if len(s.seeds) > 1 else f"seed {s.seeds[0]}")
+    table = metrics_table(columns, metrics, extra)
+    commands = (out / "command.txt").read_text(encoding="utf-8").splitlines() if (out / "command.txt").is_file() else []
+    first_command = commands[0] if commands else s.command
+    md = [
+        f"# {MODEL_NAMES.get(base.model, base.model)} decoders compared on {base.dataset}",
+        "",
+        f"Test split, beam search (beam {s.beam}); {seeds_note}; budget {budget} per run; "
+        f"hidden {base.hidden_size}, embedding {base.embed_size}, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}, "
+        f"encoder {base.encoder}. Best value of each metric in bold. Metrics: coco-caption's definitions "
+        "(bnrhn.metrics; CIDEr is CIDEr-D).",
+        "",
+        table,
+        f"Total wall-clock time (training, validation and test captioning of every run): {_fmt_seconds(seconds)}. "
+        f"Reproduce with `{first_command}`.",
+        "",
+        "![training loss and validation CIDEr](loss.png)",
+        "",
+        "Captions of test images: [gallery.html](gallery.html).",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(md), encoding="utf-8")
+    summary = {
+        "settings": s.to_dict(),
+        "metrics": metrics,
+        "table": {c: {m: (list(v) if isinstance(v, tuple) else v) for m, v in col.items()} for c, col in columns.items()},
+        "runs": [r.to_dict() for r in runs],
+        "seconds": seconds,
+    }
+    (out / "results.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n", encoding="utf-8")
+
+    first = {c: rs[0] for c, rs in by_cell.items()}
+    plot_training_curves(
+        out / "loss.png",
+        {c: ([st for st, _ in r.losses], [lv for _, lv in r.losses]) for c, r in first.items() if r.losses},
+        {c: ([st for st, _ in r.validation], [v for _, v in r.validation]) for c, r in first.items() if r.validation},
+        title=f"Training loss on {base.dataset} (seed {s.seeds[0]})",
+    )
+    _write_gallery(s, first, out, log)
+    return summary
+
+
+def _write_gallery(s: CompareSettings, first: dict[str, CellRun], out: Path, log: Log) -> None:
+    from bnrhn.captioning.api import dataset_for_config
+
+    ds = dataset_for_config(replace(s.base, progress=False), lambda m: None)
+    records = [r for r in ds.split("test") if r.path is not None and Path(r.path).is_file()]
+    records = [r for r in records if all(str(_coco_key(r.image_id)) in run.captions for run in first.values())]
+    if not records:
+        log("compare: no test image files to show in the gallery")
+    step = max(1, len(records) // max(1, s.gallery_size))
+    items = [
+        {"image": r.path, "image_id": r.image_id,
+         "captions": {c: run.captions[str(_coco_key(r.image_id))] for c, run in first.items()},
+         "references": r.captions}
+        for r in records[::step][: s.gallery_size]
+    ]
+    write_gallery(out / "gallery.html", items, title=f"Test captions on {s.base.dataset} (seed {s.seeds[0]})")
+
+
+def _coco_key(image_id: str):
+    return int(image_id) if str(image_id).isdigit() else image_id
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    argv = sys.argv if argv is None else argv
+    return "bnrhn " + " ".join(shlex.quote(a) for a in argv[1:]) if argv else "bnrhn"
