@@ -30,6 +30,53 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-batch-size", type=int, default=S, metavar="N", help="images per encoder batch (32)")
 
 
+def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
+    """Vocabulary, model, optimisation and validation-decoding flags of ``bnrhn train`` (``single_run``) and of
+    ``bnrhn compare`` (which picks the cells, seeds and budget itself)."""
+    p.add_argument("--min-count", type=int, default=S, metavar="N", help="words seen fewer times become <unk> (5)")
+    p.add_argument("--max-caption-len", type=int, default=S, metavar="N", help="cut training captions to N words (20)")
+    g = p.add_argument_group("model" if single_run else "model (shared by every cell)")
+    g.add_argument("--model", choices=("show_tell", "show_attend_tell"), default=S, help="captioner (show_tell)")
+    if single_run:
+        g.add_argument("--cell", default=S, help="recurrent cell: lstm (default), gru, rnn, rhn, bn_rhn, bn_rhn_tf, bn_lstm")
+    g.add_argument("--cell-option", action="append", metavar="KEY=VALUE",
+                   help="cell option, repeatable (e.g. depth=3); see 'bnrhn cells'"
+                        + ("" if single_run else "; given to every cell that has it"))
+    g.add_argument("--embed-size", type=int, default=S, metavar="N", help="word/image embedding size (512)")
+    g.add_argument("--hidden-size", type=int, default=S, metavar="N", help="recurrent state size (512)")
+    g.add_argument("--num-layers", type=int, default=S, metavar="N", help="stacked recurrent layers (1)")
+    g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout (0.3)")
+    g.add_argument("--attention-size", type=int, default=S, metavar="N", help="attention MLP size (512)")
+    g.add_argument("--alpha-c", type=float, default=S, metavar="L", help="doubly stochastic attention weight (1.0)")
+    g.add_argument("--feature-norm", choices=("standardize", "none"), default=S,
+                   help="standardise image features with training-set statistics (default) or feed them raw")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=S, help="adam (default), adamw or sgd")
+    g.add_argument("--lr", type=float, default=S, help="learning rate (1e-3)")
+    g.add_argument("--weight-decay", type=float, default=S, help="weight decay (0)")
+    g.add_argument("--momentum", type=float, default=S, help="SGD momentum (0.9)")
+    g.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default=S, help="learning-rate schedule (none)")
+    g.add_argument("--warmup-steps", type=int, default=S, metavar="N", help="linear warm-up steps (0)")
+    g.add_argument("--step-size", type=int, default=S, metavar="N", help="steps between decays (step/exponential)")
+    g.add_argument("--gamma", type=float, default=S, help="decay factor (0.5)")
+    g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm (5.0)")
+    g.add_argument("--batch-size", type=int, default=S, metavar="N", help="captions per batch (64)")
+    if single_run:
+        g.add_argument("--epochs", type=int, default=S, metavar="N", help="maximum epochs (10)")
+        g.add_argument("--max-steps", type=int, default=S, metavar="N", help="stop after N steps")
+        g.add_argument("--max-minutes", type=float, default=S, metavar="M", help="stop after M minutes")
+        g.add_argument("--patience", type=int, default=S, metavar="N", help="early stop after N validations without improvement")
+    g.add_argument("--validate-every", type=int, default=S, metavar="N", help="validate every N steps (default: each epoch)")
+    g.add_argument("--select-metric", choices=("CIDEr", "BLEU-4", "loss"), default=S, help="picks best.pt (CIDEr)")
+    if single_run:
+        g.add_argument("--seed", type=int, default=S, help="random seed (0)")
+    g = p.add_argument_group("validation decoding")
+    g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="greedy (default, fast) or beam")
+    g.add_argument("--beam-size", type=int, default=S, metavar="K", help="beam size for --val-decode beam (3)")
+    g.add_argument("--max-len", type=int, default=S, metavar="N", help="longest generated caption (20 words)")
+    g.add_argument("--length-norm", type=float, default=S, metavar="A", help="beam length normalisation exponent (0 = off)")
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnrhn.commands._caption_args import S, add_data_args, add_quiet
+from bnrhn.commands._caption_args import add_data_args, add_quiet, add_training_args
 
 
 def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str]) -> None:
@@ -20,30 +20,6 @@ def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str]) -> No
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted comparison in --out: finished runs are kept, an interrupted one "
                         "continues from its last checkpoint (repeat the original command and add --resume)")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and optimisation (shared by every cell)")
-    g.add_argument("--config", metavar="FILE.json", help="base settings from a JSON file (a run's config.json works)")
-    g.add_argument("--model", choices=("show_tell", "show_attend_tell"), default=S, help="captioner (show_tell)")
-    g.add_argument("--cell-option", action="append", metavar="KEY=VALUE",
-                   help="option for every cell that accepts it, repeatable (e.g. depth=3)")
-    g.add_argument("--min-count", type=int, default=S, metavar="N", help="words seen fewer times become <unk>")
-    g.add_argument("--max-caption-len", type=int, default=S, metavar="N", help="cut training captions to N words")
-    g.add_argument("--embed-size", type=int, default=S, metavar="N", help="word/image embedding size")
-    g.add_argument("--hidden-size", type=int, default=S, metavar="N", help="recurrent state size")
-    g.add_argument("--num-layers", type=int, default=S, metavar="N", help="stacked recurrent layers")
-    g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout")
-    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=S, help="optimiser")
-    g.add_argument("--lr", type=float, default=S, help="learning rate")
-    g.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default=S, help="learning-rate schedule")
-    g.add_argument("--weight-decay", type=float, default=S, help="weight decay")
-    g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm")
-    g.add_argument("--attention-size", type=int, default=S, metavar="N", help="attention MLP size (show_attend_tell)")
-    g.add_argument("--batch-size", type=int, default=S, metavar="N", help="captions per batch")
-    g.add_argument("--validate-every", type=int, default=S, metavar="N", help="validate every N steps (default: each epoch)")
-    g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="decoding for validation CIDEr")
-    g.add_argument("--max-len", type=int, default=S, metavar="N", help="longest generated caption (20 words)")
 
 
 def register(subparsers) -> None:
@@ -62,8 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--budget", required=True, metavar="STEPS|TIME",
                    help="training budget per run: steps (e.g. 3000; deterministic) or time (e.g. 10m, 1.5h)")
     add_compare_args(p, ["lstm", "rhn", "bn_rhn"])
+    p.add_argument("--config", metavar="FILE.json", help="base settings from a JSON file (a run's config.json works)")
     add_data_args(p)
-    add_model_args(p)
+    add_training_args(p, single_run=False)
     add_quiet(p)
     p.set_defaults(func=run)
 
