@@ -83,7 +83,15 @@ def test_report_files_table_and_gallery(report):
         assert not Path(src).is_absolute() and (report / src).is_file()
     assert "lstm" in page and "bn_rhn" in page
     assert (report / "loss.png").stat().st_size > 10_000
-    assert "compare" in (report / "command.txt").read_text()
+
+
+
+def test_command_txt_reproduces_the_run(report, cache):
+    import shlex
+
+    first = (report / "command.txt").read_text().splitlines()[0]
+    assert shlex.split(first) == ["bnrhn", *tiny_args(cache, report)]
+    assert f"`{first}`" in (report / "results.md").read_text()
 
 
 def test_same_seed_same_metrics_and_resume_keeps_finished_runs(report, cache, tmp_path):

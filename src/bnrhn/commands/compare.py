@@ -63,7 +63,7 @@ def settings_from_args(args, base_defaults: dict | None = None):
     return CompareSettings(
         cells=list(args.cells), base=cfg, out_dir=Path(args.out), budget_steps=steps, budget_minutes=minutes,
         seeds=[args.seed + k for k in range(args.seeds)], beam=args.beam, gallery_size=args.gallery,
-        overwrite=args.overwrite, resume=args.resume, command=command_line(),
+        overwrite=args.overwrite, resume=args.resume, command=command_line(args.argv),
     )
 
 

@@ -47,7 +47,7 @@ def run(args) -> int:
     steps, minutes = parse_budget(args.budget)
     extra = {k: v for k, v in (("cache_dir", args.cache_dir), ("weights", args.weights)) if v}
     base = demo_config(run_dir=out / "runs", synthetic_sizes=DEMO_SYNTHETIC_SIZES, progress=not args.quiet, **extra)
-    command = command_line()
+    command = command_line(args.argv)
     if not args.out:  # the report's reproduce line must name the folder it was written to
         command += f" --out {out}"
     settings = CompareSettings(

@@ -389,6 +389,6 @@ def _coco_key(image_id: str):
     return int(image_id) if str(image_id).isdigit() else image_id
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    argv = sys.argv if argv is None else argv
-    return "bnrhn " + " ".join(shlex.quote(a) for a in argv[1:]) if argv else "bnrhn"
+def command_line(argv: list[str]) -> str:
+    """The shell command that runs ``bnrhn`` with ``argv`` (arguments after the program name), quoted."""
+    return " ".join(["bnrhn", *(shlex.quote(a) for a in argv)])
