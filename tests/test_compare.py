@@ -119,6 +119,18 @@ def test_resume_continues_an_interrupted_comparison(report, cache, tmp_path):
         json.loads((report / "results.json").read_text())["table"]
 
 
+def test_resume_can_add_seeds(report, cache, tmp_path):
+    out = tmp_path / "more"
+    shutil.copytree(report, out)
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")}
+    assert main(tiny_args(cache, out, "--resume", "--seeds", "2")) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert sorted((r["cell"], r["seed"]) for r in data["runs"]) == [("bn_rhn", 0), ("bn_rhn", 1), ("lstm", 0), ("lstm", 1)]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # seed 0 was not retrained
+    assert json.loads((out / "compare.json").read_text())["seeds"] == [0, 1]
+    assert "±" in (out / "results.md").read_text()
+
+
 def test_resume_with_other_settings_is_refused(report, cache, tmp_path, capsys):
     out = tmp_path / "other"
     shutil.copytree(report, out)

@@ -132,12 +132,15 @@ def _check_resume(s: CompareSettings, out: Path) -> None:
     for d in (saved, now):  # what may change between invocations
         d.get("base_config", {}).pop("progress", None)
         d.get("base_config", {}).pop("overwrite", None)
-    ignore = {"command", "out_dir"}
+    ignore = {"command", "out_dir", "gallery_size"}  # the gallery is only the report
     differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if differ == ["seeds"] and now["seeds"][: len(saved["seeds"])] == saved["seeds"]:
+        return  # more seeds for the same experiment: the finished runs are kept, the new seeds are trained
     if differ:
         raise ValueError(
             f"--resume: the settings differ from those of the comparison in {out} ({', '.join(differ)}); "
-            f"repeat its command (see {out / 'command.txt'}) with --resume"
+            f"repeat its command (see {out / 'command.txt'}) with --resume (only --seeds may grow, "
+            "to add seeds to a finished comparison)"
         )
 
 
@@ -204,6 +207,7 @@ def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
             f.write(s.command + "\n")
     else:
         (out / "command.txt").write_text(s.command + "\n", encoding="utf-8")
+    if not s.resume or len(s.seeds) > len(json.loads((out / "compare.json").read_text(encoding="utf-8"))["seeds"]):
         (out / "compare.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n", encoding="utf-8")
     runs: list[CellRun] = []
     total = len(s.cells) * len(s.seeds)
