@@ -203,8 +203,10 @@ def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if s.resume:
-        with open(out / "command.txt", "a", encoding="utf-8") as f:
-            f.write(s.command + "\n")
+        done = (out / "command.txt").read_text(encoding="utf-8").splitlines() if (out / "command.txt").is_file() else []
+        if s.command not in done:  # the commands that made the folder, each once
+            with open(out / "command.txt", "a", encoding="utf-8") as f:
+                f.write(s.command + "\n")
     else:
         (out / "command.txt").write_text(s.command + "\n", encoding="utf-8")
     if not s.resume or len(s.seeds) > len(json.loads((out / "compare.json").read_text(encoding="utf-8"))["seeds"]):
@@ -332,7 +334,7 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
                   if len(s.seeds) > 1 else f"seed {s.seeds[0]}")
     table = metrics_table(columns, metrics, extra)
     commands = (out / "command.txt").read_text(encoding="utf-8").splitlines() if (out / "command.txt").is_file() else []
-    first_command = commands[0] if commands else s.command
+    commands = commands or [s.command]
     md = [
         f"# {MODEL_NAMES.get(base.model, base.model)} decoders compared on {base.dataset}",
         "",
@@ -343,7 +345,8 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         "",
         table,
         f"Total wall-clock time (training, validation and test captioning of every run): {_fmt_seconds(seconds)}. "
-        f"Reproduce with `{first_command}`.",
+        + (f"Reproduce with `{commands[0]}`." if len(commands) <= 1 else
+           "Commands run, in order: " + "; ".join(f"`{c}`" for c in commands) + "."),
         "",
         "![training loss and validation CIDEr](loss.png)",
         "",
