@@ -161,6 +161,27 @@ def test_variational_dropout_uses_one_mask_per_sequence():
     assert (dropped == dropped[0]).all()  # the same units dropped at every step
 
 
+@pytest.mark.parametrize("name", ["rnn", "lstm", "bn_rhn"])
+def test_input_output_and_recurrent_dropout_masks_are_drawn_once_per_sequence(name):
+    """The sequence forward equals a step loop that reuses one set of masks drawn before the loop."""
+    rnn = Recurrent(name, 4, 6, num_layers=2, input_dropout=0.3, dropout=0.4, recurrent_dropout=0.5,
+                    **({"depth": 2} if "rhn" in name else {}))
+    rnn.train()
+    x = torch.randn(5, 3, 4)
+    torch.manual_seed(7)
+    out, _ = rnn(x)
+    torch.manual_seed(7)
+    masks = rnn.sample_dropout_masks(3)
+    for group in (masks.inputs[:1], masks.outputs, masks.recurrent):
+        for m in group:
+            assert (m == 0).any() and ((m == 0) | (m > 1)).all()  # inverted dropout: 0 or 1/(1-p)
+    state, steps = None, []
+    for t in range(5):
+        y, state = rnn.step(x[t], state, t, dropout_masks=masks)
+        steps.append(y)
+    assert torch.allclose(out, torch.stack(steps), atol=1e-6)
+
+
 def test_bad_batchnorm_arguments():
     with pytest.raises(ValueError, match="max_steps"):
         SequenceBatchNorm(3, max_steps=0)
@@ -170,3 +191,9 @@ def test_bad_batchnorm_arguments():
         SequenceBatchNorm(0)
     with pytest.raises(ValueError, match="features"):
         SequenceBatchNorm(3)(torch.randn(4, 2, 5))
+    with pytest.raises(ValueError, match="num_features"):
+        SequenceBatchNorm(2.5)
+    with pytest.raises(ValueError, match="momentum"):
+        SequenceBatchNorm(3, momentum=0.0)
+    with pytest.raises(ValueError, match="step"):
+        SequenceBatchNorm(3)(torch.randn(2, 3), step=-1)

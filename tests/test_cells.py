@@ -31,14 +31,16 @@ def run_reference(ref, x, lengths):
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_parity_with_torch_outputs_states_and_gradients(name, num_layers):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_parity_with_torch_outputs_states_and_gradients(name, num_layers, seed):
+    torch.manual_seed(seed)
     T, B, I, H = 7, 5, 6, 8
     ref = TORCH_RNNS[name](I, H, num_layers=num_layers)
     ours = Recurrent(name, I, H, num_layers=num_layers)
     copy_weights(ours, ref)
     x = torch.randn(T, B, I)
-    lengths = torch.tensor([7, 3, 5, 1, 6])
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T  # the longest sequence fills the padded batch, as pad_packed_sequence returns it
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
 
     out_ref, final_ref = run_reference(ref, x_ref, lengths)
@@ -54,6 +56,9 @@ def test_parity_with_torch_outputs_states_and_gradients(name, num_layers):
     w = torch.randn_like(out)
     loss_ref = (out_ref * w).sum() + h_ref.square().sum()
     loss = (out * w).sum() + sum(f[0].square().sum() for f in final)
+    if name == "lstm":  # the memory's own gradient path too
+        loss_ref = loss_ref + final_ref[1].sin().sum()
+        loss = loss + sum(f[1].sin().sum() for f in final)
     loss_ref.backward()
     loss.backward()
     assert (x_ours.grad - x_ref.grad).abs().max() <= 1e-5
@@ -112,12 +117,11 @@ def test_gradcheck_float64(name, opts, training):
 
     def f(x, *ps):
         out, final = torch.func.functional_call(rnn, dict(zip(names, ps)), (x,), {"lengths": lengths})
-        return out, final[-1][0]
+        return out, *(t for state in final for t in state)  # every layer's final state, c included
 
     params = [p.detach().clone().requires_grad_() for p in rnn.parameters()]
-    # fast_mode checks J·u against finite differences along random directions (docs: "fast gradcheck"),
-    # which keeps this all-cells, all-parameters check to seconds.
-    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-6, rtol=1e-4, fast_mode=True)
+    # The full Jacobian against finite differences, for the input and every parameter (a few seconds each).
+    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-6, rtol=1e-4)
 
 
 def test_rhn_with_very_negative_transform_bias_passes_state_through():
@@ -221,6 +225,22 @@ def test_bad_input_raises_clear_value_errors():
         rnn(torch.randn(5, 2, 3), lengths=[6, 2])
     with pytest.raises(ValueError, match="input_size"):
         build_cell("lstm", 3, 4).project_input(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"input_size=3"):
+        rnn(torch.randn(5, 2, 7))
+    with pytest.raises(ValueError, match=r"input_size=3"):
+        rnn.step(torch.randn(2, 7), None, 0)
+    # batch-norm options are checked even where the preset builds no batch norm
+    for name in ("rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"):
+        with pytest.raises(ValueError, match="stats"):
+            build_cell(name, 3, 4, stats="ema")
+        with pytest.raises(ValueError, match="max_steps"):
+            build_cell(name, 3, 4, max_steps=0)
+        with pytest.raises(ValueError, match="momentum"):
+            build_cell(name, 3, 4, momentum=1.5)
+    with pytest.raises(ValueError, match="depth"):
+        build_cell("bn_rhn", 3, 4, depth=-1)
+    with pytest.raises(ValueError, match="hidden_size"):
+        build_cell("bn_lstm", 3, 2.5)
 
 
 @pytest.mark.parametrize("name,opts", [("lstm", {}), ("gru", {}), ("rhn", {"depth": 2}), ("bn_rhn", {"depth": 2})])

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from bnrhn.autodiff import plain_autograd
 from bnrhn.cells.deferred import WeightTaps
 
 State = tuple[Tensor, ...]
@@ -52,8 +53,9 @@ class RecurrentCell(nn.Module):
     @contextmanager
     def sequence(self):
         """Within this block the recurrent products of :meth:`recur` defer their weight gradients to one
-        product per sequence (see :mod:`bnrhn.cells.deferred`). The runner wraps its time loop in it."""
-        previous, self._taps = self._taps, {}
+        product per sequence (see :mod:`bnrhn.cells.deferred`). The runner wraps its time loop in it.
+        Under ``torch.func`` transforms the products stay ordinary operations."""
+        previous, self._taps = self._taps, ({} if plain_autograd() else None)
         try:
             yield self
         finally:

@@ -19,8 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from bnrhn.cells.base import RecurrentCell, State
+from bnrhn.autodiff import plain_autograd
 from bnrhn.nn.seq_batchnorm import SequenceBatchNorm
 
 _CARRY_NORM = ("output", "recurrence")
@@ -60,15 +63,30 @@ class BNLSTMCell(RecurrentCell):
         self.bn_x = SequenceBatchNorm(4 * H, center=False, gamma_init=gamma_init, **bn)
         self.bn_h = SequenceBatchNorm(4 * H, center=False, gamma_init=gamma_init, **bn)
         self.bn_c = SequenceBatchNorm(H, center=True, gamma_init=gamma_init, **bn)
+        # Training steps of full batches run as one autograd node (BNLSTMStep); False: always the
+        # composition of autograd operations (the reference path).
+        self.fused = True
 
     def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         self.check_input(x)
-        return self.bn_x(F.linear(x, self.weight_ih), step, mask) + self.bias
+        if x.dim() == 2:
+            return self.bn_x(F.linear(x, self.weight_ih), step, mask) + self.bias
+        # The product is computed batch-major ([B, T, 4H] in memory, returned as a [T, B, 4H] view), so
+        # that the sequence batch norm sees its (step, feature) channels as columns without a copy.
+        z = F.linear(x.transpose(0, 1), self.weight_ih).transpose(0, 1)
+        return self.bn_x(z, step, mask) + self.bias
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         h, c = state
         h_in = h if h_mask is None else h * h_mask
-        gates = self.bn_h(self.recurrent_mm("hh", None, h_in, self.weight_hh), step, mask) + xp
+        rec = self.recurrent_mm("hh", None, h_in, self.weight_hh)
+        if self.fused and self.training and mask is None and h.shape[0] >= 2 and plain_autograd():
+            spec = (self.hidden_size, self.bn_h.eps, self.carry_norm == "recurrence")
+            h, c, *stats = BNLSTMStep.apply(spec, rec, xp, c, self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
+            self.bn_h.track(step, stats[0], stats[1], h.shape[0])
+            self.bn_c.track(step, stats[2], stats[3], h.shape[0])
+            return h, c
+        gates = self.bn_h(rec, step, mask) + xp
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         c_n = self.bn_c(c, step, mask)
@@ -78,3 +96,86 @@ class BNLSTMCell(RecurrentCell):
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * 4 * self.hidden_size * (self.input_size + self.hidden_size)
+
+
+class BNLSTMStep(Function):
+    """One BN-LSTM step in training mode (batch statistics of a full batch) as a single autograd node.
+
+    ``BNLSTMStep.apply((H, ε, carry_in_recurrence), r, xp, c_{t−1}, γ_h, γ_c, β_c)`` with the recurrent
+    product r = W_h h_{t−1} and the normalised input term xp = BN(W_x x_t) + b returns
+    ``(h_t, c_t, μ_h, σ²_h, μ_c, σ²_c)`` (the batch statistics carry no gradient). Forward:
+
+        [i, f, g, o] = BN(r; γ_h) + xp,   c = σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g),
+        ĉ = BN(c; γ_c, β_c),   h_t = σ(o) ⊙ tanh(ĉ),   c_t = c (or ĉ when the carry is normalised)
+
+    Backward, by hand (dĉ = dh ⊙ σ(o) ⊙ (1 − tanh²ĉ), plus dc_t when c_t = ĉ):
+
+        dc = BN-backward(dĉ) (+ dc_t when c_t = c),   dc_{t−1} = dc ⊙ σ(f)
+        d[i, f, g, o] = [dc ⊙ tanh(g), dc ⊙ c_{t−1}, dc ⊙ σ(i), dh ⊙ tanh(ĉ)] ⊙ (activation derivatives)
+        dr = BN-backward(d[i, f, g, o]),   dxp = d[i, f, g, o]
+
+    Hand-written for the same reason as :mod:`bnrhn.cells.highway`: the autograd composition is some
+    twenty small graph nodes per step plus a concatenation of the gate gradients. The composition in
+    :meth:`BNLSTMCell.recur` remains for eval mode and padded steps; the tests compare the two.
+    """
+
+    @staticmethod
+    def forward(ctx, spec, r, xp, c_prev, gamma_h, gamma_c, beta_c):
+        H, eps, carry_normed = spec
+        act, mean_h, invstd_h = torch.native_batch_norm(r, gamma_h, None, None, None, True, 0.0, eps)
+        act += xp
+        act[:, : 2 * H].sigmoid_()
+        act[:, 2 * H : 3 * H].tanh_()
+        act[:, 3 * H :].sigmoid_()
+        i, f, g, o = act.chunk(4, dim=1)
+        c = torch.addcmul(f * c_prev, i, g)
+        c_n, mean_c, invstd_c = torch.native_batch_norm(c, gamma_c, beta_c, None, None, True, 0.0, eps)
+        tc = torch.tanh(c_n)
+        h = o * tc
+        ctx.spec = spec
+        ctx.save_for_backward(r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, gamma_h, gamma_c)
+        stats = (mean_h, invstd_h.pow(-2).sub_(eps).clamp_min_(0.0), mean_c, invstd_c.pow(-2).sub_(eps).clamp_min_(0.0))
+        ctx.mark_non_differentiable(*stats)
+        return (h, c_n if carry_normed else c, *stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh, dc_out, *_):
+        H, eps, carry_normed = ctx.spec
+        r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, gamma_h, gamma_c = ctx.saved_tensors
+        i, f, g, o = act.chunk(4, dim=1)
+        if dh is None:
+            dh = torch.zeros_like(tc)
+        dc_n = _tanh_backward(dh * o, tc)
+        if carry_normed and dc_out is not None:
+            dc_n += dc_out
+        dc, dgamma_c, dbeta_c = torch.ops.aten.native_batch_norm_backward(
+            dc_n, c, gamma_c, None, None, mean_c, invstd_c, True, eps, [True, True, True]
+        )
+        if not carry_normed and dc_out is not None:
+            dc += dc_out
+        dgates = torch.empty_like(act)
+        di, df, dg, do = dgates.chunk(4, dim=1)
+        torch.mul(dc, g, out=di)
+        torch.mul(dc, c_prev, out=df)
+        torch.mul(dc, i, out=dg)
+        torch.mul(dh, tc, out=do)
+        _sigmoid_backward_(dgates[:, : 2 * H], act[:, : 2 * H])
+        _tanh_backward_(dg, g)
+        _sigmoid_backward_(do, o)
+        dr, dgamma_h, _ = torch.ops.aten.native_batch_norm_backward(
+            dgates, r, gamma_h, None, None, mean_h, invstd_h, True, eps, [True, True, False]
+        )
+        return None, dr, dgates, dc * f, dgamma_h, dgamma_c, dbeta_c
+
+
+def _tanh_backward(grad: Tensor, y: Tensor) -> Tensor:
+    return torch.ops.aten.tanh_backward(grad, y)
+
+
+def _tanh_backward_(grad: Tensor, y: Tensor) -> None:
+    torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=grad)
+
+
+def _sigmoid_backward_(grad: Tensor, y: Tensor) -> None:
+    torch.ops.aten.sigmoid_backward.grad_input(grad, y, grad_input=grad)

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from bnrhn.cells.base import RecurrentCell, State, check_size
-from bnrhn.nn.seq_batchnorm import SequenceBatchNorm
+from bnrhn.cells.highway import HighwayStep
+from bnrhn.autodiff import plain_autograd
+from bnrhn.nn.seq_batchnorm import SequenceBatchNorm, check_statistics_options
 
 _NORMS = ("none", "batch", "layer")
 _CARRIES = ("coupled", "free")
@@ -78,6 +80,7 @@ class RHNCell(RecurrentCell):
     ) -> None:
         super().__init__(input_size, hidden_size)
         self.depth = check_size("depth", depth)
+        check_statistics_options(max_steps, stats, momentum)
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         if carry not in _CARRIES:
@@ -120,6 +123,8 @@ class RHNCell(RecurrentCell):
                 self.norms[f"{g}{l}"] = self._make_norm(norm, H, max_steps, per_step, stats, momentum, gamma_init)
         # When a list, recur() appends (layer, mean t_l, mean c_l) for analysis; None = off.
         self.gate_log: list | None = None
+        # False: always compose the highway layers from autograd operations (the reference path).
+        self.fused = True
 
     @staticmethod
     def _make_norm(norm, H, max_steps, per_step, stats, momentum, gamma_init) -> nn.Module:
@@ -141,7 +146,44 @@ class RHNCell(RecurrentCell):
         layers = range(self.depth) if self.input_at == "every" else range(1)
         return torch.nn.functional.linear(x, self.weight_ih, torch.cat([self.bias[l] for l in layers]))
 
+    def _can_fuse(self, batch_size: int, mask) -> bool:
+        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`:
+        no normalisation, or batch norm with batch statistics of a full (unpadded) batch; no gate log."""
+        if not self.fused or self.gate_log is not None or not plain_autograd():
+            return False
+        if self.norm == "none":
+            return True
+        return self.norm == "batch" and self.training and mask is None and batch_size >= 2
+
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+        if self._can_fuse(state[0].shape[0], mask):
+            return self._recur_fused(xp, state, step, h_mask)
+        return self._recur_reference(xp, state, step, mask, h_mask)
+
+    def _recur_fused(self, xp, state: State, step: int, h_mask) -> State:
+        s = state[0]
+        every = self.input_at == "every"
+        xs = xp.chunk(self.depth, dim=1) if every else (xp,)
+        norms = [self.norms[f"{g}{l}"] for l in range(self.depth) for g in self.normalize]
+        normed = tuple(self.gate_names.index(g) for g in self.normalize)
+        eps = norms[0].eps if norms else 0.0
+        spec = (self.hidden_size, len(self.gate_names), normed, eps)
+        n = s.shape[0]
+        for l in range(self.depth):
+            s_in = s if h_mask is None else s * h_mask
+            if l == 0 or every:  # x_l holds b_l already when there is no normaliser
+                a = self.recurrent_mm(l, xs[l], s_in, self.weight_hh[l])
+            else:
+                a = self.recurrent_mm(l, None, s_in, self.weight_hh[l], None if normed else self.bias[l])
+            layer_norms = norms[l * len(normed) : (l + 1) * len(normed)]
+            bias = self.bias[l] if normed else None
+            s, *stats = HighwayStep.apply(spec, a, s, bias, *(bn.weight for bn in layer_norms))
+            for k, bn in enumerate(layer_norms):
+                bn.track(step, stats[2 * k], stats[2 * k + 1], n)
+        return (s,)
+
+    def _recur_reference(self, xp, state: State, step: int, mask, h_mask) -> State:
+        """The highway layers composed from autograd operations (every configuration; see recur)."""
         s = state[0]
         H = self.hidden_size
         every = self.input_at == "every"

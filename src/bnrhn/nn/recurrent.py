@@ -132,7 +132,8 @@ class Recurrent(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(
                 f"Recurrent expects input of shape [T, B, {self.input_size}]"
-                f"{' (batch_first: [B, T, I])' if self.batch_first else ''}, got {tuple(x.shape)}"
+                f"{' (batch_first: [B, T, I])' if self.batch_first else ''} (input_size={self.input_size}), "
+                f"got {tuple(x.shape)}"
             )
         T, B, _ = x.shape
         mask, full_steps = self._mask(lengths, T, B, x.device)
@@ -189,7 +190,10 @@ class Recurrent(nn.Module):
         matching lengths (training step by step, e.g. with attention, over padded batches).
         """
         if x.dim() != 2 or x.shape[-1] != self.input_size:
-            raise ValueError(f"Recurrent.step expects input of shape [B, {self.input_size}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"Recurrent.step expects input of shape [B, {self.input_size}] (input_size={self.input_size}), "
+                f"got {tuple(x.shape)}"
+            )
         if mask is not None:
             mask = torch.as_tensor(mask, device=x.device).bool()
             if mask.shape != (x.shape[0],):

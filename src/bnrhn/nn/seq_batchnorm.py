@@ -30,10 +30,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-__all__ = ["SequenceBatchNorm"]
+from bnrhn.autodiff import plain_autograd
+
+__all__ = ["SequenceBatchNorm", "check_statistics_options"]
 
 _STATS = ("momentum", "cumulative")
+
+
+def check_statistics_options(max_steps: object, stats: object, momentum: object) -> None:
+    """``ValueError`` naming the argument for a bad T_max, estimator or momentum. Cells that take these
+    options call it even when they build no batch norm, so a typo never passes silently."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps (T_max) must be an integer ≥ 1, got {max_steps!r}")
+    if stats not in _STATS:
+        raise ValueError(f"stats must be one of {_STATS}, got {stats!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
 
 
 class SequenceBatchNorm(nn.Module):
@@ -74,14 +88,9 @@ class SequenceBatchNorm(nn.Module):
         gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
-        if num_features <= 0:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if max_steps < 1:
-            raise ValueError(f"max_steps (T_max) must be ≥ 1, got {max_steps!r}")
-        if stats not in _STATS:
-            raise ValueError(f"stats must be one of {_STATS}, got {stats!r}")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        check_statistics_options(max_steps, stats, momentum)
         self.num_features = num_features
         self.per_step = bool(per_step)
         self.max_steps = int(max_steps) if per_step else 1
@@ -123,6 +132,8 @@ class SequenceBatchNorm(nn.Module):
         return int(seen[-1]) if seen.numel() else slot
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        if step < 0:
+            raise ValueError(f"step (the time index) must be ≥ 0, got {step!r}")
         if x.dim() == 2:
             return self._forward_step(x, int(step), mask)
         if x.dim() == 3:
@@ -138,32 +149,13 @@ class SequenceBatchNorm(nn.Module):
             return F.batch_norm(
                 x, self.running_mean[s], self.running_var[s], self.weight, self.bias, False, 0.0, self.eps
             )
-        s = self.slot(step)
-        if mask is None or bool(mask.all()):
-            n = x.shape[0]
-            if n < 2:  # a lone sample has no variance: normalise with what we have, keep population stats
-                mean, var = x.mean(0), x.new_zeros(x.shape[-1])
-                return self._affine((x - mean) * torch.rsqrt(var + self.eps))
-            # Fast path: PyTorch's fused kernel. It updates the running statistics it is given in place
-            # and autograd keeps them for backward, so it gets copies (all slots are views of one buffer,
-            # sharing one version counter) and the slot is written afterwards.
-            self.num_batches_tracked[s] += 1
-            m = self._update_weight(s)
-            rm, rv = self.running_mean[s].clone(), self.running_var[s].clone()
-            y = F.batch_norm(x, rm, rv, self.weight, self.bias, True, m, self.eps)
-            with torch.no_grad():
-                self.running_mean[s] = rm
-                self.running_var[s] = rv
-            return y
-        w = mask.to(x.dtype).unsqueeze(-1)  # [B, 1]
-        n = w.sum(0)  # [1]
-        mean = (x * w).sum(0) / n.clamp_min(1)
-        var = ((x - mean).square() * w).sum(0) / n.clamp_min(1)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        n_int = int(n.item())
-        if n_int >= 2:
-            self._update_running(s, mean.detach(), var.detach() * (n_int / (n_int - 1)))
-        return self._affine(y)
+        if mask is not None and not bool(mask.all()):
+            return self._forward_masked(x.unsqueeze(0), step, mask.reshape(1, -1)).squeeze(0)
+        if x.shape[0] < 2:  # a lone sample has no variance: normalise with what we have, keep population stats
+            return self._affine((x - x.mean(0)) * torch.rsqrt(x.new_tensor(self.eps)))
+        y, mean, var = self._fused_batch_norm(x, self.weight, self.bias)
+        self._update_running(self.slot(step), mean, var * (x.shape[0] / (x.shape[0] - 1)))
+        return y
 
     def _forward_sequence(self, x: Tensor, step0: int, mask: Tensor | None) -> Tensor:
         T, B, Fdim = x.shape
@@ -175,35 +167,46 @@ class SequenceBatchNorm(nn.Module):
             mean, var = self.running_mean[idx], self.running_var[idx]  # [T, F]
             y = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
             return self._affine(y)
-        if mask is None or bool(mask.all()):
-            return self._forward_sequence_full(x, step0)
-        w = mask.to(x.dtype).reshape(T, B, 1)
-        n = w.sum(1)  # [T, 1]
-        mean = (x * w).sum(1) / n.clamp_min(1)  # [T, F]
-        var = ((x - mean.unsqueeze(1)).square() * w).sum(1) / n.clamp_min(1)
-        y = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
-        counts = n.squeeze(1).tolist()
-        with torch.no_grad():
-            for t in range(T):
-                k = int(counts[t])
-                if k >= 2:
-                    self._update_running(self.slot(step0 + t), mean[t].detach(), var[t].detach() * (k / (k - 1)))
-        return self._affine(y)
-
-    def _forward_sequence_full(self, x: Tensor, step0: int) -> Tensor:
-        """Every position valid: one fused batch-norm kernel with (step, feature) pairs as channels."""
-        T, B, Fdim = x.shape
+        if mask is not None and not bool(mask.all()):
+            return self._forward_masked(x, step0, mask)
         if B < 2:  # a lone sequence has no batch variance
             return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))
-        flat = x.transpose(0, 1).reshape(B, T * Fdim)  # channel (t, f) ↔ column t·F + f
+        # Every position valid: one fused kernel with the (step, feature) pairs as channels. The [B, T·F]
+        # matrix is a view (no copy) when x is stored batch-major, i.e. x = z.transpose(0, 1) of a
+        # contiguous [B, T, F] z, as the BN-LSTM's input projection is.
+        flat = x.transpose(0, 1).reshape(B, T * Fdim)
         weight = self.weight.repeat(T) if self.weight is not None else None
         bias = self.bias.repeat(T) if self.bias is not None else None
-        y = F.batch_norm(flat, None, None, weight, bias, True, 0.0, self.eps)
-        with torch.no_grad():
-            var, mean = torch.var_mean(x.detach(), dim=1, correction=1)  # unbiased, for the population
-            for t in range(T):
-                self._update_running(self.slot(step0 + t), mean[t], var[t])
-        return y.reshape(B, T, Fdim).transpose(0, 1)
+        y, mean, var = self._fused_batch_norm(flat, weight, bias)
+        self._update_running_steps(step0, mean.view(T, Fdim), var.view(T, Fdim) * (B / (B - 1)))
+        return y.view(B, T, Fdim).transpose(0, 1)
+
+    def _forward_masked(self, x: Tensor, step0: int, mask: Tensor) -> Tensor:
+        """Training with padded positions: statistics of step t over its valid positions only."""
+        w = mask.to(x.dtype)  # [T, B]
+        if plain_autograd():
+            y, mean, var = _MaskedBatchNorm.apply(x, w, self.weight, self.bias, self.eps)
+        else:  # torch.func transforms: the same arithmetic from differentiable operations
+            wn = (w / w.sum(1, keepdim=True).clamp_min(1)).unsqueeze(-1)  # [T, B, 1]
+            mean = (x * wn).sum(1)
+            var = ((x - mean.unsqueeze(1)).square() * wn).sum(1)
+            y = self._affine((x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps))
+            mean, var = mean.detach(), var.detach()
+        counts = w.sum(1)  # [T]
+        if bool((counts >= 2).all()):
+            self._update_running_steps(step0, mean, var * (counts / (counts - 1)).unsqueeze(1))
+        else:  # steps with fewer than two valid positions have no variance estimate: they update nothing
+            for t, k in enumerate(counts.tolist()):
+                if k >= 2:
+                    self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
+        return y
+
+    def _fused_batch_norm(self, x2d: Tensor, weight: Tensor | None, bias: Tensor | None):
+        """PyTorch's fused training-mode batch norm over the rows of ``x2d`` → (y, batch mean, biased
+        batch variance). The statistics come from the kernel's own saved mean and 1/√(σ² + ε), so they
+        cost no second pass over the data; the running statistics are updated by the caller."""
+        y, mean, invstd = torch.native_batch_norm(x2d, weight, bias, None, None, True, 0.0, self.eps)
+        return y, mean.detach(), invstd.detach().pow(-2).sub_(self.eps).clamp_min_(0.0)
 
     # ----------------------------------------------------------------------------------------------
     def _affine(self, y: Tensor) -> Tensor:
@@ -219,9 +222,85 @@ class SequenceBatchNorm(nn.Module):
             return 1.0 / float(self.num_batches_tracked[slot])
         return self.momentum
 
+    def track(self, step: int, mean: Tensor, var: Tensor, count: int) -> None:
+        """Fold the batch statistics of time step ``step`` (mean and *biased* variance over ``count``
+        positions), computed elsewhere with this module's γ and ε, into the population statistics —
+        for callers that fuse the normalisation into a kernel of their own (the RHN's highway layers)."""
+        if count >= 2:
+            self._update_running(self.slot(step), mean, var * (count / (count - 1)))
+
     @torch.no_grad()
     def _update_running(self, slot: int, mean: Tensor, unbiased_var: Tensor) -> None:
         self.num_batches_tracked[slot] += 1
         m = self._update_weight(slot)
         self.running_mean[slot].lerp_(mean.to(self.running_mean.dtype), m)
         self.running_var[slot].lerp_(unbiased_var.to(self.running_var.dtype), m)
+
+    @torch.no_grad()
+    def _update_running_steps(self, step0: int, mean: Tensor, unbiased_var: Tensor) -> None:
+        """The running statistics of steps step0, step0 + 1, … from per-step batch statistics ``[T, F]``:
+        one vectorised update when every step has a slot of its own, else step by step in time order
+        (several steps sharing a slot update it one after the other, as separate batches would)."""
+        T = mean.shape[0]
+        slots = [self.slot(step0 + t) for t in range(T)]
+        if len(set(slots)) < T:
+            for t, s in enumerate(slots):
+                self._update_running(s, mean[t], unbiased_var[t])
+            return
+        idx = slice(slots[0], slots[-1] + 1)  # distinct slots of consecutive steps are consecutive
+        self.num_batches_tracked[idx] += 1
+        if self.stats == "cumulative":
+            m = self.num_batches_tracked[idx].reciprocal().unsqueeze(1).to(self.running_mean.dtype)
+        else:
+            m = self.momentum
+        self.running_mean[idx].lerp_(mean.to(self.running_mean.dtype), m)
+        self.running_var[idx].lerp_(unbiased_var.to(self.running_var.dtype), m)
+
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    """Batch norm of x ``[T, B, F]`` with statistics per step t over the positions where w ``[T, B]`` is 1:
+
+        μ_t = Σ_b w̃_tb x_tb,  σ²_t = Σ_b w̃_tb (x_tb − μ_t)²,  w̃_tb = w_tb / Σ_b w_tb,
+        y_tb = γ (x_tb − μ_t) / √(σ²_t + ε) + β      (padded positions normalised too, never counted)
+
+    Hand-written because autograd's backward of the masked formula (reductions over the middle
+    dimension, broadcast gradients) is several times slower than these few passes. With
+    x̂ = (x − μ)/√(σ² + ε), S₁ = Σ_b dy and S₂ = Σ_b dy ⊙ x̂ (over *all* positions: padded outputs
+    depend on μ and σ² too):
+
+        dx_tb = γ/√(σ²_t + ε) ⊙ (dy_tb − w̃_tb (S₁ + x̂_tb ⊙ S₂)),  dγ = Σ dy ⊙ x̂,  dβ = Σ dy.
+
+    Returns (y, μ ``[T, F]``, biased σ² ``[T, F]``); the statistics carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, weight, bias, eps):
+        wn = (w / w.sum(1, keepdim=True).clamp_min(1)).unsqueeze(1)  # [T, 1, B]
+        mean = torch.bmm(wn, x)  # [T, 1, F]: batched weighted sums, BLAS instead of strided reductions
+        xhat = x - mean
+        var = torch.bmm(wn, xhat * xhat)
+        invstd = torch.rsqrt(var + eps)
+        xhat.mul_(invstd)
+        y = xhat * weight if weight is not None else xhat.clone()
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(xhat, invstd, wn, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean.squeeze(1), var.squeeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmean, _dvar):
+        xhat, invstd, wn, weight = ctx.saved_tensors
+        dyx = dy * xhat
+        dweight = dyx.sum((0, 1)) if weight is not None and ctx.needs_input_grad[2] else None
+        dbias = dy.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            scale = invstd if weight is None else invstd * weight  # [T, 1, F]
+            s1 = dy.sum(1, keepdim=True)
+            s2 = dyx.sum(1, keepdim=True)
+            dx = torch.addcmul(s1, xhat, s2).mul_(wn.transpose(1, 2))
+            dx = torch.sub(dy, dx).mul_(scale)
+        return dx, None, dweight, dbias, None

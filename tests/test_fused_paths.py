@@ -1,0 +1,144 @@
+"""The hand-written single-node steps (RHN highway layers, BN-LSTM step, masked sequence batch norm)
+against the compositions of autograd operations they replace, and against finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnrhn.cells.bn_lstm import BNLSTMStep
+from bnrhn.cells.highway import HighwayStep
+from bnrhn.nn import Recurrent, SequenceBatchNorm
+
+FUSED_CASES = [
+    ("rhn", {}),
+    ("rhn", {"carry": "free", "input_at": "every"}),
+    ("bn_rhn", {}),
+    ("bn_rhn", {"normalize": "h,t,c", "stats": "cumulative"}),
+    ("bn_rhn", {"normalize": "t", "per_step": False}),
+    ("bn_rhn", {"carry": "coupled", "normalize": "h,t", "input_at": "every"}),
+    ("bn_lstm", {}),
+    ("bn_lstm", {"carry_norm": "recurrence"}),
+    ("bn_lstm", {"stats": "cumulative", "max_steps": 3}),
+]
+
+
+def _run(rnn, x, lengths, seed):
+    torch.manual_seed(seed)  # the same dropout masks for both paths
+    out, final = rnn(x, lengths=lengths)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss = loss + sum(t.square().sum() for state in final for t in state)  # every final state, c_T included
+    params = list(rnn.parameters())
+    grads = torch.autograd.grad(loss, [x, *params])
+    return out, final, grads
+
+
+@pytest.mark.parametrize("name,opts", FUSED_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_CASES)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_training_path_equals_the_autograd_composition(name, opts, padded):
+    torch.manual_seed(0)
+    extra = {"depth": 3} if "rhn" in name else {}
+    kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **extra, **opts)
+    fused = Recurrent(name, 5, 6, **kw).double()
+    reference = Recurrent(name, 5, 6, **kw).double()
+    reference.load_state_dict(fused.state_dict())
+    for cell in reference.cells:
+        cell.fused = False
+    x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 4, 6, 2]) if padded else None
+    out_f, final_f, grads_f = _run(fused, x, lengths, seed=3)
+    out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
+    assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
+    for sf, sr in zip(final_f, final_r):
+        for a, b in zip(sf, sr):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    for gf, gr, (pname, _) in zip(grads_f, grads_r, [("x", None), *fused.named_parameters()]):
+        assert torch.allclose(gf, gr, atol=1e-11, rtol=0), pname
+    for (bname, bf), br in zip(fused.named_buffers(), reference.buffers()):  # population statistics
+        assert torch.equal(bf, br) if not bf.dtype.is_floating_point else torch.allclose(bf, br, atol=1e-12), bname
+
+
+def test_the_fast_paths_are_taken(monkeypatch):
+    """Guard against the equality test above passing because both models took the reference path."""
+    calls = {"highway": 0, "lstm": 0}
+    for key, fn in (("highway", HighwayStep), ("lstm", BNLSTMStep)):
+        original = fn.apply
+
+        def counting(*args, _key=key, _original=original):
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(fn, "apply", counting)
+    Recurrent("bn_rhn", 3, 4, depth=2)(torch.randn(5, 3, 3))
+    Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))
+    assert calls == {"highway": 5 * 2, "lstm": 5}
+
+
+@pytest.mark.parametrize("G,normed", [(2, ()), (2, (0, 1)), (3, (0,)), (3, (1, 2))])
+def test_highway_step_gradcheck(G, normed):
+    torch.manual_seed(0)
+    B, H = 5, 3
+    a = torch.randn(B, G * H, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(G * H, dtype=torch.float64, requires_grad=True) if normed or G == 3 else None
+    gammas = [torch.rand(H, dtype=torch.float64, requires_grad=True) + 0.5 for _ in normed]
+    gammas = [g.detach().requires_grad_() for g in gammas]
+    spec = (H, G, tuple(normed), 1e-5)
+
+    def f(a, s, *rest):
+        b, gs = (rest[0], rest[1:]) if bias is not None else (None, rest)
+        return HighwayStep.apply(spec, a, s, b, *gs)[0]
+
+    inputs = (a, s, *([bias] if bias is not None else []), *gammas)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("carry_normed", [False, True])
+def test_bn_lstm_step_gradcheck(carry_normed):
+    torch.manual_seed(0)
+    B, H = 5, 3
+    d = dict(dtype=torch.float64, requires_grad=True)
+    r, xp, c = torch.randn(B, 4 * H, **d), torch.randn(B, 4 * H, **d), torch.randn(B, H, **d)
+    gh, gc, bc = (torch.rand(4 * H, **d)), torch.rand(H, **d), torch.randn(H, **d)
+    spec = (H, 1e-5, carry_normed)
+    assert torch.autograd.gradcheck(lambda *a: BNLSTMStep.apply(spec, *a)[:2], (r, xp, c, gh, gc, bc))
+
+
+def test_masked_sequence_batch_norm_gradcheck_and_formula():
+    torch.manual_seed(0)
+    T, B, F = 4, 5, 3
+    bn = SequenceBatchNorm(F, center=True).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    x = torch.randn(T, B, F, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2, 3, 4, 1])
+    mask = torch.arange(T).unsqueeze(1) < lengths
+    w = mask.double().unsqueeze(-1)
+    n = w.sum(1)
+    mean = (x * w).sum(1) / n
+    var = ((x - mean.unsqueeze(1)).square() * w).sum(1) / n
+    expected = (x - mean.unsqueeze(1)) / torch.sqrt(var.unsqueeze(1) + bn.eps) * bn.weight + bn.bias
+    assert torch.allclose(bn(x, 0, mask), expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, g, b: torch.func.functional_call(
+        bn, {"weight": g, "bias": b}, (x, 0, mask)), (x, bn.weight.detach().clone().requires_grad_(),
+                                                    bn.bias.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("name", ["rhn", "bn_rhn", "bn_lstm"])
+def test_torch_func_transforms_take_the_composed_path_with_the_same_jacobian(name):
+    """Under torch.func (jacrev) the cells and masked batch norm fall back to differentiable
+    compositions; the Jacobian equals the one that plain autograd computes through the fast nodes."""
+    torch.manual_seed(0)
+    rnn = Recurrent(name, 3, 4, **({"depth": 2} if "rhn" in name else {})).double()
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([4, 2, 3])  # padded steps exercise the masked batch norm
+
+    def f(x, buffers):  # the running statistics are updated in place: torch.func wants them as inputs
+        return torch.func.functional_call(rnn, buffers, (x,), {"lengths": lengths})[0]
+
+    buffers = {k: b.clone() for k, b in rnn.named_buffers()}
+    by_func = torch.func.jacrev(f)(x, buffers)
+    buffers = {k: b.clone() for k, b in rnn.named_buffers()}
+    by_autograd = torch.autograd.functional.jacobian(lambda x: f(x, buffers), x)
+    assert torch.allclose(by_func, by_autograd, atol=1e-12)
