@@ -13,7 +13,13 @@ the work per step is the same.
 Both methods run the same model, the same search rules and the same beam width, one after the other
 in one process; the per-image loop decodes one image at a time (its beams still batched, as in
 im2txt), the batched search decodes all images at once. The table reports captions per second, the
-speed-up, and how many captions are identical.
+speed-up, and how many captions are identical. Because both methods share the search code, the
+batched captions are also checked against :func:`bnrhn.decoding.beam_search_one`, an independent
+plain-Python beam search (slow: only the first ``--reference`` images).
+
+The checkpoint quoted in docs/performance.md is the LSTM of the Flickr8k comparison
+(``experiments/flickr8k-compare/runs/lstm-seed0/best.pt``; docs/results.md gives the command that
+trains it).
 """
 
 from __future__ import annotations
@@ -58,11 +64,13 @@ def main() -> None:
     p.add_argument("--cell", default="lstm", help="cell of the random-weight model")
     p.add_argument("--vocab", type=int, default=2538, help="vocabulary of the random-weight model (Flickr8k, min count 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--reference", type=int, default=50, metavar="N",
+                   help="also compare the first N batched captions with the independent reference search")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from bnrhn.decoding import beam_search, greedy
+    from bnrhn.decoding import beam_search, beam_search_one, greedy
 
     model, feats, what = _model_and_features(args)
     model.eval()
@@ -83,6 +91,9 @@ def main() -> None:
     greedy(model, feats, args.max_len)
     t_greedy = time.perf_counter() - t0
 
+    n_ref = min(args.reference, n)
+    reference = [beam_search_one(model, feats[i], args.beam, args.max_len)[0].tokens for i in range(n_ref)]
+    same_ref = sum(a == b for a, b in zip(batched, reference))
     same = sum(a == b for a, b in zip(batched, looped))
     mean_len = sum(map(len, batched)) / n
     print()
@@ -93,7 +104,8 @@ def main() -> None:
           f"{t_loop / t_batched:.1f}× |")
     print(f"| batched greedy | {n} | {t_greedy:.2f} | {n / t_greedy:.1f} | {t_loop / t_greedy:.1f}× |")
     print()
-    print(f"identical captions (batched vs loop): {same}/{n}; mean caption length {mean_len:.1f} words")
+    print(f"identical captions (batched vs loop): {same}/{n}; (batched vs the independent reference search): "
+          f"{same_ref}/{n_ref}; mean caption length {mean_len:.1f} words")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from bnrhn.analysis.gradients import gradient_norms
 from bnrhn.analysis.jacobian import step_jacobian
 from bnrhn.cli import main
 from bnrhn.data.text import CharVocab
+from figure_support import assert_readable, saved_figures  # noqa: F401  (fixture)
 
 TEXT = ("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
         "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n") * 10
@@ -103,7 +104,7 @@ def test_gate_activity_per_depth(text):
         gate_activity(fresh_model("lstm", vocab, 8, 10).model, text_windows(ids, 10, 2)[:-1])
 
 
-def test_analyze_commands_write_figures_and_numbers(tmp_path, capsys):
+def test_analyze_commands_write_figures_and_numbers(tmp_path, capsys, saved_figures):
     path = tmp_path / "richard.txt"
     path.write_text(TEXT, encoding="utf-8")
     common = ["--text", str(path), "--hidden", "8", "--length", "12", "--quiet"]
@@ -129,6 +130,9 @@ def test_analyze_commands_write_figures_and_numbers(tmp_path, capsys):
     rep = json.loads((tmp_path / "a" / "gates.json").read_text())
     assert set(rep["results"]) == {"RHN", "BN-RHN", "BN-RHN (TF code)"}
     assert (tmp_path / "a" / "gates.png").exists()
+    assert len(saved_figures) == 4  # gradients, spectrum, Geršgorin, gates
+    for fig in saved_figures:
+        assert_readable(fig)
 
     # Bad input: a sequence length below 2, an unknown cell, a binary file.
     assert main(["analyze", "gradients", "--text", str(path), "--length", "1", "--out", str(tmp_path / "x")]) == 2

@@ -212,6 +212,33 @@ def test_folder_with_corrupt_and_missing_images(cache, tmp_path, capsys):
     rc = main(["train", "--dataset", f"folder:{folder}", "--strict", "--run-dir", str(tmp_path / "run3"),
                "--cache-dir", str(cache), "--quiet"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+    # with the corrupt image as the only problem, --strict refuses it by its path (features stage)
+    with open(folder / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        w.writerows(r for r in rows if r[0] != "vanished.jpg" and r[1].strip())
+    rc = main(["features", "--dataset", f"folder:{folder}", "--strict", "--cache-dir", str(tmp_path / "c2"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and names[0] in err and "Traceback" not in err
+    # without --strict the same command skips it and says so
+    assert main(["features", "--dataset", f"folder:{folder}", "--cache-dir", str(tmp_path / "c2"), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "1 unreadable image(s) skipped" in out.out and names[0] in out.err + out.out
+
+
+def test_features_command_extracts_once_then_reuses(tmp_path, capsys):
+    _need_weights()
+    args = ["features", "--dataset", "synthetic:6,2,2", "--cache-dir", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "10 images: features extracted" in first and "pooled 1280-d" in first
+    folders = [p for p in tmp_path.rglob("*") if p.is_dir()]
+    assert folders, "no cache folder written"
+    assert main(args) == 0
+    assert "10 images: features already cached" in capsys.readouterr().out
+    assert main(args + ["--grid"]) == 0  # a grid needs a new extraction
+    assert "grid 49x1280" in capsys.readouterr().out  # 7×7 positions × 1280 channels
 
 
 def test_train_command_config_file_and_existing_run(cache, tmp_path, capsys):

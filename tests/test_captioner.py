@@ -119,6 +119,30 @@ def test_loss_masks_padding_and_learns(kind):
     assert float(loss.detach()) < 0.5 * first
 
 
+def test_doubly_stochastic_regulariser_is_the_coverage_penalty():
+    """loss − CE = λ · mean_b Σ_i (1 − Σ_t α_{t,i})², with α taken from step-by-step decoding over each
+    caption's own steps (Xu et al. 2015, eq. 14), and λ = alpha_c scales it."""
+    f, tok, lengths = _batch("show_attend_tell")
+    for alpha_c in (1.0, 0.25):
+        torch.manual_seed(0)
+        m = build_captioner(CaptionerConfig(model="show_attend_tell", vocab_size=11, feature_size=6, grid_size=4,
+                                            embed_size=8, hidden_size=9, cell="lstm", attention_size=5,
+                                            dropout=0.0, alpha_c=alpha_c)).eval()
+        with torch.no_grad():
+            loss, _, parts = m.loss(f, tok, lengths)
+            coverage = torch.zeros(f.shape[0], f.shape[1])
+            for b in range(f.shape[0]):  # one caption at a time: no padding involved
+                state = m.start(f[b : b + 1])
+                for t in range(int(lengths[b]) - 1):
+                    _, state = m.step(tok[b : b + 1, t], state)
+                    alpha = state.extra["alpha"][0]
+                    assert torch.isclose(alpha.sum(), torch.tensor(1.0))
+                    coverage[b] += alpha
+        expected = alpha_c * (1 - coverage).square().sum(1).mean()
+        assert parts["attention_reg"] == pytest.approx(float(expected), rel=1e-5)
+        assert float(loss) == pytest.approx(parts["ce"] + float(expected), rel=1e-5)
+
+
 def test_model_config_errors():
     with pytest.raises(ValueError, match="unknown captioning model"):
         build_captioner(CaptionerConfig(model="show_and_guess", vocab_size=10))

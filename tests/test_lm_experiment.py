@@ -11,6 +11,7 @@ import torch
 
 from bnrhn.cli import main
 from bnrhn.lm import task as task_module
+from figure_support import assert_readable, saved_figures  # noqa: F401  (fixture)
 
 WORDS = "the market fell N points as <unk> investors sold shares of the company 's stock".split()
 
@@ -34,7 +35,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkeypatch, capsys):
+def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkeypatch, capsys, saved_figures):
     # Make the carry-norm variant's loss non-finite at its 4th step, as a real divergence would: the
     # trainer raises TrainingDiverged before the optimiser step and the experiment records it.
     real_step = task_module.CharLMTask.train_step
@@ -52,20 +53,27 @@ def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkey
     out = tmp_path / "report"
     args = ["lm", "experiment", "seed-report", "--ptb", str(mini_ptb), "--out", str(out), "--hidden", "8",
             "--seq-len", "10", "--batch-size", "4", "--epochs", "1", "--max-steps", "0", "--validate-every", "3",
-            "--eval-batch-size", "16", "--variants", "lstm,bn_lstm_shared,bn_lstm_carry_norm", "--quiet"]
+            "--eval-batch-size", "16", "--variants", "lstm,bn_lstm,bn_lstm_shared,bn_lstm_cumulative,bn_lstm_carry_norm",
+            "--quiet"]
     assert main(args) == 0
     table = capsys.readouterr().out
     rep = json.loads((out / "results.json").read_text())
     v = rep["variants"]
-    assert list(v) == ["lstm", "bn_lstm_shared", "bn_lstm_carry_norm"]
-    assert v["lstm"]["outcome"].startswith("trained") and v["lstm"]["valid"]["bpc"] > 0
+    assert list(v) == ["lstm", "bn_lstm", "bn_lstm_shared", "bn_lstm_cumulative", "bn_lstm_carry_norm"]
+    for name in ("lstm", "bn_lstm", "bn_lstm_shared", "bn_lstm_cumulative"):
+        assert v[name]["outcome"].startswith("trained") and v[name]["valid"]["bpc"] > 0, name
+        assert v[name]["seconds_per_epoch"] > 0 and v[name]["valid"]["perplexity"] > 1, name
+    assert v["bn_lstm"]["config"]["cell_options"] == {}
     assert v["bn_lstm_shared"]["config"]["cell_options"] == {"per_step": False}
+    assert v["bn_lstm_cumulative"]["config"]["cell_options"] == {"stats": "cumulative"}
     div = v["bn_lstm_carry_norm"]
     assert div["outcome"].startswith("diverged: loss is nan at step 4") and div["diverged_step"] == 4
     assert div["valid"] is not None and "before the divergence" in div["valid_from"]  # last good checkpoint scored
     assert "| BN-LSTM (normalise the carry) | diverged" in table
     assert (out / "results.md").read_text() in table + "\n"
     assert (out / "loss_curves.png").stat().st_size > 10_000
+    assert len(saved_figures) == 1
+    assert_readable(saved_figures[0])
     # A second call reuses the finished variants instead of training again.
     assert main(args[:-3] + ["--variants", "lstm", "--quiet"]) == 0
     assert json.loads((out / "results.json").read_text())["variants"]["lstm"] == v["lstm"]

@@ -230,3 +230,37 @@ def test_cli_bad_input_gives_clear_errors(text_file, tmp_path, capsys):
     # A second train into the same folder must not clobber the run.
     assert main(["lm", "train", "--text", str(text_file), "--hidden", "8", "--run-dir", str(run), "--quiet"]) == 2
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_stacked_sgd_with_schedule_and_dropout_trains_and_analyses_from_its_checkpoint(text_file, tmp_path, capsys):
+    """lm train with SGD, a step schedule, 2 stacked BN-RHN layers and all three dropouts lowers the
+    loss; the schedule's lr is logged; the analysis commands read the checkpoint (and its own text)."""
+    run = tmp_path / "run"
+    rc = main(["lm", "train", "--text", str(text_file), "--cell", "bn_rhn", "--layers", "2", "--hidden", "16",
+               "--embed", "8", "--cell-option", "depth=2", "--input-dropout", "0.1", "--dropout", "0.1",
+               "--recurrent-dropout", "0.1", "--optimizer", "sgd", "--lr", "1.0", "--schedule", "step",
+               "--step-size", "20", "--batch-size", "4", "--seq-len", "10", "--max-steps", "40",
+               "--validate-every", "20", "--valid-fraction", "0.1", "--test-fraction", "0.1",
+               "--run-dir", str(run), "--quiet", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rows = [r for r in (json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert len(rows) == 40
+    assert [r["lr"] for r in rows] == pytest.approx([1.0] * 20 + [0.5] * 20)  # step schedule, factor 0.5
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])
+    lm = load_char_lm(run / "best.pt")
+    assert lm.model.config["num_layers"] == 2 and lm.model.config["cell"] == "bn_rhn"
+
+    out = tmp_path / "fig"
+    assert main(["analyze", "gradients", "--checkpoint", str(run / "best.pt"), "--length", "8", "--batch", "3",
+                 "--out", str(out / "g"), "--quiet"]) == 0
+    rep = json.loads((out / "g" / "gradients.json").read_text())
+    assert list(rep["results"]) == ["BN-RHN (trained)"]
+    assert main(["analyze", "jacobian", "--checkpoint", str(run / "best.pt"), "--text", str(text_file),
+                 "--cells", "rnn", "--length", "8", "--hidden", "8", "--out", str(out / "j"), "--quiet"]) == 0
+    rep = json.loads((out / "j" / "jacobian.json").read_text())
+    assert set(rep["results"]) == {"vanilla RNN", "BN-RHN (trained)"}
+    assert main(["analyze", "gates", "--checkpoint", str(run / "best.pt"), "--length", "8", "--batch", "2",
+                 "--out", str(out / "a"), "--quiet"]) == 0
+    gates = json.loads((out / "a" / "gates.json").read_text())["results"]["BN-RHN (trained)"]
+    assert len(gates["transform_mean"]) == 2  # two stacked layers, each with its highway depths

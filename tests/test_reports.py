@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from bnrhn.reports import metrics_table, plot_training_curves, write_gallery
+from figure_support import assert_readable, saved_figures  # noqa: F401  (fixture)
 from bnrhn.reports.table import parse_markdown_table
 
 
@@ -25,13 +26,15 @@ def test_table_bolds_best_per_row_and_parses_back():
     assert parsed["steps"]["bn_rhn"] == "10"
 
 
-def test_plot_and_gallery_write_files(tmp_path: Path):
+def test_plot_and_gallery_write_files(tmp_path: Path, saved_figures):
     png = plot_training_curves(
         tmp_path / "loss.png",
         {"lstm": (list(range(1, 101)), [5 - i / 30 for i in range(100)]), "rhn": ([1, 2, 3], [5.0, 4.0, 3.5])},
         {"lstm": ([50, 100], [0.3, 0.5])},
     )
     assert png.stat().st_size > 10_000 and Image.open(png).size[0] > 800
+    assert len(saved_figures) == 1
+    assert_readable(saved_figures[0])
     src = tmp_path / "a.png"
     Image.new("RGB", (64, 48), "red").save(src)
     page = write_gallery(tmp_path / "g" / "gallery.html", [

