@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -180,6 +182,29 @@ def test_input_output_and_recurrent_dropout_masks_are_drawn_once_per_sequence(na
         y, state = rnn.step(x[t], state, t, dropout_masks=masks)
         steps.append(y)
     assert torch.allclose(out, torch.stack(steps), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lstm", "bn_lstm", "bn_rhn", "gru"])
+@pytest.mark.parametrize("training", [False, True])
+def test_step_with_distinct_rows_equals_step_with_repeated_rows(name, training):
+    """Recurrent.step(x_distinct, rows=r) == Recurrent.step(x_distinct[r]) (the decoders' shortcut)."""
+    torch.manual_seed(0)
+    rnn = Recurrent(name, 3, 4, num_layers=2, **({"depth": 2} if "rhn" in name else {}))
+    rnn(torch.randn(5, 8, 3))  # population statistics for eval
+    rnn.train(training)
+    words = torch.randn(3, 3)
+    rows = torch.tensor([2, 0, 0, 1, 2, 2])
+    state = rnn.init_state(6)
+    state = [tuple(s + 0.1 * torch.randn_like(s) for s in layer) for layer in state]
+    twin = copy.deepcopy(rnn)
+    y1, s1 = rnn.step(words, state, step=3, rows=rows)
+    y2, s2 = twin.step(words[rows], state, step=3)
+    assert torch.allclose(y1, y2, atol=1e-6)
+    for a, b in zip(s1, s2):
+        for u, v in zip(a, b):
+            assert torch.allclose(u, v, atol=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        rnn.step(words, state, step=3, rows=torch.tensor([0, 5, 1, 1, 1, 1]))
 
 
 def test_bad_batchnorm_arguments():

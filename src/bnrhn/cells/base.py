@@ -68,6 +68,11 @@ class RecurrentCell(nn.Module):
             if taps is None:
                 taps = self._taps[key] = WeightTaps(weight, bias)
             return taps.addmm(base, h)
+        if base is not None and not torch.is_grad_enabled():
+            # Inference: base (this step's projected input, used once) becomes the output, which saves
+            # a copy of it per step — the runner's and the decoders' xp are never read again.
+            base = base.addmm_(h, weight.t())
+            return base if bias is None else base.add_(bias)
         if bias is not None:
             base = bias if base is None else base + bias
         return h @ weight.t() if base is None else torch.addmm(base, h, weight.t())
@@ -94,6 +99,9 @@ class RecurrentCell(nn.Module):
         ``step`` is the time index (batch-norm cells pick their statistics with it), ``mask`` (``[B]``,
         True at valid positions) keeps padded positions out of batch statistics, and ``h_mask`` is a
         variational-dropout mask multiplied into h_{t−1} where it enters the recurrent matrix product.
+
+        Under ``torch.no_grad()`` a cell may overwrite ``xp`` (it is scratch space: the runner computes
+        it for this one call); pass a copy to keep it.
         """
         raise NotImplementedError
 

@@ -142,7 +142,10 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
     end_only[cfg.end_id] = False
     bound_div = float(max_len + 1) ** length_norm
 
-    state = model.select(model.start(features), torch.arange(B, device=device).repeat_interleave(K))
+    # The first step runs once per image (all K beams would start from the same state); afterwards the
+    # state holds K rows per image (``width``).
+    state = model.start(features)
+    width = 1
     alive_lp = torch.full((B, K), NEG, device=device)
     alive_lp[:, 0] = 0.0  # one start hypothesis per image; the other K−1 slots are empty
     alive_seq = torch.zeros(B, K, 0, dtype=torch.long, device=device)
@@ -151,17 +154,23 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
     fin_seq = torch.full((B, K, max_len), cfg.pad_id, dtype=torch.long, device=device)
     fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
     image = torch.arange(B, device=device)  # original index of each active row
-    tokens = torch.full((B * K,), cfg.start_id, dtype=torch.long, device=device)
+    tokens = torch.full((B,), cfg.start_id, dtype=torch.long, device=device)
     results: list[list[Hypothesis] | None] = [None] * B
 
     for t in range(1, max_len + 2):
         b = image.numel()
         n_words = t - 1  # words in the hypotheses being extended
         logp, state = model.step(tokens, state)
-        logp = logp.float().masked_fill(banned, NEG)
+        # logp is this step's own fresh tensor: masked and shifted in place (each pass over the
+        # [rows, V] scores costs about as much as a small matrix product)
+        logp = logp.float().masked_fill_(banned, NEG)
         if t == max_len + 1:
-            logp = logp.masked_fill(end_only, NEG)
-        cand = (alive_lp.unsqueeze(2) + logp.view(b, K, V)).view(b, K * V)
+            logp.masked_fill_(end_only, NEG)
+        if t == 1:  # one row per image, the only live hypothesis (log-probability 0) in slot 0
+            cand = logp.new_full((b, K * V), NEG)
+            cand[:, :V] = logp
+        else:
+            cand = logp.view(b, K, V).add_(alive_lp.unsqueeze(2)).view(b, K * V)
         n = min(2 * K, K * V)
         top_lp, top_i = cand.topk(n, dim=1)  # sorted, best first
         src, word = top_i // V, top_i % V
@@ -214,8 +223,11 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
             rows = keep
         else:
             rows = torch.arange(b, device=device)
-        flat = (rows.unsqueeze(1) * K + src_sel).flatten()
+        if t == 1:  # every live hypothesis extends the image's one row (dead slots may point anywhere)
+            src_sel = torch.zeros_like(src_sel)
+        flat = (rows.unsqueeze(1) * width + src_sel).flatten()
         state = model.select(state, flat)
+        width = K
         tokens = word_sel.flatten()
     return [r if r is not None else [] for r in results]
 

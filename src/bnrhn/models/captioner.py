@@ -237,7 +237,11 @@ class ShowTell(Captioner):
         return DecodeState(state, 1)
 
     def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        h, rnn_state = self.rnn.step(self.embed(tokens), state.rnn, step=state.t)
+        if self.training or tokens.numel() < 32:
+            h, rnn_state = self.rnn.step(self.embed(tokens), state.rnn, step=state.t)
+        else:  # many beams share few distinct words: project each distinct word's embedding once
+            words, rows = tokens.unique(return_inverse=True)
+            h, rnn_state = self.rnn.step(self.embed(words), state.rnn, step=state.t, rows=rows)
         return self.out(h).log_softmax(-1), DecodeState(rnn_state, state.t + 1, state.extra)
 
 

@@ -177,8 +177,13 @@ class Recurrent(nn.Module):
         step: int,
         dropout_masks: DropoutMasks | None = None,
         mask: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> tuple[Tensor, list[State]]:
         """One time step for every layer: ``x`` is ``[B, I]``; returns the top output ``[B, H]`` and the state.
+
+        ``rows`` (``[B]`` long) says that ``x`` holds distinct inputs only and sequence b reads
+        ``x[rows[b]]`` — e.g. the embeddings of the distinct words of a beam: in eval mode the first
+        layer's input projection (row-wise there) is then computed once per distinct input.
 
         ``step`` is the time index (batch-norm cells pick their statistics with it). Dropout is applied
         only with ``dropout_masks`` (from :meth:`sample_dropout_masks`), so that a sequence keeps one
@@ -194,21 +199,35 @@ class Recurrent(nn.Module):
                 f"Recurrent.step expects input of shape [B, {self.input_size}] (input_size={self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
+        batch = x.shape[0]
+        if rows is not None:
+            rows = torch.as_tensor(rows, device=x.device)
+            if rows.dim() != 1 or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.shape[0])):
+                raise ValueError(f"rows must be a 1-d index into the {x.shape[0]} rows of x, got {rows.tolist()[:8]}...")
+            batch = rows.numel()
         if mask is not None:
             mask = torch.as_tensor(mask, device=x.device).bool()
-            if mask.shape != (x.shape[0],):
-                raise ValueError(f"mask must have one entry per sequence ({x.shape[0]}), got shape {tuple(mask.shape)}")
+            if mask.shape != (batch,):
+                raise ValueError(f"mask must have one entry per sequence ({batch}), got shape {tuple(mask.shape)}")
             if bool(mask.all()):
                 mask = None  # every sequence valid: same as no mask, and the fused batch-norm path applies
+        projected = None
+        if rows is not None:
+            if self.training or dropout_masks is not None or mask is not None:
+                x = x.index_select(0, rows)  # batch statistics and dropout masks are per sequence
+            else:
+                projected = self.cells[0].project_input(x, step).index_select(0, rows)
         if state is None:
-            state = self.init_state(x.shape[0], x.device, x.dtype)
+            state = self.init_state(batch, x.device, x.dtype)
         new_state = []
         h = x
         for k, cell in enumerate(self.cells):
             if dropout_masks is not None and dropout_masks.inputs[k] is not None:
                 h = h * dropout_masks.inputs[k]
             h_mask = dropout_masks.recurrent[k] if dropout_masks is not None else None
-            s = cell.recur(cell.project_input(h, step, mask), state[k], step, mask, h_mask)
+            xp = projected if k == 0 and projected is not None else cell.project_input(h, step, mask)
+            projected = None
+            s = cell.recur(xp, state[k], step, mask, h_mask)
             if mask is not None:
                 keep = mask.unsqueeze(1)
                 s = tuple(torch.where(keep, a, b) for a, b in zip(s, state[k]))
