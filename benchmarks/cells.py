@@ -5,11 +5,19 @@ mean-squared loss on the outputs. Achieved GFLOP/s counts the matrix products on
 forward 2·B·T·G·H·(I + H) for a G-gate cell (per highway layer for the RHN family), and backward
 twice the forward (gradients with respect to inputs and weights), so 3× forward in all.
 
+With ``--products``, every cell's matrix products are also timed alone: the same products, of the
+same shapes, that its training step computes (input projection for all steps and its two backward
+products; per step and layer the recurrent product and its input gradient; per layer the recurrent
+weight gradient over the whole sequence), into preallocated outputs, with no elementwise work in
+between. Their GFLOP/s, as a multiple of nn.LSTM's whole step, is the most a cell can reach with
+those product shapes: a ceiling that no fusion of the elementwise work can raise.
+
 Cells are timed in interleaved rounds (every cell once per round, the median over rounds kept) so
 that a noisy shared machine affects all of them alike.
 
     python benchmarks/cells.py                  # B=64, T=20, I=H=512, RHN depth 3
     python benchmarks/cells.py --rounds 10 --batch 32 --json out.json
+    python benchmarks/cells.py --products       # also the products-only ceiling of each cell
 """
 
 from __future__ import annotations
@@ -54,6 +62,43 @@ def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
     return step
 
 
+def product_columns(cell) -> tuple[int, list[int]]:
+    """Output widths of a cell's products: (input projection, [recurrent product of each highway layer])."""
+    if isinstance(cell, TorchLSTM):
+        return 4 * cell.lstm.hidden_size, [4 * cell.lstm.hidden_size]
+    H = cell.hidden_size
+    if hasattr(cell, "gate_names"):  # the RHN family
+        G, L = len(cell.gate_names), cell.depth
+        return (L if cell.input_at == "every" else 1) * G * H, [G * H] * L
+    G = cell.matmul_flops(1, 1) // (2 * H * (cell.input_size + H))
+    return G * H, [G * H]
+
+
+def make_products(input_size: int, hidden_size: int, columns: tuple[int, list[int]], batch: int, steps: int):
+    """The matrix products of one training step alone, into preallocated outputs (see the module docstring)."""
+    I, H, B, T = input_size, hidden_size, batch, steps
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    in_cols, rec_cols = columns
+    x, w_in, d_in = rand(T * B, I), rand(in_cols, I), rand(T * B, in_cols)
+    xp, dx, dw_in = torch.empty(T * B, in_cols), torch.empty(T * B, I), torch.empty(in_cols, I)
+    layers = [(rand(B, H), rand(G, H), rand(B, G), torch.empty(B, G), torch.empty(B, H),
+               rand(T * B, G), rand(T * B, H), torch.empty(G, H)) for G in rec_cols]
+
+    def step() -> None:
+        torch.mm(x, w_in.t(), out=xp)
+        for _ in range(T):
+            for h, w, da, a, dh, _, _, _ in layers:
+                torch.mm(h, w.t(), out=a)
+                torch.mm(da, w, out=dh)
+        for *_, da_all, h_all, dw in layers:
+            torch.mm(da_all.t(), h_all, out=dw)
+        torch.mm(d_in, w_in, out=dx)
+        torch.mm(d_in.t(), x, out=dw_in)
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
@@ -64,6 +109,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cells", nargs="+", default=CELLS)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    ap.add_argument("--products", action="store_true",
+                    help="also time each cell's matrix products alone (the ceiling its GFLOP/s can reach)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -78,10 +125,18 @@ def main() -> None:
         opts = {"depth": args.depth} if "rhn" in name else {}
         models[name] = Recurrent(name, N, N, **opts)
     steps = {name: make_step(m.train(), x, target) for name, m in models.items()}
+    if args.products:
+        for name, m in models.items():
+            cell = m if isinstance(m, TorchLSTM) else m.cells[0]
+            columns = product_columns(cell)
+            in_cols, rec_cols = columns
+            counted = 2 * B * T * (in_cols * N + sum(rec_cols) * N)
+            assert counted == m.matmul_flops(B, T), f"{name}: product shapes do not match its FLOP count"
+            steps[f"{name} products"] = make_products(N, N, columns, B, T)
     for name, step in steps.items():
         for _ in range(args.warmup):
             step()
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             t0 = time.perf_counter()
@@ -92,20 +147,29 @@ def main() -> None:
     for name, model in models.items():
         sec = statistics.median(times[name])
         flops = 3 * model.matmul_flops(B, T)
-        rows.append({"cell": name, "ms_per_step": 1e3 * sec, "tokens_per_s": B * T / sec, "gflops": flops / sec / 1e9,
-                     "params": sum(p.numel() for p in model.parameters())})
+        row = {"cell": name, "ms_per_step": 1e3 * sec, "tokens_per_s": B * T / sec, "gflops": flops / sec / 1e9,
+               "params": sum(p.numel() for p in model.parameters())}
+        if args.products:
+            row["products_ms"] = 1e3 * statistics.median(times[f"{name} products"])
+            row["products_gflops"] = flops / row["products_ms"] / 1e6
+        rows.append(row)
     ref = rows[0]
     for r in rows:
         r["tokens_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
         r["gflops_ratio"] = r["gflops"] / ref["gflops"]
+        if args.products:
+            r["products_ratio"] = r["products_gflops"] / ref["gflops"]
 
     print(f"Training step (forward + backward + Adam), B={B}, T={T}, I=H={N}, RHN depth {args.depth}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
-    print(f"| {'cell':14s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} |")
-    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|")
+    extra_head = f" {'products ms':>11s} | {'ceiling × nn.LSTM':>17s} |" if args.products else ""
+    extra_rule = f"{'-' * 13}|{'-' * 19}|" if args.products else ""
+    print(f"| {'cell':14s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} |" + extra_head)
+    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|" + extra_rule)
     for r in rows:
+        extra = f" {r['products_ms']:11.1f} | {r['products_ratio']:17.2f} |" if args.products else ""
         print(f"| {r['cell']:14s} | {r['params']:9d} | {r['ms_per_step']:8.1f} | {r['tokens_per_s']:9.0f} | "
-              f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} |")
+              f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} |" + extra)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "rows": rows}, f, indent=2)

@@ -1,0 +1,25 @@
+"""The benchmark scripts run (tiny sizes): they must not rot between the times someone measures with them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cells_benchmark_with_products_ceiling(tmp_path):
+    out = tmp_path / "cells.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cells.py"), "--batch", "4", "--steps", "3", "--size", "16",
+           "--depth", "2", "--rounds", "1", "--warmup", "0", "--threads", "1", "--products", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {r["cell"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch.nn.LSTM", "rnn", "lstm", "gru", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"}
+    for name, r in rows.items():
+        assert r["ms_per_step"] > 0 and r["products_ms"] > 0, name
+        assert r["products_ratio"] > 0 and r["gflops_ratio"] > 0, name
+    assert rows["torch.nn.LSTM"]["gflops_ratio"] == 1.0
+    assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 9
