@@ -80,6 +80,19 @@ def test_batched_beam_equals_per_image_reference(model, cell, length_norm):
         assert all(math.isclose(a.score, b.score, abs_tol=1e-4) for a, b in zip(batched[i], ref))
 
 
+@pytest.mark.parametrize("vocab,beam", [(5, 3), (6, 4), (5, 5)])
+def test_batched_beam_when_a_beam_has_fewer_words_than_the_candidates_kept(vocab, beam):
+    """2·beam extensions are kept per step, but one beam row has only vocab − 3 allowed words: the
+    batched search pads with impossible candidates and must still equal the reference search."""
+    m = tiny_model("show_tell", "lstm", vocab=vocab)
+    f = feats("show_tell", 8)
+    batched = beam_search(m, f, beam_size=beam, max_len=5, topk=2)
+    for i in range(len(f)):
+        ref = beam_search_one(m, f[i], beam_size=beam, max_len=5, topk=2)
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in ref]
+        assert all(math.isclose(a.score, b.score, abs_tol=1e-4) for a, b in zip(batched[i], ref))
+
+
 @pytest.mark.parametrize("model,cell", [("show_tell", "lstm"), ("show_tell", "bn_rhn"), ("show_attend_tell", "lstm")])
 def test_beam_matches_exhaustive_search_on_tiny_vocabulary(model, cell):
     """4 words, at most 3 of them: all 1 + 4 + 16 + 64 = 85 captions scored by teacher forcing."""

@@ -135,3 +135,27 @@ def test_torch_func_transforms_take_the_composed_path_with_the_same_jacobian(nam
     buffers = {k: b.clone() for k, b in rnn.named_buffers()}
     by_autograd = torch.autograd.functional.jacobian(lambda x: f(x, buffers), x)
     assert torch.allclose(by_func, by_autograd, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [{}, {"normalize": "h,t,c", "stats": "cumulative"}, {"carry": "coupled", "normalize": "t"},
+                                  {"input_at": "every", "max_steps": 3}])
+def test_inference_folds_eval_batch_norm_into_one_affine_pass(opts):
+    """Under no_grad in eval mode the RHN applies its population-statistics batch norms and biases as
+    one affine map (RHNCell._eval_affine); with gradients on it takes the composed path. Same outputs,
+    steps past T_max included."""
+    torch.manual_seed(0)
+    rnn = Recurrent("bn_rhn", 5, 6, depth=3, num_layers=2, **opts).double()
+    rnn.train()
+    for _ in range(3):  # population statistics that differ by step
+        rnn(torch.randn(4, 8, 5, dtype=torch.float64) * 2 + 1)
+    rnn.eval()
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    composed, _ = rnn(x)  # gradients enabled: the split/normalise/cat composition
+    with torch.no_grad():
+        folded, _ = rnn(x)
+        state, stepped = None, []
+        for t in range(6):
+            h, state = rnn.step(x[t].clone(), state, step=t)
+            stepped.append(h)
+    assert torch.allclose(composed, folded, atol=1e-12, rtol=0)
+    assert torch.allclose(composed, torch.stack(stepped), atol=1e-12, rtol=0)

@@ -177,6 +177,18 @@ class RHNCell(RecurrentCell):
                 bn.track(step, stats[2 * k], stats[2 * k + 1], n)
         return (s,)
 
+    def _eval_affine(self, l: int, step: int) -> tuple[Tensor, Tensor]:
+        """Highway layer l's batch norms (population statistics) and bias as one affine map of a."""
+        H = self.hidden_size
+        scale = self.bias[l].new_ones(len(self.gate_names) * H)
+        shift = self.bias[l].detach().clone()
+        for gi, g in enumerate(self.gate_names):
+            if g in self.normalize:
+                sc, sh = self.norms[f"{g}{l}"].eval_affine(step)
+                scale[gi * H : (gi + 1) * H] = sc
+                shift[gi * H : (gi + 1) * H] += sh
+        return scale, shift
+
     def _recur_reference(self, xp, state: State, step: int, mask, h_mask) -> State:
         """The highway layers composed from autograd operations (every configuration; see recur)."""
         s = state[0]
@@ -190,7 +202,12 @@ class RHNCell(RecurrentCell):
             else:
                 bias = None if self.normalize else self.bias[l]
                 a = self.recurrent_mm(l, None, s_in, self.weight_hh[l], bias)
-            if self.normalize:
+            if self.normalize and self.norm == "batch" and not self.training and not torch.is_grad_enabled():
+                # Inference: the population-statistics batch norm is affine, so it and the bias are one
+                # in-place pass over a (a is this step's scratch product), not a split, a cat and an add
+                scale, shift = self._eval_affine(l, step)
+                a = torch.addcmul(shift, a, scale, out=a)
+            elif self.normalize:
                 parts = list(a.split(H, dim=1))
                 for gi, g in enumerate(self.gate_names):
                     if g in self.normalize:

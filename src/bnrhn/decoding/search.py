@@ -137,9 +137,12 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
     cfg = model.cfg
     V = cfg.vocab_size
     NEG = float("-inf")
-    banned = _banned(model, allow_unk, device)
+    banned = _banned(model, allow_unk, device).nonzero().flatten()  # column indices: few words
     end_only = torch.ones(V, dtype=torch.bool, device=device)
     end_only[cfg.end_id] = False
+    n = min(2 * K, K * V)  # extensions kept per image and step: K that may end, K that go on
+    m = min(n, V)  # of which at most m come from one beam (so each beam's m best words suffice)
+    beam_of = torch.arange(K, device=device).repeat_interleave(m)  # candidate column → beam slot
     bound_div = float(max_len + 1) ** length_norm
 
     # The first step runs once per image (all K beams would start from the same state); afterwards the
@@ -161,19 +164,20 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
         b = image.numel()
         n_words = t - 1  # words in the hypotheses being extended
         logp, state = model.step(tokens, state)
-        # logp is this step's own fresh tensor: masked and shifted in place (each pass over the
-        # [rows, V] scores costs about as much as a small matrix product)
-        logp = logp.float().masked_fill_(banned, NEG)
+        # logp is this step's own fresh tensor: masked in place, and only on the banned columns
+        logp = logp.float().index_fill_(1, banned, NEG)
         if t == max_len + 1:
             logp.masked_fill_(end_only, NEG)
-        if t == 1:  # one row per image, the only live hypothesis (log-probability 0) in slot 0
-            cand = logp.new_full((b, K * V), NEG)
-            cand[:, :V] = logp
-        else:
-            cand = logp.view(b, K, V).add_(alive_lp.unsqueeze(2)).view(b, K * V)
-        n = min(2 * K, K * V)
-        top_lp, top_i = cand.topk(n, dim=1)  # sorted, best first
-        src, word = top_i // V, top_i % V
+        # The n best extensions of an image are among the m best words of each of its beams: rank
+        # the words of every beam row first (adding the beam's score to m values, not to all V)
+        row_lp, row_word = logp.topk(m, dim=1)  # [b·width, m], sorted
+        cand = row_lp.view(b, width, m).add_(alive_lp[:, :width].unsqueeze(2)).view(b, width * m)
+        if width * m < n:  # tiny vocabularies: pad with impossible candidates
+            cand = torch.cat([cand, cand.new_full((b, n - width * m), NEG)], 1)
+        top_lp, top_j = cand.topk(n, dim=1)  # sorted, best first
+        top_j = top_j.clamp_max_(width * m - 1)  # a padded candidate (−inf) points at a real one
+        src = beam_of[top_j] if width > 1 else torch.zeros_like(top_j)
+        word = row_word.view(b, width * m).gather(1, top_j)
         finite = torch.isfinite(top_lp)
         is_end = (word == cfg.end_id) & finite
         rank = torch.arange(n, device=device).unsqueeze(0)
@@ -223,8 +227,6 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
             rows = keep
         else:
             rows = torch.arange(b, device=device)
-        if t == 1:  # every live hypothesis extends the image's one row (dead slots may point anywhere)
-            src_sel = torch.zeros_like(src_sel)
         flat = (rows.unsqueeze(1) * width + src_sel).flatten()
         state = model.select(state, flat)
         width = K

@@ -208,6 +208,20 @@ class SequenceBatchNorm(nn.Module):
         y, mean, invstd = torch.native_batch_norm(x2d, weight, bias, None, None, True, 0.0, self.eps)
         return y, mean.detach(), invstd.detach().pow(-2).sub_(self.eps).clamp_min_(0.0)
 
+    @torch.no_grad()
+    def eval_affine(self, step: int) -> tuple[Tensor, Tensor]:
+        """Eval mode as one affine map per feature: BN(x) = x ⊙ scale + shift at time step ``step``, with
+        scale = γ/√(σ²_t + ε) and shift = β − μ_t ⊙ scale (population statistics of the step's slot,
+        T_max fallback included). For callers that fold the normalisation into a pass of their own."""
+        s = self._eval_slot(step)
+        scale = torch.rsqrt(self.running_var[s] + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean[s] * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale, shift
+
     # ----------------------------------------------------------------------------------------------
     def _affine(self, y: Tensor) -> Tensor:
         if self.weight is not None:
