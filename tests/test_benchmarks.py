@@ -23,3 +23,12 @@ def test_cells_benchmark_with_products_ceiling(tmp_path):
         assert r["products_ratio"] > 0 and r["gflops_ratio"] > 0, name
     assert rows["torch.nn.LSTM"]["gflops_ratio"] == 1.0
     assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 9
+
+
+def test_decode_benchmark_checks_its_captions():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--images", "6", "--beam", "2", "--vocab", "50",
+           "--max-len", "6", "--reference", "3", "--threads", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "per-image beam search loop (beam 2) | 6 |" in run.stdout
+    assert "identical captions (batched vs loop): 6/6; (batched vs the independent reference search): 3/3" in run.stdout
