@@ -18,6 +18,8 @@ and the K best that do not end stay alive (states reordered with ``index_select`
 soon as no alive hypothesis can still beat its ``topk``-th finished one (exact: scores only fall as
 words are added; with α > 0 the bound uses the longest possible length), and leaves the batch. With
 K = 1 this is greedy decoding; with K at least the number of candidates it is exhaustive search.
+The 2K best extensions of an image are among the 2K best words of each of its beams, so each beam
+row's words are ranked first and only those K·2K candidates are scored against each other.
 """
 
 from __future__ import annotations
