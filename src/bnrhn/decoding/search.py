@@ -144,7 +144,6 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
     end_only[cfg.end_id] = False
     n = min(2 * K, K * V)  # extensions kept per image and step: K that may end, K that go on
     m = min(n, V)  # of which at most m come from one beam (so each beam's m best words suffice)
-    beam_of = torch.arange(K, device=device).repeat_interleave(m)  # candidate column → beam slot
     bound_div = float(max_len + 1) ** length_norm
 
     # The first step runs once per image (all K beams would start from the same state); afterwards the
@@ -178,7 +177,7 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
             cand = torch.cat([cand, cand.new_full((b, n - width * m), NEG)], 1)
         top_lp, top_j = cand.topk(n, dim=1)  # sorted, best first
         top_j = top_j.clamp_max_(width * m - 1)  # a padded candidate (−inf) points at a real one
-        src = beam_of[top_j] if width > 1 else torch.zeros_like(top_j)
+        src = top_j // m  # candidate column j is word j % m of beam slot j // m
         word = row_word.view(b, width * m).gather(1, top_j)
         finite = torch.isfinite(top_lp)
         is_end = (word == cfg.end_id) & finite
