@@ -53,6 +53,15 @@ def report(cache, tmp_path_factory):
 def test_report_files_table_and_gallery(report):
     for name in REPORT_FILES:
         assert (report / name).is_file(), name
+    # the batch-norm diagnostic of every run: three validation losses for BN-RHN, the population one for LSTM
+    runs = {r["cell"]: r for r in json.loads((report / "results.json").read_text())["runs"]}
+    assert {"loss_sorted", "loss_random", "loss_population", "generalisation_gap"} <= set(runs["bn_rhn"]["batchnorm"])
+    assert "loss_sorted" not in runs["lstm"]["batchnorm"] and "loss_population" in runs["lstm"]["batchnorm"]
+    assert runs["bn_rhn"]["batching"] == "random" and runs["lstm"]["batching"] == "bucketed"
+    leak_table = parse_markdown_table((report / "results.md").read_text())
+    assert float(leak_table["val loss, population stats (inference)"]["bn_rhn"]) == pytest.approx(
+        runs["bn_rhn"]["batchnorm"]["loss_population"], abs=1e-3)
+    assert leak_table["val loss, batch stats, sorted batches"]["lstm"] == "–"
     text = (report / "results.md").read_text()
     table = parse_markdown_table(text)
     scores = {r["cell"]: r["scores"] for r in json.loads((report / "results.json").read_text())["runs"]}
@@ -211,7 +220,8 @@ def test_seeds_report_mean_and_std(report, cache, tmp_path):
     per_seed = [r["scores"]["CIDEr"] for r in data["runs"]]
     mean, std = data["table"]["lstm"]["CIDEr"]
     assert mean == pytest.approx(sum(per_seed) / 2) and std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
-    assert per_seed[0] != per_seed[1]  # the seed changes the run
+    runs = [json.loads((Path(r["run_dir"]) / "compare_run.json").read_text()) for r in data["runs"]]
+    assert runs[0]["losses"] != runs[1]["losses"]  # the seed changes the run
     row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| CIDEr |"))
     assert f"{mean:.3f} ± {std:.3f}" in row
 

@@ -12,6 +12,7 @@ from bnrhn.captioning.api import (
     ImageCaptions,
     LoadedCaptioner,
     RunResult,
+    batchnorm_leak,
     caption_images,
     demo_config,
     evaluate,
@@ -27,5 +28,5 @@ from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 __all__ = [
     "CaptionConfig", "demo_config", "train", "evaluate", "caption_images", "load_captioner", "prepare_data", "load_dataset",
     "find_data_root", "DATASET_SPECS", "RunResult", "ImageCaptions", "LoadedCaptioner", "metrics_table",
-    "score_captions", "ALL_METRICS",
+    "score_captions", "ALL_METRICS", "batchnorm_leak",
 ]

@@ -162,7 +162,7 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     trainer = Trainer(task, opt, sched, tcfg)
     _announce_validations(task, log)
     log(f"train: {config.model} with a {config.cell} decoder, {model.num_parameters():,} parameters, "
-        f"{len(data.train_caps)} captions / {task.num_batches(0)} batches per epoch -> {config.run_dir}")
+        f"{len(data.train_caps)} captions / {task.num_batches(0)} {task.batching} batches per epoch -> {config.run_dir}")
     summary = trainer.fit(resume=resume)
     history = summary["validations"]
     best = next((h for h in history if h["step"] == summary["best_step"]), history[-1] if history else {})
@@ -305,6 +305,42 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
         (out / f"metrics_{split}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (out / f"metrics_{split}.md").write_text(metrics_table(scores) + "\n", encoding="utf-8")
     return results, scores
+
+
+def batchnorm_leak(checkpoint: str | Path, split: str = "val", batch_size: int | None = None, precise_batches: int = 0,
+                   cache_dir: str | None = None, progress: bool | None = None, log: Log = stderr_log):
+    """The batch-composition diagnostic (:mod:`bnrhn.analysis.batchnorm`) of a captioner checkpoint on its own
+    data set: teacher-forced loss on ``split`` with batch statistics over length-sorted and random batches and
+    with population statistics, plus the population-statistics loss on training captions. ``batch_size``
+    defaults to the run's training batch size. Returns a :class:`~bnrhn.analysis.batchnorm.LeakReport`."""
+    from bnrhn.analysis.batchnorm import caption_leak
+
+    loaded = load_captioner(checkpoint)
+    cfg = CaptionConfig.from_dict(loaded.config.to_dict())
+    if progress is not None:
+        cfg.progress = progress
+    if cache_dir is not None:
+        cfg.cache_dir = cache_dir
+    split = {"dev": "val", "valid": "val", "validation": "val"}.get(split, split)
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be val or test (the training captions are measured too), got {split!r}")
+    ds = dataset_for_config(cfg, log)
+    train_recs, recs = ds.split("train"), ds.split(split)
+    if not recs:
+        raise ValueError(f"{ds.name}: the {split} split is empty")
+    ds = CaptionDataset(ds.name, train_recs + recs, list(ds.problems), ds.source)
+    enc = _encoder_for(loaded, None, log)
+    grid = loaded.model.needs_grid
+    ds, fs = attach_features(ds, enc, cfg.cache_dir, grid, cfg.strict, cfg.progress, cfg.feature_batch_size, log)
+    keep = {r.image_id for r in ds.records}
+    train_recs = [r for r in train_recs if r.image_id in keep]
+    recs = [r for r in recs if r.image_id in keep]
+    caps = CaptionTensors.build(recs, loaded.vocab, cfg.max_caption_len)
+    train_caps = CaptionTensors.build(train_recs, loaded.vocab, cfg.max_caption_len) if train_recs else None
+    return caption_leak(loaded.model, caps, SplitFeatures.build(recs, fs, grid), train_caps,
+                        SplitFeatures.build(train_recs, fs, grid) if train_recs else None,
+                        batch_size=batch_size or cfg.batch_size, seed=cfg.seed, precise_batches=precise_batches,
+                        split_name=split)
 
 
 def metrics_table(scores: dict[str, float]) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 
 from bnrhn.models.captioner import MODELS
 
+BATCHING = ("auto", "bucketed", "random")
+
 
 @dataclass
 class CaptionConfig:
@@ -68,6 +70,7 @@ class CaptionConfig:
     gamma: float = 0.5
     grad_clip: float | None = 5.0
     batch_size: int = 64
+    batching: str = "auto"
     epochs: int = 10
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -90,6 +93,8 @@ class CaptionConfig:
             self.synthetic_sizes = tuple(self.synthetic_sizes)
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
         if self.val_decode not in ("greedy", "beam"):
             raise ValueError(f"val_decode must be 'greedy' or 'beam', got {self.val_decode!r}")
         for name in ("embed_size", "hidden_size", "num_layers", "batch_size", "epochs", "beam_size", "max_len",

@@ -12,8 +12,19 @@ from bnrhn.captioning.scoring import VALIDATION_METRICS, score_captions
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary
 from bnrhn.decoding import beam_search, greedy
+from bnrhn.nn.seq_batchnorm import uses_batch_statistics
 
 CHECKPOINT_KIND = "bnrhn-captioner"
+
+
+def resolve_batching(batching: str, model) -> str:
+    """``auto`` → ``random`` when the model normalises with batch statistics, else ``bucketed``.
+
+    Length-sorted batches let batch statistics tell a caption when it ends (the rows still valid at
+    step t are the batch's composition); inference has no batch to read, so the cue does not transfer."""
+    if batching != "auto":
+        return batching
+    return "random" if uses_batch_statistics(model) else "bucketed"
 
 
 @dataclass
@@ -61,10 +72,16 @@ class CaptionTask:
         self.last_samples: list[tuple[str, str]] = []
 
     # -- batches -------------------------------------------------------------------------------------
+    @property
+    def batching(self) -> str:
+        """``bucketed`` or ``random``: the config's choice, with ``auto`` resolved for this model."""
+        return resolve_batching(self.config.batching, self.model)
+
     def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         if epoch not in self._batches:
+            bucket = 1 if self.batching == "random" else 50
             self._batches = {epoch: bucketed_batches(self.data.train_caps.lengths, self.config.batch_size,
-                                                     self.config.seed, epoch)}
+                                                     self.config.seed, epoch, bucket=bucket)}
         return self._batches[epoch]
 
     def num_batches(self, epoch: int) -> int:

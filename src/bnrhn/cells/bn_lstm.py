@@ -45,6 +45,10 @@ class BNLSTMCell(RecurrentCell):
         gamma_init: float = 0.1,
         forget_bias: float = 1.0,
         carry_norm: str = "output",
+        min_rows: int = 0,
+        renorm_rmax: float = 3.0,
+        renorm_dmax: float = 5.0,
+        renorm_warmup: int = 100,
     ) -> None:
         super().__init__(input_size, hidden_size)
         if carry_norm not in _CARRY_NORM:
@@ -59,7 +63,8 @@ class BNLSTMCell(RecurrentCell):
         nn.init.xavier_uniform_(self.weight_ih)
         with torch.no_grad():
             self.bias[H : 2 * H] = forget_bias
-        bn = dict(max_steps=max_steps, per_step=per_step, stats=stats, momentum=momentum)
+        bn = dict(max_steps=max_steps, per_step=per_step, stats=stats, momentum=momentum, min_rows=min_rows,
+                  renorm_rmax=renorm_rmax, renorm_dmax=renorm_dmax, renorm_warmup=renorm_warmup)
         self.bn_x = SequenceBatchNorm(4 * H, center=False, gamma_init=gamma_init, **bn)
         self.bn_h = SequenceBatchNorm(4 * H, center=False, gamma_init=gamma_init, **bn)
         self.bn_c = SequenceBatchNorm(H, center=True, gamma_init=gamma_init, **bn)
@@ -80,7 +85,8 @@ class BNLSTMCell(RecurrentCell):
         h, c = state
         h_in = h if h_mask is None else h * h_mask
         rec = self.recurrent_mm("hh", None, h_in, self.weight_hh)
-        if self.fused and self.training and mask is None and h.shape[0] >= 2 and plain_autograd():
+        if (self.fused and self.training and mask is None and plain_autograd()
+                and self.bn_h.plain_batch_statistics(h.shape[0]) and self.bn_c.plain_batch_statistics(h.shape[0])):
             spec = (self.hidden_size, self.bn_h.eps, self.carry_norm == "recurrence")
             h, c, *stats = BNLSTMStep.apply(spec, rec, xp, c, self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
             self.bn_h.track(step, stats[0], stats[1], h.shape[0])

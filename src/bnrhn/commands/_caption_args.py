@@ -61,6 +61,10 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
     g.add_argument("--gamma", type=float, default=S, help="decay factor (0.5)")
     g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm (5.0)")
     g.add_argument("--batch-size", type=int, default=S, metavar="N", help="captions per batch (64)")
+    g.add_argument("--batching", choices=("auto", "bucketed", "random"), default=S,
+                   help="bucketed: length-sorted batches (least padding); random: a random sample per batch; "
+                        "auto (default): random for batch-norm decoders (bn_rhn, bn_lstm), whose batch statistics "
+                        "leak caption length from sorted batches, bucketed otherwise")
     if single_run:
         g.add_argument("--epochs", type=int, default=S, metavar="N", help="maximum epochs (10)")
         g.add_argument("--max-steps", type=int, default=S, metavar="N", help="stop after N steps")

@@ -1,4 +1,5 @@
-"""``bnrhn analyze gradients|jacobian|gates``: the gradient-flow analyses, measured on real text.
+"""``bnrhn analyze gradients|jacobian|gates``: the gradient-flow analyses, measured on real text;
+``bnrhn analyze batchnorm``: whether a trained batch-norm model learned from its batches' composition.
 
 Each writes PNG figures and the numbers (JSON + CSV) into ``--out``.
 """
@@ -60,6 +61,28 @@ def register(subparsers) -> None:
     _common(a, "rhn,bn_rhn,bn_rhn_tf")
     a.add_argument("--batch", type=int, default=32, help="number of text windows (default 32)")
     a.set_defaults(func=run, analysis="gates")
+
+    b = sub.add_parser(
+        "batchnorm", help="batch-composition leak: loss with batch statistics (sorted/random batches) vs population",
+        description="Teacher-forced validation loss of a trained captioner or character LM, per position and in total, "
+                    "with batch statistics over length-sorted batches, over random batches, and with the population "
+                    "statistics that inference uses; plus the number of valid rows per position. A model that reads "
+                    "its batches' composition has the sorted loss far below the other two. Writes batchnorm.json, "
+                    "batchnorm.csv and batchnorm.png into --out (or prints only, without --out).",
+        epilog="Example: bnrhn analyze batchnorm runs/demo/runs/bn_rhn-seed0/best.pt --out figures/bn-leak")
+    b.add_argument("checkpoint", metavar="CKPT", help="best.pt / last.pt of bnrhn train, compare, demo or lm train")
+    b.add_argument("--split", default=None,
+                   help="captioner: val (default) or test; LM: valid (default) or test")
+    b.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="rows per batch (default: the run's training batch size)")
+    b.add_argument("--precise-batches", type=int, default=50, metavar="K",
+                   help="captioner: also measure population statistics recomputed over K random training batches "
+                        "('precise BN'; 0 = skip; default 50)")
+    b.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache root of the run (default: the run's)")
+    b.add_argument("--out", default=None, metavar="DIR", help="folder for batchnorm.json/.csv/.png")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
+    b.set_defaults(func=run_batchnorm, analysis="batchnorm")
 
 
 def run(args) -> int:
@@ -124,3 +147,75 @@ def _checkpoint_text(path: str) -> str:
         if key in src:
             return src[key]
     raise ValueError(f"{path}: the checkpoint does not record its text; give --text FILE")
+
+
+def run_batchnorm(args) -> int:
+    import json
+    from pathlib import Path
+
+    from bnrhn.analysis.batchnorm import leak_summary
+    from bnrhn.commands.lm import set_threads
+    from bnrhn.reports.plots import MODE_LABELS, plot_batchnorm_leak
+    from bnrhn.training import load_checkpoint
+
+    set_threads(args.threads)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if args.batch_size is not None and args.batch_size < 2:
+        raise ValueError(f"--batch-size must be ≥ 2 (batch statistics need two rows), got {args.batch_size}")
+    if args.precise_batches < 0:
+        raise ValueError(f"--precise-batches must be ≥ 0, got {args.precise_batches}")
+    kind = (load_checkpoint(args.checkpoint).get("task") or {}).get("kind")
+    if kind == "bnrhn-captioner":
+        from bnrhn.captioning import batchnorm_leak
+
+        report = batchnorm_leak(args.checkpoint, split=args.split or "val", batch_size=args.batch_size,
+                                precise_batches=args.precise_batches, cache_dir=args.cache_dir,
+                                progress=not args.quiet, log=log)
+    else:
+        report = _lm_report(args, log)
+    d = report.to_dict()
+    print(f"{args.checkpoint}: {report.kind}, {report.split} split, {report.sequences:,} "
+          f"{'captions' if report.kind == 'captioner' else 'characters'}, batches of {report.batch_size}")
+    for mode, m in report.modes.items():
+        print(f"  {MODE_LABELS.get(mode, mode):48s} {m.loss:.4f} nats/token")
+    for key, value in leak_summary(report).items():
+        if not key.startswith("loss_"):
+            print(f"  {key:48s} {value:+.2%}" if key.endswith(("_random", "_batch")) else f"  {key:48s} {value:.4f}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        d["checkpoint"] = str(args.checkpoint)
+        (out / "batchnorm.json").write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+        modes = list(report.modes)
+        rows = ["position," + ",".join(f"loss_{m},tokens_{m},valid_rows_{m}" for m in modes)]
+        for k in range(max(len(m.per_step_loss) for m in report.modes.values())):
+            cells = []
+            for m in report.modes.values():
+                cells += ([f"{m.per_step_loss[k]:.6f}", str(m.per_step_tokens[k]), f"{m.valid_rows[k]:.2f}"]
+                          if k < len(m.per_step_loss) else ["", "", ""])
+            rows.append(f"{k + 1}," + ",".join(cells))
+        (out / "batchnorm.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        plot_batchnorm_leak(out / "batchnorm.png", d, title=f"{Path(args.checkpoint).parent.name}: {report.split} loss by position")
+        log("wrote " + ", ".join(str(out / f) for f in ("batchnorm.json", "batchnorm.csv", "batchnorm.png")))
+    return 0
+
+
+def _lm_report(args, log):
+    from bnrhn.analysis.batchnorm import lm_leak
+    from bnrhn.lm.task import load_char_lm
+    from bnrhn.lm.train import LMTrainConfig, build_corpus
+
+    lm = load_char_lm(args.checkpoint)  # refuses a checkpoint of any other kind, naming it
+    split = args.split or "valid"
+    cfg = LMTrainConfig.from_dict(lm.train_config["lm_config"])
+    corpus = build_corpus(cfg)
+    if corpus.vocab != lm.vocab:
+        raise ValueError(f"{args.checkpoint}: the corpus the model was trained on has changed (different characters)")
+    ids = corpus.splits().get(split)
+    if ids is None:
+        raise ValueError(f"{args.checkpoint}: the model's corpus has no {split!r} split (valid or test)")
+    bs = args.batch_size or int(lm.train_config.get("batch_size", 32))
+    log(f"text: {split} split of {cfg.text or cfg.ptb or cfg.train} ({ids.numel():,} characters)")
+    return lm_leak(lm.model, ids, batch_size=bs, seq_len=lm.seq_len, carry_state=lm.carry_state, split_name=split)

@@ -6,6 +6,9 @@ test split with beam search and is scored on the seven metrics. The experiment f
 - ``results.md`` / ``results.json``: the paper's table (rows BLEU-1..4, ROUGE-L, METEOR, CIDEr; one column
   per cell; best in bold; mean ± std over seeds when there are several), plus training time, tokens/s,
   parameters and steps;
+  and the batch-norm diagnostic of each run (:mod:`bnrhn.analysis.batchnorm`: validation loss with batch
+  statistics over length-sorted and over random batches, with population statistics, and the
+  population-statistics training loss, whose difference to the validation loss is the generalisation gap);
 - ``loss.png``: training loss vs steps for every cell on one plot, and validation CIDEr vs steps;
 - ``gallery.html`` (+ ``images/``): test images with every model's caption and the human captions;
 - ``runs/<cell>-seed<N>/``: each run's checkpoints, logs, test captions (``results_test.json``) and scores;
@@ -168,12 +171,15 @@ class CellRun:
     losses: list[tuple[int, float]]
     validation: list[tuple[int, float]]
     captions: dict[str, str]  # test image id -> caption
+    batchnorm: dict[str, float] = field(default_factory=dict)  # leak_summary of the best checkpoint
+    batching: str = ""
 
     def to_dict(self) -> dict:
         return {
             "cell": self.cell, "seed": self.seed, "run_dir": str(self.run_dir), "scores": self.scores,
             "steps": self.steps, "train_seconds": self.train_seconds, "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s, "parameters": self.n_params, "stopped": self.stopped,
+            "batching": self.batching, "batchnorm": self.batchnorm,
         }
 
     def save(self, path: Path) -> None:
@@ -191,6 +197,7 @@ class CellRun:
             train_seconds=d["train_seconds"], seconds=d["seconds"], tokens_per_s=d["tokens_per_s"],
             n_params=d["parameters"], stopped=d["stopped"], losses=[tuple(x) for x in d["losses"]],
             validation=[tuple(x) for x in d["validation"]], captions=d["captions"],
+            batchnorm=d.get("batchnorm") or {}, batching=d.get("batching", ""),
         )
 
 
@@ -263,15 +270,39 @@ def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path,
         results, scores = evaluate(best, split="test", beam=s.beam, metrics=ALL_METRICS, out_dir=run_dir,
                                    progress=s.base.progress, log=log)
         captions = {str(r["image_id"]): r["caption"] for r in results}
+    leak = _batchnorm_diagnostic(best, tag, log) if best is not None else {}
     run = CellRun(
         cell=cell, seed=seed, run_dir=run_dir, scores=scores, steps=steps, train_seconds=train_seconds,
         seconds=time.perf_counter() - t0, tokens_per_s=tokens_per_s, n_params=n_params, stopped=stopped,
-        losses=losses, validation=validation, captions=captions,
+        losses=losses, validation=validation, captions=captions, batchnorm=leak, batching=_batching_of(cfg),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     run.save(run_dir / RUN_SUMMARY)
     log(f"{tag}: {cell} seed {seed}: " + ", ".join(f"{m} {scores[m]:.3f}" for m in METRIC_ORDER if m in scores))
     return run
+
+
+def _batchnorm_diagnostic(best: Path, tag: str, log: Log) -> dict[str, float]:
+    """The batch-norm leak numbers of the best checkpoint (validation split), {} without validation captions."""
+    from bnrhn.analysis.batchnorm import leak_summary
+    from bnrhn.captioning.api import batchnorm_leak
+
+    try:
+        report = batchnorm_leak(best, split="val", progress=False, log=lambda m: None)
+    except ValueError as exc:  # no validation captions
+        log(f"{tag}: no batch-norm diagnostic ({exc})")
+        return {}
+    summary = leak_summary(report)
+    log(f"{tag}: validation loss " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in summary.items() if k.startswith("loss_"))
+        + (f"; generalisation gap {summary['generalisation_gap']:.3f}" if "generalisation_gap" in summary else ""))
+    return summary
+
+
+def _batching_of(cfg) -> str:
+    from bnrhn.cells import build_cell
+    from bnrhn.captioning.task import resolve_batching
+
+    return resolve_batching(cfg.batching, build_cell(cfg.cell, 8, 8, **cfg.cell_options))
 
 
 def _log_rows(run_dir: Path) -> list[dict]:
@@ -296,6 +327,23 @@ def _mean_std(values: list[float]) -> tuple[float, float] | float:
     if len(values) == 1:
         return values[0]
     return statistics.mean(values), statistics.stdev(values)
+
+
+LEAK_ROWS = (
+    ("loss_sorted", "val loss, batch stats, sorted batches"),
+    ("loss_random", "val loss, batch stats, random batches"),
+    ("loss_population", "val loss, population stats (inference)"),
+    ("train_loss_population", "train loss, population stats"),
+    ("generalisation_gap", "generalisation gap (val − train)"),
+)
+
+
+def _fmt_mean_std(values: list[float | None]) -> str:
+    """"0.512" or "0.512 ± 0.010" over the runs that have the number; "–" when none has it."""
+    v = _mean_std([x for x in values if x is not None])
+    if isinstance(v, tuple):
+        return f"{v[0]:.3f} ± {v[1]:.3f}"
+    return "–" if math.isnan(v) else f"{v:.3f}"
 
 
 def _nan_to_none(x):
@@ -324,7 +372,11 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         "tokens/s (training)": {c: f"{mean([r.tokens_per_s for r in rs]):,.0f}" for c, rs in by_cell.items()},
         "parameters": {c: f"{rs[0].n_params:,}" for c, rs in by_cell.items()},
         "steps": {c: f"{mean([r.steps for r in rs]):.0f}" for c, rs in by_cell.items()},
+        "training batches": {c: rs[0].batching or "bucketed" for c, rs in by_cell.items()},
     }
+    for key, label in LEAK_ROWS:
+        if any(key in r.batchnorm for r in runs):
+            extra[label] = {c: _fmt_mean_std([r.batchnorm.get(key) for r in rs]) for c, rs in by_cell.items()}
     if any(r.stopped.startswith("diverged") for r in runs):
         extra["diverged (NaN loss)"] = {c: f"{sum(r.stopped.startswith('diverged') for r in rs)} of {len(rs)}"
                                         for c, rs in by_cell.items()}
@@ -347,6 +399,12 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         f"Total wall-clock time (training, validation and test captioning of every run): {_fmt_seconds(seconds)}. "
         + (f"Reproduce with `{commands[0]}`." if len(commands) <= 1 else
            "Commands run, in order: " + "; ".join(f"`{c}`" for c in commands) + "."),
+        "",
+        "Loss rows: teacher-forced cross-entropy of the best checkpoint in nats per word (`bnrhn analyze batchnorm`): "
+        "on validation captions with batch statistics over length-sorted and over random batches of the training "
+        "batch size, and with the population statistics that decoding uses; on up to 5,000 training captions with "
+        "population statistics. Cells without batch norm have only the population numbers. A sorted-batch loss far "
+        "below the others means the model reads its batches' composition (see docs/cells.md).",
         "",
         "![training loss and validation CIDEr](loss.png)",
         "",

@@ -225,8 +225,9 @@ class ShowTell(Captioner):
         h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
         targets = tokens[:, 1:]
         valid = _target_mask(tokens, lengths)
-        # Only real tokens reach the output layer: no logits are computed for padding.
-        logits = self.out(self.drop(h[valid]))
+        # Only real tokens reach the output layer: no logits are computed for padding. h carries the
+        # runner's variational output dropout already: it is the one dropout on the decoder output.
+        logits = self.out(h[valid])
         n = int(valid.sum())
         ce = F.cross_entropy(logits, targets[valid], reduction="sum") / n
         return ce, n, {"ce": float(ce.detach())}
@@ -295,11 +296,13 @@ class ShowAttendTell(Captioner):
         outs, alphas = [], []
         for t in range(L - 1):
             z, alpha = self._attend(grid, keys, h)
-            h_new, state = self.rnn.step(torch.cat([emb[:, t], z], 1), state, step=t, dropout_masks=masks,
-                                         mask=valid[:, t])
+            _, state = self.rnn.step(torch.cat([emb[:, t], z], 1), state, step=t, dropout_masks=masks,
+                                     mask=valid[:, t])
             # keep h_{t−1} for finished captions (their later outputs are masked out anyway)
             h = torch.where(valid[:, t : t + 1], state[-1][0], h)
-            outs.append(emb[:, t] + self.out_h(h_new) + self.out_z(z))
+            # the deep output reads the state before the runner's output dropout: its own dropout (in
+            # loss()) is the one on the decoder output, as in Xu et al.
+            outs.append(emb[:, t] + self.out_h(state[-1][0]) + self.out_z(z))
             alphas.append(alpha)
         return torch.stack(outs, 1), torch.stack(alphas, 1), valid
 

@@ -23,6 +23,23 @@ the sequence path and the step-by-step path identical matters more than the pool
 In eval mode, a slot that never received statistics (a step longer than any training sequence but
 below ``max_steps``) falls back to the last slot that did, so "steps past T_max" and "steps past the
 longest training caption" behave the same way.
+
+Two options make training see what inference sees (see docs/cells.md, "The batch-composition leak"):
+
+- ``min_rows = k``: a training step with fewer than k valid positions is normalised with the
+  population statistics of its slot (as in eval mode) and updates nothing. Late steps of a padded
+  batch hold few captions; their batch statistics say how many captions are still running, and a
+  lone valid position normalises to exactly 0.
+- ``stats="renorm"``: batch renormalization (Ioffe 2017). With σ_B = √(σ²_B + ε), σ = √(σ²_pop + ε),
+
+      y = γ ⊙ ((x − μ_B)/σ_B ⊙ r + d) + β,   r = clip(σ_B/σ, 1/r_max, r_max),
+                                              d = clip((μ_B − μ_pop)/σ, −d_max, d_max)
+
+  with r and d treated as constants in the backward pass; unclipped, y equals the eval-mode output
+  γ ⊙ (x − μ_pop)/σ + β, so the forward pass carries no batch cue. The population statistics are
+  running averages (``momentum``). While a slot has seen fewer than ``renorm_warmup`` batches its
+  limits grow linearly from (r_max, d_max) = (1, 0), plain batch norm, to their set values (Ioffe
+  ramps them the same way, over training steps).
 """
 
 from __future__ import annotations
@@ -34,20 +51,36 @@ from torch.autograd.function import once_differentiable
 
 from bnrhn.autodiff import plain_autograd
 
-__all__ = ["SequenceBatchNorm", "check_statistics_options"]
+__all__ = ["SequenceBatchNorm", "check_statistics_options", "uses_batch_statistics"]
 
-_STATS = ("momentum", "cumulative")
+_STATS = ("momentum", "cumulative", "renorm")
 
 
-def check_statistics_options(max_steps: object, stats: object, momentum: object) -> None:
-    """``ValueError`` naming the argument for a bad T_max, estimator or momentum. Cells that take these
-    options call it even when they build no batch norm, so a typo never passes silently."""
+def check_statistics_options(max_steps: object, stats: object, momentum: object, min_rows: object = 0,
+                             renorm_rmax: object = 3.0, renorm_dmax: object = 5.0,
+                             renorm_warmup: object = 100) -> None:
+    """``ValueError`` naming the argument for a bad T_max, estimator, momentum, row minimum or batch
+    renormalization limit. Cells that take these options call it even when they build no batch norm,
+    so a typo never passes silently."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps (T_max) must be an integer ≥ 1, got {max_steps!r}")
     if stats not in _STATS:
         raise ValueError(f"stats must be one of {_STATS}, got {stats!r}")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 0:
+        raise ValueError(f"min_rows must be an integer ≥ 0 (0 = off), got {min_rows!r}")
+    if isinstance(renorm_rmax, bool) or not isinstance(renorm_rmax, (int, float)) or not renorm_rmax >= 1.0:
+        raise ValueError(f"renorm_rmax must be a number ≥ 1, got {renorm_rmax!r}")
+    if isinstance(renorm_dmax, bool) or not isinstance(renorm_dmax, (int, float)) or not renorm_dmax >= 0.0:
+        raise ValueError(f"renorm_dmax must be a number ≥ 0, got {renorm_dmax!r}")
+    if isinstance(renorm_warmup, bool) or not isinstance(renorm_warmup, int) or renorm_warmup < 0:
+        raise ValueError(f"renorm_warmup must be an integer ≥ 0 (batches per slot), got {renorm_warmup!r}")
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` holds a :class:`SequenceBatchNorm` (its training outputs depend on the batch)."""
+    return any(isinstance(m, SequenceBatchNorm) for m in model.modules())
 
 
 class SequenceBatchNorm(nn.Module):
@@ -64,6 +97,9 @@ class SequenceBatchNorm(nn.Module):
         center: learn a shift β; ``False`` for BN-LSTM's W_h h and W_x x terms, whose shift the
             cell's own bias provides (Cooijmans et al.).
         gamma_init: initial γ (0.1 in Cooijmans et al., to keep tanh/σ away from saturation).
+        min_rows: training steps with fewer valid positions use the population statistics (0 = off).
+        renorm_rmax, renorm_dmax, renorm_warmup: the limits of ``stats="renorm"`` and the number of
+            batches per slot over which they grow from plain batch norm to their values.
 
     Call as ``bn(x, step=t, mask=m)`` with either
 
@@ -86,11 +122,19 @@ class SequenceBatchNorm(nn.Module):
         affine: bool = True,
         center: bool = True,
         gamma_init: float = 1.0,
+        min_rows: int = 0,
+        renorm_rmax: float = 3.0,
+        renorm_dmax: float = 5.0,
+        renorm_warmup: int = 100,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        check_statistics_options(max_steps, stats, momentum)
+        check_statistics_options(max_steps, stats, momentum, min_rows, renorm_rmax, renorm_dmax, renorm_warmup)
+        self.min_rows = int(min_rows)
+        self.renorm_rmax = float(renorm_rmax)
+        self.renorm_dmax = float(renorm_dmax)
+        self.renorm_warmup = int(renorm_warmup)
         self.num_features = num_features
         self.per_step = bool(per_step)
         self.max_steps = int(max_steps) if per_step else 1
@@ -114,10 +158,18 @@ class SequenceBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.zeros(self.max_steps, dtype=torch.long))
 
     def extra_repr(self) -> str:
+        extra = f", min_rows={self.min_rows}" if self.min_rows else ""
+        if self.stats == "renorm":
+            extra += f", rmax={self.renorm_rmax}, dmax={self.renorm_dmax}, warmup={self.renorm_warmup}"
         return (
             f"{self.num_features}, max_steps={self.max_steps}, per_step={self.per_step}, "
-            f"stats={self.stats!r}, momentum={self.momentum}, eps={self.eps}, center={self.center}"
+            f"stats={self.stats!r}, momentum={self.momentum}, eps={self.eps}, center={self.center}{extra}"
         )
+
+    def plain_batch_statistics(self, rows: int) -> bool:
+        """Whether a training step over ``rows`` valid positions is normalised with its own plain batch
+        statistics — what the fused kernels of the cells compute (no renormalization, enough rows)."""
+        return self.stats != "renorm" and rows >= max(2, self.min_rows)
 
     # ----------------------------------------------------------------------------------------------
     def slot(self, step: int) -> int:
@@ -149,8 +201,9 @@ class SequenceBatchNorm(nn.Module):
             return F.batch_norm(
                 x, self.running_mean[s], self.running_var[s], self.weight, self.bias, False, 0.0, self.eps
             )
-        if mask is not None and not bool(mask.all()):
-            return self._forward_masked(x.unsqueeze(0), step, mask.reshape(1, -1)).squeeze(0)
+        if self._needs_general_path(x.shape[0], mask):
+            m = mask.reshape(1, -1) if mask is not None else None
+            return self._forward_masked(x.unsqueeze(0), step, m).squeeze(0)
         if x.shape[0] < 2:  # a lone sample has no variance: normalise with what we have, keep population stats
             return self._affine((x - x.mean(0)) * torch.rsqrt(x.new_tensor(self.eps)))
         y, mean, var = self._fused_batch_norm(x, self.weight, self.bias)
@@ -167,7 +220,7 @@ class SequenceBatchNorm(nn.Module):
             mean, var = self.running_mean[idx], self.running_var[idx]  # [T, F]
             y = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
             return self._affine(y)
-        if mask is not None and not bool(mask.all()):
+        if self._needs_general_path(B, mask):
             return self._forward_masked(x, step0, mask)
         if B < 2:  # a lone sequence has no batch variance
             return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))
@@ -181,9 +234,16 @@ class SequenceBatchNorm(nn.Module):
         self._update_running_steps(step0, mean.view(T, Fdim), var.view(T, Fdim) * (B / (B - 1)))
         return y.view(B, T, Fdim).transpose(0, 1)
 
-    def _forward_masked(self, x: Tensor, step0: int, mask: Tensor) -> Tensor:
-        """Training with padded positions: statistics of step t over its valid positions only."""
-        w = mask.to(x.dtype)  # [T, B]
+    def _needs_general_path(self, rows: int, mask: Tensor | None) -> bool:
+        """Padded positions, renormalization or too few rows: not the fused full-batch kernel."""
+        return self.stats == "renorm" or rows < self.min_rows or (mask is not None and not bool(mask.all()))
+
+    def _forward_masked(self, x: Tensor, step0: int, mask: Tensor | None) -> Tensor:
+        """Training with padded positions (statistics of step t over its valid positions only), batch
+        renormalization, or the population fallback of steps with fewer than ``min_rows`` positions."""
+        w = mask.to(x.dtype) if mask is not None else x.new_ones(x.shape[:2])  # [T, B]
+        if self.stats == "renorm":
+            return self._forward_renorm(x, step0, w)
         if plain_autograd():
             y, mean, var = _MaskedBatchNorm.apply(x, w, self.weight, self.bias, self.eps)
         else:  # torch.func transforms: the same arithmetic from differentiable operations
@@ -193,12 +253,53 @@ class SequenceBatchNorm(nn.Module):
             y = self._affine((x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps))
             mean, var = mean.detach(), var.detach()
         counts = w.sum(1)  # [T]
-        if bool((counts >= 2).all()):
+        least = max(2, self.min_rows)  # fewer positions: no variance estimate, or too few to trust
+        few = counts < least
+        if self.min_rows and bool(few.any()):
+            y = self._population_where(y, x, step0, few)
+        if not bool(few.any()):
             self._update_running_steps(step0, mean, var * (counts / (counts - 1)).unsqueeze(1))
-        else:  # steps with fewer than two valid positions have no variance estimate: they update nothing
+        else:  # steps with too few valid positions update nothing
             for t, k in enumerate(counts.tolist()):
-                if k >= 2:
+                if k >= least:
                     self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
+        return y
+
+    def _population_where(self, y: Tensor, x: Tensor, step0: int, few: Tensor) -> Tensor:
+        """``y`` with the steps where ``few`` [T] is True normalised by the population statistics instead
+        (slots that never received statistics fall back as in eval mode; with none at all, y is kept)."""
+        if not bool(self.num_batches_tracked.any()):
+            return y
+        T = x.shape[0]
+        idx = torch.tensor([self._eval_slot(step0 + t) for t in range(T)], device=x.device)
+        mean, var = self.running_mean[idx].unsqueeze(1), self.running_var[idx].unsqueeze(1)  # [T, 1, F]
+        pop = self._affine((x - mean) * torch.rsqrt(var + self.eps))
+        return torch.where(few.view(T, 1, 1), pop, y)
+
+    def _forward_renorm(self, x: Tensor, step0: int, w: Tensor) -> Tensor:
+        """Batch renormalization (module docstring) with statistics over the positions where w [T, B] is 1.
+        Composed from autograd operations; r and d are constants of the backward pass."""
+        T = x.shape[0]
+        counts = w.sum(1)  # [T]
+        wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(-1)  # [T, B, 1]
+        mean = (x * wn).sum(1, keepdim=True)  # [T, 1, F]
+        var = ((x - mean).square() * wn).sum(1, keepdim=True)
+        std = torch.sqrt(var + self.eps)
+        idx = torch.tensor([self._eval_slot(step0 + t) for t in range(T)], device=x.device)
+        with torch.no_grad():
+            pop_mean = self.running_mean[idx].unsqueeze(1).to(x.dtype)
+            pop_std = torch.sqrt(self.running_var[idx].unsqueeze(1).to(x.dtype) + self.eps)
+            seen = self.num_batches_tracked[idx].to(x.dtype)
+            ramp = (seen / self.renorm_warmup).clamp(max=1.0) if self.renorm_warmup else torch.ones_like(seen)
+            rmax = (1.0 + (self.renorm_rmax - 1.0) * ramp).view(T, 1, 1)
+            dmax = (self.renorm_dmax * ramp).view(T, 1, 1)
+            r = torch.minimum(torch.maximum(std / pop_std, 1.0 / rmax), rmax)
+            d = torch.minimum(torch.maximum((mean - pop_mean) / pop_std, -dmax), dmax)
+        y = self._affine((x - mean) / std * r + d)
+        mean, var = mean.detach().squeeze(1), var.detach().squeeze(1)
+        for t, k in enumerate(counts.tolist()):
+            if k >= 2:
+                self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
         return y
 
     def _fused_batch_norm(self, x2d: Tensor, weight: Tensor | None, bias: Tensor | None):

@@ -63,3 +63,46 @@ def plot_training_curves(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+MODE_LABELS = {
+    "sorted": "batch statistics, length-sorted batches",
+    "random": "batch statistics, random batches",
+    "batch": "batch statistics",
+    "population": "population statistics (inference)",
+    "precise": "population statistics recomputed (precise BN)",
+}
+
+
+def plot_batchnorm_leak(path: str | Path, report: dict, title: str = "") -> Path:
+    """The batch-composition diagnostic: loss per word position for each mode (top) and the mean number of
+    valid rows per batch at each position (bottom), from :meth:`bnrhn.analysis.batchnorm.LeakReport.to_dict`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for mode, m in report["modes"].items():
+        ks = range(1, len(m["per_step_loss"]) + 1)
+        ax.plot(ks, m["per_step_loss"], marker="o", markersize=3,
+                label=f"{MODE_LABELS.get(mode, mode)}: {m['loss']:.3f}")
+    unit = "word position k" if report["kind"] == "captioner" else "position in the window"
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(title or f"Teacher-forced {report['split']} loss by {unit}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="mode: total loss", title_fontsize=8)
+    for mode in [m for m in ("sorted", "random", "batch") if m in report["modes"]] or ["population"]:
+        m = report["modes"][mode]
+        ax2.plot(range(1, len(m["valid_rows"]) + 1), m["valid_rows"], marker=".", label=MODE_LABELS.get(mode, mode))
+    ax2.axhline(report["batch_size"], color="grey", linewidth=0.8, linestyle="--")
+    ax2.set_xlabel(unit)
+    ax2.set_ylabel(f"valid rows per batch (of {report['batch_size']})")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
