@@ -37,7 +37,10 @@ def toy_data(n_images=24, per_image=3, vocab=12, max_words=9, seed=0):
 
 
 def toy_model(cell="bn_rhn", seed=0, **cell_options):
+    """A tiny captioner with population statistics; plain batch norm (momentum) unless told otherwise."""
     torch.manual_seed(seed)
+    if cell.startswith("bn_"):
+        cell_options = {"stats": "momentum", **cell_options}
     cfg = CaptionerConfig(vocab_size=12, feature_size=10, embed_size=8, hidden_size=8, cell=cell, dropout=0.0,
                           cell_options={"depth": 2, **cell_options} if "rhn" in cell else cell_options)
     model = build_captioner(cfg)

@@ -192,12 +192,13 @@ def test_min_rows_gradcheck_float64():
 
 
 # -- the options inside the cells ------------------------------------------------------------------------------
+@pytest.mark.parametrize("stats", ["momentum", "renorm"])
 @pytest.mark.parametrize("name,opts", [("bn_rhn", {"depth": 2}), ("bn_lstm", {})])
-def test_cells_with_min_rows_above_the_batch_train_like_eval(name, opts):
+def test_cells_with_min_rows_above_the_batch_train_like_eval(name, opts, stats):
     """Every training step with fewer rows than min_rows normalises like inference: training output = eval
     output (dropout off), through the cells' fused-kernel checks as well."""
     torch.manual_seed(7)
-    rnn = Recurrent(name, 3, 5, **opts, min_rows=6)
+    rnn = Recurrent(name, 3, 5, **opts, min_rows=6, stats=stats)
     rnn.train()
     for _ in range(3):
         rnn(torch.randn(4, 12, 3))  # 12 rows ≥ 6: batch statistics, population statistics learnt
@@ -229,7 +230,7 @@ def test_cells_with_unclipped_renorm_train_like_eval(name, opts):
                                          ("momentum", {"min_rows": 5})])
 def test_bn_rhn_cell_gradcheck_float64_with_statistics_options(stats, extra):
     torch.manual_seed(9)
-    rnn = Recurrent("bn_rhn", 2, 3, depth=2, stats=stats, **extra).double()
+    rnn = Recurrent("bn_rhn", 2, 3, depth=2, stats=stats, **extra).double()  # (renorm: the cell's default)
     rnn.train()
     rnn(torch.randn(3, 8, 2, dtype=torch.float64))
     for bn in rnn.modules():

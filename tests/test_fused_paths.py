@@ -11,7 +11,9 @@ from bnrhn.cells.highway import HighwayStep
 from bnrhn.nn import Recurrent, SequenceBatchNorm
 
 FUSED_CASES = [
-    ("bn_rhn", {}),
+    ("bn_rhn", {}),  # batch renormalization, the default
+    ("bn_rhn", {"stats": "momentum"}),
+    ("bn_rhn", {"renorm_rmax": 1.05, "renorm_dmax": 0.01, "renorm_warmup": 0}),  # limits that bind
     ("bn_rhn", {"normalize": "h,t,c", "stats": "cumulative"}),
     ("bn_rhn", {"normalize": "t", "per_step": False}),
     ("bn_rhn", {"carry": "coupled", "normalize": "h,t", "input_at": "every"}),
@@ -45,6 +47,10 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, padded)
         cell.fused = False
     x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([7, 4, 6, 2]) if padded else None
+    for model in (fused, reference):  # population statistics to renormalise against (and to update)
+        torch.manual_seed(5)  # the same dropout masks
+        with torch.no_grad():
+            _ = model(torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
     out_f, final_f, grads_f = _run(fused, x, lengths, seed=3)
     out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
     assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
@@ -68,9 +74,13 @@ def test_the_fast_paths_are_taken(monkeypatch):
             return _original(*args)
 
         monkeypatch.setattr(fn, "apply", counting)
-    Recurrent("bn_rhn", 3, 4, depth=2)(torch.randn(5, 3, 3))
-    Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))
-    assert calls == {"highway": 5 * 2, "lstm": 5}
+    Recurrent("bn_rhn", 3, 4, depth=2)(torch.randn(5, 3, 3))  # batch renormalization (the default)
+    Recurrent("bn_rhn", 3, 4, depth=2, stats="momentum")(torch.randn(5, 3, 3))
+    Recurrent("bn_lstm", 3, 4, stats="momentum")(torch.randn(5, 3, 3))
+    assert calls == {"highway": 2 * 5 * 2, "lstm": 5}
+    Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))  # BN-LSTM renormalises through the composition only
+    Recurrent("bn_rhn", 3, 4, depth=2, min_rows=4)(torch.randn(5, 3, 3))  # 3 rows < min_rows: population path
+    assert calls == {"highway": 2 * 5 * 2, "lstm": 5}
 
 
 @pytest.mark.parametrize("G,normed", [(2, (0,)), (2, (0, 1)), (3, (0,)), (3, (1, 2))])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bnrhn.captioning.config import CaptionConfig
+from bnrhn.cells import legacy_statistics
 from bnrhn.captioning.data import (
     CaptionTensors,
     SplitFeatures,
@@ -226,6 +227,7 @@ def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
         raise ValueError(f"{path} is a bnrhn checkpoint but not of a captioner (no captioning task state)")
     vocab = Vocabulary.from_dict(task["vocab"])
     mcfg = CaptionerConfig.from_dict(task["model_config"])
+    mcfg.cell_options = legacy_statistics(mcfg.cell, mcfg.cell_options)
     if mcfg.vocab_size != len(vocab):
         raise ValueError(f"{path}: the model was built for {mcfg.vocab_size} words but the saved vocabulary "
                          f"has {len(vocab)} (fingerprint {vocab.fingerprint}); the checkpoint is inconsistent")

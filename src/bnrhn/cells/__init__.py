@@ -22,7 +22,7 @@ from bnrhn.cells.rnn import RNNCell
 
 __all__ = [
     "RecurrentCell", "State", "RNNCell", "LSTMCell", "GRUCell", "RHNCell", "BNLSTMCell",
-    "CELLS", "CellSpec", "build_cell", "cell_options",
+    "CELLS", "CellSpec", "build_cell", "cell_options", "pin_statistics", "legacy_statistics",
 ]
 
 
@@ -46,15 +46,17 @@ CELLS: dict[str, CellSpec] = {
     ),
     "bn_rhn": CellSpec(
         RHNCell,
-        "BN-RHN (Zhang et al. 2017): batch norm per highway layer and time step, relaxed carry gate",
-        dict(norm="batch", normalize=("h",), carry="free", input_at="first", transform_bias=-2.0),
+        "BN-RHN (Zhang et al. 2017): batch norm per highway layer and time step, relaxed carry gate; "
+        "trained with batch renormalization (stats='renorm')",
+        dict(norm="batch", normalize=("h",), carry="free", input_at="first", transform_bias=-2.0, stats="renorm"),
     ),
     "bn_rhn_tf": CellSpec(
         RHNCell,
         "BN-RHN as in the authors' public TF code: layer norm on h, free carry bias -3, transform bias -3, input at every layer",
         dict(norm="layer", normalize=("h",), carry="free", input_at="every", transform_bias=-3.0, carry_bias=-3.0),
     ),
-    "bn_lstm": CellSpec(BNLSTMCell, "BN-LSTM (Cooijmans et al. 2016): per-step batch norm, gamma 0.1"),
+    "bn_lstm": CellSpec(BNLSTMCell, "BN-LSTM (Cooijmans et al. 2016): per-step batch norm, gamma 0.1; "
+                        "trained with batch renormalization (stats='renorm')", dict(stats="renorm")),
 }
 
 
@@ -90,3 +92,21 @@ def _spec(name: str) -> CellSpec:
     if name not in CELLS:
         raise ValueError(f"unknown cell {name!r}; choose from: {', '.join(CELLS)}")
     return CELLS[name]
+
+
+def pin_statistics(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the batch-norm estimator ``stats`` written out when cell ``name`` has one, so that a
+    model saved with these options is rebuilt with the estimator it was trained with even if the default
+    changes (as it did: ``bn_rhn`` and ``bn_lstm`` train with ``stats="renorm"`` since the leak fix)."""
+    valid = cell_options(name)
+    if "stats" in valid and "stats" not in options:
+        return {**options, "stats": valid["stats"]}
+    return dict(options)
+
+
+def legacy_statistics(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a checkpoint saved before :func:`pin_statistics` existed: every batch-norm cell then
+    defaulted to ``stats="momentum"``."""
+    if "stats" in cell_options(name) and "stats" not in options:
+        return {**options, "stats": "momentum"}
+    return dict(options)

@@ -158,7 +158,7 @@ class RHNCell(RecurrentCell):
             return False
         if not (self.norm == "batch" and self.normalize and self.training and mask is None):
             return False
-        return all(bn.plain_batch_statistics(batch_size) for bn in self.norms.values())
+        return all(bn.batch_statistics_apply(batch_size) for bn in self.norms.values())
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         if self._can_fuse(state[0].shape[0], mask):
@@ -178,10 +178,29 @@ class RHNCell(RecurrentCell):
             s_in = s if h_mask is None else s * h_mask
             a = self.recurrent_mm(l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l])
             layer_norms = norms[l * len(normed) : (l + 1) * len(normed)]
-            s, *stats = HighwayStep.apply(spec, a, s, self.bias[l], *(bn.weight for bn in layer_norms))
+            bias, gammas = self.bias[l], [bn.weight for bn in layer_norms]
+            if layer_norms and layer_norms[0].stats == "renorm":
+                bias, gammas = self._renorm_affine(l, a, step, layer_norms)
+            s, *stats = HighwayStep.apply(spec, a, s, bias, *gammas)
             for k, bn in enumerate(layer_norms):
                 bn.track(step, stats[2 * k], stats[2 * k + 1], n)
         return (s,)
+
+    def _renorm_affine(self, l: int, a: Tensor, step: int, layer_norms) -> tuple[Tensor, list[Tensor]]:
+        """Batch renormalization through the plain batch-norm kernel: γ(x̂ r + d) + b = (γ r) x̂ + (γ d + b),
+        with r, d from this batch's statistics of the normalised gates (computed here, constants)."""
+        H = self.hidden_size
+        shifts, gammas = [], []
+        for gi, g in enumerate(self.gate_names):
+            if g not in self.normalize:
+                shifts.append(self.bias[l].new_zeros(H))
+                continue
+            bn = layer_norms[len(gammas)]
+            var, mean = torch.var_mean(a[:, gi * H : (gi + 1) * H].detach(), dim=0, unbiased=False)
+            r, d = bn.renorm_corrections(step, mean, var)
+            gammas.append(bn.weight * r)
+            shifts.append(bn.weight * d)
+        return self.bias[l] + torch.cat(shifts), gammas
 
     def _eval_affine(self, l: int, step: int) -> tuple[Tensor, Tensor]:
         """Highway layer l's batch norms (population statistics) and bias as one affine map of a."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bnrhn.cells import legacy_statistics
 from bnrhn.data.text import CharCorpus, CharVocab, TBPTTBatches, check_seq_len
 from bnrhn.lm.evaluate import LMScore, evaluate_ids
 from bnrhn.models.char_lm import CharLM
@@ -39,6 +40,9 @@ from bnrhn.models.char_lm import CharLM
 __all__ = ["CharLMTask", "load_char_lm", "LoadedLM", "CHECKPOINT_KIND"]
 
 CHECKPOINT_KIND = "bnrhn.char_lm"
+# CharLM's own arguments; every other key of its saved config is a cell option
+_LM_ARGS = ("vocab_size", "cell", "hidden_size", "num_layers", "embed_size", "input_dropout", "dropout",
+            "recurrent_dropout", "tie_weights")
 
 
 def _detach(state):
@@ -179,7 +183,9 @@ def load_char_lm(path, device: str | torch.device = "cpu") -> LoadedLM:
             f"{task.get('kind') if isinstance(task, dict) else type(task).__name__!r})"
         )
     vocab = CharVocab.from_dict(task["vocab"])
-    model = CharLM.from_config(task["model_config"])
+    config = dict(task["model_config"])
+    extra = {k: v for k, v in config.items() if k not in _LM_ARGS}
+    model = CharLM.from_config({**config, **legacy_statistics(config.get("cell", "lstm"), extra)})
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:

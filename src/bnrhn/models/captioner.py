@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnrhn.cells import pin_statistics
 from bnrhn.nn import Recurrent
 
 MODELS = ("show_tell", "show_attend_tell")
@@ -109,6 +110,7 @@ class Captioner(nn.Module):
         super().__init__()
         if cfg.vocab_size < 5:
             raise ValueError(f"vocab_size must be ≥ 5 (4 special tokens and a word), got {cfg.vocab_size}")
+        cfg.cell_options = pin_statistics(cfg.cell, cfg.cell_options)  # saved with the model: rebuilt as trained
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=cfg.pad_id)
         self.rnn = Recurrent(

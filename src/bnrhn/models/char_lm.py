@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from bnrhn.cells import pin_statistics
 from bnrhn.cells.base import State, check_size
 from bnrhn.nn import Recurrent
 
@@ -58,6 +59,7 @@ class CharLM(nn.Module):
                 f"weight tying shares the embedding with the softmax weights, so the embedding size ({embed_size}) "
                 f"must equal the hidden size ({hidden_size})"
             )
+        cell_options = pin_statistics(cell, cell_options)  # saved with the model: rebuilt as trained
         self.config: dict[str, Any] = dict(
             vocab_size=vocab_size, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
             embed_size=embed_size, input_dropout=input_dropout, dropout=dropout,

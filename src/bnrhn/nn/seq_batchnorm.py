@@ -171,6 +171,31 @@ class SequenceBatchNorm(nn.Module):
         statistics — what the fused kernels of the cells compute (no renormalization, enough rows)."""
         return self.stats != "renorm" and rows >= max(2, self.min_rows)
 
+    def batch_statistics_apply(self, rows: int) -> bool:
+        """Whether a training step over ``rows`` valid positions is normalised with its batch statistics,
+        plain or renormalised (not with the population fallback of ``min_rows``)."""
+        return rows >= max(2, self.min_rows)
+
+    @torch.no_grad()
+    def renorm_corrections(self, step: int | Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch renormalization's r and d (module docstring) for batch statistics ``mean`` and *biased*
+        ``var`` of time step(s) ``step`` (an int, or a ``[T]`` tensor of steps for ``[T, F]`` statistics),
+        with the limits of each step's own slot (a slot that has seen no batch is in its warm-up: r = 1,
+        d = 0). Constants of the backward pass."""
+        if isinstance(step, int):
+            idx = torch.tensor(self.slot(step), device=mean.device)
+        else:
+            idx = step.clamp(max=self.max_steps - 1) if self.per_step else torch.zeros_like(step)
+        pop_mean = self.running_mean[idx].to(mean.dtype)
+        pop_std = torch.sqrt(self.running_var[idx].to(mean.dtype) + self.eps)
+        seen = self.num_batches_tracked[idx].to(mean.dtype)
+        ramp = (seen / self.renorm_warmup).clamp(max=1.0) if self.renorm_warmup else (seen > 0).to(mean.dtype)
+        rmax = (1.0 + (self.renorm_rmax - 1.0) * ramp).unsqueeze(-1)
+        dmax = (self.renorm_dmax * ramp).unsqueeze(-1)
+        r = torch.minimum(torch.maximum(torch.sqrt(var + self.eps) / pop_std, 1.0 / rmax), rmax)
+        d = torch.minimum(torch.maximum((mean - pop_mean) / pop_std, -dmax), dmax)
+        return r, d
+
     # ----------------------------------------------------------------------------------------------
     def slot(self, step: int) -> int:
         """The statistics slot used for time step ``step`` (training view: clamp at T_max − 1)."""
@@ -285,20 +310,19 @@ class SequenceBatchNorm(nn.Module):
         mean = (x * wn).sum(1, keepdim=True)  # [T, 1, F]
         var = ((x - mean).square() * wn).sum(1, keepdim=True)
         std = torch.sqrt(var + self.eps)
-        idx = torch.tensor([self._eval_slot(step0 + t) for t in range(T)], device=x.device)
-        with torch.no_grad():
-            pop_mean = self.running_mean[idx].unsqueeze(1).to(x.dtype)
-            pop_std = torch.sqrt(self.running_var[idx].unsqueeze(1).to(x.dtype) + self.eps)
-            seen = self.num_batches_tracked[idx].to(x.dtype)
-            ramp = (seen / self.renorm_warmup).clamp(max=1.0) if self.renorm_warmup else torch.ones_like(seen)
-            rmax = (1.0 + (self.renorm_rmax - 1.0) * ramp).view(T, 1, 1)
-            dmax = (self.renorm_dmax * ramp).view(T, 1, 1)
-            r = torch.minimum(torch.maximum(std / pop_std, 1.0 / rmax), rmax)
-            d = torch.minimum(torch.maximum((mean - pop_mean) / pop_std, -dmax), dmax)
-        y = self._affine((x - mean) / std * r + d)
+        # each step's own slot: one that has seen no batch yet is in its warm-up (plain batch norm), so the
+        # result does not depend on which other slots were updated before it (sequence vs step path)
+        steps = torch.arange(step0, step0 + T, device=x.device)
+        r, d = self.renorm_corrections(steps, mean.detach().squeeze(1), var.detach().squeeze(1))
+        y = self._affine((x - mean) / std * r.unsqueeze(1) + d.unsqueeze(1))
+        least = max(2, self.min_rows)
+        if self.min_rows:
+            few = counts < least
+            if bool(few.any()):
+                y = self._population_where(y, x, step0, few)
         mean, var = mean.detach().squeeze(1), var.detach().squeeze(1)
         for t, k in enumerate(counts.tolist()):
-            if k >= 2:
+            if k >= least:
                 self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
         return y
 
