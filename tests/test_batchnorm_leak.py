@@ -158,3 +158,37 @@ def test_cli_refuses_a_bad_batch_size(tmp_path, capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main(["analyze", "batchnorm", str(tmp_path / "missing.pt")]) != 0
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_language_model_diagnostic_population_loss_equals_evaluate_ids():
+    from bnrhn.analysis.batchnorm import lm_leak
+    from bnrhn.lm.evaluate import evaluate_ids
+    from bnrhn.models.char_lm import CharLM
+
+    torch.manual_seed(0)
+    model = CharLM(9, "bn_lstm", hidden_size=8, stats="momentum")
+    ids = torch.randint(0, 9, (700,), generator=torch.Generator().manual_seed(1))
+    model.train()
+    with torch.no_grad():
+        model(ids[:600].view(20, 30))  # population statistics
+    model.eval()
+    report = lm_leak(model, ids, batch_size=4, seq_len=20)
+    assert set(report.modes) == {"batch", "population"}
+    expect = evaluate_ids(model, ids, batch_size=4, seq_len=20)
+    assert report.modes["population"].loss == pytest.approx(expect.loss, rel=1e-6)
+    assert sum(report.modes["population"].per_step_tokens) == expect.chars
+    assert abs(report.modes["batch"].loss - expect.loss) > 1e-6  # batch statistics do differ (γ = 0.1: slightly)
+    s = leak_summary(report)
+    assert "population_vs_batch" in s and "sorted_vs_random" not in s
+
+
+def test_checkpoints_keep_their_estimator():
+    """A model records the estimator it was built with; one saved before that existed loads as momentum."""
+    from bnrhn.cells import legacy_statistics, pin_statistics
+
+    model = build_captioner(CaptionerConfig(vocab_size=9, feature_size=4, embed_size=4, hidden_size=4, cell="bn_rhn"))
+    assert model.cfg.cell_options["stats"] == "renorm"
+    assert pin_statistics("lstm", {}) == {} and pin_statistics("bn_lstm", {"stats": "cumulative"})["stats"] == "cumulative"
+    assert legacy_statistics("bn_rhn", {"depth": 2}) == {"depth": 2, "stats": "momentum"}
+    assert legacy_statistics("bn_rhn", {"stats": "renorm"}) == {"stats": "renorm"}
+    assert legacy_statistics("rnn", {}) == {}
