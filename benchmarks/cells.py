@@ -18,6 +18,7 @@ that a noisy shared machine affects all of them alike.
     python benchmarks/cells.py                  # B=64, T=20, I=H=512, RHN depth 3
     python benchmarks/cells.py --rounds 10 --batch 32 --json out.json
     python benchmarks/cells.py --products       # also the products-only ceiling of each cell
+    python benchmarks/cells.py --cells bn_rhn bn_rhn:stats=momentum   # a cell with options: NAME:KEY=VALUE,...
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ class TorchLSTM(nn.Module):
 
     def matmul_flops(self, batch: int, steps: int) -> int:
         return 2 * batch * steps * 4 * self.lstm.hidden_size * (self.lstm.input_size + self.lstm.hidden_size)
+
+
+def parse_cell_spec(spec: str) -> tuple[str, dict]:
+    """``"bn_rhn:stats=momentum,min_rows=8"`` → ``("bn_rhn", {"stats": "momentum", "min_rows": 8})``."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--cells: expected NAME:KEY=VALUE,..., got {spec!r}")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return name, opts
 
 
 def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
@@ -121,9 +137,11 @@ def main() -> None:
     target = torch.randn(T, B, N)
 
     models: dict[str, nn.Module] = {"torch.nn.LSTM": TorchLSTM(N, N)}
-    for name in args.cells:
-        opts = {"depth": args.depth} if "rhn" in name else {}
-        models[name] = Recurrent(name, N, N, **opts)
+    for spec in args.cells:
+        name, opts = parse_cell_spec(spec)
+        if "rhn" in name:
+            opts = {"depth": args.depth, **opts}
+        models[spec] = Recurrent(name, N, N, **opts)
     steps = {name: make_step(m.train(), x, target) for name, m in models.items()}
     if args.products:
         for name, m in models.items():
@@ -164,11 +182,11 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     extra_head = f" {'products ms':>11s} | {'ceiling × nn.LSTM':>17s} |" if args.products else ""
     extra_rule = f"{'-' * 13}|{'-' * 19}|" if args.products else ""
-    print(f"| {'cell':14s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} |" + extra_head)
-    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|" + extra_rule)
+    print(f"| {'cell':22s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} |" + extra_head)
+    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|" + extra_rule)
     for r in rows:
         extra = f" {r['products_ms']:11.1f} | {r['products_ratio']:17.2f} |" if args.products else ""
-        print(f"| {r['cell']:14s} | {r['params']:9d} | {r['ms_per_step']:8.1f} | {r['tokens_per_s']:9.0f} | "
+        print(f"| {r['cell']:22s} | {r['params']:9d} | {r['ms_per_step']:8.1f} | {r['tokens_per_s']:9.0f} | "
               f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} |" + extra)
     if args.json:
         with open(args.json, "w") as f:

@@ -192,3 +192,76 @@ def test_checkpoints_keep_their_estimator():
     assert legacy_statistics("bn_rhn", {"depth": 2}) == {"depth": 2, "stats": "momentum"}
     assert legacy_statistics("bn_rhn", {"stats": "renorm"}) == {"stats": "renorm"}
     assert legacy_statistics("rnn", {}) == {}
+
+
+def test_a_language_model_saved_before_estimators_were_recorded_loads_as_momentum(tmp_path):
+    from bnrhn.data.text import CharVocab
+    from bnrhn.lm.task import CHECKPOINT_KIND, load_char_lm
+    from bnrhn.models.char_lm import CharLM
+    from bnrhn.training import save_checkpoint
+
+    from bnrhn.cells import STATISTICS_OPTIONS
+
+    vocab = CharVocab("abcdefgh")
+    for saved_options, expect in [({}, "momentum"), ({"stats": "renorm"}, "renorm")]:
+        model = CharLM(len(vocab), "bn_lstm", hidden_size=8, **saved_options)
+        config = {k: v for k, v in model.config.items() if k not in STATISTICS_OPTIONS} | saved_options  # an old run's
+        path = save_checkpoint(tmp_path / f"{expect}.pt", {"model": model.state_dict(), "task": {
+            "kind": CHECKPOINT_KIND, "vocab": vocab.to_dict(), "model_config": config}})
+        loaded = load_char_lm(path)
+        assert loaded.model.cells[0].bn_h.stats == expect
+
+
+def test_precise_statistics_are_plain_averages_of_batch_statistics():
+    """By hand, for BN-LSTM's input-term batch norm at word position 2 (input w_1: every caption has one)."""
+    model = toy_model("bn_lstm")
+    caps, split = toy_data(seed=2)
+    batches = bucketed_batches(caps.lengths, 16, 1, 0, bucket=1)[:3]
+
+    def run(m, idx):
+        L = int(caps.lengths[idx].max())
+        m.teacher_forced_logits(split.batch(caps.image[idx]), caps.tokens[idx, :L], caps.lengths[idx])
+
+    precise = copy.deepcopy(model)
+    recompute_population_statistics(precise, run, batches)
+    cell = model.rnn.cells[0]
+    with torch.no_grad():
+        z = [model.embed(caps.tokens[idx, 1]) @ cell.weight_ih.t() for idx in batches]  # W_x x at step 2
+    bn = precise.rnn.cells[0].bn_x
+    assert torch.allclose(bn.running_mean[2], torch.stack([v.mean(0) for v in z]).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var[2], torch.stack([v.var(0, unbiased=True) for v in z]).mean(0), atol=1e-4)
+    assert int(bn.num_batches_tracked[2]) == 3
+
+
+def test_buffers_restored_undoes_training_mode_updates():
+    from bnrhn.analysis.batchnorm import _buffers_restored
+
+    bn = SequenceBatchNorm(3, max_steps=2, stats="momentum")
+    before = {k: v.clone() for k, v in bn.named_buffers()}
+    with _buffers_restored(bn):
+        bn(torch.randn(2, 5, 3) * 4 + 2)
+        assert not torch.equal(bn.running_mean, before["running_mean"])
+    for k, v in bn.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resuming_a_run_refuses_another_estimator(tmp_path):
+    """A run saved without a recorded estimator trained with momentum: resuming it under the renorm default
+    is refused; with its own estimator it goes on."""
+    from bnrhn.captioning.api import _check_resumable
+    from bnrhn.captioning.task import CHECKPOINT_KIND
+    from bnrhn.data.vocab import Vocabulary
+    from bnrhn.training import save_checkpoint
+
+    vocab = Vocabulary.build(["a b c d e"], min_count=1)
+    old_model_config = {"cell": "bn_rhn", "cell_options": {"depth": 2}}
+    path = save_checkpoint(tmp_path / "last.pt", {"task": {"kind": CHECKPOINT_KIND, "vocab": vocab.to_dict(),
+                                                           "model_config": old_model_config}})
+    with pytest.raises(ValueError, match="cannot resume.*momentum"):
+        _check_resumable(path, vocab, CaptionConfig(cell="bn_rhn", cell_options={"depth": 2}))
+    _check_resumable(path, vocab, CaptionConfig(cell="bn_rhn", cell_options={"depth": 2, "stats": "momentum"}))
+
+
+def test_min_rows_above_the_batch_size_is_refused():
+    with pytest.raises(ValueError, match="min_rows=80 exceeds the batch size 64"):
+        CaptionConfig(cell="bn_rhn", cell_options={"min_rows": 80}, batch_size=64)

@@ -32,3 +32,16 @@ def test_decode_benchmark_checks_its_captions():
     assert run.returncode == 0, run.stderr
     assert "per-image beam search loop (beam 2) | 6 |" in run.stdout
     assert "identical captions (batched vs loop): 6/6; (batched vs the independent reference search): 3/3" in run.stdout
+
+
+def test_cells_benchmark_takes_cells_with_options(tmp_path):
+    out = tmp_path / "cells.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cells.py"), "--batch", "4", "--steps", "3", "--size", "16",
+           "--depth", "2", "--rounds", "1", "--warmup", "0", "--threads", "1", "--json", str(out),
+           "--cells", "bn_rhn", "bn_rhn:stats=momentum,min_rows=2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {r["cell"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch.nn.LSTM", "bn_rhn", "bn_rhn:stats=momentum,min_rows=2"}
+    bad = subprocess.run(cmd[:-2] + ["bn_rhn:stats"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "NAME:KEY=VALUE" in bad.stderr

@@ -18,8 +18,9 @@ FUSED_CASES = [
     ("bn_rhn", {"normalize": "t", "per_step": False}),
     ("bn_rhn", {"carry": "coupled", "normalize": "h,t", "input_at": "every"}),
     ("bn_rhn", {"normalize": ""}),  # batch norm on no gate: the composition (bias in the projection)
-    ("bn_lstm", {}),
-    ("bn_lstm", {"carry_norm": "recurrence"}),
+    ("bn_lstm", {"stats": "momentum"}),
+    ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}),
+    ("bn_lstm", {}),  # batch renormalization, the default: the composition on both sides (no fused BN-LSTM yet)
     ("bn_lstm", {"stats": "cumulative", "max_steps": 3}),
 ]
 

@@ -20,8 +20,9 @@ nearly one length, so the statistics of step t say when they end. A model that r
 Batch statistics here are computed without dropout and without touching the model's population
 statistics (a copy is used, its buffers restored after every batch).
 
-For a character LM (every window full, no padding) the modes are ``batch`` (batch statistics over
-the evaluation streams) and ``population``.
+For a character LM (contiguous streams of equal-length windows, only the last window of a text
+shorter; nothing is sorted by length) the modes are ``batch`` (batch statistics over the evaluation
+streams) and ``population``.
 """
 
 from __future__ import annotations
@@ -258,7 +259,8 @@ def lm_leak(model, ids: Tensor, batch_size: int = 64, seq_len: int = 100, carry_
                         [float(b) / max(int(r), 1) for b, r in zip(count[:k], reached[:k])])
 
     modes: dict[str, ModeLoss] = {}
-    notes = ["language-model windows are all full (no padding): there is no length cue, so no sorted/random modes"]
+    notes = ["language-model batches are contiguous streams of equal-length windows (nothing sorted by length): "
+             "no sorted/random modes"]
     if uses_batch_statistics(model):
         modes["batch"] = run(batch_statistics_model(model), True)
     else:

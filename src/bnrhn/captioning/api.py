@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bnrhn.captioning.config import CaptionConfig
-from bnrhn.cells import legacy_statistics
+from bnrhn.cells import legacy_statistics, pin_statistics
 from bnrhn.captioning.data import (
     CaptionTensors,
     SplitFeatures,
@@ -131,6 +131,8 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``."""
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
 
+    # the run records the batch-norm estimator it trains with (a later default cannot change a resumed run)
+    config = replace(config, cell_options=pin_statistics(config.cell, config.cell_options))
     last = Path(config.run_dir) / "last.pt"
     if not resume and last.exists() and not config.overwrite:  # say so before extracting any feature
         raise FileExistsError(
@@ -141,7 +143,7 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     np.random.seed(config.seed)
     data = prepare_data(config, log)
     if resume:
-        _check_resumable(Path(config.run_dir) / "last.pt", data.vocab)
+        _check_resumable(Path(config.run_dir) / "last.pt", data.vocab, config)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
     model = build_captioner(model_config(config, data.vocab, data.encoder))
     model.set_feature_stats(data.train.feats)
@@ -176,13 +178,24 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     )
 
 
-def _check_resumable(path: Path, vocab: Vocabulary) -> None:
-    """Refuse, before any weight is loaded, to resume a run whose vocabulary differs from the data's."""
+def _check_resumable(path: Path, vocab: Vocabulary, config: CaptionConfig) -> None:
+    """Refuse, before any weight is loaded, to resume a run whose vocabulary, cell or batch-norm statistics
+    options differ from the ones it would now be built with."""
     from bnrhn.training import load_checkpoint
 
     task = load_checkpoint(path).get("task")
     if not isinstance(task, dict) or task.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not a captioning run's checkpoint; cannot resume it as one")
+    saved_model = task.get("model_config", {})
+    saved_cell = saved_model.get("cell", config.cell)
+    saved_options = pin_statistics(saved_cell, legacy_statistics(saved_cell, saved_model.get("cell_options", {})))
+    now = pin_statistics(config.cell, config.cell_options)
+    if saved_cell != config.cell or saved_options != now:
+        raise ValueError(
+            f"cannot resume {path}: it was trained with cell {saved_model.get('cell')!r} and options {saved_options}, "
+            f"the settings now give {config.cell!r} with {now}; resume with the run's own settings "
+            "(bnrhn train --resume --run-dir DIR), or start a new run"
+        )
     saved = Vocabulary.from_dict(task["vocab"])
     if saved != vocab:
         raise ValueError(

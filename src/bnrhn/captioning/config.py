@@ -93,6 +93,10 @@ class CaptionConfig:
             self.synthetic_sizes = tuple(self.synthetic_sizes)
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        min_rows = self.cell_options.get("min_rows", 0) if isinstance(self.cell_options, dict) else 0
+        if isinstance(min_rows, int) and not isinstance(min_rows, bool) and min_rows > self.batch_size:
+            raise ValueError(f"cell option min_rows={min_rows} exceeds the batch size {self.batch_size}: no training "
+                             "step would ever update the population statistics; lower min_rows")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
         if self.val_decode not in ("greedy", "beam"):

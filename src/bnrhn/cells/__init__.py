@@ -22,7 +22,7 @@ from bnrhn.cells.rnn import RNNCell
 
 __all__ = [
     "RecurrentCell", "State", "RNNCell", "LSTMCell", "GRUCell", "RHNCell", "BNLSTMCell",
-    "CELLS", "CellSpec", "build_cell", "cell_options", "pin_statistics", "legacy_statistics",
+    "CELLS", "CellSpec", "build_cell", "cell_options", "pin_statistics", "legacy_statistics", "STATISTICS_OPTIONS",
 ]
 
 
@@ -94,14 +94,16 @@ def _spec(name: str) -> CellSpec:
     return CELLS[name]
 
 
+STATISTICS_OPTIONS = ("stats", "min_rows", "renorm_rmax", "renorm_dmax", "renorm_warmup")
+
+
 def pin_statistics(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with the batch-norm estimator ``stats`` written out when cell ``name`` has one, so that a
-    model saved with these options is rebuilt with the estimator it was trained with even if the default
-    changes (as it did: ``bn_rhn`` and ``bn_lstm`` train with ``stats="renorm"`` since the leak fix)."""
+    """``options`` with the batch-norm statistics options (:data:`STATISTICS_OPTIONS`) written out where cell
+    ``name`` has them, so that a model or run saved with these options is rebuilt with the estimator it was
+    trained with even if a default changes (as it did: ``bn_rhn`` and ``bn_lstm`` train with
+    ``stats="renorm"`` since the batch-composition leak was fixed)."""
     valid = cell_options(name)
-    if "stats" in valid and "stats" not in options:
-        return {**options, "stats": valid["stats"]}
-    return dict(options)
+    return {**{k: valid[k] for k in STATISTICS_OPTIONS if k in valid}, **options}
 
 
 def legacy_statistics(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from bnrhn.captioning import CaptionConfig, train
+    from bnrhn.cells import legacy_statistics
     from bnrhn.commands._caption_args import config_from_args
     from bnrhn.training import TrainingDiverged, load_checkpoint
 
@@ -49,6 +50,10 @@ def run(args) -> int:
         if "config" not in task:
             raise ValueError(f"{run_dir / 'last.pt'} is not a captioning run's checkpoint")
         saved = dict(task["config"])
+        # a run saved before batching and estimators were recorded: it trained on bucketed batches with the
+        # momentum estimator, and resumes so
+        saved.setdefault("batching", "bucketed")
+        saved["cell_options"] = legacy_statistics(saved.get("cell", "lstm"), saved.get("cell_options") or {})
         given = {k: v for k, v in vars(args).items() if k in CaptionConfig.__dataclass_fields__}
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and k != "run_dir" and saved.get(k) != v)
         if changed:

@@ -289,8 +289,8 @@ def _batchnorm_diagnostic(best: Path, tag: str, log: Log) -> dict[str, float]:
 
     try:
         report = batchnorm_leak(best, split="val", progress=False, log=lambda m: None)
-    except ValueError as exc:  # no validation captions
-        log(f"{tag}: no batch-norm diagnostic ({exc})")
+    except Exception as exc:  # e.g. no validation captions: the trained and scored run stays a result
+        log(f"{tag}: no batch-norm diagnostic ({type(exc).__name__}: {exc})")
         return {}
     summary = leak_summary(report)
     log(f"{tag}: validation loss " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in summary.items() if k.startswith("loss_"))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bnrhn.cells import legacy_statistics, pin_statistics
 from bnrhn.data.text import CharCorpus, check_seq_len
 from bnrhn.lm.evaluate import LMScore
 from bnrhn.lm.task import CharLMTask
@@ -83,6 +84,10 @@ class LMTrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        min_rows = self.cell_options.get("min_rows", 0) if isinstance(self.cell_options, dict) else 0
+        if isinstance(min_rows, int) and not isinstance(min_rows, bool) and min_rows > self.batch_size:
+            raise ValueError(f"cell option min_rows={min_rows} exceeds --batch-size {self.batch_size}: no training "
+                             "step would ever update the population statistics; lower min_rows")
         sources = [s for s in ("text", "ptb") if getattr(self, s)] + (["train/valid"] if self.train or self.valid else [])
         if len(sources) > 1:
             raise ValueError(f"give one corpus: --text, --train/--valid[/--test] or --ptb (got {', '.join(sources)})")
@@ -142,6 +147,8 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
             f"{run_dir} already holds a training run (last.pt); resume it (--resume), choose another "
             "--run-dir, or pass --overwrite to start afresh"
         )
+    if not resume:  # the run records the batch-norm estimator it trains with (see bnrhn.cells.pin_statistics)
+        cfg = replace(cfg, cell_options=pin_statistics(cfg.cell, cfg.cell_options))
     corpus = corpus or build_corpus(cfg)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -219,4 +226,6 @@ def load_lm_config(run_dir: str | Path) -> LMTrainConfig:
     path = Path(run_dir) / LM_CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"cannot resume: {path} not found (was {run_dir} made by bnrhn lm train?)")
-    return LMTrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    cfg = LMTrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    # runs saved before estimators were recorded trained with the momentum estimator
+    return replace(cfg, cell_options=legacy_statistics(cfg.cell, cfg.cell_options))

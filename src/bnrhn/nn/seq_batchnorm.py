@@ -37,9 +37,10 @@ Two options make training see what inference sees (see docs/cells.md, "The batch
 
   with r and d treated as constants in the backward pass; unclipped, y equals the eval-mode output
   γ ⊙ (x − μ_pop)/σ + β, so the forward pass carries no batch cue. The population statistics are
-  running averages (``momentum``). While a slot has seen fewer than ``renorm_warmup`` batches its
-  limits grow linearly from (r_max, d_max) = (1, 0), plain batch norm, to their set values (Ioffe
-  ramps them the same way, over training steps).
+  running averages (``momentum``). While a slot has received fewer than ``renorm_warmup`` updates
+  (one per batch for a slot of its own; one per step for a shared slot) its limits grow linearly from
+  (r_max, d_max) = (1, 0), plain batch norm, to their set values (Ioffe ramps them the same way,
+  over training steps).
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ class SequenceBatchNorm(nn.Module):
 
     def _needs_general_path(self, rows: int, mask: Tensor | None) -> bool:
         """Padded positions, renormalization or too few rows: not the fused full-batch kernel."""
-        return self.stats == "renorm" or rows < self.min_rows or (mask is not None and not bool(mask.all()))
+        few = bool(self.min_rows) and rows < max(2, self.min_rows)
+        return self.stats == "renorm" or few or (mask is not None and not bool(mask.all()))
 
     def _forward_masked(self, x: Tensor, step0: int, mask: Tensor | None) -> Tensor:
         """Training with padded positions (statistics of step t over its valid positions only), batch
@@ -310,8 +312,10 @@ class SequenceBatchNorm(nn.Module):
         mean = (x * wn).sum(1, keepdim=True)  # [T, 1, F]
         var = ((x - mean).square() * wn).sum(1, keepdim=True)
         std = torch.sqrt(var + self.eps)
-        # each step's own slot: one that has seen no batch yet is in its warm-up (plain batch norm), so the
-        # result does not depend on which other slots were updated before it (sequence vs step path)
+        # each step's own slot: one that has seen no batch yet is in its warm-up (plain batch norm), so with a
+        # slot per step the result does not depend on which other slots were updated before it (sequence vs
+        # step path). Steps that share a slot (per_step=False, t ≥ T_max − 1) read it as it was before this
+        # call here, while the step path sees the updates of the earlier steps of the same batch.
         steps = torch.arange(step0, step0 + T, device=x.device)
         r, d = self.renorm_corrections(steps, mean.detach().squeeze(1), var.detach().squeeze(1))
         y = self._affine((x - mean) / std * r.unsqueeze(1) + d.unsqueeze(1))
