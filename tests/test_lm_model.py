@@ -264,3 +264,23 @@ def test_stacked_sgd_with_schedule_and_dropout_trains_and_analyses_from_its_chec
                  "--out", str(out / "a"), "--quiet"]) == 0
     gates = json.loads((out / "a" / "gates.json").read_text())["results"]["BN-RHN (trained)"]
     assert len(gates["transform_mean"]) == 2  # two stacked layers, each with its highway depths
+
+
+def test_batchnorm_diagnostic_on_a_language_model(text_file, tmp_path, capsys):
+    """``bnrhn analyze batchnorm`` on an LM checkpoint: batch vs population statistics on its validation
+    text; the population loss is the one ``bnrhn lm evaluate`` reports."""
+    run = tmp_path / "run"
+    assert main(["lm", "train", "--text", str(text_file), "--cell", "bn_lstm", "--hidden", "16", "--embed", "8",
+                 "--batch-size", "4", "--seq-len", "10", "--max-steps", "8", "--validate-every", "8",
+                 "--valid-fraction", "0.2", "--test-fraction", "0.1", "--run-dir", str(run), "--quiet",
+                 "--threads", "1"]) == 0
+    assert load_char_lm(run / "best.pt").model.cells[0].bn_h.stats == "renorm"  # the cell's default, recorded
+    capsys.readouterr()
+    assert main(["analyze", "batchnorm", str(run / "best.pt"), "--out", str(tmp_path / "diag"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "population statistics (inference)" in printed and "language-model batches" in printed
+    data = json.loads((tmp_path / "diag" / "batchnorm.json").read_text())
+    assert set(data["modes"]) == {"batch", "population"} and data["kind"] == "lm"
+    assert main(["lm", "evaluate", str(run / "best.pt"), "--split", "valid", "--batch-size", "4", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert data["modes"]["population"]["loss"] == pytest.approx(ev["loss"], rel=1e-6)
