@@ -13,9 +13,9 @@ One step at a time (decoding), with the same parameters and batch-norm conventio
 
 For each layer the state-independent input term W x_t + b is computed for all T steps in one matrix
 product (``cell.project_input``); only the recurrent term is computed inside the time loop. Padded
-positions (t ≥ length) keep the previous state, output zeros and stay out of batch-norm statistics, so
-the final state of each sequence is the one at its own last step (as with packed sequences in
-``torch.nn.LSTM``).
+batches run as packed sequences: sorted by length, step t computes only the sequences still running,
+so padded positions cost nothing, output zeros and stay out of batch-norm statistics, and the final
+state of each sequence is the one at its own last step (as with packed sequences in ``torch.nn.LSTM``).
 """
 
 from __future__ import annotations
@@ -140,35 +140,79 @@ class Recurrent(nn.Module):
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         masks = self.sample_dropout_masks(B)
+        if full_steps < T:
+            out, final = self._forward_packed(x, torch.as_tensor(lengths, device=x.device), mask, state, step, masks)
+        else:
+            out, final = self._forward_full(x, state, step, masks)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, final
+
+    def _forward_full(self, x: Tensor, state: list[State], step: int, masks: DropoutMasks | None):
+        """Every sequence valid at every step."""
         final: list[State] = []
         layer_in = x
         for k, cell in enumerate(self.cells):
             if masks is not None and masks.inputs[k] is not None:
                 layer_in = layer_in * masks.inputs[k]
             h_mask = masks.recurrent[k] if masks is not None else None
-            xp = cell.project_input(layer_in, step, mask)
+            xp = cell.project_input(layer_in, step, None)
             s = state[k]
             outs = []
             with cell.sequence():
                 for t, xp_t in enumerate(xp.unbind(0)):
-                    if t < full_steps:
-                        s = cell.recur(xp_t, s, step + t, None, h_mask)
-                    else:
-                        m = mask[t]
-                        new = cell.recur(xp_t, s, step + t, m, h_mask)
-                        keep = m.unsqueeze(1)
-                        s = tuple(torch.where(keep, a, b) for a, b in zip(new, s))
+                    s = cell.recur(xp_t, s, step + t, None, h_mask)
                     outs.append(s[0])
             out = torch.stack(outs)
-            if full_steps < T:
-                out = out * mask.unsqueeze(2).to(out.dtype)
             if masks is not None and masks.outputs[k] is not None:
                 out = out * masks.outputs[k]
             final.append(s)
             layer_in = out
-        if self.batch_first:
-            layer_in = layer_in.transpose(0, 1)
         return layer_in, final
+
+    def _forward_packed(self, x: Tensor, lengths: Tensor, mask: Tensor, state: list[State], step: int,
+                        masks: DropoutMasks | None):
+        """Padded sequences, computed as packed sequences are (``torch.nn.utils.rnn.pack_padded_sequence``):
+        the batch is sorted by length, and step t computes only the n_t sequences still running — the first
+        n_t rows — as one full batch. Nothing is computed for padding, every step takes the cells' full-batch
+        paths (the fused kernels included), and batch-norm statistics of step t are those of its n_t valid
+        positions, as with the masked statistics. A sequence's final state is its state when it drops out;
+        outputs at padded positions are zeros. Hand-written rather than PackedSequence because the cells
+        are ours (PyTorch packs only for its own nn.RNN/LSTM/GRU)."""
+        T, B, _ = x.shape
+        order = torch.argsort(lengths, descending=True, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B, device=order.device)
+        active = mask.sum(1).tolist()  # n_t, non-increasing after sorting; n_0 = B (every length ≥ 1)
+        sort = lambda t: t.index_select(0, order) if t is not None else None  # noqa: E731 (rows = sequences)
+        layer_in = x.index_select(1, order)
+        sorted_mask = mask.index_select(1, order)
+        final: list[State] = []
+        for k, cell in enumerate(self.cells):
+            if masks is not None and masks.inputs[k] is not None:
+                layer_in = layer_in * sort(masks.inputs[k])
+            h_mask = sort(masks.recurrent[k]) if masks is not None else None
+            xp = cell.project_input(layer_in, step, sorted_mask)
+            s = tuple(sort(a) for a in state[k])
+            finished: list[State] = []  # the rows that dropped out, latest (lowest rows) last
+            outs = []
+            with cell.sequence():
+                n_prev = B
+                for t in range(T):
+                    n = active[t]
+                    if n < n_prev:
+                        finished.append(tuple(a[n:] for a in s))
+                        s = tuple(a[:n] for a in s)
+                    s = cell.recur(xp[t, :n], s, step + t, None, h_mask[:n] if h_mask is not None else None)
+                    outs.append(s[0] if n == B else torch.nn.functional.pad(s[0], (0, 0, 0, B - n)))
+                    n_prev = n
+            out = torch.stack(outs)
+            if masks is not None and masks.outputs[k] is not None:
+                out = out * sort(masks.outputs[k])
+            parts = [s] + finished[::-1]
+            final.append(tuple(torch.cat([p[i] for p in parts]).index_select(0, inverse) for i in range(len(s))))
+            layer_in = out
+        return layer_in.index_select(1, inverse), final
 
     def step(
         self,
