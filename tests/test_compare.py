@@ -62,6 +62,13 @@ def test_report_files_table_and_gallery(report):
     assert float(leak_table["val loss, population stats (inference)"]["bn_rhn"]) == pytest.approx(
         runs["bn_rhn"]["batchnorm"]["loss_population"], abs=1e-3)
     assert leak_table["val loss, batch stats, sorted batches"]["lstm"] == "–"
+    logged = {c: [loss for _, loss in json.loads((Path(r["run_dir"]) / "compare_run.json").read_text())["losses"]]
+              for c, r in runs.items()}
+    for cell in ("lstm", "bn_rhn"):  # the mean of the last 100 logged steps (all 12 here), and the gap to it
+        mean = sum(logged[cell][-100:]) / len(logged[cell][-100:])
+        assert float(leak_table["train loss, logged (last 100 steps)"][cell]) == pytest.approx(mean, abs=1e-3)
+        gap = runs[cell]["batchnorm"]["loss_population"] - mean
+        assert float(leak_table["gap (val population − logged train)"][cell]) == pytest.approx(gap, abs=2e-3)
     text = (report / "results.md").read_text()
     table = parse_markdown_table(text)
     scores = {r["cell"]: r["scores"] for r in json.loads((report / "results.json").read_text())["runs"]}

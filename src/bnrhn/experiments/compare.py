@@ -338,6 +338,18 @@ LEAK_ROWS = (
 )
 
 
+def _logged_train_loss(run: CellRun, last: int = 100) -> float | None:
+    """Mean training loss of the run's last ``last`` logged steps (batch statistics and dropout, as trained)."""
+    tail = [loss for _, loss in run.losses[-last:] if loss is not None and math.isfinite(loss)]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _logged_gap(run: CellRun) -> float | None:
+    train = _logged_train_loss(run)
+    val = run.batchnorm.get("loss_population")
+    return None if train is None or val is None else val - train
+
+
 def _fmt_mean_std(values: list[float | None]) -> str:
     """"0.512" or "0.512 ± 0.010" over the runs that have the number; "–" when none has it."""
     v = _mean_std([x for x in values if x is not None])
@@ -377,6 +389,11 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
     for key, label in LEAK_ROWS:
         if any(key in r.batchnorm for r in runs):
             extra[label] = {c: _fmt_mean_std([r.batchnorm.get(key) for r in rs]) for c, rs in by_cell.items()}
+    if any("loss_population" in r.batchnorm and r.losses for r in runs):
+        extra["train loss, logged (last 100 steps)"] = {
+            c: _fmt_mean_std([_logged_train_loss(r) for r in rs]) for c, rs in by_cell.items()}
+        extra["gap (val population − logged train)"] = {
+            c: _fmt_mean_std([_logged_gap(r) for r in rs]) for c, rs in by_cell.items()}
     if any(r.stopped.startswith("diverged") for r in runs):
         extra["diverged (NaN loss)"] = {c: f"{sum(r.stopped.startswith('diverged') for r in rs)} of {len(rs)}"
                                         for c, rs in by_cell.items()}
@@ -403,7 +420,8 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         "Loss rows: teacher-forced cross-entropy of the best checkpoint in nats per word (`bnrhn analyze batchnorm`): "
         "on validation captions with batch statistics over length-sorted and over random batches of the training "
         "batch size, and with the population statistics that decoding uses; on up to 5,000 training captions with "
-        "population statistics. Cells without batch norm have only the population numbers. A sorted-batch loss far "
+        "population statistics; the logged training loss is the mean of the last 100 training steps (dropout on, batch "
+        "statistics). Cells without batch norm have only the population numbers. A sorted-batch loss far "
         "below the others means the model reads its batches' composition (see docs/cells.md).",
         "",
         "![training loss and validation CIDEr](loss.png)",
