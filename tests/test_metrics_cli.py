@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -94,3 +95,45 @@ def test_all_metrics_with_meteor(tmp_path, capsys):
     written = json.loads((tmp_path / "results.scores.json").read_text())
     assert set(written["corpus"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert 0.9 < written["corpus"]["METEOR"] <= 1.0      # the candidate is one of the references
+
+
+def _tiny_files(tmp_path):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"images": [{"id": 1}, {"id": 2}], "annotations": [
+        {"id": 1, "image_id": 1, "caption": "a dog runs on the grass"},
+        {"id": 2, "image_id": 2, "caption": "a cat sleeps on a bed"}]}))
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([{"image_id": 1, "caption": "a dog runs"}, {"image_id": 2, "caption": "a cat"}]))
+    return res, refs
+
+
+def test_score_never_overwrites_an_input(tmp_path, capsys):
+    res, refs = _tiny_files(tmp_path)
+    before = refs.read_bytes()
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(refs)]) == 2
+    assert "would overwrite" in capsys.readouterr().err and refs.read_bytes() == before
+    link = tmp_path / "same_file.json"
+    os.link(refs, link)  # another name of the references file
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(link)]) == 2
+    assert "references" in capsys.readouterr().err and refs.read_bytes() == before
+    sym = tmp_path / "sym.json"
+    sym.symlink_to(res)
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(sym)]) == 2
+    assert "result file" in capsys.readouterr().err
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(tmp_path / "no" / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_score_output_is_written_through_a_unique_temporary_file(tmp_path, capsys):
+    res, refs = _tiny_files(tmp_path)
+    out = tmp_path / "scores.json"
+    users = tmp_path / "scores.json.tmp"  # a file of the user's that a fixed temporary name would destroy
+    users.write_text("keep me")
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(out)]) == 0
+    assert users.read_text() == "keep me"
+    assert json.loads(out.read_text())["corpus"]["BLEU-1"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refs.json", "res.json", "scores.json", "scores.json.tmp"]
