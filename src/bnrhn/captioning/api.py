@@ -128,7 +128,17 @@ class RunResult:
 
 
 def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) -> RunResult:
-    """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``."""
+    """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``, which is
+    locked for the whole run (a second process on the same folder is refused, naming the first)."""
+    from bnrhn.training import FolderLock
+
+    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
+        raise NotADirectoryError(f"--run-dir {config.run_dir} exists and is not a folder")
+    with FolderLock(config.run_dir, "run folder"):
+        return _train(config, resume, log)
+
+
+def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
 
     # the run records the batch-norm estimator it trains with (a later default cannot change a resumed run)

@@ -167,6 +167,15 @@ def extract_features(
     if log is None:
         def log(msg: str) -> None:
             tqdm.write(msg, file=sys.stderr)  # does not garble a running progress bar
+    from bnrhn.folder_lock import FolderLock
+
+    with FolderLock(folder, "feature cache", wait=log):  # one writer at a time; a second process waits and reuses
+        return _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search)
+
+
+def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search) -> FeatureSet:
+    from tqdm.auto import tqdm
+
     folder = Path(folder)
     unique = list(dict.fromkeys(_key(p) for p in paths))
     if not unique:

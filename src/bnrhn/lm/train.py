@@ -139,6 +139,15 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
     Raises :class:`bnrhn.training.TrainingDiverged` when the loss becomes non-finite (``last.pt`` keeps
     the last good state).
     """
+    from bnrhn.training import FolderLock
+
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise NotADirectoryError(f"--run-dir {cfg.run_dir} exists and is not a folder")
+    with FolderLock(cfg.run_dir, "run folder"):
+        return _train_char_lm(cfg, resume, corpus, log)
+
+
+def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, log) -> dict[str, Any]:
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler, load_checkpoint
 
     run_dir = Path(cfg.run_dir)
