@@ -241,7 +241,7 @@ class LoadedCaptioner:
 
 def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
     """Model (eval mode), vocabulary and config from a checkpoint file or run folder."""
-    from bnrhn.training import load_checkpoint
+    from bnrhn.training import check_finite_weights, load_checkpoint
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
@@ -254,6 +254,7 @@ def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
     if mcfg.vocab_size != len(vocab):
         raise ValueError(f"{path}: the model was built for {mcfg.vocab_size} words but the saved vocabulary "
                          f"has {len(vocab)} (fingerprint {vocab.fingerprint}); the checkpoint is inconsistent")
+    check_finite_weights(ckpt["model"], path)
     model = build_captioner(mcfg)
     try:
         model.load_state_dict(ckpt["model"])

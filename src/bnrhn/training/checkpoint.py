@@ -59,10 +59,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             if (path / name).exists():
                 return load_checkpoint(path / name, map_location)
         raise FileNotFoundError(f"no best.pt or last.pt in run folder {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted copy?)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run the file's code: never pass that on
+        raise ValueError(
+            f"{path} holds Python objects that bnrhn does not load, for safety (a bnrhn checkpoint holds only "
+            "tensors and plain values): it was not written by bnrhn, or has been altered"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a bnrhn checkpoint (no '{FORMAT}' marker)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -70,6 +79,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} was written by a newer bnrhn (checkpoint format {payload['format_version']}); upgrade bnrhn"
         )
     return payload
+
+
+def check_finite_weights(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """``ValueError`` when a model state dict holds NaN or infinite values (a model that cannot predict)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{path}: the model's weights are not finite (NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]!r}); "
+            "it cannot be used. Take an earlier checkpoint of the run (best.pt, last.pt) or train again"
+        )
 
 
 def capture_rng_state() -> dict[str, Any]:
