@@ -314,7 +314,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
     recs = ds.records
     feats = SplitFeatures.build(recs, fs, grid)
     t0 = time.perf_counter()
-    caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, max_len or cfg.max_len,
+    caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, cfg.max_len if max_len is None else max_len,
                         cfg.length_norm if length_norm is None else length_norm)
     seconds = time.perf_counter() - t0
     results = [{"image_id": _coco_id(r.image_id), "caption": c} for r, c in zip(recs, caps)]
@@ -408,7 +408,7 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
         raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
     loaded = load_captioner(checkpoint)
     enc = _encoder_for(loaded, weights, log)
-    max_len = max_len or loaded.config.max_len
+    max_len = loaded.config.max_len if max_len is None else max_len  # 0 is an error (decoding says so), not "default"
     length_norm = loaded.config.length_norm if length_norm is None else length_norm
     generator = torch.Generator().manual_seed(seed)
     out: list[ImageCaptions] = []

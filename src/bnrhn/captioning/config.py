@@ -106,6 +106,8 @@ class CaptionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.grad_clip is not None and not isinstance(self.grad_clip, bool) and self.grad_clip == 0:
+            self.grad_clip = None  # 0 = off, as for bnrhn lm train
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if len(self.synthetic_sizes) != 3:
