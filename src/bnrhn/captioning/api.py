@@ -167,7 +167,8 @@ def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
         log("data: no validation images; the last checkpoint is also the best (no CIDEr selection)")
     tcfg = TrainerConfig(
         run_dir=config.run_dir, max_epochs=config.epochs, max_steps=config.max_steps, max_minutes=config.max_minutes,
-        grad_clip=config.grad_clip, select_metric=config.select_metric if has_val else None,
+        grad_clip=config.grad_clip, diverge_factor=config.diverge_factor,
+        select_metric=config.select_metric if has_val else None,
         select_mode="min" if config.select_metric == "loss" else "max", patience=config.patience if has_val else None,
         validate_every=config.validate_every, seed=config.seed, progress=config.progress,
         description=f"{config.model}/{config.cell}", overwrite=config.overwrite,
