@@ -85,3 +85,17 @@ def test_two_trainers_on_one_run_folder(tmp_path, capsys):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_unusable_run_folders_are_refused_in_words_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["train", "--dataset", "karpathy:/nonexistent.json", "--run-dir", str(a_file)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["train", "--dataset", "karpathy:/nonexistent.json", "--run-dir", "/proc/bnrhn-run"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write into the run folder /proc/bnrhn-run" in err and "Traceback" not in err
+    assert main(["lm", "train", "--text", "/nonexistent.txt", "--run-dir", "/proc/bnrhn-run"]) == 2
+    assert "cannot write into the run folder" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt"), "--out", str(a_file)]) == 2
+    assert "is not a folder" in capsys.readouterr().err

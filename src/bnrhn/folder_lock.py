@@ -39,13 +39,19 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         import fcntl
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.key = str(self.folder.resolve())
-        if self.key in FolderLock._held:
-            FolderLock._held[self.key] += 1
-            return self
-        path = self.folder / LOCK_NAME
-        f = open(path, "a+", encoding="utf-8")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.what} {self.folder} exists and is not a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.key = str(self.folder.resolve())
+            if self.key in FolderLock._held:
+                FolderLock._held[self.key] += 1
+                return self
+            f = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")
+        except OSError as exc:  # read-only file system, no permission, /proc, …: say so in words, before any work
+            raise NotADirectoryError(
+                f"cannot write into the {self.what} {self.folder}: {exc.strerror or exc}; choose a writable folder"
+            ) from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

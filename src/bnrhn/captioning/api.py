@@ -289,6 +289,8 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
     ``out_dir`` the results go to ``results_<split>.json`` (COCO format: ``[{"image_id", "caption"}]``)
     and the scores to ``metrics_<split>.json`` / ``.md``.
     """
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
     loaded = load_captioner(checkpoint)
     cfg = CaptionConfig.from_dict(loaded.config.to_dict())
     if progress is not None:
