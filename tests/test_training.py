@@ -221,3 +221,36 @@ def test_a_finite_exploding_loss_stops_as_diverged(tmp_path):
     assert max(train_losses(tmp_path / "off")) > 1e4
     with pytest.raises(ValueError, match="diverge_factor"):
         TrainerConfig(run_dir=str(tmp_path / "x"), diverge_factor=0.5)
+
+
+def test_disk_full_half_way_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
+    """Fault injection: the write fails after half the bytes (as a full disk does inside torch's zip writer)."""
+    from bnrhn.errors import CheckpointWriteError
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(1000)}})
+    real_save = torch.save
+
+    def half_then_full(obj, f, *a, **k):
+        import io
+
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(CheckpointWriteError, match=r"last.pt: .*MB free .*needs about 0.0 MB .*previous last.pt is unchanged"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(1000)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the partial temporary file is gone
+
+
+def test_resume_removes_orphan_temporary_checkpoints(tmp_path):
+    task, trainer = make(tmp_path, max_epochs=1)
+    trainer.fit()
+    orphan = tmp_path / "run" / ".last.pt.abc123.tmp"  # what a kill -9 during a save leaves
+    orphan.write_bytes(b"partial")
+    make(tmp_path, max_epochs=2)[1].fit(resume=True)
+    assert not orphan.exists()

@@ -15,10 +15,12 @@ import socket
 import sys
 from pathlib import Path
 
+from bnrhn.errors import UserFacingError
+
 LOCK_NAME = ".bnrhn.lock"
 
 
-class FolderInUse(RuntimeError):
+class FolderInUse(UserFacingError, RuntimeError):
     """Another process holds the folder's lock."""
 
 

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bnrhn.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from bnrhn.training.checkpoint import (
+    capture_rng_state, load_checkpoint, remove_orphan_temporaries, restore_rng_state, save_checkpoint,
+)
 from bnrhn.training.log import StepLogger
 
 
@@ -320,6 +322,8 @@ class Trainer:
         if resume:
             if not self.last_path.exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint {self.last_path}")
+            for orphan in remove_orphan_temporaries(self.run_dir):  # a save that a kill interrupted
+                tqdm.write(f"resume: removed {orphan.name}, the partial checkpoint of an interrupted save")
             ckpt = load_checkpoint(self.last_path)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
