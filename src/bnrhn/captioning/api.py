@@ -36,7 +36,7 @@ from bnrhn.captioning.data import (
 from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 from bnrhn.captioning.task import CHECKPOINT_KIND, CaptionTask, Prepared, decode_split
 from bnrhn.data.captions import CaptionDataset
-from bnrhn.data.vocab import Vocabulary
+from bnrhn.data.vocab import Vocabulary, unknown_fraction
 from bnrhn.decoding import beam_search
 from bnrhn.encoders import ImageFileError, build_encoder, load_image
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
@@ -68,6 +68,11 @@ def prepare_data(config: CaptionConfig, log: Log = stderr_log, encoder=None) -> 
     if not train_recs:
         raise ValueError(f"{ds.name}: the training split is empty; check the split files or --max-train-images")
     vocab = Vocabulary.build((c for r in train_recs for c in r.captions), min_count=config.min_count)
+    lost = unknown_fraction((c for r in train_recs for c in r.captions), vocab)
+    if lost > 0.5:
+        log(f"warning: {lost:.0%} of the training words are rarer than --min-count {config.min_count} and become "
+            "<unk>; captions in a language written without spaces (e.g. Chinese) must be segmented into "
+            "space-separated words first (see bnrhn.data.vocab)")
     log(f"data: {ds.summary()}; vocabulary {len(vocab)} words (min count {config.min_count}); "
         f"features {'extracted in %.1f s' % fs.seconds if not fs.reused else 'from cache'} ({fs.folder})")
     return Prepared(
