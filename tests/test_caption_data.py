@@ -195,3 +195,24 @@ def test_synthetic_dataset_is_written_once_and_reused(tmp_path):
     # the first scenes do not depend on how many are asked for
     ds3 = synthetic_dataset(tmp_path, 8, 2, 2)
     assert [r.captions for r in ds3.records[:6]] == [r.captions for r in ds.records[:6]]
+
+
+def test_folder_reader_accepts_excels_byte_order_mark(tmp_path):
+    for n in ("x.png", "y.png"):
+        _img(tmp_path / n)
+    (tmp_path / "captions.csv").write_bytes("image,caption\nx.png,a red square\ny.png,a blue thing\n".encode("utf-8-sig"))
+    ds = read_folder(tmp_path)
+    assert sorted(r.image_id for r in ds.records) == ["x.png", "y.png"]
+    (tmp_path / "captions.csv").unlink()
+    (tmp_path / "c.jsonl").write_bytes('{"image": "x.png", "caption": "one"}\n'.encode("utf-8-sig"))
+    assert [r.image_id for r in read_folder(tmp_path, tmp_path / "c.jsonl").records] == ["x.png"]
+
+
+def test_unknown_fraction_flags_captions_without_spaces():
+    from bnrhn.data.vocab import Vocabulary, unknown_fraction
+
+    chinese = ["一只狗在草地上奔跑"] * 5 + [f"第{i}只猫睡在床上" for i in range(20)]
+    v = Vocabulary.build(chinese, min_count=5)
+    assert len(v) == 5 and unknown_fraction(chinese, v) == 0.8  # each caption is one "word"; 20 of 25 rare
+    english = ["a dog runs on the grass", "a dog plays in the snow"] * 5
+    assert unknown_fraction(english, Vocabulary.build(english, min_count=5)) == 0.0

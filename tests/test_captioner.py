@@ -153,3 +153,9 @@ def test_model_config_errors():
     m = _model("show_attend_tell", "lstm")
     with pytest.raises(ValueError, match="grid features"):
         m.start(torch.randn(2, 6))
+
+
+def test_grad_clip_zero_means_off_as_for_language_models():
+    from bnrhn.captioning import CaptionConfig
+
+    assert CaptionConfig(grad_clip=0).grad_clip is None and CaptionConfig(grad_clip=2.5).grad_clip == 2.5

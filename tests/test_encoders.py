@@ -255,6 +255,14 @@ def test_unreadable_images_are_skipped_or_refused(tmp_path):
     with pytest.raises(ValueError, match=r"bad.png.*strict"):
         extract_features(paths, MeanColour(), tmp_path / "c2", progress=False, strict=True, log=logs.append)
     assert not (tmp_path / "c2" / "meta.json").exists()
+    # strict means strict whatever the cache holds: c1 was written by a non-strict run and records bad.png
+    with pytest.raises(ValueError, match=r"bad.png.*strict mode; recorded in the feature cache"):
+        extract_features(paths, MeanColour(), tmp_path / "c1", progress=False, strict=True, log=logs.append)
+    with pytest.raises(ValueError, match=r"bad.png.*strict"):  # also when a larger cache serves a subset
+        extract_features(paths[:2], MeanColour(), tmp_path / "c3", progress=False, strict=True, log=logs.append,
+                         search=[tmp_path / "c1"])
+    assert extract_features(paths[:1], MeanColour(), tmp_path / "c3", progress=False, strict=True, log=logs.append,
+                            search=[tmp_path / "c1"]).reused  # the good images alone are fine
 
 
 def test_interrupted_extraction_resumes(tmp_path):

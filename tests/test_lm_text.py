@@ -151,3 +151,22 @@ def test_sequence_length_below_two_is_an_error():
         TBPTTBatches(torch.arange(50), 8, 10)
     with pytest.raises(ValueError, match="nothing to predict"):
         TBPTTBatches(torch.arange(1), 1, 2, full=True)
+
+
+def test_utf16_text_is_named_with_the_fix(tmp_path):
+    from bnrhn.data.text import read_text
+
+    p = tmp_path / "notes.txt"
+    p.write_bytes("hello world\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"notes.txt: this is UTF-16 text .*iconv -f UTF-16 -t UTF-8"):
+        read_text(p)
+
+
+def test_valid_fraction_message_matches_what_is_accepted():
+    from bnrhn.data.text import CharCorpus
+
+    with pytest.raises(ValueError, match=r"valid_fraction must be in \(0, 1\)"):
+        CharCorpus.from_text("abcdefghij" * 20, valid_fraction=0.0)
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\) \(0 = no test split\)"):
+        CharCorpus.from_text("abcdefghij" * 20, test_fraction=1.5)
+    assert CharCorpus.from_text("abcdefghij" * 20, valid_fraction=0.1, test_fraction=0.0) is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -94,3 +95,97 @@ def test_all_metrics_with_meteor(tmp_path, capsys):
     written = json.loads((tmp_path / "results.scores.json").read_text())
     assert set(written["corpus"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert 0.9 < written["corpus"]["METEOR"] <= 1.0      # the candidate is one of the references
+
+
+def _tiny_files(tmp_path):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"images": [{"id": 1}, {"id": 2}], "annotations": [
+        {"id": 1, "image_id": 1, "caption": "a dog runs on the grass"},
+        {"id": 2, "image_id": 2, "caption": "a cat sleeps on a bed"}]}))
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([{"image_id": 1, "caption": "a dog runs"}, {"image_id": 2, "caption": "a cat"}]))
+    return res, refs
+
+
+def test_score_never_overwrites_an_input(tmp_path, capsys):
+    res, refs = _tiny_files(tmp_path)
+    before = refs.read_bytes()
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(refs)]) == 2
+    assert "would overwrite" in capsys.readouterr().err and refs.read_bytes() == before
+    link = tmp_path / "same_file.json"
+    os.link(refs, link)  # another name of the references file
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(link)]) == 2
+    assert "references" in capsys.readouterr().err and refs.read_bytes() == before
+    sym = tmp_path / "sym.json"
+    sym.symlink_to(res)
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(sym)]) == 2
+    assert "result file" in capsys.readouterr().err
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(tmp_path / "no" / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_score_output_is_written_through_a_unique_temporary_file(tmp_path, capsys):
+    res, refs = _tiny_files(tmp_path)
+    out = tmp_path / "scores.json"
+    users = tmp_path / "scores.json.tmp"  # a file of the user's that a fixed temporary name would destroy
+    users.write_text("keep me")
+    assert main(["score", str(res), "-r", str(refs), "-m", "bleu", "--json", str(out)]) == 0
+    assert users.read_text() == "keep me"
+    assert json.loads(out.read_text())["corpus"]["BLEU-1"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refs.json", "res.json", "scores.json", "scores.json.tmp"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_meteor_stops_at_once(tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal sends) while METEOR scores: exit 130 within
+    seconds, and no JVM left running (it used to die with the group, be restarted, and finish first)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    need_java()
+    rng = random.Random(0)
+    words = "a dog cat man woman runs plays sits on in the grass snow street beach ball red blue".split()
+    sent = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"images": [{"id": i} for i in range(4000)], "annotations": [
+        {"id": 5 * i + k, "image_id": i, "caption": sent(40)} for i in range(4000) for k in range(5)]}))
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([{"image_id": i, "caption": sent(40)} for i in range(4000)]))
+    proc = subprocess.Popen([sys.executable, "-m", "bnrhn", "score", str(res), "-r", str(refs), "-m", "meteor",
+                             "--tokenizer", "none", "--json", "-"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _java_children(proc.pid):
+        time.sleep(0.2)
+    assert _java_children(proc.pid), "METEOR's JVM did not start"
+    time.sleep(2)  # scoring under way
+    jvms = _java_children(proc.pid)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=30)
+    assert rc == 130 and time.time() - t0 < 10, (rc, proc.stderr.read()[-500:])
+    time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{pid}") and "java" in open(f"/proc/{pid}/cmdline").read() for pid in jvms)
+
+
+def _java_children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline") as f:
+                    cmd = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid and "java" in cmd:
+                out.append(int(entry))
+    return out

@@ -20,7 +20,7 @@ from bnrhn.training import (
 class ToyTask:
     """Next-value regression with a small GRU and dropout (so RNG state matters for exact resume)."""
 
-    def __init__(self, seed=0, n=48, batch=8, nan_at_step=None, interrupt_at_step=None):
+    def __init__(self, seed=0, n=48, batch=8, nan_at_step=None, interrupt_at_step=None, explode_at_step=None):
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 6, 3, generator=g)
         self.y = self.x.sum(-1, keepdim=True).cumsum(1)
@@ -29,7 +29,7 @@ class ToyTask:
         self.rnn = Recurrent("gru", 3, 16, batch_first=True, dropout=0.2)
         self.head = nn.Linear(16, 1)
         self.model = nn.ModuleDict({"rnn": self.rnn, "head": self.head})
-        self.nan_at_step, self.interrupt_at_step = nan_at_step, interrupt_at_step
+        self.nan_at_step, self.interrupt_at_step, self.explode_at_step = nan_at_step, interrupt_at_step, explode_at_step
         self.steps_run = 0
         self.counter = torch.zeros(())  # task state that must survive resume
 
@@ -50,6 +50,8 @@ class ToyTask:
         loss = (self.head(out) - self.y[idx]).pow(2).mean()
         if self.nan_at_step and self.steps_run >= self.nan_at_step:
             loss = loss * float("nan")
+        if self.explode_at_step and self.steps_run >= self.explode_at_step:  # finite, but 100× the start
+            loss = loss * 1e6
         return loss, idx.numel() * 6
 
     def validate(self):
@@ -64,10 +66,11 @@ class ToyTask:
 
 
 def make(tmp_path, name="run", **kw):
-    task = ToyTask(**{k: v for k, v in kw.items() if k in ("nan_at_step", "interrupt_at_step")})
+    own = ("nan_at_step", "interrupt_at_step", "explode_at_step")
+    task = ToyTask(**{k: v for k, v in kw.items() if k in own})
     opt = build_optimizer(task.model.parameters(), "adam", lr=1e-2)
     sched = build_scheduler(opt, "cosine", total_steps=60, warmup_steps=3)
-    cfg_kw = {k: v for k, v in kw.items() if k not in ("nan_at_step", "interrupt_at_step")}
+    cfg_kw = {k: v for k, v in kw.items() if k not in own}
     cfg = TrainerConfig(run_dir=str(tmp_path / name), progress=False, select_metric="loss", select_mode="min", **cfg_kw)
     return task, Trainer(task, opt, sched, cfg)
 
@@ -203,3 +206,51 @@ def test_config_errors():
         build_optimizer([nn.Parameter(torch.ones(1))], "rmsprop")
     with pytest.raises(ValueError, match="step_size"):
         build_scheduler(build_optimizer([nn.Parameter(torch.ones(1))]), "step")
+
+
+def test_a_finite_exploding_loss_stops_as_diverged(tmp_path):
+    """A loss that grows 1e6× without overflowing stops training (before the optimiser step) with the last
+    good checkpoint intact; the threshold is configurable and can be switched off."""
+    task, trainer = make(tmp_path, max_epochs=5, checkpoint_every=4, explode_at_step=11)
+    with pytest.raises(TrainingDiverged, match=r"step 11 is more than 10× the run's starting loss"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["trainer"]["global_step"] == 8 and len(ckpt["trainer"]["first_losses"]) == 5
+    task, trainer = make(tmp_path, name="off", max_epochs=3, explode_at_step=11, diverge_factor=None)
+    trainer.fit()  # off: trains on (the user asked for it)
+    assert max(train_losses(tmp_path / "off")) > 1e4
+    with pytest.raises(ValueError, match="diverge_factor"):
+        TrainerConfig(run_dir=str(tmp_path / "x"), diverge_factor=0.5)
+
+
+def test_disk_full_half_way_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
+    """Fault injection: the write fails after half the bytes (as a full disk does inside torch's zip writer)."""
+    from bnrhn.errors import CheckpointWriteError
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(1000)}})
+    real_save = torch.save
+
+    def half_then_full(obj, f, *a, **k):
+        import io
+
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(CheckpointWriteError, match=r"last.pt: .*MB free .*needs about 0.0 MB .*previous last.pt is unchanged"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(1000)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the partial temporary file is gone
+
+
+def test_resume_removes_orphan_temporary_checkpoints(tmp_path):
+    task, trainer = make(tmp_path, max_epochs=1)
+    trainer.fit()
+    orphan = tmp_path / "run" / ".last.pt.abc123.tmp"  # what a kill -9 during a save leaves
+    orphan.write_bytes(b"partial")
+    make(tmp_path, max_epochs=2)[1].fit(resume=True)
+    assert not orphan.exists()

@@ -62,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from bnrhn.errors import UserFacingError  # a module without torch: --help stays fast
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, UserFacingError) as exc:
         # User-facing errors: a clear message without a traceback, unless asked for.
         if args.traceback or os.environ.get("BNRHN_TRACEBACK"):
             raise

@@ -36,7 +36,7 @@ from bnrhn.captioning.data import (
 from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 from bnrhn.captioning.task import CHECKPOINT_KIND, CaptionTask, Prepared, decode_split
 from bnrhn.data.captions import CaptionDataset
-from bnrhn.data.vocab import Vocabulary
+from bnrhn.data.vocab import Vocabulary, unknown_fraction
 from bnrhn.decoding import beam_search
 from bnrhn.encoders import ImageFileError, build_encoder, load_image
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
@@ -68,6 +68,11 @@ def prepare_data(config: CaptionConfig, log: Log = stderr_log, encoder=None) -> 
     if not train_recs:
         raise ValueError(f"{ds.name}: the training split is empty; check the split files or --max-train-images")
     vocab = Vocabulary.build((c for r in train_recs for c in r.captions), min_count=config.min_count)
+    lost = unknown_fraction((c for r in train_recs for c in r.captions), vocab)
+    if lost > 0.5:
+        log(f"warning: {lost:.0%} of the training words are rarer than --min-count {config.min_count} and become "
+            "<unk>; captions in a language written without spaces (e.g. Chinese) must be segmented into "
+            "space-separated words first (see bnrhn.data.vocab)")
     log(f"data: {ds.summary()}; vocabulary {len(vocab)} words (min count {config.min_count}); "
         f"features {'extracted in %.1f s' % fs.seconds if not fs.reused else 'from cache'} ({fs.folder})")
     return Prepared(
@@ -128,7 +133,17 @@ class RunResult:
 
 
 def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) -> RunResult:
-    """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``."""
+    """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``, which is
+    locked for the whole run (a second process on the same folder is refused, naming the first)."""
+    from bnrhn.training import FolderLock
+
+    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
+        raise NotADirectoryError(f"--run-dir {config.run_dir} exists and is not a folder")
+    with FolderLock(config.run_dir, "run folder"):
+        return _train(config, resume, log)
+
+
+def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
 
     # the run records the batch-norm estimator it trains with (a later default cannot change a resumed run)
@@ -157,7 +172,8 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
         log("data: no validation images; the last checkpoint is also the best (no CIDEr selection)")
     tcfg = TrainerConfig(
         run_dir=config.run_dir, max_epochs=config.epochs, max_steps=config.max_steps, max_minutes=config.max_minutes,
-        grad_clip=config.grad_clip, select_metric=config.select_metric if has_val else None,
+        grad_clip=config.grad_clip, diverge_factor=config.diverge_factor,
+        select_metric=config.select_metric if has_val else None,
         select_mode="min" if config.select_metric == "loss" else "max", patience=config.patience if has_val else None,
         validate_every=config.validate_every, seed=config.seed, progress=config.progress,
         description=f"{config.model}/{config.cell}", overwrite=config.overwrite,
@@ -231,7 +247,7 @@ class LoadedCaptioner:
 
 def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
     """Model (eval mode), vocabulary and config from a checkpoint file or run folder."""
-    from bnrhn.training import load_checkpoint
+    from bnrhn.training import check_finite_weights, load_checkpoint
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
@@ -244,6 +260,7 @@ def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
     if mcfg.vocab_size != len(vocab):
         raise ValueError(f"{path}: the model was built for {mcfg.vocab_size} words but the saved vocabulary "
                          f"has {len(vocab)} (fingerprint {vocab.fingerprint}); the checkpoint is inconsistent")
+    check_finite_weights(ckpt["model"], path)
     model = build_captioner(mcfg)
     try:
         model.load_state_dict(ckpt["model"])
@@ -277,6 +294,8 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
     ``out_dir`` the results go to ``results_<split>.json`` (COCO format: ``[{"image_id", "caption"}]``)
     and the scores to ``metrics_<split>.json`` / ``.md``.
     """
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
     loaded = load_captioner(checkpoint)
     cfg = CaptionConfig.from_dict(loaded.config.to_dict())
     if progress is not None:
@@ -303,7 +322,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
     recs = ds.records
     feats = SplitFeatures.build(recs, fs, grid)
     t0 = time.perf_counter()
-    caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, max_len or cfg.max_len,
+    caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, cfg.max_len if max_len is None else max_len,
                         cfg.length_norm if length_norm is None else length_norm)
     seconds = time.perf_counter() - t0
     results = [{"image_id": _coco_id(r.image_id), "caption": c} for r, c in zip(recs, caps)]
@@ -397,7 +416,7 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
         raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
     loaded = load_captioner(checkpoint)
     enc = _encoder_for(loaded, weights, log)
-    max_len = max_len or loaded.config.max_len
+    max_len = loaded.config.max_len if max_len is None else max_len  # 0 is an error (decoding says so), not "default"
     length_norm = loaded.config.length_norm if length_norm is None else length_norm
     generator = torch.Generator().manual_seed(seed)
     out: list[ImageCaptions] = []

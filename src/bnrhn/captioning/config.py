@@ -28,7 +28,8 @@ class CaptionConfig:
     Encoder: encoder name (``mobilenet_v2`` or ``tv:ARCH``), weights file, resize mode, cache folder.
     Model: ``show_tell`` or ``show_attend_tell``; the recurrent ``cell`` and its options; sizes; dropout.
     Optimisation: optimiser, learning rate, schedule, gradient clipping, batch size, budgets
-        (epochs, steps, minutes), early-stopping patience, seed.
+        (epochs, steps, minutes), early-stopping patience, seed; ``diverge_factor``: training stops as
+        diverged when the loss exceeds this multiple of its first steps' mean (0 or None = off).
     Validation: decoding method (``greedy`` is fast; ``beam``), beam size, maximum caption length.
     """
 
@@ -69,6 +70,7 @@ class CaptionConfig:
     step_size: int | None = None
     gamma: float = 0.5
     grad_clip: float | None = 5.0
+    diverge_factor: float | None = 10.0
     batch_size: int = 64
     batching: str = "auto"
     epochs: int = 10
@@ -106,6 +108,10 @@ class CaptionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.grad_clip is not None and not isinstance(self.grad_clip, bool) and self.grad_clip == 0:
+            self.grad_clip = None  # 0 = off, as for bnrhn lm train
+        if self.diverge_factor is not None and not isinstance(self.diverge_factor, bool) and self.diverge_factor == 0:
+            self.diverge_factor = None
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if len(self.synthetic_sizes) != 3:

@@ -59,7 +59,9 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
     g.add_argument("--warmup-steps", type=int, default=S, metavar="N", help="linear warm-up steps (0)")
     g.add_argument("--step-size", type=int, default=S, metavar="N", help="steps between decays (step/exponential)")
     g.add_argument("--gamma", type=float, default=S, help="decay factor (0.5)")
-    g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm (5.0)")
+    g.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm (5.0; 0 = off)")
+    g.add_argument("--diverge-factor", type=float, default=S, metavar="F",
+                   help="stop as diverged when the loss exceeds F × the mean loss of the first 5 steps (10; 0 = off)")
     g.add_argument("--batch-size", type=int, default=S, metavar="N", help="captions per batch (64)")
     g.add_argument("--batching", choices=("auto", "bucketed", "random"), default=S,
                    help="bucketed: length-sorted batches (least padding); random: a random sample per batch; "

@@ -50,6 +50,8 @@ def _add_train_options(p) -> None:
     o.add_argument("--step-size", type=int, help="steps between decays (step/exponential schedules)")
     o.add_argument("--gamma", type=float, help="decay factor (step/exponential schedules; default 0.5)")
     o.add_argument("--grad-clip", type=float, help="clip the global gradient norm at this value (default 5; 0 = off)")
+    o.add_argument("--diverge-factor", type=float,
+                   help="stop as diverged when the loss exceeds this × the mean loss of the first 5 steps (default 10; 0 = off)")
     o.add_argument("--epochs", type=int, help="passes over the training text (default 10)")
     o.add_argument("--max-steps", type=int, help="stop after this many training windows")
     o.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time")
@@ -172,6 +174,8 @@ def run_train(args) -> int:
              if getattr(args, f.name, None) is not None and f.name not in ("cell_options", "progress", "overwrite")}
     if args.grad_clip == 0:
         given["grad_clip"] = None
+    if args.diverge_factor == 0:
+        given["diverge_factor"] = None
     progress = not args.quiet and sys.stderr.isatty()
     run_dir = args.run_dir or "runs/lm"
     if args.resume:

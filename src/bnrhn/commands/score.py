@@ -43,6 +43,38 @@ def default_output(results: str) -> str:
     return (root if ext.lower() == ".json" else results) + ".scores.json"
 
 
+def check_output_path(out: str, inputs: dict[str, str]) -> None:
+    """Refuse, before any work, an output path that is one of the inputs (same resolved path or same file,
+    hard links and symlinks included), a folder, or a path in a folder that does not exist."""
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"--json {out} is a folder; give a file name, e.g. {os.path.join(out, 'scores.json')}")
+    for what, path in inputs.items():
+        same = os.path.realpath(out) == os.path.realpath(path)
+        if not same and os.path.exists(out) and os.path.exists(path):
+            same = os.path.samefile(out, path)
+        if same:
+            raise ValueError(f"--json {out} is the {what} ({path}): writing the scores would overwrite it; choose another file")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--json {out}: the folder {parent} does not exist")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder (never a fixed
+    name that could be a user's file), replacing ``path`` only once the text is complete."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def run(args) -> int:
     import json
     import warnings
@@ -52,8 +84,8 @@ def run(args) -> int:
 
     metrics = parse_metrics(args.metrics)
     out_path = None if args.json == "-" else (args.json or default_output(args.results))
-    if out_path and os.path.abspath(out_path) == os.path.abspath(args.results):
-        raise ValueError(f"--json {out_path} would overwrite the result file")
+    if out_path:
+        check_output_path(out_path, {"result file": args.results, "references": args.references})
 
     candidates = load_results(args.results)
     refs = load_references(args.references, split=args.split)
@@ -75,10 +107,6 @@ def run(args) -> int:
         payload = result.to_dict()
         payload.update({"results": os.path.abspath(args.results), "references": os.path.abspath(args.references),
                         "split": args.split, "matched_on": naming, "reference_images_left_out": left_out})
-        tmp = out_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, out_path)
+        write_atomic(out_path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
         print(f"scores written to {out_path}")
     return 0

@@ -337,7 +337,7 @@ def read_folder(folder: str | Path, captions_file: str | Path | None = None, str
             e["split"] = s
 
     if captions_file.suffix.lower() in (".jsonl", ".json"):
-        with open(captions_file, encoding="utf-8") as f:
+        with open(captions_file, encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark is not a column name
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -363,7 +363,7 @@ def read_folder(folder: str | Path, captions_file: str | Path | None = None, str
                 add(str(image), caps, obj.get("split"), where)
     else:
         delim = "\t" if captions_file.suffix.lower() == ".tsv" else ","
-        with open(captions_file, encoding="utf-8", newline="") as f:
+        with open(captions_file, encoding="utf-8-sig", newline="") as f:  # Excel writes a byte-order mark
             reader = csv.DictReader(f, delimiter=delim)
             cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
             icol = next((cols[c] for c in _IMAGE_COLS if c in cols), None)

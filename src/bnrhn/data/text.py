@@ -81,6 +81,11 @@ def read_text(path: str | Path) -> str:
     data = path.read_bytes()
     if not data:
         raise ValueError(f"{path}: the text file is empty; a language model needs at least 2 characters")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ValueError(
+            f"{path}: this is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; convert it, e.g. "
+            f"iconv -f UTF-16 -t UTF-8 {path} > {path.with_suffix('.utf8' + path.suffix)}"
+        )
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
@@ -267,11 +272,10 @@ class CharCorpus:
     def from_text(cls, text: str, valid_fraction: float = 0.05, test_fraction: float = 0.05,
                   source: dict | None = None, transform: dict | None = None, name: str = "text") -> "CharCorpus":
         """Split one text by fractions: the first part trains, then validation, then test (contiguous)."""
-        for arg, v in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{arg} must be in [0, 1), got {v!r}")
-        if valid_fraction <= 0.0:
-            raise ValueError("valid_fraction must be positive: training needs a validation split")
+        if not 0.0 < valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in (0, 1): training needs a validation split; got {valid_fraction!r}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1) (0 = no test split), got {test_fraction!r}")
         if valid_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"valid_fraction + test_fraction = {valid_fraction + test_fraction} leaves no training text"

@@ -7,6 +7,11 @@ count (ties alphabetical, so the same captions always give the same ids), after 
 
     0 <pad>   1 <start>   2 <end>   3 <unk>
 
+Scope: this suits languages that separate words with spaces or punctuation. A language written without
+spaces (Chinese, Japanese, Thai) gives one "word" per clause, nearly all rarer than ``min_count``, so
+most of it becomes ``<unk>``: segment such captions into words first (space-separated), and the
+training command warns when most training words are lost (:func:`unknown_fraction`).
+
 The vocabulary is saved inside every checkpoint (:meth:`Vocabulary.to_dict`), so a model always
 decodes with its own words; :attr:`Vocabulary.fingerprint` identifies it.
 """
@@ -28,6 +33,12 @@ _WORD = re.compile(r"[^\W_]+")
 def tokenize(text: str) -> list[str]:
     """Lower-case words of ``text`` with punctuation stripped (``[^\\W_]+`` runs)."""
     return _WORD.findall(text.lower())
+
+
+def unknown_fraction(captions: Iterable[str], vocab: "Vocabulary") -> float:
+    """The fraction of the words of ``captions`` that ``vocab`` maps to ``<unk>`` (0 for no words)."""
+    words = [w for c in captions for w in tokenize(c)]
+    return sum(w not in vocab.index for w in words) / len(words) if words else 0.0
 
 
 class Vocabulary:

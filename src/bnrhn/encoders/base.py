@@ -49,11 +49,47 @@ def load_image(path: str | Path):
     try:
         with Image.open(p) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except UnidentifiedImageError:
         raise ImageFileError(p, "not an image file (cannot identify the image format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageFileError(p, f"corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+def to_rgb(im):
+    """An 8-bit RGB rendering of a PIL image of any mode, the way an image viewer shows it.
+
+    - The EXIF orientation is applied (a portrait phone photo stands upright).
+    - 16-bit and 32-bit integer greyscale (``I;16*``, ``I``) are scaled to 0..255 from their range:
+      65,535 for 16-bit data (``I`` images whose values fit 16 bits, as 16-bit PNGs decode, too), else
+      2³¹ − 1. PIL's own ``convert("RGB")`` clips them at 255, so a 16-bit photo comes out white.
+    - Float greyscale (``F``) is read as 0..1 when its values lie in [0, 1], else as 0..255, and clipped.
+    - Transparency (``RGBA``, ``LA``, ``PA``, palette or greyscale images with a transparent colour) is
+      composited over white; dropping the alpha channel would show whatever colour the transparent
+      pixels happen to hold.
+    - Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, …) goes through PIL's ``convert("RGB")``.
+    """
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            scale = 1.0 if a.size and np.nanmin(a) >= 0.0 and np.nanmax(a) <= 1.0 else 1.0 / 255.0
+        elif mode == "I" and a.size and a.max() > 65535:
+            scale = 1.0 / (2**31 - 1)
+        else:
+            scale = 1.0 / 65535.0
+        a = np.clip(np.nan_to_num(a * scale * 255.0), 0.0, 255.0)
+        return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 class ImageEncoder:
@@ -158,7 +194,7 @@ class MobileNetV2Encoder(ImageEncoder):
         self.grid_size = GRID * GRID
         self.weights_id = file_sha256(path)
         self.resize = resize
-        self.preprocess_id = f"rgb,{'resize224' if resize == 'squash' else 'resize256,centercrop224'},bilinear,imagenet-mean-std"
+        self.preprocess_id = f"rgb(exif,16-bit,alpha-on-white),{'resize224' if resize == 'squash' else 'resize256,centercrop224'},bilinear,imagenet-mean-std"
 
     def preprocess(self, image) -> Tensor:
         return imagenet_tensor(image, 224, self.resize)

@@ -167,6 +167,24 @@ def extract_features(
     if log is None:
         def log(msg: str) -> None:
             tqdm.write(msg, file=sys.stderr)  # does not garble a running progress bar
+    from bnrhn.folder_lock import FolderLock
+
+    with FolderLock(folder, "feature cache", wait=log):  # one writer at a time; a second process waits and reuses
+        fs = _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search)
+    if strict:  # also when the features come from a cache that an earlier, non-strict run wrote
+        bad = [k for k in dict.fromkeys(_key(p) for p in paths) if k in fs.failed]
+        if bad:
+            raise ValueError(
+                f"unreadable image {bad[0]}: {fs.failed[bad[0]]} (strict mode; recorded in the feature cache "
+                f"{fs.folder}{f', with {len(bad) - 1} more' if len(bad) > 1 else ''}; fix or remove the file, "
+                "or drop --strict to skip such images)"
+            )
+    return fs
+
+
+def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search) -> FeatureSet:
+    from tqdm.auto import tqdm
+
     folder = Path(folder)
     unique = list(dict.fromkeys(_key(p) for p in paths))
     if not unique:

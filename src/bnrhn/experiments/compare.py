@@ -206,9 +206,15 @@ RUN_SUMMARY = "compare_run.json"  # written into each run's folder once it is tr
 
 def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
     """Check, train every cell for every seed, evaluate on the test split, write the report; returns the summary."""
+    from bnrhn.training import FolderLock
+
     check_settings(s, log)
+    with FolderLock(s.out_dir, "experiment folder"):
+        return _run_compare(s, log)
+
+
+def _run_compare(s: CompareSettings, log: Log) -> dict:
     out = Path(s.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if s.resume:
         done = (out / "command.txt").read_text(encoding="utf-8").splitlines() if (out / "command.txt").is_file() else []
         if s.command not in done:  # the commands that made the folder, each once

@@ -173,7 +173,7 @@ class LoadedLM:
 
 def load_char_lm(path, device: str | torch.device = "cpu") -> LoadedLM:
     """Load a character LM checkpoint (``last.pt`` / ``best.pt`` of ``bnrhn lm train``) in eval mode."""
-    from bnrhn.training.checkpoint import load_checkpoint
+    from bnrhn.training.checkpoint import check_finite_weights, load_checkpoint
 
     payload = load_checkpoint(path)
     task = payload.get("task") or {}
@@ -182,6 +182,7 @@ def load_char_lm(path, device: str | torch.device = "cpu") -> LoadedLM:
             f"{path}: not a character language-model checkpoint (written by another task: "
             f"{task.get('kind') if isinstance(task, dict) else type(task).__name__!r})"
         )
+    check_finite_weights(payload["model"], path)
     vocab = CharVocab.from_dict(task["vocab"])
     config = dict(task["model_config"])
     extra = {k: v for k, v in config.items() if k not in _LM_ARGS}

@@ -67,6 +67,7 @@ class LMTrainConfig:
     step_size: int | None = None
     gamma: float = 0.5
     grad_clip: float | None = 5.0
+    diverge_factor: float | None = 10.0  # stop when the loss exceeds this × the starting loss (None = off)
     epochs: int = 10
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -139,6 +140,15 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
     Raises :class:`bnrhn.training.TrainingDiverged` when the loss becomes non-finite (``last.pt`` keeps
     the last good state).
     """
+    from bnrhn.training import FolderLock
+
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise NotADirectoryError(f"--run-dir {cfg.run_dir} exists and is not a folder")
+    with FolderLock(cfg.run_dir, "run folder"):
+        return _train_char_lm(cfg, resume, corpus, log)
+
+
+def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, log) -> dict[str, Any]:
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler, load_checkpoint
 
     run_dir = Path(cfg.run_dir)
@@ -167,7 +177,8 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
                                     step_size=cfg.step_size, gamma=cfg.gamma)
     tcfg = TrainerConfig(
         run_dir=str(run_dir), max_epochs=cfg.epochs, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes,
-        grad_clip=cfg.grad_clip, select_metric="loss", select_mode="min", patience=cfg.patience,
+        grad_clip=cfg.grad_clip, diverge_factor=cfg.diverge_factor, select_metric="loss", select_mode="min",
+        patience=cfg.patience,
         validate_every=cfg.validate_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
         progress=cfg.progress, description=f"lm {cfg.cell}", overwrite=cfg.overwrite,
     )

@@ -86,8 +86,10 @@ class _JVM:
     """One running ``java -jar meteor-1.5.jar - - -stdio`` with reader threads on stdout and stderr."""
 
     def __init__(self, cmd: list[str], cwd: str) -> None:
+        # A session of its own: Ctrl-C in the terminal interrupts Python (which then stops this JVM and exits),
+        # instead of killing the JVM under it, which the recovery below would take for a crash and restart.
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         self.stderr: collections.deque[str] = collections.deque(maxlen=50)
         threading.Thread(target=self._pump_stdout, daemon=True).start()

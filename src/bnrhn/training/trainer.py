@@ -12,7 +12,10 @@ The trainer knows optimisation; the task knows the data and the model's loss. A 
 
 Each step: zero_grad → loss.backward() → clip the global gradient norm → optimiser step → scheduler
 step. A non-finite loss or gradient norm raises :class:`TrainingDiverged` *before* the optimiser
-touches the parameters, so ``last.pt`` (the last good state) stays intact. Ctrl-C is deferred to the
+touches the parameters, so ``last.pt`` (the last good state) stays intact. So does a loss that explodes
+without overflowing: the reference loss is the mean of the run's first ``REFERENCE_STEPS`` steps, a
+step whose loss exceeds ``diverge_factor`` × the reference (10 by default; None = off) stops training
+as diverged, and one above half that factor is warned about once. Ctrl-C is deferred to the
 end of the current step, which then writes a resumable ``last.pt`` and raises ``KeyboardInterrupt``
 (a second Ctrl-C aborts at once). Resuming restores model, optimiser, scheduler, task state, counters
 and all random generators, and skips the batches of the epoch already done, so a resumed run
@@ -33,7 +36,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bnrhn.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from bnrhn.training.checkpoint import (
+    capture_rng_state, load_checkpoint, remove_orphan_temporaries, restore_rng_state, save_checkpoint,
+)
 from bnrhn.training.log import StepLogger
 
 
@@ -60,6 +65,7 @@ class TrainerConfig:
     progress: bool = True
     description: str = "train"
     overwrite: bool = False
+    diverge_factor: float | None = 10.0  # stop when the loss exceeds this × the run's starting loss
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "max_steps", "validate_every", "checkpoint_every", "patience"):
@@ -70,6 +76,8 @@ class TrainerConfig:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.diverge_factor is not None and not self.diverge_factor > 1:
+            raise ValueError(f"diverge_factor must be > 1 or None (off), got {self.diverge_factor!r}")
         if self.select_mode not in ("max", "min"):
             raise ValueError(f"select_mode must be 'max' or 'min', got {self.select_mode!r}")
 
@@ -87,6 +95,11 @@ class TrainerState:
     bad_validations: int = 0
     last_validation_step: int = -1
     validations: list | None = None
+    first_losses: list | None = None  # the first REFERENCE_STEPS losses: the divergence reference
+    warned_rising: bool = False
+
+
+REFERENCE_STEPS = 5
 
 
 class Trainer:
@@ -197,6 +210,7 @@ class Trainer:
                 f"loss is {loss_value} at step {step} (epoch {self.state.epoch + 1}); training stopped, "
                 f"the last good checkpoint is {self.last_path if self.last_path.exists() else 'none (no checkpoint yet)'}"
             )
+        self._check_explosion(loss_value, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -225,6 +239,32 @@ class Trainer:
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{s.tokens / s.train_seconds:.0f}", refresh=False)
+
+    def _check_explosion(self, loss_value: float, step: int) -> None:
+        """Divergence of a finite loss (module docstring), before the optimiser step."""
+        s, factor = self.state, self.config.diverge_factor
+        if s.first_losses is None:
+            s.first_losses = []
+        if len(s.first_losses) < REFERENCE_STEPS:
+            s.first_losses.append(loss_value)
+            return
+        if factor is None:
+            return
+        ref = sum(s.first_losses) / len(s.first_losses)
+        if ref <= 0:
+            return
+        if loss_value > factor * ref:
+            raise TrainingDiverged(
+                f"loss {loss_value:.4g} at step {step} is more than {factor:g}× the run's starting loss ({ref:.4g}, "
+                f"mean of its first {REFERENCE_STEPS} steps): the training diverged (a learning rate too high?); "
+                f"stopped, the last good checkpoint is "
+                f"{self.last_path if self.last_path.exists() else 'none (no checkpoint yet)'} "
+                "(the threshold: --diverge-factor, 0 = off)"
+            )
+        if loss_value > 0.5 * factor * ref and not s.warned_rising:
+            s.warned_rising = True
+            tqdm.write(f"warning: loss {loss_value:.4g} at step {step} is {loss_value / ref:.1f}× the starting loss "
+                       f"({ref:.4g}); training stops as diverged past {factor:g}×")
 
     def _check_budgets(self) -> None:
         cfg, s = self.config, self.state
@@ -282,6 +322,8 @@ class Trainer:
         if resume:
             if not self.last_path.exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint {self.last_path}")
+            for orphan in remove_orphan_temporaries(self.run_dir):  # a save that a kill interrupted
+                tqdm.write(f"resume: removed {orphan.name}, the partial checkpoint of an interrupted save")
             ckpt = load_checkpoint(self.last_path)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
