@@ -63,8 +63,8 @@ def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkey
     for name in ("lstm", "bn_lstm", "bn_lstm_shared", "bn_lstm_cumulative"):
         assert v[name]["outcome"].startswith("trained") and v[name]["valid"]["bpc"] > 0, name
         assert v[name]["seconds_per_epoch"] > 0 and v[name]["valid"]["perplexity"] > 1, name
-    assert v["bn_lstm"]["config"]["cell_options"] == {}
-    assert v["bn_lstm_shared"]["config"]["cell_options"] == {"per_step": False}
+    assert v["bn_lstm"]["config"]["cell_options"] == {"stats": "momentum"}  # the report's estimators, named
+    assert v["bn_lstm_shared"]["config"]["cell_options"] == {"per_step": False, "stats": "momentum"}
     assert v["bn_lstm_cumulative"]["config"]["cell_options"] == {"stats": "cumulative"}
     div = v["bn_lstm_carry_norm"]
     assert div["outcome"].startswith("diverged: loss is nan at step 4") and div["diverged_step"] == 4
