@@ -205,17 +205,14 @@ def run_batchnorm(args) -> int:
 def _lm_report(args, log):
     from bnrhn.analysis.batchnorm import lm_leak
     from bnrhn.lm.task import load_char_lm
-    from bnrhn.lm.train import LMTrainConfig, build_corpus
+    from bnrhn.lm.train import trained_split
 
     lm = load_char_lm(args.checkpoint)  # refuses a checkpoint of any other kind, naming it
     split = args.split or "valid"
-    cfg = LMTrainConfig.from_dict(lm.train_config["lm_config"])
-    corpus = build_corpus(cfg)
-    if corpus.vocab != lm.vocab:
-        raise ValueError(f"{args.checkpoint}: the corpus the model was trained on has changed (different characters)")
-    ids = corpus.splits().get(split)
-    if ids is None:
-        raise ValueError(f"{args.checkpoint}: the model's corpus has no {split!r} split (valid or test)")
+    try:
+        ids, what = trained_split(lm, split)
+    except ValueError as exc:
+        raise ValueError(f"{args.checkpoint}: {exc}") from None
     bs = args.batch_size or int(lm.train_config.get("batch_size", 32))
-    log(f"text: {split} split of {cfg.text or cfg.ptb or cfg.train} ({ids.numel():,} characters)")
+    log(f"text: {what} ({ids.numel():,} characters)")
     return lm_leak(lm.model, ids, batch_size=bs, seq_len=lm.seq_len, carry_state=lm.carry_state, split_name=split)

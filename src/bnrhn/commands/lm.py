@@ -227,7 +227,7 @@ def run_evaluate(args) -> int:
 
     from bnrhn.data.text import apply_transform, read_text
     from bnrhn.lm.evaluate import evaluate_ids
-    from bnrhn.lm.train import build_corpus, LMTrainConfig
+    from bnrhn.lm.train import trained_split
     from bnrhn.lm.task import load_char_lm
 
     lm = load_char_lm(args.checkpoint, args.device)
@@ -242,14 +242,8 @@ def run_evaluate(args) -> int:
         what = args.text
     else:
         split = args.split or "test"
-        cfg = LMTrainConfig.from_dict(lm.train_config["lm_config"])
-        corpus = build_corpus(cfg)
-        if corpus.vocab != lm.vocab:
-            raise ValueError(f"the corpus the model was trained on has changed (different characters); use --text")
-        ids = corpus.splits().get(split)
-        if ids is None:
-            raise ValueError(f"the model's corpus has no {split!r} split; use --text FILE")
-        dropped, what = 0, f"{split} split of {cfg.text or cfg.ptb or cfg.train}"
+        ids, what = trained_split(lm, split, "; use --text FILE")
+        dropped = 0
     if ids.numel() < 2:
         raise ValueError(f"{what}: fewer than 2 characters left to score")
     score = evaluate_ids(lm.model, ids, batch, seq_len, carry_state=lm.carry_state)

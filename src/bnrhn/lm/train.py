@@ -129,6 +129,22 @@ def build_corpus(cfg: LMTrainConfig) -> CharCorpus:
     return CharCorpus.from_files(cfg.train, cfg.valid, cfg.test)
 
 
+def trained_split(lm, split: str, hint: str = "") -> tuple[torch.Tensor, str]:
+    """The character ids of ``split`` of the corpus a loaded model (:class:`bnrhn.lm.task.LoadedLM`) was
+    trained on, rebuilt from its saved settings, and a description of that text; ``ValueError`` (with
+    ``hint`` appended) when the corpus has changed its characters or has no such split."""
+    cfg = LMTrainConfig.from_dict(lm.train_config["lm_config"])
+    corpus = build_corpus(cfg)
+    if corpus.vocab != lm.vocab:
+        raise ValueError(f"the corpus the model was trained on has changed (different characters){hint}")
+    splits = corpus.splits()
+    if splits.get(split) is None:
+        have = ", ".join(k for k, v in splits.items() if v is not None)
+        raise ValueError(f"the model's corpus has no {split!r} split (it has: {have}){hint}")
+    ids = splits[split]
+    return ids, f"{split} split of {cfg.text or cfg.ptb or cfg.train}"
+
+
 def _score_dict(s: LMScore | None) -> dict[str, Any] | None:
     return None if s is None else s.as_dict()
 

@@ -141,7 +141,7 @@ class Recurrent(nn.Module):
             state = self.init_state(B, x.device, x.dtype)
         masks = self.sample_dropout_masks(B)
         if full_steps < T:
-            out, final = self._forward_packed(x, torch.as_tensor(lengths, device=x.device), mask, state, step, masks)
+            out, final = self._forward_packed(x, mask, state, step, masks)
         else:
             out, final = self._forward_full(x, state, step, masks)
         if self.batch_first:
@@ -170,8 +170,7 @@ class Recurrent(nn.Module):
             layer_in = out
         return layer_in, final
 
-    def _forward_packed(self, x: Tensor, lengths: Tensor, mask: Tensor, state: list[State], step: int,
-                        masks: DropoutMasks | None):
+    def _forward_packed(self, x: Tensor, mask: Tensor, state: list[State], step: int, masks: DropoutMasks | None):
         """Padded sequences, computed as packed sequences are (``torch.nn.utils.rnn.pack_padded_sequence``):
         the batch is sorted by length, and step t computes only the n_t sequences still running — the first
         n_t rows — as one full batch. Nothing is computed for padding, every step takes the cells' full-batch
@@ -180,7 +179,7 @@ class Recurrent(nn.Module):
         outputs at padded positions are zeros. Hand-written rather than PackedSequence because the cells
         are ours (PyTorch packs only for its own nn.RNN/LSTM/GRU)."""
         T, B, _ = x.shape
-        order = torch.argsort(lengths, descending=True, stable=True)
+        order = torch.argsort(mask.sum(0), descending=True, stable=True)  # by length ([T, B] mask of valid steps)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(B, device=order.device)
         active = mask.sum(1).tolist()  # n_t, non-increasing after sorting; n_0 = B (every length ≥ 1)

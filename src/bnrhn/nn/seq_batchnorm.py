@@ -170,7 +170,7 @@ class SequenceBatchNorm(nn.Module):
     def plain_batch_statistics(self, rows: int) -> bool:
         """Whether a training step over ``rows`` valid positions is normalised with its own plain batch
         statistics — what the fused kernels of the cells compute (no renormalization, enough rows)."""
-        return self.stats != "renorm" and rows >= max(2, self.min_rows)
+        return self.stats != "renorm" and self.batch_statistics_apply(rows)
 
     def batch_statistics_apply(self, rows: int) -> bool:
         """Whether a training step over ``rows`` valid positions is normalised with its batch statistics,
@@ -241,11 +241,7 @@ class SequenceBatchNorm(nn.Module):
         if Fdim != self.num_features:
             raise ValueError(f"expected {self.num_features} features, got {Fdim}")
         if not self.training:
-            slots = [self._eval_slot(step0 + t) for t in range(T)]
-            idx = torch.tensor(slots, device=x.device)
-            mean, var = self.running_mean[idx], self.running_var[idx]  # [T, F]
-            y = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
-            return self._affine(y)
+            return self._population(x, step0)
         if self._needs_general_path(B, mask):
             return self._forward_masked(x, step0, mask)
         if B < 2:  # a lone sequence has no batch variance
@@ -279,12 +275,21 @@ class SequenceBatchNorm(nn.Module):
             var = ((x - mean.unsqueeze(1)).square() * wn).sum(1)
             y = self._affine((x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps))
             mean, var = mean.detach(), var.detach()
-        counts = w.sum(1)  # [T]
+        return self._finish_training_steps(y, x, step0, w.sum(1), mean, var)
+
+    def _finish_training_steps(self, y: Tensor, x: Tensor, step0: int, counts: Tensor, mean: Tensor,
+                               var: Tensor) -> Tensor:
+        """The common end of the masked and renormalised paths, from their output ``y``, the valid positions
+        per step ``counts`` [T] and the batch statistics (mean, *biased* variance, [T, F], no gradient):
+        steps with fewer than ``min_rows`` positions take the population statistics instead (slots that
+        never received statistics fall back as in eval mode; with none at all, ``y`` is kept), and steps
+        with at least max(2, ``min_rows``) positions update the running statistics."""
         least = max(2, self.min_rows)  # fewer positions: no variance estimate, or too few to trust
         few = counts < least
-        if self.min_rows and bool(few.any()):
-            y = self._population_where(y, x, step0, few)
-        if not bool(few.any()):
+        any_few = bool(few.any())
+        if self.min_rows and any_few and bool(self.num_batches_tracked.any()):
+            y = torch.where(few.view(-1, 1, 1), self._population(x, step0), y)
+        if not any_few:
             self._update_running_steps(step0, mean, var * (counts / (counts - 1)).unsqueeze(1))
         else:  # steps with too few valid positions update nothing
             for t, k in enumerate(counts.tolist()):
@@ -292,16 +297,11 @@ class SequenceBatchNorm(nn.Module):
                     self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
         return y
 
-    def _population_where(self, y: Tensor, x: Tensor, step0: int, few: Tensor) -> Tensor:
-        """``y`` with the steps where ``few`` [T] is True normalised by the population statistics instead
-        (slots that never received statistics fall back as in eval mode; with none at all, y is kept)."""
-        if not bool(self.num_batches_tracked.any()):
-            return y
-        T = x.shape[0]
-        idx = torch.tensor([self._eval_slot(step0 + t) for t in range(T)], device=x.device)
+    def _population(self, x: Tensor, step0: int) -> Tensor:
+        """Eval-mode normalisation of ``x`` [T, B, F]: population statistics of each step's slot."""
+        idx = torch.tensor([self._eval_slot(step0 + t) for t in range(x.shape[0])], device=x.device)
         mean, var = self.running_mean[idx].unsqueeze(1), self.running_var[idx].unsqueeze(1)  # [T, 1, F]
-        pop = self._affine((x - mean) * torch.rsqrt(var + self.eps))
-        return torch.where(few.view(T, 1, 1), pop, y)
+        return self._affine((x - mean) * torch.rsqrt(var + self.eps))
 
     def _forward_renorm(self, x: Tensor, step0: int, w: Tensor) -> Tensor:
         """Batch renormalization (module docstring) with statistics over the positions where w [T, B] is 1.
@@ -319,16 +319,7 @@ class SequenceBatchNorm(nn.Module):
         steps = torch.arange(step0, step0 + T, device=x.device)
         r, d = self.renorm_corrections(steps, mean.detach().squeeze(1), var.detach().squeeze(1))
         y = self._affine((x - mean) / std * r.unsqueeze(1) + d.unsqueeze(1))
-        least = max(2, self.min_rows)
-        if self.min_rows:
-            few = counts < least
-            if bool(few.any()):
-                y = self._population_where(y, x, step0, few)
-        mean, var = mean.detach().squeeze(1), var.detach().squeeze(1)
-        for t, k in enumerate(counts.tolist()):
-            if k >= least:
-                self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
-        return y
+        return self._finish_training_steps(y, x, step0, counts, mean.detach().squeeze(1), var.detach().squeeze(1))
 
     def _fused_batch_norm(self, x2d: Tensor, weight: Tensor | None, bias: Tensor | None):
         """PyTorch's fused training-mode batch norm over the rows of ``x2d`` → (y, batch mean, biased

@@ -18,6 +18,18 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(v, kernel, mode="valid")])
 
 
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write the PNG (creating its folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_training_curves(
     path: str | Path,
     losses: Mapping[str, tuple[Sequence[int], Sequence[float]]],
@@ -57,12 +69,7 @@ def plot_training_curves(
         ax2.set_title(f"{validation_label} during training")
         ax2.grid(alpha=0.3)
         ax2.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 MODE_LABELS = {
@@ -100,9 +107,4 @@ def plot_batchnorm_leak(path: str | Path, report: dict, title: str = "") -> Path
     ax2.set_ylabel(f"valid rows per batch (of {report['batch_size']})")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
