@@ -147,6 +147,19 @@ def test_resume_can_add_seeds(report, cache, tmp_path):
     assert "±" in (out / "results.md").read_text()
 
 
+def test_resume_of_a_comparison_saved_before_the_divergence_watchdog(report, cache, tmp_path):
+    """compare.json files written before --diverge-factor existed have no such key: they still resume, and a
+    different watchdog setting does not count as a different experiment (it only stops a diverged run)."""
+    out = tmp_path / "older"
+    shutil.copytree(report, out)
+    saved = json.loads((out / "compare.json").read_text())
+    del saved["base_config"]["diverge_factor"]
+    (out / "compare.json").write_text(json.dumps(saved))
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")}
+    assert main(tiny_args(cache, out, "--resume", "--diverge-factor", "0")) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")} == stamp
+
+
 def test_resume_with_other_settings_is_refused(report, cache, tmp_path, capsys):
     out = tmp_path / "other"
     shutil.copytree(report, out)

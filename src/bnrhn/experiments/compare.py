@@ -132,9 +132,11 @@ def _check_resume(s: CompareSettings, out: Path) -> None:
         raise FileNotFoundError(f"--resume: {saved_path} not found; {out} holds no comparison to resume")
     saved = json.loads(saved_path.read_text(encoding="utf-8"))
     now = json.loads(json.dumps(s.to_dict()))  # the same JSON types as the saved file
-    for d in (saved, now):  # what may change between invocations
-        d.get("base_config", {}).pop("progress", None)
-        d.get("base_config", {}).pop("overwrite", None)
+    for d in (saved, now):  # what may change between invocations without changing the experiment:
+        # the progress bar, --overwrite, and the divergence watchdog (it only stops a run that has already
+        # diverged; comparisons saved before it existed have no such key)
+        for key in ("progress", "overwrite", "diverge_factor"):
+            d.get("base_config", {}).pop(key, None)
     ignore = {"command", "out_dir", "gallery_size"}  # the gallery is only the report
     differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if differ == ["seeds"] and now["seeds"][: len(saved["seeds"])] == saved["seeds"]:
