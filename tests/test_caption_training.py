@@ -261,3 +261,14 @@ def test_train_command_config_file_and_existing_run(cache, tmp_path, capsys):
     # resuming refuses flags that would change the run
     assert main(["train", "--resume", "--run-dir", str(tmp_path / "b"), "--cell", "lstm", "--quiet"]) == 2
     assert "--cell" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["caption", "evaluate"])
+def test_max_len_0_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    """``--max-len 0`` used to mean the default (20): now argparse refuses it, naming the flag, and nothing is
+    loaded (the checkpoint named does not even exist)."""
+    args = [command, str(tmp_path / "absent.pt")] + (["x.jpg"] if command == "caption" else []) + ["--max-len", "0"]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert "--max-len: must be at least 1, got 0" in capsys.readouterr().err

@@ -8,6 +8,17 @@ import json
 S = argparse.SUPPRESS  # flags left out keep the config file's (or the default) value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (argparse names the flag in its error, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, metavar="SPEC",
@@ -79,7 +90,7 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
     g = p.add_argument_group("validation decoding")
     g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="greedy (default, fast) or beam")
     g.add_argument("--beam-size", type=int, default=S, metavar="K", help="beam size for --val-decode beam (3)")
-    g.add_argument("--max-len", type=int, default=S, metavar="N", help="longest generated caption (20 words)")
+    g.add_argument("--max-len", type=positive_int, default=S, metavar="N", help="longest generated caption (20 words)")
     g.add_argument("--length-norm", type=float, default=S, metavar="A", help="beam length normalisation exponent (0 = off)")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bnrhn.commands._caption_args import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--sample", action="store_true", help="sample captions instead of beam search")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument("--max-len", type=int, default=None, metavar="N", help="longest caption in words (the model's, 20)")
+    p.add_argument("--max-len", type=positive_int, default=None, metavar="N", help="longest caption in words (the model's, 20)")
     p.add_argument("--length-norm", type=float, default=None, metavar="A", help="length normalisation exponent (0 = off)")
     p.add_argument("--weights", default=None, metavar="PATH", help="encoder weights file (default: found offline)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")

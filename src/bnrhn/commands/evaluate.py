@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bnrhn.commands._caption_args import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to caption (test)")
     p.add_argument("--method", default="beam", choices=("beam", "greedy"), help="decoding (beam)")
     p.add_argument("--beam", type=int, default=3, metavar="K", help="beam size (3)")
-    p.add_argument("--max-len", type=int, default=None, metavar="N", help="longest caption in words (the model's, 20)")
+    p.add_argument("--max-len", type=positive_int, default=None, metavar="N", help="longest caption in words (the model's, 20)")
     p.add_argument("--length-norm", type=float, default=None, metavar="A", help="length normalisation exponent")
     p.add_argument("--metrics", nargs="+", default=None, metavar="M",
                    help="metrics (default all: BLEU-1 BLEU-2 BLEU-3 BLEU-4 METEOR ROUGE-L CIDEr)")

@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="OUT", help="where to write the scores (default: RESULTS with suffix "
                                                   ".scores.json); '-' to write nothing")
     p.add_argument("--digits", type=int, default=4, help="decimals in the printed table (default 4)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (METEOR, and n-gram metrics of "
+                                                              "very long captions)")
     p.set_defaults(func=run)
 
 
@@ -94,7 +96,8 @@ def run(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # unavailable metrics are reported below
         result = score(candidates, references, metrics=metrics,
-                       tokenizer=None if args.tokenizer == "none" else args.tokenizer)
+                       tokenizer=None if args.tokenizer == "none" else args.tokenizer, progress=not args.quiet,
+                       on_note=lambda note: print(f"bnrhn score: warning: {note}", file=sys.stderr, flush=True))
 
     print(f"{len(candidates)} images scored against {result.n_references} references "
           f"({refs.format} file, matched on {naming!r}"

@@ -98,7 +98,12 @@ def _bleu_from_counts(correct, guess, testlen, reflen, n):
 
 def bleu(table: NgramTable, n_images: int, ref_image: np.ndarray, n: int = 4):
     """Corpus BLEU-1..n (list of floats) and per-image BLEU ``[n_images, n]``."""
-    correct, guess, cand_len, ref_len = bleu_stats(table, n_images, ref_image, n)
+    return bleu_from_stats(*bleu_stats(table, n_images, ref_image, n), n=n)
+
+
+def bleu_from_stats(correct, guess, cand_len, ref_len, n: int = 4):
+    """Corpus BLEU-1..n and per-image BLEU from the per-image statistics of :func:`bleu_stats` (which may
+    have been computed in several parts: every statistic is one image's own)."""
     per_image = _bleu_from_counts(correct, guess, cand_len, ref_len, n)
     # corpus: the sums are integers (exact); coco-caption adds tiny/small to the sums
     corpus = _bleu_from_counts(correct.sum(0), guess.sum(0), cand_len.sum(), ref_len.sum(), n)

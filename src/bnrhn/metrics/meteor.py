@@ -42,7 +42,7 @@ import shutil
 import subprocess
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["Meteor", "MeteorError", "MeteorUnavailable", "find_meteor_jar", "get_meteor", "close_all"]
 
@@ -209,9 +209,12 @@ class Meteor:
             self._jvm = _JVM(self.cmd, cwd=os.path.dirname(os.path.abspath(self.jar)))
         return self._jvm
 
-    def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]]
-              ) -> tuple[float, list[float]]:
-        """Corpus METEOR and per-image METEOR of tokenized candidates against their references."""
+    def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]],
+              progress: Callable[[int], None] | None = None) -> tuple[float, list[float]]:
+        """Corpus METEOR and per-image METEOR of tokenized candidates against their references.
+
+        ``progress``, when given, is called with the number of images scored so far as the answers arrive
+        (from 0 again if the JVM had to be restarted)."""
         if len(candidates) != len(references):
             raise ValueError("candidates and references differ in length")
         if not candidates:
@@ -225,13 +228,13 @@ class Meteor:
         with self._lock:
             try:
                 try:
-                    return self._run(score_lines)
+                    return self._run(score_lines, progress)
                 except _Died:
                     # the JVM died or hung: start a new one and try once more
                     self.restarts += 1
                     self._kill()
                     try:
-                        return self._run(score_lines)
+                        return self._run(score_lines, progress)
                     except _Died as exc:
                         tail = "\n".join(self._jvm.stderr) if self._jvm else ""
                         raise MeteorError(f"{exc} (after one restart). JVM stderr:\n{tail}") from None
@@ -246,16 +249,19 @@ class Meteor:
             self._jvm.close()
             self._jvm = None
 
-    def _run(self, score_lines: list[str]) -> tuple[float, list[float]]:
+    def _run(self, score_lines: list[str], progress: Callable[[int], None] | None) -> tuple[float, list[float]]:
         jvm = self._ensure()
         n = len(score_lines)
         writer = jvm.write_async(score_lines)
         stats = []
+        every = max(1, n // 200)  # about 200 progress updates whatever the size
         for k in range(n):
             try:
                 stats.append(jvm.read_numbers(self.timeout))
             except _Answer as exc:
                 raise MeteorError(f"METEOR rejected image #{k}: {exc}; request was: {score_lines[k][:500]}") from None
+            if progress is not None and ((k + 1) % every == 0 or k + 1 == n):
+                progress(k + 1)
         writer.join()
         writer = jvm.write_async(["EVAL ||| " + " ||| ".join(stats)])
         try:

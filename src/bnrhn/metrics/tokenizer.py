@@ -457,14 +457,20 @@ def tokenize_captions(captions: Sequence[str], tokenizer: "PTBTokenizer | JavaPT
     if isinstance(tokenizer, JavaPTBTokenizer):
         return tokenizer.tokenize(captions)
     if tokenizer is None:
-        # memoised: scoring every epoch against the same references tokenizes them once
-        return [_tokenize_cached(c, _following(captions, k)) for k, c in enumerate(captions)]
+        # memoised: scoring every epoch against the same references tokenizes them once; captions far longer
+        # than any real caption are not kept (a cache of 10 KB strings would hold gigabytes)
+        return [_tokenize_cached(c, _following(captions, k)) if len(c) <= _CACHED_CHARS
+                else _postprocess(_default_tokenizer().tokens(c, _following(captions, k)))
+                for k, c in enumerate(captions)]
     return [_postprocess(tokenizer.tokens(c, _following(captions, k))) for k, c in enumerate(captions)]
 
 
 @functools.lru_cache(maxsize=1)
 def _default_tokenizer() -> "PTBTokenizer":
     return PTBTokenizer()
+
+
+_CACHED_CHARS = 1000
 
 
 @functools.lru_cache(maxsize=1 << 17)
