@@ -3,7 +3,7 @@
 >>> from bnrhn.cells import build_cell
 >>> cell = build_cell("bn_rhn", input_size=32, hidden_size=64, depth=2)
 
-Names: ``rnn``, ``lstm``, ``gru``, ``rhn``, ``bn_rhn``, ``bn_rhn_tf``, ``bn_lstm``. The RHN-family names
+Names: ``rnn``, ``lstm``, ``gru``, ``mut1``, ``mut2``, ``mut3``, ``rhn``, ``bn_rhn``, ``bn_rhn_tf``, ``bn_lstm``. The RHN-family names
 are presets of :class:`RHNCell`; keyword options override a preset's defaults.
 """
 
@@ -17,11 +17,13 @@ from bnrhn.cells.base import RecurrentCell, State, check_size
 from bnrhn.cells.bn_lstm import BNLSTMCell
 from bnrhn.cells.gru import GRUCell
 from bnrhn.cells.lstm import LSTMCell
+from bnrhn.cells.mut import MUT1Cell, MUT2Cell, MUT3Cell
 from bnrhn.cells.rhn import RHNCell
 from bnrhn.cells.rnn import RNNCell
 
 __all__ = [
-    "RecurrentCell", "State", "RNNCell", "LSTMCell", "GRUCell", "RHNCell", "BNLSTMCell",
+    "RecurrentCell", "State", "RNNCell", "LSTMCell", "GRUCell", "MUT1Cell", "MUT2Cell", "MUT3Cell", "RHNCell",
+    "BNLSTMCell",
     "CELLS", "CellSpec", "build_cell", "cell_options", "pin_statistics", "legacy_statistics", "STATISTICS_OPTIONS",
 ]
 
@@ -39,6 +41,9 @@ CELLS: dict[str, CellSpec] = {
     "rnn": CellSpec(RNNCell, "vanilla tanh RNN"),
     "lstm": CellSpec(LSTMCell, "LSTM (PyTorch gate order; forget-gate bias 1)"),
     "gru": CellSpec(GRUCell, "GRU (PyTorch's equations)"),
+    "mut1": CellSpec(MUT1Cell, "MUT1 (Jozefowicz et al. 2015): update gate from the input only; needs input size = hidden size"),
+    "mut2": CellSpec(MUT2Cell, "MUT2 (Jozefowicz et al. 2015): reset gate from the input only; needs input size = hidden size"),
+    "mut3": CellSpec(MUT3Cell, "MUT3 (Jozefowicz et al. 2015): update gate reads tanh(h)"),
     "rhn": CellSpec(
         RHNCell,
         "Recurrent Highway Network (Zilly et al.): coupled carry, transform bias -2, depth 3",

@@ -1,0 +1,141 @@
+"""MUT1, MUT2 and MUT3: the three recurrent architectures that Jozefowicz, Zaremba & Sutskever (2015,
+"An Empirical Exploration of Recurrent Network Architectures", ICML) found by evolutionary search over
+about ten thousand candidates, as good as or better than the LSTM and the GRU on their tasks.
+
+Every update is a GRU-like interpolation between a candidate and the previous state,
+
+    h_t = tanh(a_t) ⊙ z + h_{t−1} ⊙ (1 − z),
+
+with (σ the logistic function, ⊙ elementwise):
+
+=====  ===============================================  ===========================  =====================================
+cell   update gate z                                    reset gate r                 candidate pre-activation a_t
+=====  ===============================================  ===========================  =====================================
+MUT1   σ(W_xz x_t + b_z)                                σ(W_xr x_t + W_hr h + b_r)   W_hh (r ⊙ h) + tanh(x_t) + b_h
+MUT2   σ(W_xz x_t + W_hz h + b_z)                       σ(x_t + b_r)                 W_hh (r ⊙ h) + W_xh x_t + b_h
+MUT3   σ(W_xz x_t + W_hz tanh(h) + b_z)                 σ(W_xr x_t + W_hr h + b_r)   W_hh (r ⊙ h) + W_xh x_t + b_h
+=====  ===============================================  ===========================  =====================================
+
+(h = h_{t−1}). MUT1's tanh(x_t) and MUT2's σ(x_t + b_r) add the raw input to a hidden-sized vector, so
+those two cells need ``input_size == hidden_size``, as in the paper, where inputs are embeddings of the
+hidden size. They refuse other sizes with an error saying so; put a linear layer in front (the
+long-range task models of :mod:`bnrhn.tasks` always read their input through one).
+
+State-independent terms (everything with x_t) are computed for all steps at once by
+:meth:`project_input`; :meth:`recur` does the two recurrent products of a step: the gates' ``h`` (or
+``tanh(h)``) product first, then ``W_hh (r ⊙ h)``. A recurrent-dropout mask multiplies h where it enters
+those products, not the carried ``h_{t−1} ⊙ (1 − z)`` (as for the GRU). Initialisation: PyTorch's
+U(−1/√H, 1/√H) for every weight and bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnrhn.cells.base import RecurrentCell, State
+
+__all__ = ["MUT1Cell", "MUT2Cell", "MUT3Cell"]
+
+
+class _MUTCell(RecurrentCell):
+    """What the three share: the interpolation, the candidate's W_hh (r ⊙ h) product, the parameters.
+
+    Subclasses name the gates that read the state (``recurrent_gates``: "z", "r" or both; a weight
+    ``weight_hz`` / ``weight_hr`` each) and implement :meth:`_project` and :meth:`_gates`."""
+
+    state_names = ("h",)
+    name = ""
+    raw_input = False  # True: the input is added to a hidden-sized vector (needs input_size == hidden_size)
+    recurrent_gates: tuple[str, ...] = ()
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        H, I = self.hidden_size, self.input_size
+        if self.raw_input and I != H:
+            raise ValueError(
+                f"{self.name} needs input_size == hidden_size (got {I} and {H}): it adds the raw input x_t to a "
+                "hidden-sized vector (Jozefowicz et al. 2015); put a linear layer of output size "
+                f"{H} in front of it (the task models of bnrhn.tasks do)"
+            )
+        n_proj = 2 if self.raw_input else 3  # input products W_x· x among z, r and the candidate
+        self.weight_ih = nn.Parameter(torch.empty(n_proj * H, I))
+        self.bias = nn.Parameter(torch.empty(3 * H))  # b_z, b_r, b_h
+        for gate in self.recurrent_gates:
+            self.register_parameter(f"weight_h{gate}", nn.Parameter(torch.empty(H, H)))
+        self.weight_hh = nn.Parameter(torch.empty(H, H))  # the candidate's W_hh
+        self._uniform_(list(self.parameters()), H)
+
+    def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        """[z term, r term, candidate term] of width 3H: every part of the step that does not need h."""
+        self.check_input(x)
+        return self._project(x)
+
+    def _project(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _gates(self, x_z: Tensor, x_r: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+        h = state[0]
+        h_in = h if h_mask is None else h * h_mask
+        x_z, x_r, x_h = xp.chunk(3, dim=-1)
+        z, r = self._gates(x_z, x_r, h_in)
+        candidate = torch.tanh(self.recurrent_mm("hh", x_h, r * h_in, self.weight_hh))
+        return (torch.lerp(h, candidate, z),)  # tanh(a) ⊙ z + h ⊙ (1 − z)
+
+    def matmul_flops(self, batch_size: int, steps: int) -> int:
+        H, I = self.hidden_size, self.input_size
+        return 2 * batch_size * steps * H * (self.weight_ih.shape[0] // H * I + (len(self.recurrent_gates) + 1) * H)
+
+
+class MUT1Cell(_MUTCell):
+    """MUT1: z = σ(W_xz x + b_z), r = σ(W_xr x + W_hr h + b_r), h' = tanh(W_hh (r ⊙ h) + tanh(x) + b_h) ⊙ z
+    + h ⊙ (1 − z). Needs input_size == hidden_size."""
+
+    name = "MUT1"
+    raw_input = True
+    recurrent_gates = ("r",)
+
+    def _project(self, x: Tensor) -> Tensor:
+        b_z, b_r, b_h = self.bias.chunk(3)
+        zr = F.linear(x, self.weight_ih, torch.cat([b_z, b_r]))
+        return torch.cat([zr, torch.tanh(x) + b_h], dim=-1)
+
+    def _gates(self, x_z, x_r, h):
+        return torch.sigmoid(x_z), torch.sigmoid(self.recurrent_mm("hr", x_r, h, self.weight_hr))
+
+
+class MUT2Cell(_MUTCell):
+    """MUT2: z = σ(W_xz x + W_hz h + b_z), r = σ(x + b_r), h' = tanh(W_hh (r ⊙ h) + W_xh x + b_h) ⊙ z
+    + h ⊙ (1 − z). Needs input_size == hidden_size."""
+
+    name = "MUT2"
+    raw_input = True
+    recurrent_gates = ("z",)
+
+    def _project(self, x: Tensor) -> Tensor:
+        b_z, b_r, b_h = self.bias.chunk(3)
+        zh = F.linear(x, self.weight_ih, torch.cat([b_z, b_h]))
+        x_z, x_h = zh.chunk(2, dim=-1)
+        return torch.cat([x_z, torch.sigmoid(x + b_r), x_h], dim=-1)  # r depends on the input only
+
+    def _gates(self, x_z, x_r, h):
+        return torch.sigmoid(self.recurrent_mm("hz", x_z, h, self.weight_hz)), x_r
+
+
+class MUT3Cell(_MUTCell):
+    """MUT3: z = σ(W_xz x + W_hz tanh(h) + b_z), r = σ(W_xr x + W_hr h + b_r),
+    h' = tanh(W_hh (r ⊙ h) + W_xh x + b_h) ⊙ z + h ⊙ (1 − z)."""
+
+    name = "MUT3"
+    recurrent_gates = ("z", "r")
+
+    def _project(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_ih, self.bias)
+
+    def _gates(self, x_z, x_r, h):
+        z = torch.sigmoid(self.recurrent_mm("hz", x_z, torch.tanh(h), self.weight_hz))
+        return z, torch.sigmoid(self.recurrent_mm("hr", x_r, h, self.weight_hr))
