@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "bnrhn.commands.evaluate",
     "bnrhn.commands.score",
     "bnrhn.commands.lm",
+    "bnrhn.commands.tasks",
     "bnrhn.commands.analyze",
 ]
 

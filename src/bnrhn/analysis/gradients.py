@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GradientFlow", "gradient_norms"]
+__all__ = ["GradientFlow", "gradient_norms", "task_gradient_norms"]
 
 
 @dataclass
@@ -93,6 +93,57 @@ def gradient_norms(model, windows: Tensor, window: int | None = None, layer: int
             losses.sum().backward()
         h_norms = torch.stack([s[0].grad.norm(dim=1) for s in kept])  # [T, B]
         state_norms = torch.stack([torch.cat([x.grad for x in s], dim=1).norm(dim=1) for s in kept])
+    finally:
+        for p, f in zip(params, saved_flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    loss = float(losses.detach().mean())
+    return GradientFlow(h_norms.detach().cpu(), state_norms.detach().cpu(), loss if math.isfinite(loss) else math.nan)
+
+
+def task_gradient_norms(model, x: Tensor, y: Tensor, layer: int = -1) -> GradientFlow:
+    """‖∂L/∂h_t‖ and ‖∂L/∂s_t‖ for every step of a long-range task model
+    (:class:`bnrhn.tasks.heads.SequenceModel`) on sequences ``x [B, T, F]`` with targets ``y``: L is each
+    sequence's own task loss (the adding problem's squared error, the copy task's cross-entropy summed over
+    its copied steps, the digit's cross-entropy), read out after the last step as in training.
+
+    As for :func:`gradient_norms`, the model runs in eval mode with frozen parameters; its ``.grad`` are left
+    untouched."""
+    from bnrhn.tasks.generators import COPY_K
+
+    B, T, _ = x.shape
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    x, y = x.to(device=device, dtype=dtype), y.to(device)
+    k = layer % model.rnn.num_layers
+    was_training = model.training
+    model.eval()
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            inputs = model.input_layer(x.transpose(0, 1))
+            state = [tuple(s.clone().requires_grad_(i == k) for s in layer_state)
+                     for i, layer_state in enumerate(model.rnn.init_state(B, device, dtype))]
+            kept, outs = [], []
+            for t in range(T):
+                out, state = model.rnn.step(inputs[t], state, t)
+                for s in state[k]:
+                    s.retain_grad()
+                kept.append(state[k])
+                outs.append(out)
+            pred = model.readout(torch.stack(outs), state, None)
+            if pred.dim() == 2 and pred.shape[1] == 1:
+                losses = (pred.squeeze(1) - y.to(dtype)) ** 2
+            elif pred.dim() == 2:
+                losses = F.cross_entropy(pred, y, reduction="none")
+            else:  # per step: the copied part is what needs memory (the blanks before it need none)
+                losses = F.cross_entropy(pred[:, -COPY_K:].transpose(1, 2), y[:, -COPY_K:], reduction="none").sum(1)
+            losses.sum().backward()  # sequences are independent in eval mode
+        h_norms = torch.stack([s[0].grad.norm(dim=1) for s in kept])
+        state_norms = torch.stack([torch.cat([v.grad for v in s], dim=1).norm(dim=1) for s in kept])
     finally:
         for p, f in zip(params, saved_flags):
             p.requires_grad_(f)

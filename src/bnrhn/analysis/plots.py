@@ -33,7 +33,8 @@ def _colors(n: int):
     return [cmap(i % 10) for i in range(n)]
 
 
-def plot_gradient_flow(curves: dict[str, dict[str, list[float]]], path, subtitle: str = "", which: str = "h") -> Path:
+def plot_gradient_flow(curves: dict[str, dict[str, list[float]]], path, subtitle: str = "", which: str = "h",
+                       xlabel: str = "distance T − t (steps back from the scored character)") -> Path:
     """Two panels: ‖∂L_T/∂h_t‖ (geometric mean and quartile band over sequences) vs distance T − t, and
     the same relative to distance 0."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -51,7 +52,7 @@ def plot_gradient_flow(curves: dict[str, dict[str, list[float]]], path, subtitle
     axes[1].set_ylabel(f"‖∂L_T/∂{sym}‖ / ‖∂L_T/∂{sym.replace('t', 'T')}‖")
     for ax in axes:
         ax.set_yscale("log")
-        ax.set_xlabel("distance T − t (steps back from the scored character)")
+        ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
         lo_lim = max(min((l.get_ydata().min() for l in ax.get_lines()), default=FLOOR), 1e-40)
         ax.set_ylim(bottom=lo_lim * 0.5)

@@ -23,7 +23,7 @@ from bnrhn.analysis.jacobian import gershgorin_discs, jacobian_along_sequence, s
 from bnrhn.analysis import plots
 from bnrhn.data.text import CharVocab, apply_transform
 
-__all__ = ["prepare_models", "run_gradients", "run_jacobian", "run_gates"]
+__all__ = ["prepare_models", "run_gradients", "run_task_gradients", "run_jacobian", "run_gates"]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -100,6 +100,41 @@ def run_gradients(models, out_dir, text_source: str, length: int = 100, batch: i
     plots.plot_gradient_flow(curves, out_dir / "gradients.png",
                              subtitle=f"{len(models)} models, {batch} windows of {length} characters of real text",
                              which=which)
+    return report
+
+
+def run_task_gradients(models, out_dir, task: str, length: int, batch: int = 32, seed: int = 0,
+                       which: str = "h", layer: int = -1) -> dict:
+    """:func:`run_gradients` for long-range task models: ``models`` is a list of (label, SequenceModel,
+    TaskTrainConfig); every model reads the same ``batch`` generated sequences of ``task`` at ``length``
+    (seed ``seed`` + 3,000,000,019, never a training or evaluation seed; sequential MNIST: its test digits)."""
+    from bnrhn.analysis.gradients import task_gradient_norms
+    from bnrhn.tasks.train import task_data
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, curves, rows, header = {}, {}, [], {}
+    for label, model, cfg in models:
+        if cfg.task != task or cfg.length != length:
+            raise ValueError(f"{label}: a model of {cfg.task} at T={cfg.length}, not of {task} at T={length}")
+        x, y = task_data(cfg, batch, 3_000_000_019 + seed, "test")
+        flow = task_gradient_norms(copy.deepcopy(model).double(), x[:batch], y[:batch], layer)
+        sh, ss = flow.summary("h"), flow.summary("state")
+        results[label] = {"loss": flow.loss, "h": sh, "state": ss}
+        curves[label] = sh if which == "h" else ss
+        header[label] = {"config": model.config}
+        for d in sh["distance"]:
+            rows.append([label, d, sh["geomean"][d], sh["mean"][d], sh["median"][d], sh["q25"][d], sh["q75"][d],
+                         ss["geomean"][d], ss["mean"][d]])
+    report = {"task": task, "length": length, "batch": batch, "seed": seed, "layer": layer, "plotted": which,
+              "models": header, "results": results}
+    _write_json(out_dir / "gradients.json", report)
+    _write_csv(out_dir / "gradients.csv",
+               ["model", "distance", "h_geomean", "h_mean", "h_median", "h_q25", "h_q75", "state_geomean", "state_mean"],
+               rows)
+    plots.plot_gradient_flow(curves, out_dir / "gradients.png", which=which,
+                             subtitle=f"{task}, T = {length}, {batch} generated sequences",
+                             xlabel="distance T − t (steps back from the end of the sequence)")
     return report
 
 

@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     g.add_argument("--state", choices=("h", "full"), default="h",
                    help="plot ‖∂L/∂h_t‖ (h) or the whole state's gradient, e.g. [h, c] (full); both are in the JSON")
     g.add_argument("--layer", type=int, default=-1, help="stacked layer whose states are measured (default: top)")
+    g.add_argument("--task", choices=("adding", "copy", "smnist"), default=None,
+                   help="measure on generated sequences of a long-range task instead of text: fresh task models "
+                        "of --cells at --length, and/or checkpoints of bnrhn tasks train (L is each sequence's task "
+                        "loss, read out after the last step)")
     g.set_defaults(func=run, analysis="gradients")
 
     j = sub.add_parser("jacobian", help="spectral radius, σ_max and Geršgorin discs of A_t = ∂s_t/∂s_(t−1)",
@@ -96,6 +100,8 @@ def run(args) -> int:
 
     set_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if getattr(args, "task", None):
+        return _run_task_gradients(args, log)
     check_seq_len(args.length)
     if args.hidden < 1:
         raise ValueError(f"--hidden must be a positive integer, got {args.hidden}")
@@ -135,6 +141,44 @@ def run(args) -> int:
             log(f"skipped (not highway cells): {', '.join(rep['skipped_not_highway'])}")
         files = ["gates.png", "gates.json", "gates.csv"]
     log("wrote " + ", ".join(str(out / f) for f in files))
+    return 0
+
+
+def _run_task_gradients(args, log) -> int:
+    """``analyze gradients --task``: fresh task models (--cells) and task checkpoints on generated sequences."""
+    from pathlib import Path
+
+    import torch
+
+    from bnrhn.analysis.common import parse_cell_spec
+    from bnrhn.analysis.reports import run_task_gradients
+    from bnrhn.tasks.heads import SequenceModel
+    from bnrhn.tasks.train import TaskTrainConfig, load_task_model
+
+    if args.text or args.ptb_chars:
+        raise ValueError("--task measures on generated sequences: leave out --text and --ptb-chars")
+    models = []
+    for path in args.checkpoint:
+        model, cfg = load_task_model(path)
+        models.append((f"{cfg.cell} ({Path(path).parent.name})", model, cfg))
+    length = args.length
+    if models and length == 100 and models[0][2].task == args.task:  # --length left at its default: the checkpoint's
+        length = models[0][2].length
+    spec = args.cells if args.cells is not None else ("" if args.checkpoint else args.default_cells)
+    for item in [c.strip() for c in spec.split(",") if c.strip()]:
+        name, opts = parse_cell_spec(item)
+        cfg = TaskTrainConfig(task=args.task, length=length, cell=name, hidden=args.hidden, cell_options=opts,
+                              seed=args.seed)
+        torch.manual_seed(args.seed)
+        models.append((f"{item} (fresh)", SequenceModel.from_config(cfg.model_config()), cfg))
+    if not models:
+        raise ValueError("nothing to analyse: give --cells and/or --checkpoint")
+    rep = run_task_gradients(models, Path(args.out), args.task, length, args.batch, args.seed, args.state, args.layer)
+    for label, r in rep["results"].items():
+        g = r["h"]["geomean"]
+        marks = [d for d in (0, 10, 25, 50, length - 1) if d < len(g)]
+        print(f"{label:34s} " + "  ".join(f"d={d}: {g[d]:.2e}" for d in marks))
+    log("wrote " + ", ".join(str(Path(args.out) / f) for f in ("gradients.png", "gradients.json", "gradients.csv")))
     return 0
 
 

@@ -108,3 +108,32 @@ def plot_batchnorm_leak(path: str | Path, report: dict, title: str = "") -> Path
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     return _save(fig, path, dpi=110)
+
+
+def plot_error_vs_length(path: str | Path, summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+                         baseline: Mapping[int, float], ylabel: str = "test error", title: str = "") -> Path:
+    """Test error vs sequence length per cell (mean over seeds, bars: ± one standard deviation), log-scaled
+    length axis, and the trivial baseline dashed: where a line meets the baseline the cell stopped learning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    lengths = sorted(baseline)
+    for cell, row in summary.items():
+        xs = [L for L in lengths if str(L) in row and row[str(L)]["n"] > 0]
+        ax.errorbar(xs, [row[str(L)]["mean"] for L in xs], yerr=[row[str(L)]["std"] for L in xs], marker="o",
+                    capsize=3, lw=1.6, label=cell)
+    ax.plot(lengths, [baseline[L] for L in lengths], "k--", lw=1.2, label="trivial baseline")
+    ax.set_xscale("log")
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([str(L) for L in lengths])
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path, dpi=110)
