@@ -148,3 +148,19 @@ def test_size_rule_and_bad_options():
 def test_flops_count_every_product():
     for name, products in (("mut1", 2 * 5 * 5 + 2 * 5 * 5), ("mut2", 2 * 5 * 5 + 2 * 5 * 5), ("mut3", 3 * 5 * 5 + 3 * 5 * 5)):
         assert build_cell(name, 5, 5).matmul_flops(1, 1) == 2 * products, name
+
+
+def test_captioning_refuses_a_mut1_decoder_of_the_wrong_input_size_before_any_work(tmp_path, capsys):
+    from bnrhn.captioning.config import CaptionConfig
+    from bnrhn.cli import main
+
+    CaptionConfig(cell="mut1", embed_size=64, hidden_size=64)  # fits
+    with pytest.raises(ValueError, match="give --embed-size 128"):
+        CaptionConfig(cell="mut1", embed_size=64, hidden_size=128)
+    with pytest.raises(ValueError, match="use --model show_tell"):
+        CaptionConfig(cell="mut2", model="show_attend_tell", embed_size=64, hidden_size=64)
+    CaptionConfig(cell="mut3", embed_size=64, hidden_size=128)  # MUT3 takes any input size
+    # the data set does not exist: the size error comes first, so nothing was loaded
+    assert main(["train", "--cell", "mut1", "--embed-size", "64", "--hidden-size", "128",
+                 "--dataset", f"flickr8k:{tmp_path / 'none'}", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "give --embed-size 128" in capsys.readouterr().err

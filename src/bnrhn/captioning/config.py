@@ -114,8 +114,25 @@ class CaptionConfig:
             self.diverge_factor = None
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_cell_input_size()
         if len(self.synthetic_sizes) != 3:
             raise ValueError(f"synthetic_sizes must be (train, val, test), got {self.synthetic_sizes!r}")
+
+    def _check_cell_input_size(self) -> None:
+        """MUT1/MUT2 add their input to a hidden-sized vector: refuse, before any work, a decoder input of
+        another size (Show and Tell reads the word embedding; Show, Attend and Tell [embedding; context])."""
+        from bnrhn.cells import CELLS
+
+        spec = CELLS.get(self.cell)
+        if spec is None or not getattr(spec.cls, "raw_input", False):
+            return
+        if self.model != "show_tell":
+            raise ValueError(f"cell {self.cell} needs its input size to equal the hidden size; the {self.model} "
+                             "decoder reads [word embedding; context], which never does: use --model show_tell "
+                             "or another cell")
+        if self.embed_size != self.hidden_size:
+            raise ValueError(f"cell {self.cell} needs its input size to equal the hidden size: give --embed-size "
+                             f"{self.hidden_size} (= --hidden-size), not {self.embed_size}")
 
     # -- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

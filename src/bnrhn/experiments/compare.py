@@ -106,8 +106,9 @@ def check_settings(s: CompareSettings, log: Log = _stderr) -> None:
     for key in s.base.cell_options:
         if not any(key in cell_options(c) for c in s.cells):
             raise ValueError(f"--cell-option {key}: none of the cells {s.cells} has that option; see 'bnrhn cells'")
-    for cell in s.cells:  # a bad option value fails here, not after the first cell has trained
+    for cell in s.cells:  # a bad option value or size fails here, not after the first cell has trained
         build_cell(cell, 8, 8, **options_for(cell, s.base.cell_options))
+        replace(s.base, cell=cell)  # the config's own checks for this cell (MUT1/MUT2: embedding = hidden size)
     out = Path(s.out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder")
