@@ -34,20 +34,23 @@ def _colors(n: int):
 
 
 def plot_gradient_flow(curves: dict[str, dict[str, list[float]]], path, subtitle: str = "", which: str = "h",
-                       xlabel: str = "distance T − t (steps back from the scored character)") -> Path:
+                       xlabel: str = "distance T − t (steps back from the scored character)",
+                       styles: dict[str, dict[str, Any]] | None = None) -> Path:
     """Two panels: ‖∂L_T/∂h_t‖ (geometric mean and quartile band over sequences) vs distance T − t, and
-    the same relative to distance 0."""
+    the same relative to distance 0. ``styles``: matplotlib line settings per label (e.g. one colour per
+    cell, dashed for its untrained weights); default one colour per label."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     sym = "h_t" if which == "h" else "s_t"
     for (label, c), color in zip(curves.items(), _colors(len(curves))):
+        style = {"color": color, "lw": 1.8, **((styles or {}).get(label, {}))}
         d = c["distance"]
         g = [max(v, FLOOR) for v in c["geomean"]]
         lo = [max(v, FLOOR) for v in c["q25"]]
         hi = [max(v, FLOOR) for v in c["q75"]]
-        axes[0].plot(d, g, color=color, label=label, lw=1.8)
-        axes[0].fill_between(d, lo, hi, color=color, alpha=0.15, lw=0)
+        axes[0].plot(d, g, label=label, **style)
+        axes[0].fill_between(d, lo, hi, color=style["color"], alpha=0.15, lw=0)
         rel = [max(v / g[0], FLOOR) if g[0] > 0 else FLOOR for v in g]
-        axes[1].plot(d, rel, color=color, label=label, lw=1.8)
+        axes[1].plot(d, rel, label=label, **style)
     axes[0].set_ylabel(f"‖∂L_T/∂{sym}‖  (geometric mean; band: quartiles)")
     axes[1].set_ylabel(f"‖∂L_T/∂{sym}‖ / ‖∂L_T/∂{sym.replace('t', 'T')}‖")
     for ax in axes:

@@ -104,10 +104,11 @@ def run_gradients(models, out_dir, text_source: str, length: int = 100, batch: i
 
 
 def run_task_gradients(models, out_dir, task: str, length: int, batch: int = 32, seed: int = 0,
-                       which: str = "h", layer: int = -1) -> dict:
+                       which: str = "h", layer: int = -1, styles: dict | None = None) -> dict:
     """:func:`run_gradients` for long-range task models: ``models`` is a list of (label, SequenceModel,
     TaskTrainConfig); every model reads the same ``batch`` generated sequences of ``task`` at ``length``
-    (seed ``seed`` + 3,000,000,019, never a training or evaluation seed; sequential MNIST: its test digits)."""
+    (seed ``seed`` + 3,000,000,019, never a training or evaluation seed; sequential MNIST: its test digits).
+    ``styles``: line settings per label for the figure."""
     from bnrhn.analysis.gradients import task_gradient_norms
     from bnrhn.tasks.train import task_data
 
@@ -134,7 +135,7 @@ def run_task_gradients(models, out_dir, task: str, length: int, batch: int = 32,
                rows)
     plots.plot_gradient_flow(curves, out_dir / "gradients.png", which=which,
                              subtitle=f"{task}, T = {length}, {batch} generated sequences",
-                             xlabel="distance T − t (steps back from the end of the sequence)")
+                             xlabel="distance T − t (steps back from the end of the sequence)", styles=styles)
     return report
 
 

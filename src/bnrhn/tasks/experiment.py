@@ -211,7 +211,14 @@ def _gradients(s: TaskCompareSettings, length: int, out: Path, log) -> dict[str,
         if best.is_file():
             model, trained_cfg = load_task_model(best)
             models.append((f"{cell} (trained)", model, trained_cfg))
-    rep = run_task_gradients(models, out, s.base.task, length, s.gradient_batch, seed)
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"]
+    styles = {}
+    for k, cell in enumerate(s.cells):  # one colour per cell; its untrained weights dashed
+        styles[f"{cell} (init)"] = {"color": colours(k % 10), "ls": "--", "lw": 1.2}
+        styles[f"{cell} (trained)"] = {"color": colours(k % 10)}
+    rep = run_task_gradients(models, out, s.base.task, length, s.gradient_batch, seed, styles=styles)
     log(f"tasks compare: gradient norms at T={length} -> {out}")
     cells = {}
     for cell in s.cells:
