@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "bnrhn.commands.caption",
     "bnrhn.commands.evaluate",
     "bnrhn.commands.score",
+    "bnrhn.commands.serve",
     "bnrhn.commands.lm",
     "bnrhn.commands.tasks",
     "bnrhn.commands.analyze",

@@ -408,16 +408,12 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
     ``"sample"``: ``topk`` captions sampled at ``temperature`` (reproducible with ``seed``). Files that
     cannot be read get ``error`` set and no captions; the others are captioned all the same.
     """
-    from bnrhn.decoding import greedy, sample
-
     if method not in ("beam", "greedy", "sample"):
         raise ValueError(f"method must be beam, greedy or sample, got {method!r}")
     if method == "beam" and not 1 <= topk <= beam:
         raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
     loaded = load_captioner(checkpoint)
     enc = _encoder_for(loaded, weights, log)
-    max_len = loaded.config.max_len if max_len is None else max_len  # 0 is an error (decoding says so), not "default"
-    length_norm = loaded.config.length_norm if length_norm is None else length_norm
     generator = torch.Generator().manual_seed(seed)
     out: list[ImageCaptions] = []
     paths = [str(p) for p in paths]
@@ -431,17 +427,32 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
             except ImageFileError as exc:
                 item.error = exc.reason
         if tensors:
-            pooled, grid = enc.encode(torch.stack(tensors))
-            feats = grid if loaded.model.needs_grid else pooled
-            feats = feats.half().float()  # the cached training features were float16
-            if method == "beam":
-                hyps = beam_search(loaded.model, feats, beam, max_len, length_norm, topk)
-            elif method == "greedy":
-                hyps = [[h] for h in greedy(loaded.model, feats, max_len)]
-            else:
-                draws = [sample(loaded.model, feats, temperature, max_len, generator=generator) for _ in range(topk)]
-                hyps = [sorted((d[i] for d in draws), key=lambda h: -h.logprob) for i in range(len(ok))]
-            for item, hs in zip(ok, hyps):
-                item.captions = [(loaded.vocab.decode(h.tokens), h.logprob) for h in hs]
+            captions = caption_tensors(loaded, enc, torch.stack(tensors), method, beam, topk, max_len, length_norm,
+                                       temperature, generator)
+            for item, caps in zip(ok, captions):
+                item.captions = caps
         out.extend(results)
     return out
+
+
+def caption_tensors(loaded: LoadedCaptioner, enc, images: torch.Tensor, method: str = "beam", beam: int = 3,
+                    topk: int = 3, max_len: int | None = None, length_norm: float | None = None,
+                    temperature: float = 1.0, generator: torch.Generator | None = None) -> list[list[tuple[str, float]]]:
+    """Captions (text, log-probability), best first, of a batch of preprocessed images ``[B, 3, H, W]``: the
+    encoder, then one batched decoding. ``bnrhn caption`` and ``bnrhn serve`` both caption through here."""
+    from bnrhn.decoding import greedy, sample
+
+    max_len = loaded.config.max_len if max_len is None else max_len  # 0 is an error (decoding says so)
+    length_norm = loaded.config.length_norm if length_norm is None else length_norm
+    with torch.no_grad():
+        pooled, grid = enc.encode(images)
+        feats = grid if loaded.model.needs_grid else pooled
+        feats = feats.half().float()  # the cached training features were float16
+        if method == "beam":
+            hyps = beam_search(loaded.model, feats, beam, max_len, length_norm, topk)
+        elif method == "greedy":
+            hyps = [[h] for h in greedy(loaded.model, feats, max_len)]
+        else:
+            draws = [sample(loaded.model, feats, temperature, max_len, generator=generator) for _ in range(topk)]
+            hyps = [sorted((d[i] for d in draws), key=lambda h: -h.logprob) for i in range(len(images))]
+    return [[(loaded.vocab.decode(h.tokens), h.logprob) for h in hs] for hs in hyps]

@@ -39,21 +39,45 @@ class ImageFileError(ValueError):
 
 def load_image(path: str | Path):
     """The image at ``path`` as an RGB PIL image, fully decoded (so truncated files fail here)."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     if not p.exists():
         raise ImageFileError(p, "file not found")
     if p.is_dir():
         raise ImageFileError(p, "is a directory, not an image file")
+    return _decode(p, p)
+
+
+class ImageTooLarge(ImageFileError):
+    """An image with more pixels than the caller allows (a decompression bomb, or just too big)."""
+
+
+def decode_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None = None):
+    """An uploaded image (its file's bytes) as an RGB PIL image, decoded as :func:`load_image` decodes files;
+    :class:`ImageTooLarge` when it has more than ``max_pixels`` pixels (checked from the header, before
+    decoding: a small file can declare a huge image)."""
+    import io
+
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name, max_pixels: int | None = None):
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(p) as im:
+        with Image.open(source) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageTooLarge(name, f"image too large: {im.width}×{im.height} = {im.width * im.height:,} "
+                                          f"pixels, the limit is {max_pixels:,}")
             im.load()
             return to_rgb(im)
     except UnidentifiedImageError:
-        raise ImageFileError(p, "not an image file (cannot identify the image format)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageFileError(p, f"corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
+        raise ImageFileError(name, "not an image file (cannot identify the image format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(name, f"image too large ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, ImageFileError):
+            raise
+        raise ImageFileError(name, f"corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
 
 
 def to_rgb(im):
