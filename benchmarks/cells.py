@@ -33,7 +33,7 @@ from torch import nn
 
 from bnrhn.nn import Recurrent
 
-CELLS = ["rnn", "lstm", "gru", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"]
+CELLS = ["rnn", "lstm", "gru", "mut1", "mut2", "mut3", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"]
 
 
 class TorchLSTM(nn.Module):

@@ -17,12 +17,12 @@ def test_cells_benchmark_with_products_ceiling(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = {r["cell"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"torch.nn.LSTM", "rnn", "lstm", "gru", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"}
+    assert set(rows) == {"torch.nn.LSTM", "rnn", "lstm", "gru", "mut1", "mut2", "mut3", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"}
     for name, r in rows.items():
         assert r["ms_per_step"] > 0 and r["products_ms"] > 0, name
         assert r["products_ratio"] > 0 and r["gflops_ratio"] > 0, name
     assert rows["torch.nn.LSTM"]["gflops_ratio"] == 1.0
-    assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 9
+    assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 12
 
 
 def test_decode_benchmark_checks_its_captions():

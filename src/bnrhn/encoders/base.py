@@ -63,8 +63,13 @@ def decode_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None
 def _decode(source, name, max_pixels: int | None = None):
     from PIL import Image, UnidentifiedImageError
 
+    import warnings
+
     try:
-        with Image.open(source) as im:
+        with warnings.catch_warnings():  # PIL warns between 1× and 2× its pixel limit; the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+        with im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageTooLarge(name, f"image too large: {im.width}×{im.height} = {im.width * im.height:,} "
                                           f"pixels, the limit is {max_pixels:,}")
@@ -72,8 +77,10 @@ def _decode(source, name, max_pixels: int | None = None):
             return to_rgb(im)
     except UnidentifiedImageError:
         raise ImageFileError(name, "not an image file (cannot identify the image format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(name, f"image too large ({exc})") from None
+    except Image.DecompressionBombError:
+        limit = f"; the limit is {max_pixels:,}" if max_pixels is not None else ""
+        raise ImageTooLarge(name, f"image too large: its header declares over {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
+                                  f"(a decompression bomb?){limit}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         if isinstance(exc, ImageFileError):
             raise
