@@ -23,17 +23,31 @@ from pathlib import Path
 
 
 def start_server(models: list[str], extra: list[str], threads: int | None) -> tuple[subprocess.Popen, str]:
+    """A ``bnrhn serve`` process and its URL; its stderr goes to a temporary file (a pipe nobody reads would
+    block the server once full)."""
+    import queue
+    import tempfile
+
     cmd = [sys.executable, "-m", "bnrhn", "serve", *models, "--port", "0", "--examples", "0", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     deadline = time.time() + 180
     while time.time() < deadline:
-        line = proc.stdout.readline()
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is None:
+                continue
+            line = ""
         if "http://" in line:
             return proc, line.split("at ", 1)[1].split()[0].rstrip("/")
-        if not line and proc.poll() is not None:
-            raise SystemExit(f"bnrhn serve exited: {proc.stderr.read()[-2000:]}")
+        if proc.poll() is not None:
+            err.seek(0)
+            raise SystemExit(f"bnrhn serve exited: {err.read()[-2000:]}")
     proc.kill()
     raise SystemExit("bnrhn serve did not start within 180 s")
 
@@ -94,8 +108,13 @@ def main() -> int:
         from bnrhn.commands.serve import example_images
         from bnrhn.serve.registry import ServedModel, find_checkpoints
 
-        name, ckpt = find_checkpoints(args.models)[0][0]
+        found = find_checkpoints(args.models)[0]
+        if not found:
+            raise SystemExit(f"no checkpoint found in {' '.join(args.models)}")
+        name, ckpt = found[0]
         paths = example_images({name: ServedModel(name, load_captioner(ckpt), encoder=None)}, 16)
+    if not paths:
+        raise SystemExit("no images to send: give --images FILE... (the model's data set has none here)")
     images = [Path(p).read_bytes() for p in paths]
     fields = {"beam": str(args.beam), "topk": "1"}
     rows = {}

@@ -56,7 +56,7 @@ def served(tmp_path_factory):
 
 def client(folder, **kw):
     models, failures = load_models([str(folder)])
-    return TestClient(create_app(models, failures, **kw))
+    return TestClient(create_app(models, failures, **kw), base_url="http://127.0.0.1:8000")
 
 
 def png_bytes(path) -> bytes:
@@ -128,8 +128,31 @@ def test_bad_input_gets_clear_4xx_json_and_the_server_goes_on(served):
             assert response.status_code == status, (status, response.text)
             assert text in response.json()["error"], response.json()
         assert c.get("/api/examples/3").status_code == 404
+        for response, status in ((c.get("/nowhere"), 404), (c.get("/api/examples/abc"), 422),
+                                 (post(files=[("image", ("a.png", good)), ("image", ("b.png", good))]), 400),
+                                 (post(content=b"--x--", headers={"content-type": "multipart/form-data"}), 400)):
+            assert response.status_code == status and isinstance(response.json()["error"], str), response.text
+        assert post(files={"image": ("x.png", good, "image/png")}, data={"models": ","}).status_code == 422
+        # other hosts (DNS rebinding) and cross-site form posts are refused
+        assert c.get("/api/models", headers={"host": "evil.example"}).status_code == 400
+        assert post(files={"image": ("x.png", good)}, headers={"origin": "http://evil.example"}).status_code == 403
+        assert post(files={"image": ("x.png", good)}, headers={"origin": "http://127.0.0.1:8000"}).status_code == 200
+        # an EPS file is not decoded (no Ghostscript on uploads)
+        assert post(files={"image": ("x.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")}).status_code == 422
         ok = post(files={"image": ("x.png", good, "image/png")})
         assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+
+def test_json_uploads_may_be_as_large_as_multipart_ones(served):
+    """The limit is on the image: base64 makes the JSON body 4/3 of it, which must not count against it."""
+    folder, images = served
+    good = png_bytes(images[0])
+    limit = len(good) + 100
+    with client(folder, max_upload_bytes=limit) as c:
+        ok = c.post("/api/caption", json={"image_base64": base64.b64encode(good).decode(), "models": ["lstm"]})
+        assert ok.status_code == 200, ok.text
+        big = c.post("/api/caption", json={"image_base64": base64.b64encode(good + b"\0" * 200).decode()})
+        assert big.status_code == 413 and "image too large" in big.json()["error"]
 
 
 def test_a_model_that_fails_to_load_is_named_and_the_others_serve(served, tmp_path):
@@ -140,7 +163,7 @@ def test_a_model_that_fails_to_load_is_named_and_the_others_serve(served, tmp_pa
     models, failures = load_models([str(folder / "runs" / "lstm"), str(broken), str(tmp_path / "absent")])
     assert list(models) == ["lstm"]
     assert any("broken" in name for name, _ in failures) and any("absent" in name for name, _ in failures)
-    with TestClient(create_app(models, failures)) as c:
+    with TestClient(create_app(models, failures), base_url="http://127.0.0.1") as c:
         failed = c.get("/health").json()["failed"]
         assert len(failed) == 2 and any("broken" in f["model"] for f in failed)
         assert c.post("/api/caption", files={"image": ("x.png", png_bytes(images[0]), "image/png")}).status_code == 200
@@ -157,7 +180,7 @@ def test_concurrent_requests_share_batches_and_keep_their_own_captions(served):
         await app.state.batcher.start()
         try:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
                 async def one(path):
                     r = await c.post("/api/caption", files={"image": ("x.png", png_bytes(path), "image/png")},
                                      data={"models": "lstm", "beam": "2", "topk": "1"})

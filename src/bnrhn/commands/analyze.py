@@ -22,7 +22,9 @@ def _common(p, default_cells: str) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
                    help="a trained language model (bnrhn lm train's best.pt/last.pt); repeatable")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the fresh models (default 128)")
-    p.add_argument("--length", type=int, default=100, help="sequence length T in characters (default 100)")
+    p.add_argument("--length", type=int, default=None,
+                   help="sequence length T in characters (default 100); with --task: the task's T (default: the "
+                        "checkpoint's, else 100; smnist 784)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and of the text positions (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and numbers")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
@@ -102,6 +104,8 @@ def run(args) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     if getattr(args, "task", None):
         return _run_task_gradients(args, log)
+    if args.length is None:
+        args.length = 100
     check_seq_len(args.length)
     if args.hidden < 1:
         raise ValueError(f"--hidden must be a positive integer, got {args.hidden}")
@@ -162,8 +166,9 @@ def _run_task_gradients(args, log) -> int:
         model, cfg = load_task_model(path)
         models.append((f"{cfg.cell} ({Path(path).parent.name})", model, cfg))
     length = args.length
-    if models and length == 100 and models[0][2].task == args.task:  # --length left at its default: the checkpoint's
-        length = models[0][2].length
+    if length is None:  # the checkpoint's, else the task's usual default
+        same = [c for _, _, c in models if c.task == args.task]
+        length = same[0].length if same else (784 if args.task == "smnist" else 100)
     spec = args.cells if args.cells is not None else ("" if args.checkpoint else args.default_cells)
     for item in [c.strip() for c in spec.split(",") if c.strip()]:
         name, opts = parse_cell_spec(item)
@@ -176,7 +181,7 @@ def _run_task_gradients(args, log) -> int:
     rep = run_task_gradients(models, Path(args.out), args.task, length, args.batch, args.seed, args.state, args.layer)
     for label, r in rep["results"].items():
         g = r["h"]["geomean"]
-        marks = [d for d in (0, 10, 25, 50, length - 1) if d < len(g)]
+        marks = [d for d in (0, 10, 25, 50) if d < len(g) - 1] + [len(g) - 1]
         print(f"{label:34s} " + "  ".join(f"d={d}: {g[d]:.2e}" for d in marks))
     log("wrote " + ", ".join(str(Path(args.out) / f) for f in ("gradients.png", "gradients.json", "gradients.csv")))
     return 0

@@ -96,7 +96,7 @@ def run(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # unavailable metrics are reported below
         result = score(candidates, references, metrics=metrics,
-                       tokenizer=None if args.tokenizer == "none" else args.tokenizer, progress=not args.quiet,
+                       tokenizer=None if args.tokenizer == "none" else args.tokenizer, progress=not args.quiet and sys.stderr.isatty(),
                        on_note=lambda note: print(f"bnrhn score: warning: {note}", file=sys.stderr, flush=True))
 
     print(f"{len(candidates)} images scored against {result.n_references} references "

@@ -56,7 +56,7 @@ def run(args) -> int:
         raise ImportError("bnrhn serve needs FastAPI and uvicorn: pip install 'bnrhn[serve]' "
                           "(fastapi, uvicorn, python-multipart)") from None
     from bnrhn.commands.lm import set_threads
-    from bnrhn.serve.app import create_app
+    from bnrhn.serve.app import LOOPBACK_HOSTS, create_app
     from bnrhn.serve.registry import load_models
 
     if not 0 <= args.port < 65536:
@@ -70,10 +70,12 @@ def run(args) -> int:
         print(f"bnrhn serve: warning: not serving {name}: {why}", file=sys.stderr)
     if not models:
         raise ValueError("no model could be loaded from " + ", ".join(args.models) + "; nothing to serve")
+    loopback = args.host in LOOPBACK_HOSTS
     app = create_app(models, failures, max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_pixels),
                      window=args.batch_window_ms / 1000, max_batch=args.max_batch,
-                     examples=example_images(models, args.examples))
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+                     examples=example_images(models, args.examples),
+                     allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+    if not loopback:
         print(f"bnrhn serve: note: listening on {args.host}, reachable from other machines", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
@@ -82,10 +84,13 @@ def run(args) -> int:
         import asyncio
 
         while not server.started:
+            if server.should_exit:  # start-up failed (the port is taken, ...): uvicorn has said why
+                return
             await asyncio.sleep(0.05)
         for s in server.servers:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
                 print(f"bnrhn serve: {len(models)} model(s) at http://{host}:{port}/  (Ctrl-C stops)", flush=True)
                 return
 

@@ -57,10 +57,15 @@ def decode_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None
     decoding: a small file can declare a huge image)."""
     import io
 
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, formats=UPLOAD_FORMATS)
 
 
-def _decode(source, name, max_pixels: int | None = None):
+# Formats an upload may have: the photo formats. PIL can open many more (EPS through Ghostscript, among others),
+# which a server should not run on files from strangers.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def _decode(source, name, max_pixels: int | None = None, formats: tuple[str, ...] | None = None):
     from PIL import Image, UnidentifiedImageError
 
     import warnings
@@ -68,7 +73,7 @@ def _decode(source, name, max_pixels: int | None = None):
     try:
         with warnings.catch_warnings():  # PIL warns between 1× and 2× its pixel limit; the cap below decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im = Image.open(source, formats=formats)
         with im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageTooLarge(name, f"image too large: {im.width}×{im.height} = {im.width * im.height:,} "
@@ -76,7 +81,8 @@ def _decode(source, name, max_pixels: int | None = None):
             im.load()
             return to_rgb(im)
     except UnidentifiedImageError:
-        raise ImageFileError(name, "not an image file (cannot identify the image format)") from None
+        what = f"; accepted: {', '.join(formats)}" if formats else ""
+        raise ImageFileError(name, f"not an image file (cannot identify the image format{what})") from None
     except Image.DecompressionBombError:
         limit = f"; the limit is {max_pixels:,}" if max_pixels is not None else ""
         raise ImageTooLarge(name, f"image too large: its header declares over {2 * Image.MAX_IMAGE_PIXELS:,} pixels "

@@ -43,15 +43,26 @@ class ServeError(Exception):
         self.message = message
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 def create_app(models: dict, failures: list[tuple[str, str]] | None = None, *, max_upload_bytes: int = 10 << 20,
                max_pixels: int = 40_000_000, window: float = 0.01, max_batch: int = 16,
-               examples: list[str] | None = None) -> FastAPI:
+               examples: list[str] | None = None, allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
+               max_decoding: int = 4) -> FastAPI:
     """The application serving ``models`` (name -> :class:`bnrhn.serve.registry.ServedModel`).
 
     ``failures``: models that could not be loaded (reported by ``/health``); ``examples``: image files the page
-    offers to caption (e.g. the test images of the served data set)."""
+    offers to caption (e.g. the test images of the served data set). ``allowed_hosts``: the ``Host`` names
+    requests may carry (default loopback only: a web page elsewhere cannot reach the server by DNS
+    rebinding), None = any; a POST whose ``Origin`` names another host is refused too (a cross-site form).
+    ``max_decoding``: uploads decoded at once (each can take ~100 MB of pixels)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     batcher = MicroBatcher(models, window=window, max_batch=max_batch)
     examples = list(examples or [])
+    decoding = None  # an asyncio.Semaphore, made inside the event loop
 
     @asynccontextmanager
     async def lifespan(app):
@@ -63,9 +74,34 @@ def create_app(models: dict, failures: list[tuple[str, str]] | None = None, *, m
                   description="Captions from every served model side by side. Errors are JSON {\"error\": ...}.")
     app.state.batcher = batcher
 
+    @app.middleware("http")
+    async def same_host_only(request: Request, call_next):
+        if allowed_hosts is not None:
+            host = _hostname(request.headers.get("host", ""))
+            if host not in allowed_hosts:
+                return JSONResponse({"error": f"host {host!r} is not served here (bnrhn serve answers "
+                                              f"{', '.join(allowed_hosts)}; see --host)"}, status_code=400)
+            origin = request.headers.get("origin")
+            if request.method == "POST" and origin and _hostname(origin.split("://", 1)[-1]) not in allowed_hosts:
+                return JSONResponse({"error": f"requests from pages of {origin} are not accepted"}, status_code=403)
+        return await call_next(request)
+
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, bad multipart, ...
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request ({where})"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):  # a bug: say so in JSON, keep serving
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -103,20 +139,27 @@ def create_app(models: dict, failures: list[tuple[str, str]] | None = None, *, m
                   "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
                       "image": {"type": "string", "format": "binary"},
                       "models": {"type": "string", "description": "comma-separated names (default: all)"},
-                      "beam": {"type": "integer", "default": 3}, "topk": {"type": "integer", "default": 3},
+                      "beam": {"type": "integer", "default": 3},
+                      "topk": {"type": "integer", "description": "captions per model (default: the beam size)"},
                       "method": {"type": "string", "enum": list(METHODS), "default": "beam"}}}},
                   "application/json": {"schema": {"type": "object", "required": ["image_base64"], "properties": {
                       "image_base64": {"type": "string"},
                       "models": {"type": "array", "items": {"type": "string"}},
-                      "beam": {"type": "integer", "default": 3}, "topk": {"type": "integer", "default": 3},
+                      "beam": {"type": "integer", "default": 3},
+                      "topk": {"type": "integer", "description": "captions per model (default: the beam size)"},
                       "method": {"type": "string", "enum": list(METHODS), "default": "beam"}}}}}}})
     async def caption(request: Request):
         data, fields = await _read_request(request, max_upload_bytes)
         names = _models(fields.get("models"), models)
         options = _options(fields)
         t0 = time.perf_counter()
-        images = await run_in_threadpool(_preprocess, data, names, models, max_pixels)
         import asyncio
+
+        nonlocal decoding
+        if decoding is None:
+            decoding = asyncio.Semaphore(max_decoding)
+        async with decoding:
+            images = await run_in_threadpool(_preprocess, data, names, models, max_pixels)
 
         answers = await asyncio.gather(*(batcher.caption(n, options, images[n]) for n in names))
         results = [{"model": n, "cell": models[n].info["cell"],
@@ -131,6 +174,14 @@ def _static(name: str) -> bytes:
     return resources.files("bnrhn.serve").joinpath("static", name).read_bytes()
 
 
+def _hostname(host: str) -> str:
+    """``example.org:8000`` -> ``example.org``; ``[::1]:8000`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _name(path: str) -> str:
     from pathlib import Path
 
@@ -139,15 +190,18 @@ def _name(path: str) -> str:
 
 async def _read_request(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
     """The image bytes and the other fields of a multipart or JSON request, refusing bodies over ``limit``."""
+    kind = request.headers.get("content-type", "")
+    # the body may exceed the image by the form's fields, or by base64's 4/3 for JSON; the image itself is
+    # checked exactly once decoded
+    body_limit = (limit * 4 // 3 if kind.startswith("application/json") else limit) + 65536
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
-        raise ServeError(413, f"upload too large: {int(declared):,} bytes, the limit is {limit:,}")
+    if declared is not None and declared.isdigit() and int(declared) > body_limit:
+        raise ServeError(413, f"upload too large: {int(declared):,} bytes, the limit is {limit:,} for the image")
     body = bytearray()
     async for chunk in request.stream():  # also bounds uploads that declare no length
         body += chunk
-        if len(body) > limit + 65536:
+        if len(body) > body_limit:
             raise ServeError(413, f"upload too large: over {limit:,} bytes")
-    kind = request.headers.get("content-type", "")
     if kind.startswith("application/json"):
         import json
 
@@ -170,11 +224,14 @@ async def _read_request(request: Request, limit: int) -> tuple[bytes, dict[str, 
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         form = await Plain(request.scope, replay).form(max_files=1, max_fields=10)
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise ServeError(422, "the multipart form needs a file field named \"image\"")
-        data = await upload.read()
-        fields = {k: v for k, v in form.items() if k != "image"}
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ServeError(422, "the multipart form needs a file field named \"image\"")
+            data = await upload.read()
+            fields = {k: v for k, v in form.items() if k != "image"}
+        finally:
+            await form.close()  # spooled temporary files of large uploads
     else:
         raise ServeError(415, f"send multipart/form-data (a file field \"image\") or application/json "
                               f"(\"image_base64\"), not {kind or 'no content type'}")
@@ -194,11 +251,13 @@ def _models(value, models: dict) -> list[str]:
         names = value
     else:
         raise ServeError(422, "\"models\" must be a list of model names or a comma-separated string")
+    if not models:
+        raise ServeError(503, "no model is being served (every model failed to load; see /health)")
     unknown = [n for n in names if n not in models]
     if unknown:
-        raise ServeError(404, f"no model named {', '.join(map(repr, unknown))}; served: {', '.join(models) or 'none'}")
+        raise ServeError(404, f"no model named {', '.join(map(repr, unknown))}; served: {', '.join(models)}")
     if not names:
-        raise ServeError(503, "no model is being served (every model failed to load; see /health)")
+        raise ServeError(422, f"\"models\" names no model; served: {', '.join(models)}")
     return names
 
 

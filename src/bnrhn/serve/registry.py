@@ -52,11 +52,15 @@ def find_checkpoints(paths: list[str]) -> tuple[list[tuple[str, Path]], list[tup
                 found.append((p.name, ckpt))
         else:
             problems.append((text, "no such file or folder"))
-    names: dict[str, int] = {}
+    taken: set[str] = set()
     unique = []
     for name, ckpt in found:  # two runs called best.pt in folders of the same name: lstm, lstm-2
-        names[name] = names.get(name, 0) + 1
-        unique.append((name if names[name] == 1 else f"{name}-{names[name]}", ckpt))
+        candidate, k = name, 1
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}-{k}"
+        taken.add(candidate)
+        unique.append((candidate, ckpt))
     return unique, problems
 
 
@@ -71,10 +75,10 @@ def load_models(paths: list[str], weights: str | None = None,
     for name, ckpt in checkpoints:
         try:
             loaded = load_captioner(ckpt)
-            key = (loaded.encoder.get("encoder"), loaded.config.resize, weights)
-            if key not in encoders:  # models trained on the same encoder share one copy of it
-                encoders[key] = _encoder_for(loaded, weights, log)
-            models[name] = ServedModel(name, loaded, encoders[key], _info(name, loaded, ckpt))
+            encoder = _encoder_for(loaded, weights, log)  # the weights this model's run used, where still there
+            key = (loaded.encoder.get("encoder"), loaded.config.resize, encoder.weights_id)
+            encoder = encoders.setdefault(key, encoder)  # models on the same encoder share one copy of it
+            models[name] = ServedModel(name, loaded, encoder, _info(name, loaded, ckpt))
             log(f"serve: {name}: {loaded.model.cfg.cell} {loaded.model.cfg.model} from {ckpt}")
         except Exception as exc:  # noqa: BLE001 - any load failure is reported, the other models still serve
             failures.append((f"{name} ({ckpt})", f"{type(exc).__name__}: {exc}"))

@@ -183,10 +183,12 @@ def results_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {cell} | " + " | ".join(cells) + " |")
     lines.append("| baseline | " + " | ".join(f"{spec.baseline_error(L):.4f}" for L in lengths) + " |")
     g = report.get("gradients") or {}
-    if g:
+    if g and g.get("cells"):
+        last = len(next(iter(g["cells"].values()))["init"]) - 1
         lines += ["", f"Gradient of each sequence's loss w.r.t. the state d steps before the end, T = {g['length']} "
                   f"(geometric mean over {g['batch']} sequences, seed-0 models; `gradients-T{g['length']}/`):", "",
-                  "| cell | at init, d = 0 | at init, d = T−1 | trained, d = 0 | trained, d = T−1 |", "|---|---:|---:|---:|---:|"]
+                  f"| cell | at init, d = 0 | at init, d = {last} | trained, d = 0 | trained, d = {last} |",
+                  "|---|---:|---:|---:|---:|"]
         for cell, r in g["cells"].items():
             lines.append(f"| {cell} | {r['init'][0]:.2e} | {r['init'][-1]:.2e} | {r['trained'][0]:.2e} | {r['trained'][-1]:.2e} |")
     lines += ["", "![test error vs sequence length](error_vs_length.png)", ""]

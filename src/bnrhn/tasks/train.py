@@ -87,6 +87,12 @@ class TaskTrainConfig:
                              f"{'per-step head (every)' if self.spec.per_step else 'many-to-one head (last or mean)'}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"--grad-clip must be positive (or 0 = off), got {self.grad_clip}")
+        if self.diverge_factor is not None and not self.diverge_factor > 1:
+            raise ValueError(f"--diverge-factor must be > 1 (or 0 = off), got {self.diverge_factor}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
 
     @property
     def spec(self) -> TaskSpec:
@@ -213,6 +219,7 @@ def _train_task(cfg: TaskTrainConfig, resume: bool, log) -> dict[str, Any]:
                               "another --run-dir, or pass --overwrite to start afresh")
     if not resume:
         cfg = replace(cfg, cell_options=pin_statistics(cfg.cell, cfg.cell_options))
+        (run_dir / RESULTS_FILE).unlink(missing_ok=True)  # a fresh run's results are not the old run's
     torch.manual_seed(cfg.seed)
     model = SequenceModel.from_config(cfg.model_config())
     task = SequenceTask(model, cfg)

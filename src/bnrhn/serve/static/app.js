@@ -21,7 +21,9 @@ async function loadModels() {
     for (const ex of e.examples) {
       const img = document.createElement("img");
       img.src = ex.url; img.alt = ex.name; img.title = ex.name; img.tabIndex = 0; img.loading = "lazy";
-      img.addEventListener("click", async () => captionBlob(await (await fetch(ex.url)).blob()));
+      const pick = async () => captionBlob(await (await fetch(ex.url)).blob());
+      img.addEventListener("click", pick);
+      img.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); pick(); } });
       $("examples").appendChild(img);
     }
   }
@@ -51,7 +53,11 @@ function card(result) {
   return div;
 }
 
+let latest = 0;  // only the answer to the latest photo is shown
+
 async function captionBlob(blob) {
+  const ticket = ++latest;
+  if ($("preview").src.startsWith("blob:")) URL.revokeObjectURL($("preview").src);
   $("preview").src = URL.createObjectURL(blob);
   $("preview").hidden = false;
   $("drop-text").textContent = "Drop another photo, or choose one";
@@ -59,17 +65,21 @@ async function captionBlob(blob) {
   form.append("image", blob, blob.name || "image");
   form.append("method", $("method").value);
   form.append("beam", $("beam").value);
-  form.append("topk", $("method").value === "greedy" ? "1" : $("topk").value);
+  const beam = Math.max(1, parseInt($("beam").value, 10) || 1);
+  const topk = Math.min(beam, Math.max(1, parseInt($("topk").value, 10) || 1));  // at most the beam size
+  form.set("beam", String(beam));
+  form.append("topk", $("method").value === "greedy" ? "1" : String(topk));
   setStatus("captioning…");
   $("results").replaceChildren();
   try {
     const r = await fetch("/api/caption", { method: "POST", body: form });
-    const d = await r.json();
+    const d = await r.json().catch(() => ({ error: `the server answered ${r.status} ${r.statusText}` }));
+    if (ticket !== latest) return;  // a newer photo is being captioned
     if (!r.ok) { setStatus(d.error || `error ${r.status}`, true); return; }
     $("results").replaceChildren(...d.results.map(card));
     setStatus(`${d.results.length} model${d.results.length > 1 ? "s" : ""}, ${d.total_ms} ms in all`);
   } catch (err) {
-    setStatus(`the server did not answer: ${err}`, true);
+    if (ticket === latest) setStatus(`the server did not answer: ${err}`, true);
   }
 }
 
