@@ -241,6 +241,7 @@ def test_a_real_browser_captions_an_uploaded_photo(served):
         proc.wait(timeout=20)
 
 
+@pytest.mark.slow
 def test_load_benchmark_runs_without_errors_and_batches(served, tmp_path):
     """benchmarks/serve.py at a tiny size: no error, and the micro-batched server did batch (no speed asserted)."""
     folder, images = served
