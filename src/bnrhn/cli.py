@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnrhn",
         description=(
-            "Recurrent sequence generators: LSTM, GRU, RHN, BN-RHN and BN-LSTM cells, "
-            "image captioning, character-level language models and gradient-flow analysis."
+            "Recurrent sequence generators: RNN, LSTM, GRU, MUT1-3, RHN, BN-RHN and BN-LSTM cells, "
+            "image captioning (and serving it), character-level language models, long-range tasks and "
+            "gradient-flow analysis."
         ),
     )
     parser.add_argument("--version", action="version", version=f"bnrhn {__version__}")
