@@ -127,6 +127,7 @@ def plot_error_vs_length(path: str | Path, summary: Mapping[str, Mapping[str, Ma
                     capsize=3, lw=1.6, label=cell)
     ax.plot(lengths, [baseline[L] for L in lengths], "k--", lw=1.2, label="trivial baseline")
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the lengths measured are labelled
     ax.set_xticks(lengths)
     ax.set_xticklabels([str(L) for L in lengths])
     ax.set_xlabel("sequence length T")

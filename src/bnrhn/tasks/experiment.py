@@ -190,7 +190,9 @@ def results_markdown(report: dict[str, Any]) -> str:
                   f"| cell | at init, d = 0 | at init, d = {last} | trained, d = 0 | trained, d = {last} |",
                   "|---|---:|---:|---:|---:|"]
         for cell, r in g["cells"].items():
-            lines.append(f"| {cell} | {r['init'][0]:.2e} | {r['init'][-1]:.2e} | {r['trained'][0]:.2e} | {r['trained'][-1]:.2e} |")
+            trained = (f"{r['trained'][0]:.2e} | {r['trained'][-1]:.2e}" if r["trained"]
+                       else "no checkpoint (diverged) | –")
+            lines.append(f"| {cell} | {r['init'][0]:.2e} | {r['init'][-1]:.2e} | {trained} |")
     lines += ["", "![test error vs sequence length](error_vs_length.png)", ""]
     return "\n".join(lines)
 
@@ -226,6 +228,6 @@ def _gradients(s: TaskCompareSettings, length: int, out: Path, log) -> dict[str,
     for cell in s.cells:
         init = rep["results"].get(f"{cell} (init)", {}).get("h", {}).get("geomean")
         trained = rep["results"].get(f"{cell} (trained)", {}).get("h", {}).get("geomean")
-        if init and trained:
-            cells[cell] = {"init": init, "trained": trained}
+        if init:
+            cells[cell] = {"init": init, "trained": trained}  # trained: None when the run left no checkpoint
     return {"length": length, "batch": s.gradient_batch, "cells": cells}
