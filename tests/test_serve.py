@@ -235,6 +235,10 @@ def test_a_real_browser_captions_an_uploaded_photo(served):
             artifacts = ROOT / "test-artifacts"
             artifacts.mkdir(exist_ok=True)
             page.screenshot(path=str(artifacts / "serve-page.png"), full_page=True)
+            page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing wider than it
+            page.wait_for_timeout(200)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.screenshot(path=str(artifacts / "serve-page-phone.png"), full_page=True)
             browser.close()
     finally:
         proc.terminate()
