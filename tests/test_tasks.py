@@ -230,3 +230,41 @@ def test_analyze_gradients_smnist_uses_its_own_length(tmp_path):
     assert main(["analyze", "gradients", "--task", "smnist", "--checkpoint", str(run / "best.pt"), "--batch", "3",
                  "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "gradients.json").read_text())["length"] == 49
+
+
+@pytest.mark.parametrize("task, head", [("copy", "every"), ("adding", "mean")])
+def test_task_gradient_norms_for_per_step_and_mean_heads(task, head):
+    """The same check for the copy task's loss (cross-entropy summed over the copied steps, many-to-many head)
+    and for the mean-over-steps head: the norm at every t equals torch.func.grad of the rest of the sequence."""
+    from bnrhn.analysis.gradients import task_gradient_norms
+    from bnrhn.tasks.generators import COPY_K
+
+    torch.manual_seed(0)
+    spec = TASKS[task]
+    model = SequenceModel("gru", spec.input_size, 5, spec.output_size, head=head).double().eval()
+    x, y = (copy_task(2, 3, seed=0) if task == "copy" else adding_problem(2, 6, seed=0))
+    x = x.double()
+    T = x.shape[1]
+    flow = task_gradient_norms(model, x, y)
+    inputs = model.input_layer(x.transpose(0, 1)).detach()
+    for b in range(2):
+        hs, h = [], torch.zeros(1, 5, dtype=torch.float64)
+        with torch.no_grad():
+            for t in range(T):
+                _, st = model.rnn.step(inputs[t, b:b + 1], [(h,)], t)
+                h = st[0][0]
+                hs.append(h)
+        for t in range(T):
+            def rest(h_t, t=t):
+                outs, state = list(hs[:t]) + [h_t], [(h_t,)]
+                for s in range(t + 1, T):
+                    _, state = model.rnn.step(inputs[s, b:b + 1], state, s)
+                    outs.append(state[0][0])
+                out = torch.stack(outs)  # [T, 1, H]
+                if head == "every":
+                    logits = model.output_layer(out[-COPY_K:, 0])
+                    return torch.nn.functional.cross_entropy(logits, y[b, -COPY_K:], reduction="sum")
+                return (model.output_layer(out.mean(0)).squeeze() - y[b].double()) ** 2
+
+            g = torch.func.grad(rest)(hs[t])
+            assert flow.h[t, b].item() == pytest.approx(g.norm().item(), rel=1e-9, abs=1e-15), (b, t)
