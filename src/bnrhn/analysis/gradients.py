@@ -18,6 +18,7 @@ of that layer (for the LSTM family [h_t, c_t]).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,41 +63,55 @@ def gradient_norms(model, windows: Tensor, window: int | None = None, layer: int
     The model runs in eval mode; its parameters' ``.grad`` are left untouched.
     """
     inputs, target = windows[:-1], windows[-1]
-    T, B = inputs.shape
     device = next(model.parameters()).device
     inputs, target = inputs.to(device), target.to(device)
-    num_layers = len(model.cells)
-    k = layer % num_layers
+    k = layer % len(model.cells)
+    with _frozen_eval(model), torch.enable_grad():
+        emb = model.embedding(inputs)
+        outs, _, kept = _run_traced(model.rnn, emb, model.init_state(inputs.shape[1]), k, window)
+        losses = F.cross_entropy(model.decoder(outs[-1]), target, reduction="none")
+        # Sequences are independent in eval mode, so ∂(Σ_b L^b)/∂h_t^b = ∂L^b/∂h_t^b.
+        losses.sum().backward()
+        return _flow(kept, losses)
+
+
+@contextmanager
+def _frozen_eval(model):
+    """The model in eval mode with every parameter frozen (gradients w.r.t. the states only, the parameters'
+    ``.grad`` untouched); mode and flags restored afterwards."""
     was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
-    for p in params:  # gradients w.r.t. the states only
+    model.eval()
+    for p in params:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad():
-            emb = model.embedding(inputs)
-            state = model.init_state(B)
-            kept: list[tuple[Tensor, ...]] = []
-            # The parameters are frozen, so the graph starts at layer k's initial state.
-            state = [tuple(x.clone().requires_grad_(i == k) for x in s) for i, s in enumerate(state)]
-            out = None
-            for t in range(T):
-                step = t if window is None else t % window
-                out, state = model.rnn.step(emb[t], state, step)
-                for x in state[k]:
-                    x.retain_grad()
-                kept.append(state[k])
-            logits = model.decoder(out)
-            losses = F.cross_entropy(logits, target, reduction="none")
-            # Sequences are independent in eval mode, so ∂(Σ_b L^b)/∂h_t^b = ∂L^b/∂h_t^b.
-            losses.sum().backward()
-        h_norms = torch.stack([s[0].grad.norm(dim=1) for s in kept])  # [T, B]
-        state_norms = torch.stack([torch.cat([x.grad for x in s], dim=1).norm(dim=1) for s in kept])
+        yield model
     finally:
         for p, f in zip(params, saved_flags):
             p.requires_grad_(f)
         model.train(was_training)
+
+
+def _run_traced(rnn, inputs: Tensor, state, k: int, window: int | None = None):
+    """Step ``rnn`` over ``inputs`` ([T, B, I]) keeping layer ``k``'s state at every step with its gradient
+    retained; the parameters are frozen, so the graph starts at layer k's initial state. Returns the outputs
+    per step, the final state and the kept states."""
+    state = [tuple(x.clone().requires_grad_(i == k) for x in s) for i, s in enumerate(state)]
+    outs, kept = [], []
+    for t in range(inputs.shape[0]):
+        out, state = rnn.step(inputs[t], state, t if window is None else t % window)
+        for x in state[k]:
+            x.retain_grad()
+        kept.append(state[k])
+        outs.append(out)
+    return outs, state, kept
+
+
+def _flow(kept, losses: Tensor) -> GradientFlow:
+    """The norms of the retained state gradients (after ``backward``) and the mean loss."""
+    h_norms = torch.stack([s[0].grad.norm(dim=1) for s in kept])  # [T, B]
+    state_norms = torch.stack([torch.cat([x.grad for x in s], dim=1).norm(dim=1) for s in kept])
     loss = float(losses.detach().mean())
     return GradientFlow(h_norms.detach().cpu(), state_norms.detach().cpu(), loss if math.isfinite(loss) else math.nan)
 
@@ -111,42 +126,20 @@ def task_gradient_norms(model, x: Tensor, y: Tensor, layer: int = -1) -> Gradien
     untouched."""
     from bnrhn.tasks.generators import COPY_K
 
-    B, T, _ = x.shape
+    B = x.shape[0]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     x, y = x.to(device=device, dtype=dtype), y.to(device)
     k = layer % model.rnn.num_layers
-    was_training = model.training
-    model.eval()
-    params = list(model.parameters())
-    saved_flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            inputs = model.input_layer(x.transpose(0, 1))
-            state = [tuple(s.clone().requires_grad_(i == k) for s in layer_state)
-                     for i, layer_state in enumerate(model.rnn.init_state(B, device, dtype))]
-            kept, outs = [], []
-            for t in range(T):
-                out, state = model.rnn.step(inputs[t], state, t)
-                for s in state[k]:
-                    s.retain_grad()
-                kept.append(state[k])
-                outs.append(out)
-            pred = model.readout(torch.stack(outs), state, None)
-            if pred.dim() == 2 and pred.shape[1] == 1:
-                losses = (pred.squeeze(1) - y.to(dtype)) ** 2
-            elif pred.dim() == 2:
-                losses = F.cross_entropy(pred, y, reduction="none")
-            else:  # per step: the copied part is what needs memory (the blanks before it need none)
-                losses = F.cross_entropy(pred[:, -COPY_K:].transpose(1, 2), y[:, -COPY_K:], reduction="none").sum(1)
-            losses.sum().backward()  # sequences are independent in eval mode
-        h_norms = torch.stack([s[0].grad.norm(dim=1) for s in kept])
-        state_norms = torch.stack([torch.cat([v.grad for v in s], dim=1).norm(dim=1) for s in kept])
-    finally:
-        for p, f in zip(params, saved_flags):
-            p.requires_grad_(f)
-        model.train(was_training)
-    loss = float(losses.detach().mean())
-    return GradientFlow(h_norms.detach().cpu(), state_norms.detach().cpu(), loss if math.isfinite(loss) else math.nan)
+    with _frozen_eval(model), torch.enable_grad():
+        inputs = model.input_layer(x.transpose(0, 1))
+        outs, state, kept = _run_traced(model.rnn, inputs, model.rnn.init_state(B, device, dtype), k)
+        pred = model.readout(torch.stack(outs), state, None)
+        if pred.dim() == 2 and pred.shape[1] == 1:
+            losses = (pred.squeeze(1) - y.to(dtype)) ** 2
+        elif pred.dim() == 2:
+            losses = F.cross_entropy(pred, y, reduction="none")
+        else:  # per step: the copied part is what needs memory (the blanks before it need none)
+            losses = F.cross_entropy(pred[:, -COPY_K:].transpose(1, 2), y[:, -COPY_K:], reduction="none").sum(1)
+        losses.sum().backward()  # sequences are independent in eval mode
+        return _flow(kept, losses)
