@@ -21,6 +21,7 @@ from bnrhn.data.text import CharCorpus, check_seq_len
 from bnrhn.lm.evaluate import LMScore
 from bnrhn.lm.task import CharLMTask
 from bnrhn.models.char_lm import CharLM
+from bnrhn.training.settings import load_settings, save_settings
 
 __all__ = ["LMTrainConfig", "build_corpus", "train_char_lm", "LM_CONFIG_FILE", "RESULTS_FILE"]
 
@@ -244,15 +245,10 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
 
 
 def save_lm_config(cfg: LMTrainConfig) -> None:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LM_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    save_settings(cfg.run_dir, LM_CONFIG_FILE, cfg)
 
 
 def load_lm_config(run_dir: str | Path) -> LMTrainConfig:
-    path = Path(run_dir) / LM_CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"cannot resume: {path} not found (was {run_dir} made by bnrhn lm train?)")
-    cfg = LMTrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    cfg = load_settings(run_dir, LM_CONFIG_FILE, LMTrainConfig, "bnrhn lm train")
     # runs saved before estimators were recorded trained with the momentum estimator
     return replace(cfg, cell_options=legacy_statistics(cfg.cell, cfg.cell_options))

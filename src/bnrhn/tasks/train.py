@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from bnrhn.cells import CELLS, cell_options, legacy_statistics, pin_statistics
 from bnrhn.tasks.generators import COPY_K, TASKS, TaskSpec, adding_problem, copy_task, sequential_mnist
 from bnrhn.tasks.heads import HEADS, SequenceModel, sequence_loss
+from bnrhn.training.settings import load_settings, save_settings
 
 __all__ = ["TaskTrainConfig", "SequenceTask", "train_task", "load_task_model", "task_data", "TASK_CONFIG_FILE",
            "RESULTS_FILE", "CHECKPOINT_KIND", "evaluate_model"]
@@ -254,16 +254,11 @@ def _train_task(cfg: TaskTrainConfig, resume: bool, log) -> dict[str, Any]:
 
 
 def save_task_config(cfg: TaskTrainConfig) -> None:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / TASK_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    save_settings(cfg.run_dir, TASK_CONFIG_FILE, cfg)
 
 
 def load_task_config(run_dir: str | Path) -> TaskTrainConfig:
-    path = Path(run_dir) / TASK_CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"cannot resume: {path} not found (was {run_dir} made by bnrhn tasks train?)")
-    cfg = TaskTrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    cfg = load_settings(run_dir, TASK_CONFIG_FILE, TaskTrainConfig, "bnrhn tasks train")
     return replace(cfg, cell_options=legacy_statistics(cfg.cell, cfg.cell_options))
 
 
