@@ -134,11 +134,13 @@ def register(subparsers) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-def _parse_cell_options(items: list[str] | None, cell: str) -> dict:
+def parse_cell_options(items: list[str] | None, cells: list[str]) -> dict:
+    """``--cell-option KEY=VALUE`` items → options, each accepted by at least one of ``cells`` (a comparison's
+    shared options go to the cells that have them)."""
     from bnrhn.analysis.common import parse_value
     from bnrhn.cells import cell_options
 
-    valid = cell_options(cell)
+    valid = set().union(*(cell_options(c) for c in cells))
     out = {}
     for item in items or []:
         key, eq, value = item.partition("=")
@@ -146,7 +148,8 @@ def _parse_cell_options(items: list[str] | None, cell: str) -> dict:
         if not eq or not key:
             raise ValueError(f"--cell-option expects KEY=VALUE, got {item!r}")
         if key not in valid:
-            raise ValueError(f"--cell-option {key!r} is not an option of cell {cell!r}; valid: {', '.join(sorted(valid))}")
+            which = f"cell {cells[0]!r}" if len(cells) == 1 else f"any of the cells {', '.join(cells)}"
+            raise ValueError(f"--cell-option {key!r} is not an option of {which}; valid: {', '.join(sorted(valid))}")
         out[key] = parse_value(value.strip())
     return out
 
@@ -188,7 +191,7 @@ def run_train(args) -> int:
         cfg = LMTrainConfig.from_dict({**asdict(cfg), **changed, "run_dir": run_dir, "progress": progress})
     else:
         cell = given.get("cell", "lstm")
-        given["cell_options"] = _parse_cell_options(args.cell_option, cell)
+        given["cell_options"] = parse_cell_options(args.cell_option, [cell])
         cfg = LMTrainConfig(**{**given, "run_dir": run_dir, "progress": progress, "overwrite": args.overwrite})
     log = (lambda s: print(s, file=sys.stderr))
     try:

@@ -75,8 +75,7 @@ def register(subparsers) -> None:
 
 
 def _base_config(args, cell: str | None, cells: list[str]):
-    from bnrhn.analysis.common import parse_value
-    from bnrhn.cells import cell_options
+    from bnrhn.commands.lm import parse_cell_options
     from bnrhn.tasks.train import TaskTrainConfig
 
     given = {k: getattr(args, k) for k in ("hidden", "layers", "head", "batch_size", "steps", "lr", "validate_every",
@@ -86,14 +85,7 @@ def _base_config(args, cell: str | None, cells: list[str]):
         given["grad_clip"] = None
     if given.get("diverge_factor") == 0:
         given["diverge_factor"] = None
-    options = {}
-    for item in args.cell_option or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"--cell-option expects KEY=VALUE, got {item!r}")
-        if not any(key.strip() in cell_options(c) for c in cells):
-            raise ValueError(f"--cell-option {key.strip()!r} is not an option of {', '.join(cells)}; see 'bnrhn cells'")
-        options[key.strip()] = parse_value(value.strip())
+    options = parse_cell_options(args.cell_option, cells)
     if args.task == "smnist":
         given.setdefault("length", 784)
     return TaskTrainConfig(task=args.task, cell=cell or "lstm", cell_options=options,
