@@ -45,3 +45,19 @@ def test_cells_benchmark_takes_cells_with_options(tmp_path):
     assert set(rows) == {"torch.nn.LSTM", "bn_rhn", "bn_rhn:stats=momentum,min_rows=2"}
     bad = subprocess.run(cmd[:-2] + ["bn_rhn:stats"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "NAME:KEY=VALUE" in bad.stderr
+
+
+def test_lm_benchmark_trains_both_and_prints_the_table(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
+    out = tmp_path / "lm.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "lm.py"), "--text", str(text), "--hidden", "8", "--layers", "1",
+           "--embed", "8", "--batch", "4", "--seq-len", "10", "--windows", "5", "--rounds", "1", "--threads", "1",
+           "--ablations", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 5 and rows["char-rnn (nn.LSTM, plain loop)"]["speed_vs_char_rnn"] == 1.0
+    for name, r in rows.items():
+        assert r["chars_per_s"] > 0 and 0 < r["valid_loss"] < 10, name
+    assert run.stdout.count("\n| ") >= 6

@@ -32,11 +32,14 @@ def run_reference(ref, x, lengths):
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_parity_with_torch_outputs_states_and_gradients(name, num_layers, seed):
+@pytest.mark.parametrize("vendor", [False, True], ids=["step-loop", "vendor-kernel"])
+def test_parity_with_torch_outputs_states_and_gradients(name, num_layers, seed, vendor):
+    """vendor=False: our cells' equations, step by step, against PyTorch's module; vendor=True: the runner's
+    hand-over of our parameters, padding and states to PyTorch's kernel, layer by layer."""
     torch.manual_seed(seed)
     T, B, I, H = 7, 5, 6, 8
     ref = TORCH_RNNS[name](I, H, num_layers=num_layers)
-    ours = Recurrent(name, I, H, num_layers=num_layers)
+    ours = Recurrent(name, I, H, num_layers=num_layers, use_vendor_kernel=vendor)
     copy_weights(ours, ref)
     x = torch.randn(T, B, I)
     lengths = torch.randint(1, T + 1, (B,))
@@ -69,10 +72,11 @@ def test_parity_with_torch_outputs_states_and_gradients(name, num_layers, seed):
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
-def test_initial_state_and_batch_first_match_torch(name):
+@pytest.mark.parametrize("vendor", [False, True], ids=["step-loop", "vendor-kernel"])
+def test_initial_state_and_batch_first_match_torch(name, vendor):
     torch.manual_seed(1)
     ref = TORCH_RNNS[name](4, 5, batch_first=True)
-    ours = Recurrent(name, 4, 5, batch_first=True)
+    ours = Recurrent(name, 4, 5, batch_first=True, use_vendor_kernel=vendor)
     copy_weights(ours, ref)
     x = torch.randn(3, 6, 4)
     h0 = torch.randn(1, 3, 5)
@@ -87,7 +91,10 @@ def test_initial_state_and_batch_first_match_torch(name):
 
 
 GRADCHECK_CASES = [
-    ("rnn", {}),
+    ("rnn", {"use_vendor_kernel": False}),  # our step loop
+    ("lstm", {"use_vendor_kernel": False}),
+    ("gru", {"use_vendor_kernel": False}),
+    ("rnn", {}),  # PyTorch's kernel with our parameters
     ("lstm", {}),
     ("gru", {}),
     ("rhn", {"depth": 2}),
@@ -249,7 +256,8 @@ def test_bad_input_raises_clear_value_errors():
         build_cell("bn_lstm", 3, 2.5)
 
 
-@pytest.mark.parametrize("name,opts", [("lstm", {}), ("gru", {}), ("rhn", {"depth": 2}),
+@pytest.mark.parametrize("name,opts", [("lstm", {"use_vendor_kernel": False}), ("gru", {"use_vendor_kernel": False}),
+                                       ("rhn", {"depth": 2}),
                                        ("bn_rhn", {"depth": 2, "stats": "momentum"})])  # (renorm: its state changes per call)
 def test_deferred_weight_gradients_equal_per_step_autograd(name, opts):
     """The runner computes recurrent weight gradients once per sequence (bnrhn.cells.deferred); they must

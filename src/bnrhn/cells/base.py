@@ -43,6 +43,10 @@ class RecurrentCell(nn.Module):
     """
 
     state_names: tuple[str, ...] = ("h",)
+    #: The ``torch.nn`` recurrent module whose equations, parameter names and gate order this cell has
+    #: (None for the cells that are ours alone); the runner then lets that module's kernel run whole
+    #: sequences (:mod:`bnrhn.nn.vendor`).
+    torch_equivalent: type[nn.RNNBase] | None = None
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ class GRUCell(RecurrentCell):
     """GRU cell with PyTorch's equations (the reset gate multiplies W_hn h + b_hn)."""
 
     state_names = ("h",)
+    torch_equivalent = nn.GRU
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__(input_size, hidden_size)

@@ -27,6 +27,7 @@ class LSTMCell(RecurrentCell):
     """LSTM cell; ``forget_bias`` is added to the forget gate's b_ih at initialisation (0 = nn.LSTM's init)."""
 
     state_names = ("h", "c")
+    torch_equivalent = nn.LSTM
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, forget_bias: float = 1.0) -> None:
         super().__init__(input_size, hidden_size)

@@ -17,6 +17,7 @@ class RNNCell(RecurrentCell):
     """h_t = tanh(W_ih x_t + b_ih + W_hh h_{t−1} + b_hh)."""
 
     state_names = ("h",)
+    torch_equivalent = nn.RNN
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__(input_size, hidden_size)

@@ -71,9 +71,14 @@ class CharLM(nn.Module):
             dropout=dropout, recurrent_dropout=recurrent_dropout, **cell_options,
         )
         self.decoder = nn.Linear(hidden_size, vocab_size)
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         if tie_weights:
+            # the shared matrix is also the softmax's weights: N(0, 1) there would start with huge logits
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
             self.decoder.weight = self.embedding.weight
+        # Untied, the embedding keeps nn.Embedding's own N(0, 1) initialisation. A U(−0.1, 0.1) start (the
+        # word-level LMs' habit) has std 0.058, so the first layer's input term W e starts 17× smaller, and
+        # slows early learning of the LSTM: 2.374 vs 2.098 nats after 200 windows on tiny Shakespeare
+        # (benchmarks/lm.py, docs/performance.md). Batch norm of W e would remove that scale.
         self.vocab_size = vocab_size
 
     @classmethod

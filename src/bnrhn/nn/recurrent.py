@@ -16,6 +16,10 @@ product (``cell.project_input``); only the recurrent term is computed inside the
 batches run as packed sequences: sorted by length, step t computes only the sequences still running,
 so padded positions cost nothing, output zeros and stay out of batch-norm statistics, and the final
 state of each sequence is the one at its own last step (as with packed sequences in ``torch.nn.LSTM``).
+
+Layers of the cells whose equations are PyTorch's (LSTM, GRU, tanh RNN) run whole sequences through
+``torch.nn.LSTM/GRU/RNN``'s kernels instead of the step loop when no recurrent dropout mask is in use
+(:mod:`bnrhn.nn.vendor`); ``use_vendor_kernel=False`` keeps them on the step loop.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 import bnrhn.cells as cell_registry  # module import: bnrhn.cells itself imports bnrhn.nn.seq_batchnorm
 from bnrhn.cells.base import State, check_size
 from bnrhn.nn.dropout import check_probability, variational_mask
+from bnrhn.nn.vendor import vendor_layer, vendor_usable
 
 
 @dataclass
@@ -50,6 +55,8 @@ class Recurrent(nn.Module):
         dropout: variational dropout on the output of every layer.
         recurrent_dropout: variational dropout on h_{t−1} where it enters the recurrent product.
         batch_first: inputs and outputs are ``[B, T, ·]`` instead of ``[T, B, ·]``.
+        use_vendor_kernel: let PyTorch's own kernel run whole sequences of the cells that have one
+            (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use; False = always the step loop.
         **cell_options: passed to :func:`bnrhn.cells.build_cell` (e.g. ``depth=3``, ``norm="batch"``).
     """
 
@@ -63,6 +70,7 @@ class Recurrent(nn.Module):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         batch_first: bool = False,
+        use_vendor_kernel: bool = True,
         **cell_options,
     ) -> None:
         super().__init__()
@@ -75,6 +83,7 @@ class Recurrent(nn.Module):
         self.dropout = check_probability("dropout", dropout)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.batch_first = batch_first
+        self.use_vendor_kernel = bool(use_vendor_kernel)
         self.cells = nn.ModuleList(
             cell_registry.build_cell(cell, input_size if k == 0 else hidden_size, hidden_size, **cell_options)
             for k in range(num_layers)
@@ -83,7 +92,8 @@ class Recurrent(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"cell={self.cell_name!r}, num_layers={self.num_layers}, input_dropout={self.input_dropout}, "
-            f"dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout}, batch_first={self.batch_first}"
+            f"dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout}, batch_first={self.batch_first}, "
+            f"use_vendor_kernel={self.use_vendor_kernel}"
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -140,13 +150,37 @@ class Recurrent(nn.Module):
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         masks = self.sample_dropout_masks(B)
-        if full_steps < T:
+        if self._vendor_applies(x, masks):
+            out, final = self._forward_vendor(x, mask.sum(0) if full_steps < T else None, state, masks)
+        elif full_steps < T:
             out, final = self._forward_packed(x, mask, state, step, masks)
         else:
             out, final = self._forward_full(x, state, step, masks)
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, final
+
+    def _vendor_applies(self, x: Tensor, masks: DropoutMasks | None) -> bool:
+        if not self.use_vendor_kernel:
+            return False
+        return all(
+            vendor_usable(cell, masks.recurrent[k] if masks is not None else None, x) for k, cell in enumerate(self.cells)
+        )
+
+    def _forward_vendor(self, x: Tensor, lengths: Tensor | None, state: list[State], masks: DropoutMasks | None):
+        """Every layer through PyTorch's kernel; the variational masks on inputs and outputs are applied
+        around each layer, as in the step loop."""
+        final: list[State] = []
+        layer_in = x
+        for k, cell in enumerate(self.cells):
+            if masks is not None and masks.inputs[k] is not None:
+                layer_in = layer_in * masks.inputs[k]
+            out, s = vendor_layer(cell, layer_in, state[k], lengths)
+            if masks is not None and masks.outputs[k] is not None:
+                out = out * masks.outputs[k]
+            final.append(s)
+            layer_in = out
+        return layer_in, final
 
     def _forward_full(self, x: Tensor, state: list[State], step: int, masks: DropoutMasks | None):
         """Every sequence valid at every step."""
