@@ -19,6 +19,11 @@ that a noisy shared machine affects all of them alike.
     python benchmarks/cells.py --rounds 10 --batch 32 --json out.json
     python benchmarks/cells.py --products       # also the products-only ceiling of each cell
     python benchmarks/cells.py --cells bn_rhn bn_rhn:stats=momentum   # a cell with options: NAME:KEY=VALUE,...
+    python benchmarks/cells.py --compiled bn_rhn rhn    # also torch.compile of those cells' composed steps
+
+``--compiled`` adds, for each cell named, a row for ``torch.compile`` of the whole layer with the cell's
+composed reference step (``cell.fused = False``, no hand-written autograd nodes): Inductor fuses the
+elementwise work of the unrolled time loop itself. Its compilation time (warm-up) is printed, not timed.
 """
 
 from __future__ import annotations
@@ -127,6 +132,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     ap.add_argument("--products", action="store_true",
                     help="also time each cell's matrix products alone (the ceiling its GFLOP/s can reach)")
+    ap.add_argument("--compiled", nargs="*", default=[], metavar="CELL",
+                    help="also torch.compile of these cells' composed steps (rows 'compiled NAME')")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -142,7 +149,17 @@ def main() -> None:
         if "rhn" in name:
             opts = {"depth": args.depth, **opts}
         models[spec] = Recurrent(name, N, N, **opts)
-    steps = {name: make_step(m.train(), x, target) for name, m in models.items()}
+    compiled: dict[str, nn.Module] = {}
+    for spec in args.compiled:
+        name, opts = parse_cell_spec(spec)
+        if "rhn" in name:
+            opts = {"depth": args.depth, **opts}
+        layer = Recurrent(name, N, N, use_vendor_kernel=False, **opts)
+        for cell in layer.cells:
+            cell.fused = False  # the composed reference step: Inductor gets plain PyTorch operations
+        models[f"compiled {spec}"] = layer
+        compiled[f"compiled {spec}"] = torch.compile(layer)
+    steps = {name: make_step(compiled.get(name, m).train(), x, target) for name, m in models.items()}
     if args.products:
         for name, m in models.items():
             cell = m if isinstance(m, TorchLSTM) else m.cells[0]
@@ -152,8 +169,11 @@ def main() -> None:
             assert counted == m.matmul_flops(B, T), f"{name}: product shapes do not match its FLOP count"
             steps[f"{name} products"] = make_products(N, N, columns, B, T)
     for name, step in steps.items():
-        for _ in range(args.warmup):
+        t0 = time.perf_counter()
+        for _ in range(max(args.warmup, 2 if name in compiled else 0)):
             step()
+        if name in compiled:
+            print(f"{name}: compiled and warmed up in {time.perf_counter() - t0:.1f} s")
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():

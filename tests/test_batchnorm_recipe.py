@@ -72,3 +72,31 @@ def test_the_old_recipe_leaks(cache, tmp_path):
     s = leak_summary(batchnorm_leak(ckpt, progress=False, log=lambda m: None))
     assert s["sorted_vs_random"] < -0.05, s
     assert s["loss_population"] > s["loss_sorted"] * 1.05, s
+
+
+def test_batch_norm_decoders_default_to_more_dropout():
+    """dropout=None resolves per decoder: 0.4 where the cell normalises with batch statistics, else 0.3;
+    a value given (on the command line, or saved in a run's config.json) is kept as it is."""
+    from dataclasses import replace
+
+    from bnrhn.captioning.config import resolve_dropout
+
+    def dropout(**kw):
+        return resolve_dropout(CaptionConfig(**kw))
+
+    assert dropout(cell="lstm") == 0.3 and dropout(cell="rhn") == 0.3
+    assert dropout(cell="bn_rhn_tf") == 0.3  # layer norm: no batch statistics
+    assert dropout(cell="bn_rhn") == 0.4 and dropout(cell="bn_lstm") == 0.4
+    assert dropout(cell="bn_rhn", cell_options={"norm": "none"}) == 0.3
+    assert dropout(cell="bn_rhn", dropout=0.3) == 0.3 and dropout(cell="bn_rhn", dropout=0.0) == 0.0
+    # compare builds each cell's config from one base: the default must follow the cell, not the base's
+    assert resolve_dropout(replace(CaptionConfig(), cell="bn_rhn")) == 0.4
+    with pytest.raises(ValueError, match="dropout"):
+        CaptionConfig(cell="bn_rhn", dropout=1.0)
+
+
+def test_a_run_saves_the_dropout_it_trained_with(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    trained(cache, run_dir, dropout=None, max_steps=2, validate_every=None, **{"dataset": "synthetic:60,10,10"})
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["task"]["dropout"] == 0.4

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bnrhn.captioning.config import CaptionConfig
+from bnrhn.captioning.config import CaptionConfig, resolve_dropout
 from bnrhn.cells import legacy_statistics, pin_statistics
 from bnrhn.captioning.data import (
     CaptionTensors,
@@ -90,7 +90,7 @@ def model_config(config: CaptionConfig, vocab: Vocabulary, encoder: dict) -> Cap
         model=config.model, vocab_size=len(vocab), feature_size=encoder["feature_size"],
         grid_size=encoder["grid_size"], embed_size=config.embed_size, hidden_size=config.hidden_size,
         num_layers=config.num_layers, cell=config.cell, cell_options=dict(config.cell_options),
-        dropout=config.dropout, attention_size=config.attention_size, alpha_c=config.alpha_c,
+        dropout=resolve_dropout(config), attention_size=config.attention_size, alpha_c=config.alpha_c,
         feature_norm=config.feature_norm,
         pad_id=vocab.pad_id, start_id=vocab.start_id, end_id=vocab.end_id, unk_id=vocab.unk_id,
     )
@@ -146,8 +146,10 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
 def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
 
-    # the run records the batch-norm estimator it trains with (a later default cannot change a resumed run)
+    # the run records the batch-norm estimator and the dropout it trains with (a later default cannot
+    # change a resumed run)
     config = replace(config, cell_options=pin_statistics(config.cell, config.cell_options))
+    config = replace(config, dropout=resolve_dropout(config))
     last = Path(config.run_dir) / "last.pt"
     if not resume and last.exists() and not config.overwrite:  # say so before extracting any feature
         raise FileExistsError(

@@ -108,13 +108,14 @@ def report_problems(dataset: CaptionDataset, log, limit: int = 5) -> None:
 
 
 def attach_features(dataset: CaptionDataset, encoder, cache_dir, grid: bool, strict: bool, progress: bool,
-                    batch_size: int = 32, log=None) -> tuple[CaptionDataset, FeatureSet]:
-    """Extract (or reuse) the features of every image in ``dataset``; drop images that cannot be read."""
+                    batch_size: int = 32, log=None, compile: str = "auto") -> tuple[CaptionDataset, FeatureSet]:
+    """Extract (or reuse) the features of every image in ``dataset``; drop images that cannot be read.
+    ``compile``: whether the CNN is compiled for the extraction (see :func:`bnrhn.encoders.extract_features`)."""
     folder = feature_cache_dir(dataset, encoder.name, cache_dir)
     family = folder.parent
     others = sorted((d for d in family.iterdir() if d.is_dir()), key=lambda d: d.name) if family.is_dir() else []
     fs = extract_features([r.path for r in dataset.records], encoder, folder, grid=grid, batch_size=batch_size,
-                          strict=strict, progress=progress, log=log, search=others)
+                          strict=strict, progress=progress, log=log, search=others, compile=compile)
     bad = {r.image_id for r in dataset.records if not fs.valid(r.path)}
     return dataset.without(bad, "unreadable image files"), fs
 

@@ -56,7 +56,7 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
     g.add_argument("--embed-size", type=int, default=S, metavar="N", help="word/image embedding size (512)")
     g.add_argument("--hidden-size", type=int, default=S, metavar="N", help="recurrent state size (512)")
     g.add_argument("--num-layers", type=int, default=S, metavar="N", help="stacked recurrent layers (1)")
-    g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout (0.3)")
+    g.add_argument("--dropout", type=float, default=S, metavar="P", help="dropout (0.3; 0.4 for batch-norm decoders: bn_rhn, bn_lstm)")
     g.add_argument("--attention-size", type=int, default=S, metavar="N", help="attention MLP size (512)")
     g.add_argument("--alpha-c", type=float, default=S, metavar="L", help="doubly stochastic attention weight (1.0)")
     g.add_argument("--feature-norm", choices=("standardize", "none"), default=S,

@@ -26,6 +26,10 @@ from torch import Tensor, nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("squash", "crop")
+COMPILE_CHOICES = ("auto", "yes", "no")
+# From this many images on, compiling the CNN (tens of seconds, once per process) pays for itself:
+# docs/performance.md, "Feature extraction".
+COMPILE_MIN_IMAGES = 2000
 
 
 class ImageFileError(ValueError):
@@ -147,6 +151,14 @@ class ImageEncoder:
         """``[B, 3, H, W]`` → (pooled ``[B, F]``, grid ``[B, N, F]``), float32."""
         raise NotImplementedError
 
+    def prepare_extraction(self, n_images: int, batch_size: int, compile: str, log) -> str:
+        """Choose how :meth:`encode` runs for an extraction (see :class:`MobileNetV2Encoder`); "eager"."""
+        return "eager"
+
+    def engine(self) -> str:
+        """How :meth:`encode` runs the network now: "compiled" or "eager"."""
+        return "eager"
+
     def encode_files(self, paths: list[str | Path]) -> tuple[Tensor, Tensor]:
         """Encode image files (raises :class:`ImageFileError` naming the first bad file)."""
         batch = torch.stack([self.preprocess(load_image(p)) for p in paths])
@@ -226,6 +238,7 @@ class MobileNetV2Encoder(ImageEncoder):
         self.device = torch.device(device)
         # channels_last lets oneDNN run the depthwise convolutions much faster on CPU.
         self.trunk = trunk.to(self.device, memory_format=torch.channels_last).eval()
+        self.runner = self.trunk  # the eager trunk, or its compiled form (prepare_extraction)
         self.name = "mobilenet_v2"
         self.feature_size = FEATURE_SIZE
         self.grid_size = GRID * GRID
@@ -236,9 +249,30 @@ class MobileNetV2Encoder(ImageEncoder):
     def preprocess(self, image) -> Tensor:
         return imagenet_tensor(image, 224, self.resize)
 
+    def prepare_extraction(self, n_images: int, batch_size: int, compile: str, log) -> str:
+        """Choose how :meth:`encode` runs the CNN for an extraction of ``n_images`` in batches of
+        ``batch_size``: ``compile`` = ``"auto"`` (compiled from COMPILE_MIN_IMAGES images on, on CPU),
+        ``"yes"`` or ``"no"``. Returns ``"compiled"`` or ``"eager"`` (also when compiling is not possible
+        here: :mod:`bnrhn.encoders.compiled` says why in one line)."""
+        from bnrhn.encoders.compiled import CompiledTrunk
+
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
+        wanted = compile == "yes" or (compile == "auto" and n_images >= COMPILE_MIN_IMAGES and self.device.type == "cpu")
+        if not wanted:
+            self.runner = self.trunk
+            return "eager"
+        reusable = isinstance(self.runner, CompiledTrunk) and self.runner.engine == "compiled"
+        if not reusable or self.runner.batch_size != batch_size:  # a fallback is not kept: each extraction tries
+            self.runner = CompiledTrunk(self.trunk, batch_size, log)
+        return self.runner.engine
+
+    def engine(self) -> str:
+        return getattr(self.runner, "engine", "eager")  # a CompiledTrunk falls back to "eager" when it fails
+
     @torch.inference_mode()
     def encode(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.trunk(batch.to(self.device).contiguous(memory_format=torch.channels_last)).float()
+        f = self.runner(batch.to(self.device).contiguous(memory_format=torch.channels_last)).float()
         grid = f.flatten(2).transpose(1, 2).contiguous()
         return f.mean((2, 3)), grid
 

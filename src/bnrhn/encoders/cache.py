@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,13 +155,15 @@ def extract_features(
     progress: bool = True,
     log=None,
     search: list[str | Path] | None = None,
+    compile: str = "auto",
 ) -> FeatureSet:
     """Features of every image in ``paths`` (duplicates allowed), from the cache in ``folder`` or extracted.
 
     ``grid=True`` also stores the spatial grid. ``search``: other cache folders whose features may be
     reused when they hold every requested image, unchanged, from the same encoder (e.g. the cache of a
     whole data set serving a subset of it). ``log`` (default: print to stderr) receives the one-line
-    messages (reuse, rebuild reason, unreadable images).
+    messages (reuse, rebuild reason, unreadable images). ``compile``: ``auto`` (compile the CNN for large
+    extractions), ``yes`` or ``no`` (see :meth:`bnrhn.encoders.base.MobileNetV2Encoder.prepare_extraction`).
     """
     from tqdm.auto import tqdm
 
@@ -170,7 +173,7 @@ def extract_features(
     from bnrhn.folder_lock import FolderLock
 
     with FolderLock(folder, "feature cache", wait=log):  # one writer at a time; a second process waits and reuses
-        fs = _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search)
+        fs = _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search, compile)
     if strict:  # also when the features come from a cache that an earlier, non-strict run wrote
         bad = [k for k in dict.fromkeys(_key(p) for p in paths) if k in fs.failed]
         if bad:
@@ -182,7 +185,7 @@ def extract_features(
     return fs
 
 
-def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search) -> FeatureSet:
+def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress, log, search, compile) -> FeatureSet:
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -243,23 +246,38 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
             grids.flush()
         _atomic_write_text(part, json.dumps({"expect": expect, "grid": grid, "done": done, "failed": failed}))
 
+    def load_chunk(first: int):
+        """Decode and preprocess images first..first+batch_size: (tensors, their rows, unreadable ones)."""
+        tensors, rows, bad = [], [], []
+        for j, p in enumerate(unique[first : first + batch_size]):
+            try:
+                tensors.append(encoder.preprocess(load_image(p)))
+                rows.append(first + j)
+            except ImageFileError as exc:
+                bad.append((first + j, p, exc))
+        return tensors, rows, bad
+
+    encoder.prepare_extraction(N - start, batch_size, compile, log)
+    # The next batch is decoded in a second thread while the CNN runs on this one (Pillow and the
+    # tensor conversion release the GIL): decoding costs no wall-clock time when it is the faster part.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnrhn-decode")
     try:
         i = start
+        pending = pool.submit(load_chunk, i)
         while i < N:
-            chunk = unique[i : i + batch_size]
-            tensors, rows = [], []
-            for j, p in enumerate(chunk):
-                try:
-                    tensors.append(encoder.preprocess(load_image(p)))
-                    rows.append(i + j)
-                except ImageFileError as exc:
-                    if strict:
-                        raise ValueError(f"unreadable image {exc} (strict mode; drop --strict to skip such images)") from None
-                    failed[p] = exc.reason
-                    pooled[i + j] = 0
-                    if grids is not None:
-                        grids[i + j] = 0
-                    log(f"features: skipping unreadable image {exc}")
+            tensors, rows, bad = pending.result()
+            n_chunk = min(batch_size, N - i)
+            if i + n_chunk < N:
+                pending = pool.submit(load_chunk, i + n_chunk)
+            for row, p, exc in bad:
+                if strict:
+                    raise ValueError(f"unreadable image {exc} (strict mode; drop --strict to skip such images)") from None
+                failed[p] = exc.reason
+                pooled[row] = 0
+                if grids is not None:
+                    grids[row] = 0
+                log(f"features: skipping unreadable image {exc}")
+            chunk = unique[i : i + n_chunk]
             if tensors:
                 pv, gv = encoder.encode(torch.stack(tensors))
                 idx = np.array(rows)
@@ -275,6 +293,8 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
         bar.close()
         log(f"features: interrupted at image {i}/{N}; run the same command again to resume")
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     seconds = time.perf_counter() - t0
     del pooled, grids
@@ -286,7 +306,7 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
     else:
         (folder / "grid.npy").unlink(missing_ok=True)
     meta = {**expect, "has_grid": grid, "dtype": "float16", "paths": unique, "signatures": signatures, "failed": failed,
-            "seconds": round(seconds, 2), "images_per_s": round((N - start) / max(seconds, 1e-9), 2),
+            "seconds": round(seconds, 2), "images_per_s": round((N - start) / max(seconds, 1e-9), 2), "cnn": encoder.engine(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
     part.unlink(missing_ok=True)

@@ -1,0 +1,89 @@
+"""The compiled CNN for feature extraction (bnrhn.encoders.compiled): the same features as the eager CNN
+to float16 precision, and the eager CNN with one line of explanation wherever compiling is impossible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bnrhn.encoders import build_encoder, extract_features, find_mobilenet_weights
+from bnrhn.encoders.base import COMPILE_MIN_IMAGES
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    try:
+        find_mobilenet_weights()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return build_encoder("mobilenet_v2")
+
+
+def _photos(tmp_path, n=5):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = tmp_path / "img" / f"{i}.jpg"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60 + 7 * i, 80, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _extract(paths, encoder, folder, compile, logs):
+    return extract_features(paths, encoder, folder, grid=True, batch_size=2, progress=False, log=logs.append,
+                            compile=compile)
+
+
+def test_without_a_compiler_the_cnn_runs_uncompiled_and_says_so(encoder, tmp_path, monkeypatch):
+    paths = _photos(tmp_path)
+    eager = _extract(paths, encoder, tmp_path / "eager", "no", [])
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    logs: list[str] = []
+    fs = _extract(paths, encoder, tmp_path / "hidden", "yes", logs)
+    assert sum("no C++ compiler" in m and "uncompiled" in m for m in logs) == 1
+    assert fs.meta["cnn"] == "eager" and eager.meta["cnn"] == "eager"
+    assert np.array_equal(np.asarray(fs.pooled), np.asarray(eager.pooled))
+    assert np.array_equal(np.asarray(fs.grid), np.asarray(eager.grid))
+
+
+def test_a_compilation_that_fails_falls_back_to_the_eager_cnn(encoder, tmp_path, monkeypatch):
+    def broken_compile(module, **kwargs):
+        def run(x):
+            raise RuntimeError("simulated backend failure\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    paths = _photos(tmp_path)
+    logs: list[str] = []
+    fs = _extract(paths, encoder, tmp_path / "broken", "yes", logs)
+    assert sum("torch.compile failed (RuntimeError: simulated backend failure)" in m for m in logs) == 1
+    assert fs.meta["cnn"] == "eager"
+    eager = _extract(paths, encoder, tmp_path / "eager", "no", [])
+    assert np.array_equal(np.asarray(fs.pooled), np.asarray(eager.pooled))
+
+
+def test_auto_compiles_only_large_extractions_on_cpu(encoder, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # no compilation cost here
+    assert encoder.prepare_extraction(COMPILE_MIN_IMAGES - 1, 32, "auto", print) == "eager"
+    assert encoder.prepare_extraction(COMPILE_MIN_IMAGES, 32, "auto", print) == "compiled"
+    assert encoder.prepare_extraction(10, 32, "yes", print) == "compiled"
+    assert encoder.prepare_extraction(10**6, 32, "no", print) == "eager"
+    with pytest.raises(ValueError, match="compile must be one of"):
+        encoder.prepare_extraction(10, 32, "always", print)
+
+
+@pytest.mark.slow
+def test_compiled_features_equal_the_eager_ones_to_float16_precision(encoder, tmp_path):
+    """A real Inductor compilation (about a minute on 2 cores); 5 images in batches of 2, so the last
+    batch is padded to the compiled shape."""
+    paths = _photos(tmp_path)
+    eager = _extract(paths, encoder, tmp_path / "eager", "no", [])
+    logs: list[str] = []
+    fs = _extract(paths, encoder, tmp_path / "compiled", "yes", logs)
+    assert fs.meta["cnn"] == "compiled", logs
+    for a, b in ((eager.pooled, fs.pooled), (eager.grid, fs.grid)):
+        a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        assert np.all(np.abs(a - b) <= 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32) + 1e-6)
