@@ -61,3 +61,27 @@ def test_lm_benchmark_trains_both_and_prints_the_table(tmp_path):
     for name, r in rows.items():
         assert r["chars_per_s"] > 0 and 0 < r["valid_loss"] < 10, name
     assert run.stdout.count("\n| ") >= 6
+
+
+def test_features_benchmark_times_every_row(tmp_path):
+    from PIL import Image
+
+    try:
+        from bnrhn.encoders import find_mobilenet_weights
+
+        find_mobilenet_weights()
+    except FileNotFoundError as exc:
+        import pytest
+
+        pytest.skip(str(exc))
+    for i in range(4):
+        Image.new("RGB", (40 + i, 30), (60 * i, 20, 90)).save(tmp_path / f"{i}.jpg")
+    out = tmp_path / "features.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "features.py"), "--folder", str(tmp_path), "--images", "4",
+           "--batch", "2", "--rounds", "1", "--threads", "1", "--no-compile", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"][:2] for r in rows[:3]] == ["1.", "2.", "3."] and "end to end, eager CNN" in rows[3]["what"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["max_abs_diff"] < 1e-3 for r in rows[:3])  # folding and layout change no number beyond rounding
