@@ -57,10 +57,10 @@ def test_lm_benchmark_trains_both_and_prints_the_table(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 5 and rows["char-rnn (nn.LSTM, plain loop)"]["speed_vs_char_rnn"] == 1.0
+    assert len(rows) == 4 and rows["char-rnn (nn.LSTM, plain loop)"]["speed_vs_char_rnn"] == 1.0
     for name, r in rows.items():
         assert r["chars_per_s"] > 0 and 0 < r["valid_loss"] < 10, name
-    assert run.stdout.count("\n| ") >= 6
+    assert run.stdout.count("\n| ") >= 5
 
 
 def test_features_benchmark_times_every_row(tmp_path):

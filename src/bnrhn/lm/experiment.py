@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "lstm": {"cell": "lstm", "options": {}, "label": "LSTM",
-             "what": "plain LSTM, forget-gate bias 1"},
+    "lstm": {"cell": "lstm", "options": {"forget_bias": 1.0}, "label": "LSTM",
+             "what": "plain LSTM, forget-gate bias 1 (as the BN-LSTM's)"},
     "bn_lstm": {"cell": "bn_lstm", "options": {"stats": "momentum"}, "label": "BN-LSTM (per step, momentum)",
                 "what": "statistics per time step, running averages with momentum 0.1 (Cooijmans et al.)"},
     "bn_lstm_shared": {"cell": "bn_lstm", "options": {"per_step": False, "stats": "momentum"}, "label": "BN-LSTM (shared statistics)",

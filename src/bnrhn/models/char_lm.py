@@ -32,7 +32,8 @@ class CharLM(nn.Module):
         embed_size: D (default: H when tying, else min(H, 128)).
         input_dropout, dropout, recurrent_dropout: variational dropout probabilities (see Recurrent).
         tie_weights: share the embedding matrix with the softmax weights (needs D = H).
-        **cell_options: options of the cell (e.g. ``depth=3``, ``per_step=False``).
+        **cell_options: options of the cell (e.g. ``depth=3``, ``per_step=False``); the LSTM's
+            ``forget_bias`` is 0 here unless given (PyTorch's initialisation).
     """
 
     def __init__(
@@ -59,6 +60,10 @@ class CharLM(nn.Module):
                 f"weight tying shares the embedding with the softmax weights, so the embedding size ({embed_size}) "
                 f"must equal the hidden size ({hidden_size})"
             )
+        if cell == "lstm":
+            # PyTorch's initialisation of the forget gate (bias 0), not LSTMCell's +1: on tiny Shakespeare the
+            # +1 start learnt slower, 1.747 vs 1.674 nats after 1,000 windows (benchmarks/lm.py)
+            cell_options = {"forget_bias": 0.0, **cell_options}
         cell_options = pin_statistics(cell, cell_options)  # saved with the model: rebuilt as trained
         self.config: dict[str, Any] = dict(
             vocab_size=vocab_size, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
@@ -78,7 +83,7 @@ class CharLM(nn.Module):
         # Untied, the embedding keeps nn.Embedding's own N(0, 1) initialisation. A U(−0.1, 0.1) start (the
         # word-level LMs' habit) has std 0.058, so the first layer's input term W e starts 17× smaller, and
         # slows early learning of the LSTM: 2.374 vs 2.098 nats after 200 windows on tiny Shakespeare
-        # (benchmarks/lm.py, docs/performance.md). Batch norm of W e would remove that scale.
+        # (benchmarks/lm.py, docs/language_models.md). Batch norm of W e would remove that scale.
         self.vocab_size = vocab_size
 
     @classmethod
