@@ -41,6 +41,7 @@ def default_run(cache, tmp_path_factory):
     return trained(cache, tmp_path_factory.mktemp("runs") / "default")
 
 
+@pytest.mark.slow  # a 400-step training run (~45 s on 2 cores): CI runs it with the other slow tests
 def test_default_recipe_has_no_batch_composition_leak(default_run):
     report = batchnorm_leak(default_run, progress=False, log=lambda m: None)
     s = leak_summary(report)
@@ -49,6 +50,7 @@ def test_default_recipe_has_no_batch_composition_leak(default_run):
     assert s["loss_population"] < 1.6, s  # and it learnt something (a uniform guess is ln V ≈ 3.8 nats)
 
 
+@pytest.mark.slow  # shares the training run above
 def test_diagnostic_command_on_the_trained_model(default_run, tmp_path, capsys):
     out = tmp_path / "diag"
     assert main(["analyze", "batchnorm", str(default_run), "--out", str(out), "--quiet", "--precise-batches", "5"]) == 0

@@ -86,4 +86,8 @@ def test_compiled_features_equal_the_eager_ones_to_float16_precision(encoder, tm
     assert fs.meta["cnn"] == "compiled", logs
     for a, b in ((eager.pooled, fs.pooled), (eager.grid, fs.grid)):
         a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-        assert np.all(np.abs(a - b) <= 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32) + 1e-6)
+        # float16 precision at the features' scale (ReLU6: values in [0, 6]): two float16 steps at the value,
+        # and 2⁻¹⁰ absolute where the value is near 0 and float16's own steps are tiny
+        tol = 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32) + 2.0**-10
+        assert np.all(np.abs(a - b) <= tol), float(np.abs(a - b).max())
+        assert np.abs(a - b).mean() < 1e-4

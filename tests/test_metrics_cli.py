@@ -154,10 +154,11 @@ def test_ctrl_c_during_meteor_stops_at_once(tmp_path):
     words = "a dog cat man woman runs plays sits on in the grass snow street beach ball red blue".split()
     sent = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     refs = tmp_path / "refs.json"
-    refs.write_text(json.dumps({"images": [{"id": i} for i in range(4000)], "annotations": [
-        {"id": 5 * i + k, "image_id": i, "caption": sent(40)} for i in range(4000) for k in range(5)]}))
+    n = 12000  # METEOR needs tens of seconds for these on 2 cores: the interrupt lands while it scores
+    refs.write_text(json.dumps({"images": [{"id": i} for i in range(n)], "annotations": [
+        {"id": 5 * i + k, "image_id": i, "caption": sent(40)} for i in range(n) for k in range(5)]}))
     res = tmp_path / "res.json"
-    res.write_text(json.dumps([{"image_id": i, "caption": sent(40)} for i in range(4000)]))
+    res.write_text(json.dumps([{"image_id": i, "caption": sent(40)} for i in range(n)]))
     proc = subprocess.Popen([sys.executable, "-m", "bnrhn", "score", str(res), "-r", str(refs), "-m", "meteor",
                              "--tokenizer", "none", "--json", "-"], start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -167,6 +168,7 @@ def test_ctrl_c_during_meteor_stops_at_once(tmp_path):
     assert _java_children(proc.pid), "METEOR's JVM did not start"
     time.sleep(2)  # scoring under way
     jvms = _java_children(proc.pid)
+    assert proc.poll() is None, "scoring finished before the interrupt: the test's workload is too small"
     t0 = time.time()
     os.killpg(proc.pid, signal.SIGINT)
     rc = proc.wait(timeout=30)
