@@ -159,8 +159,12 @@ def test_ctrl_c_during_meteor_stops_at_once(tmp_path):
         {"id": 5 * i + k, "image_id": i, "caption": sent(40)} for i in range(n) for k in range(5)]}))
     res = tmp_path / "res.json"
     res.write_text(json.dumps([{"image_id": i, "caption": sent(40)} for i in range(n)]))
+    # A terminal's Ctrl-C reaches a process whose SIGINT is not ignored; a job started in the background of a
+    # non-interactive shell (how CI scripts often run) inherits SIGINT ignored, and Python keeps it ignored.
+    # The child gets the terminal's disposition back, so that what is tested is our handling, not the shell's.
     proc = subprocess.Popen([sys.executable, "-m", "bnrhn", "score", str(res), "-r", str(refs), "-m", "meteor",
                              "--tokenizer", "none", "--json", "-"], start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not _java_children(proc.pid):
