@@ -103,3 +103,14 @@ def test_torch_func_transforms_take_the_step_loop():
     jac = torch.func.jacrev(lambda inp: rnn(inp)[0])(x[0])
     ref = torch.autograd.functional.jacobian(lambda inp: rnn(inp)[0], x[0])
     assert torch.allclose(jac, ref, atol=1e-12)
+
+
+def test_each_cell_has_its_own_template_and_no_submodule():
+    """Two models of one shape must not share the module their weights are swapped into (threads), and the
+    template adds nothing to the parameters or the state dict."""
+    a, b = Recurrent("lstm", 4, 4), Recurrent("lstm", 4, 4)
+    x = torch.randn(3, 2, 4)
+    a(x), b(x)
+    assert a.cells[0]._vendor_template is not b.cells[0]._vendor_template
+    assert set(a.state_dict()) == set(Recurrent("lstm", 4, 4).state_dict())
+    assert len(list(a.parameters())) == 4

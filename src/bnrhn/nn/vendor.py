@@ -9,13 +9,12 @@ otherwise. Padded batches go in as a ``PackedSequence``, which gives the same se
 runner's packed path: padded positions output zeros, and each sequence's final state is the one at its
 own last step.
 
-The PyTorch module is a parameterless template on the ``meta`` device; ``torch.func.functional_call``
-runs it with the cell's parameters, so gradients reach the cell's own tensors and nothing is copied.
+Each cell keeps its own parameterless template of the PyTorch module on the ``meta`` device;
+``torch.func.functional_call`` runs it with the cell's parameters, so gradients reach the cell's own
+tensors and nothing is copied.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -38,10 +37,17 @@ def vendor_usable(cell: RecurrentCell, h_mask: Tensor | None, x: Tensor) -> bool
     return has_vendor_kernel(cell) and h_mask is None and plain_autograd() and x.is_floating_point()
 
 
-@lru_cache(maxsize=None)
-def _template(module_cls: type[nn.RNNBase], input_size: int, hidden_size: int, bias: bool) -> nn.RNNBase:
-    # One single-layer module per shape, without storage: functional_call supplies every parameter.
-    return module_cls(input_size, hidden_size, num_layers=1, bias=bias, device="meta")
+def _template(cell: RecurrentCell) -> nn.RNNBase:
+    """The cell's own parameterless PyTorch module (on the ``meta`` device; functional_call supplies every
+    parameter). One per cell, not one per shape: functional_call swaps the parameters into the module for
+    the call, so a module shared by two models could hand one model's weights to a call of the other from
+    another thread, and would keep the last caller's weights alive after that model is gone."""
+    module = cell.__dict__.get("_vendor_template")
+    if module is None:
+        module = type(cell).torch_equivalent(cell.input_size, cell.hidden_size, num_layers=1,
+                                             bias=cell.bias_ih is not None, device="meta")
+        object.__setattr__(cell, "_vendor_template", module)  # not a submodule: no parameters, no state_dict
+    return module
 
 
 def vendor_layer(cell: RecurrentCell, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
@@ -58,7 +64,7 @@ def vendor_layer(cell: RecurrentCell, x: Tensor, state: State, lengths: Tensor |
         own last valid step.
     """
     bias = cell.bias_ih is not None
-    module = _template(type(cell).torch_equivalent, cell.input_size, cell.hidden_size, bias)
+    module = _template(cell)
     params = {"weight_ih_l0": cell.weight_ih, "weight_hh_l0": cell.weight_hh}
     if bias:
         params.update(bias_ih_l0=cell.bias_ih, bias_hh_l0=cell.bias_hh)
