@@ -144,17 +144,17 @@ def main() -> None:
     target = torch.randn(T, B, N)
 
     models: dict[str, nn.Module] = {"torch.nn.LSTM": TorchLSTM(N, N)}
-    for spec in args.cells:
+    def layer_of(spec: str, **runner_options) -> Recurrent:
         name, opts = parse_cell_spec(spec)
         if "rhn" in name:
             opts = {"depth": args.depth, **opts}
-        models[spec] = Recurrent(name, N, N, **opts)
+        return Recurrent(name, N, N, **runner_options, **opts)
+
+    for spec in args.cells:
+        models[spec] = layer_of(spec)
     compiled: dict[str, nn.Module] = {}
     for spec in args.compiled:
-        name, opts = parse_cell_spec(spec)
-        if "rhn" in name:
-            opts = {"depth": args.depth, **opts}
-        layer = Recurrent(name, N, N, use_vendor_kernel=False, **opts)
+        layer = layer_of(spec, use_vendor_kernel=False)
         for cell in layer.cells:
             cell.fused = False  # the composed reference step: Inductor gets plain PyTorch operations
         models[f"compiled {spec}"] = layer
