@@ -86,7 +86,8 @@ class BNLSTMCell(RecurrentCell):
         h_in = h if h_mask is None else h * h_mask
         rec = self.recurrent_mm("hh", None, h_in, self.weight_hh)
         if (self.fused and self.training and mask is None and plain_autograd()
-                and self.bn_h.plain_batch_statistics(h.shape[0]) and self.bn_c.plain_batch_statistics(h.shape[0])):
+                and self.bn_h.plain_batch_statistics(h.shape[0]) and self.bn_c.plain_batch_statistics(h.shape[0])
+                and not self.bn_h.synchronized):  # synchronised statistics: SequenceBatchNorm's reductions
             spec = (self.hidden_size, self.bn_h.eps, self.carry_norm == "recurrence")
             h, c, *stats = BNLSTMStep.apply(spec, rec, xp, c, self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
             self.bn_h.track(step, stats[0], stats[1], h.shape[0])

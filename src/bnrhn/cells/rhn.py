@@ -158,7 +158,8 @@ class RHNCell(RecurrentCell):
             return False
         if not (self.norm == "batch" and self.normalize and self.training and mask is None):
             return False
-        return all(bn.batch_statistics_apply(batch_size) for bn in self.norms.values())
+        # synchronised statistics (data-parallel training) need the reductions over processes of SequenceBatchNorm
+        return all(bn.batch_statistics_apply(batch_size) and not bn.synchronized for bn in self.norms.values())
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
         if self._can_fuse(state[0].shape[0], mask):

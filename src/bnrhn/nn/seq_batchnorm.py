@@ -41,18 +41,27 @@ Two options make training see what inference sees (see docs/cells.md, "The batch
   (one per batch for a slot of its own; one per step for a shared slot) its limits grow linearly from
   (r_max, d_max) = (1, 0), plain batch norm, to their set values (Ioffe ramps them the same way,
   over training steps).
+
+Synchronised statistics (data-parallel training, :meth:`SequenceBatchNorm.synchronize`): with N processes
+each holding B/N rows of a global batch, step t's statistics are those of the *global* batch — the valid
+count n_t and Σ_b w x (one all-reduce), then Σ_b w (x − μ_t)² about the global mean (a second one: the
+two-pass variance, as numerically safe as one process's) — and the backward all-reduces Σ_b dy and
+Σ_b dy ⊙ x̂, so N ranks × B/N rows give one process's normalisation, gradients and running statistics
+(identical on every rank). ``torch.nn.SyncBatchNorm`` does this for the plain BatchNorm (on CUDA only);
+it knows neither time steps nor masks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from bnrhn.autodiff import plain_autograd
 
-__all__ = ["SequenceBatchNorm", "check_statistics_options", "uses_batch_statistics"]
+__all__ = ["SequenceBatchNorm", "check_statistics_options", "synchronize_batch_norm", "uses_batch_statistics"]
 
 _STATS = ("momentum", "cumulative", "renorm")
 
@@ -82,6 +91,16 @@ def check_statistics_options(max_steps: object, stats: object, momentum: object,
 def uses_batch_statistics(model: nn.Module) -> bool:
     """Whether ``model`` holds a :class:`SequenceBatchNorm` (its training outputs depend on the batch)."""
     return any(isinstance(m, SequenceBatchNorm) for m in model.modules())
+
+
+def synchronize_batch_norm(model: nn.Module, group=None) -> int:
+    """Make every :class:`SequenceBatchNorm` of ``model`` compute its training statistics over the processes
+    of ``group`` (None: the default group) — the recurrent analogue of
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Returns the number of modules changed."""
+    found = [m for m in model.modules() if isinstance(m, SequenceBatchNorm)]
+    for m in found:
+        m.synchronize(group)
+    return len(found)
 
 
 class SequenceBatchNorm(nn.Module):
@@ -157,6 +176,25 @@ class SequenceBatchNorm(nn.Module):
         # Number of batches that updated each slot (the k of the cumulative average, and the record
         # of which slots hold real statistics).
         self.register_buffer("num_batches_tracked", torch.zeros(self.max_steps, dtype=torch.long))
+        self.sync_statistics = False  # set by synchronize()
+        self.process_group = None
+
+    def synchronize(self, group=None, enabled: bool = True) -> None:
+        """Training statistics over the processes of ``group`` (None: the default process group) from now on
+        (module docstring); ``enabled=False`` returns to per-process statistics. Batch renormalization is
+        not synchronised (its corrections would need the global statistics inside the autograd graph)."""
+        if enabled and self.stats == "renorm":
+            raise ValueError("synchronised batch statistics support stats='momentum' and 'cumulative', not 'renorm'; "
+                             "keep local statistics (--bn-stats local) or choose another estimator")
+        self.sync_statistics = bool(enabled)
+        self.process_group = group if enabled else None
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether training statistics are computed over several processes right now (synchronised, and a
+        process group of more than one process is running)."""
+        return (self.sync_statistics and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
 
     def extra_repr(self) -> str:
         extra = f", min_rows={self.min_rows}" if self.min_rows else ""
@@ -212,6 +250,15 @@ class SequenceBatchNorm(nn.Module):
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         if step < 0:
             raise ValueError(f"step (the time index) must be ≥ 0, got {step!r}")
+        if self.training and self.synchronized:
+            if x.dim() not in (2, 3):
+                raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
+            if x.shape[-1] != self.num_features:
+                raise ValueError(f"expected {self.num_features} features, got {x.shape[-1]}")
+            if x.dim() == 2:
+                m = mask.reshape(1, -1) if mask is not None else None
+                return self._forward_synchronized(x.unsqueeze(0), int(step), m).squeeze(0)
+            return self._forward_synchronized(x, int(step), mask)
         if x.dim() == 2:
             return self._forward_step(x, int(step), mask)
         if x.dim() == 3:
@@ -276,6 +323,13 @@ class SequenceBatchNorm(nn.Module):
             y = self._affine((x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps))
             mean, var = mean.detach(), var.detach()
         return self._finish_training_steps(y, x, step0, w.sum(1), mean, var)
+
+    def _forward_synchronized(self, x: Tensor, step0: int, mask: Tensor | None) -> Tensor:
+        """Training with statistics over every process's valid positions (module docstring). A process may
+        hold no row at all at a step (its captions ended) and still takes part in the reductions."""
+        w = mask.to(x.dtype) if mask is not None else x.new_ones(x.shape[:2])  # [T, B]
+        y, mean, var, counts = _SynchronizedBatchNorm.apply(x, w, self.weight, self.bias, self.eps, self.process_group)
+        return self._finish_training_steps(y, x, step0, counts, mean, var)
 
     def _finish_training_steps(self, y: Tensor, x: Tensor, step0: int, counts: Tensor, mean: Tensor,
                                var: Tensor) -> Tensor:
@@ -438,3 +492,55 @@ class _MaskedBatchNorm(torch.autograd.Function):
             dx = torch.addcmul(s1, xhat, s2).mul_(wn.transpose(1, 2))
             dx = torch.sub(dy, dx).mul_(scale)
         return dx, None, dweight, dbias, None
+
+
+class _SynchronizedBatchNorm(torch.autograd.Function):
+    """:class:`_MaskedBatchNorm` with the sums over the batch taken over every process of ``group``:
+
+        n_t = Σ_{r,b} w_tb,  μ_t = Σ_{r,b} w_tb x_tb / n_t,  σ²_t = Σ_{r,b} w_tb (x_tb − μ_t)² / n_t
+
+    (one all-reduce for [n_t, Σ w x], a second for the squares about the global mean), and in backward
+    S₁ = Σ_{r,b} dy, S₂ = Σ_{r,b} dy ⊙ x̂ (one all-reduce); dx as in _MaskedBatchNorm with the global n_t.
+    dγ and dβ are this process's own sums: data-parallel training averages parameter gradients itself.
+    Returns (y, μ ``[T, F]``, biased σ² ``[T, F]``, n ``[T]``); the statistics carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, weight, bias, eps, group):
+        T, B, Fdim = x.shape
+        sums = torch.cat([w.sum(1, keepdim=True), torch.einsum("tb,tbf->tf", w, x)], dim=1)  # [T, 1 + F]
+        dist.all_reduce(sums, group=group)
+        counts = sums[:, 0]
+        mean = sums[:, 1:] / counts.clamp_min(1).unsqueeze(1)  # [T, F]
+        xhat = x - mean.unsqueeze(1)
+        var = torch.einsum("tb,tbf->tf", w, xhat * xhat)
+        dist.all_reduce(var, group=group)
+        var /= counts.clamp_min(1).unsqueeze(1)
+        invstd = torch.rsqrt(var + eps).unsqueeze(1)  # [T, 1, F]
+        xhat.mul_(invstd)
+        y = xhat * weight if weight is not None else xhat.clone()
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(xhat, invstd, w, counts, weight)
+        ctx.has_bias = bias is not None
+        ctx.group = group
+        ctx.mark_non_differentiable(mean, var, counts)
+        return y, mean, var, counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmean, _dvar, _dcounts):
+        xhat, invstd, w, counts, weight = ctx.saved_tensors
+        dyx = dy * xhat
+        dweight = dyx.sum((0, 1)) if weight is not None and ctx.needs_input_grad[2] else None
+        dbias = dy.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        # every process runs this reduction, whether or not its input needs a gradient (collectives must match)
+        sums = torch.cat([dy.sum(1), dyx.sum(1)], dim=1)  # [T, 2F]
+        dist.all_reduce(sums, group=ctx.group)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            s1, s2 = sums.unsqueeze(1).chunk(2, dim=2)  # [T, 1, F] each
+            scale = invstd if weight is None else invstd * weight
+            wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(2)  # [T, B, 1]
+            dx = torch.sub(dy, torch.addcmul(s1, xhat, s2).mul_(wn)).mul_(scale)
+        return dx, None, dweight, dbias, None, None
