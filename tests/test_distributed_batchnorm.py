@@ -25,7 +25,9 @@ def _data():
 
 def _module(stats: str, min_rows: int = 0) -> SequenceBatchNorm:
     torch.manual_seed(1)
-    bn = SequenceBatchNorm(F, max_steps=8, stats=stats, min_rows=min_rows).double()
+    # renorm: a short warm-up, so that the second call's corrections are not the identity
+    bn = SequenceBatchNorm(F, max_steps=8, stats=stats, min_rows=min_rows, renorm_warmup=1, renorm_rmax=1.5,
+                           renorm_dmax=0.5).double()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
@@ -38,11 +40,14 @@ def _rows(rank: int) -> slice:
 
 
 def _run(bn, x, r, mask, rows):
-    """Two training calls (sequence path at step 0, then the one-step path at step 5), a loss, its gradients."""
+    """Three training calls (the sequence path at step 0; again, on other values, so that the population
+    statistics of the first enter: batch renormalization's corrections; the one-step path at step 5), a loss,
+    its gradients."""
     x = x[:, rows].clone().requires_grad_(True)
-    y1 = bn(x, step=0, mask=mask[:, rows])
+    y0 = bn(x, step=0, mask=mask[:, rows])
+    y1 = bn(x * 0.5 + 1.0, step=0, mask=mask[:, rows])
     y2 = bn(x[1], step=5, mask=mask[1, rows])
-    loss = (y1 * r[:, rows]).sum() + (y2 * r[0, rows]).sum()
+    loss = (y0 * r[:, rows]).sum() + (y1 * r[:, rows].flip(0)).sum() + (y2 * r[0, rows]).sum()
     loss.backward()
     return {"y1": y1.detach(), "y2": y2.detach(), "dx": x.grad, "dweight": bn.weight.grad, "dbias": bn.bias.grad,
             "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
@@ -63,7 +68,7 @@ def _ranks(tmp_path, stats, min_rows=0, synchronised=True):
     return [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
 
 
-@pytest.mark.parametrize("stats,min_rows", [("momentum", 0), ("cumulative", 0), ("momentum", 3)])
+@pytest.mark.parametrize("stats,min_rows", [("momentum", 0), ("cumulative", 0), ("momentum", 3), ("renorm", 0)])
 def test_synchronised_equals_one_process_on_the_concatenated_batch(tmp_path, stats, min_rows):
     x, r, mask = _data()
     ref = _run(_module(stats, min_rows), x, r, mask, slice(None))
@@ -87,12 +92,6 @@ def test_local_statistics_differ_from_one_process(tmp_path):
     ranks = _ranks(tmp_path, "momentum", synchronised=False)
     assert not torch.allclose(ranks[0]["y1"], ref["y1"][:, _rows(0)], atol=1e-3)
     assert not torch.allclose(ranks[0]["running_mean"], ranks[1]["running_mean"], atol=1e-3)
-
-
-def test_renorm_is_refused_with_a_clear_error():
-    bn = SequenceBatchNorm(4, stats="renorm")
-    with pytest.raises(ValueError, match="renorm"):
-        bn.synchronize()
 
 
 def test_without_a_process_group_a_synchronised_module_is_local():

@@ -57,7 +57,9 @@ def prepare_data(config: CaptionConfig, log: Log = stderr_log, encoder=None) -> 
     """Read the data set, extract (or reuse) features, build the vocabulary and the training tensors."""
     ds = dataset_for_config(config, log)
     if encoder is None:
-        encoder = build_encoder(config.encoder, config.weights, config.resize)
+        from bnrhn.devices import resolve_device
+
+        encoder = build_encoder(config.encoder, config.weights, config.resize, device=str(resolve_device(config.device)))
     grid = config.model == "show_attend_tell"
     n_before = len(ds.problems)
     ds, fs = attach_features(ds, encoder, config.cache_dir, grid, config.strict, config.progress,
@@ -134,16 +136,42 @@ class RunResult:
 
 def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) -> RunResult:
     """Train a captioner as ``config`` says; ``resume=True`` continues the run in ``config.run_dir``, which is
-    locked for the whole run (a second process on the same folder is refused, naming the first)."""
+    locked for the whole run (a second process on the same folder is refused, naming the first).
+
+    Started by ``torchrun`` with several processes, this is data-parallel training (see
+    :mod:`bnrhn.training.distributed`): every process calls ``train`` with the same config; rank 0 holds
+    the lock and writes the run, and every rank returns the same result."""
+    from contextlib import nullcontext
+
+    from bnrhn.devices import precision_note, resolve_device
     from bnrhn.training import FolderLock
+    from bnrhn.training.distributed import from_environment
 
     if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
         raise NotADirectoryError(f"--run-dir {config.run_dir} exists and is not a folder")
-    with FolderLock(config.run_dir, "run folder"):
-        return _train(config, resume, log)
+    device = resolve_device(config.device)  # before any work: a missing GPU fails here
+    distributed = from_environment(device)
+    if distributed is not None and not distributed.is_main:
+        log = _quiet
+        config = replace(config, progress=False)
+    if distributed is not None and config.batch_size < distributed.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is smaller than the {distributed.world_size} processes "
+                         "that share each batch")
+    note = precision_note(config.precision, device)
+    if note:
+        log(note)
+    lock = FolderLock(config.run_dir, "run folder") if distributed is None or distributed.is_main else nullcontext()
+    with lock:
+        return _train(config, resume, log, device, distributed)
 
 
-def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
+def _quiet(message: str) -> None:
+    """The log of data-parallel ranks other than 0 (rank 0 reports for the run)."""
+
+
+def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, distributed) -> RunResult:
+    from bnrhn.devices import autocast_mode, model_dtype
+    from bnrhn.nn.seq_batchnorm import synchronize_batch_norm
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
 
     # the run records the batch-norm estimator and the dropout it trains with (a later default cannot
@@ -164,7 +192,14 @@ def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
     model = build_captioner(model_config(config, data.vocab, data.encoder))
     model.set_feature_stats(data.train.feats)
-    task = CaptionTask(config, data, model)
+    model.to(device, model_dtype(config.precision))
+    world = distributed.world_size if distributed is not None else 1
+    if distributed is not None:
+        if config.bn_stats == "sync":
+            synchronize_batch_norm(model)
+        if distributed.rank > 0:  # rank 0 keeps one process's random stream; the others draw their own masks
+            torch.manual_seed(config.seed + 7919 * distributed.rank)
+    task = CaptionTask(config, data, model, world_size=world)
     opt = build_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay, config.momentum)
     total = config.max_steps or config.epochs * task.num_batches(0)
     sched = build_scheduler(opt, config.schedule, total_steps=total, warmup_steps=config.warmup_steps,
@@ -179,11 +214,15 @@ def _train(config: CaptionConfig, resume: bool, log: Log) -> RunResult:
         select_mode="min" if config.select_metric == "loss" else "max", patience=config.patience if has_val else None,
         validate_every=config.validate_every, seed=config.seed, progress=config.progress,
         description=f"{config.model}/{config.cell}", overwrite=config.overwrite,
+        autocast=autocast_mode(config.precision),
     )
-    trainer = Trainer(task, opt, sched, tcfg)
+    trainer = Trainer(task, opt, sched, tcfg, distributed=distributed)
     _announce_validations(task, log)
+    where = f"{device}, {config.precision}" + (f", {world} processes ({distributed.backend}, batch-norm statistics "
+                                               f"{config.bn_stats})" if distributed is not None else "")
     log(f"train: {config.model} with a {config.cell} decoder, {model.num_parameters():,} parameters, "
-        f"{len(data.train_caps)} captions / {task.num_batches(0)} {task.batching} batches per epoch -> {config.run_dir}")
+        f"{len(data.train_caps)} captions / {task.num_batches(0)} {task.batching} batches per epoch on {where} "
+        f"-> {config.run_dir}")
     summary = trainer.fit(resume=resume)
     history = summary["validations"]
     best = next((h for h in history if h["step"] == summary["best_step"]), history[-1] if history else {})
@@ -240,19 +279,26 @@ def _announce_validations(task: CaptionTask, log: Log) -> None:
 # -- loading a trained captioner -----------------------------------------------------------------------------
 @dataclass
 class LoadedCaptioner:
+    """A trained captioner ready to caption: model (eval mode, on ``device``), vocabulary, run config, the
+    description of the encoder it was trained on, and the checkpoint it came from."""
+
     model: Captioner
     vocab: Vocabulary
     config: CaptionConfig
     encoder: dict
     checkpoint: Path
+    device: torch.device = torch.device("cpu")
 
 
-def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
-    """Model (eval mode), vocabulary and config from a checkpoint file or run folder."""
+def load_captioner(checkpoint: str | Path, device: str = "cpu") -> LoadedCaptioner:
+    """Model (eval mode, on ``device``: auto, cpu, cuda, cuda:N, mps), vocabulary and config from a checkpoint
+    file or run folder, whatever device it was trained on."""
+    from bnrhn.devices import resolve_device
     from bnrhn.training import check_finite_weights, load_checkpoint
 
+    where = resolve_device(device)
     path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # onto the CPU: checked there, then moved
     task = ckpt.get("task")
     if not isinstance(task, dict) or task.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is a bnrhn checkpoint but not of a captioner (no captioning task state)")
@@ -268,16 +314,17 @@ def load_captioner(checkpoint: str | Path) -> LoadedCaptioner:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise ValueError(f"{path}: model weights do not fit the saved model config ({str(exc)[:300]})") from None
-    model.eval()
+    model.eval().to(where)
     if path.is_dir():
         path = path / ("best.pt" if (path / "best.pt").exists() else "last.pt")
-    return LoadedCaptioner(model, vocab, CaptionConfig.from_dict(task["config"], str(path)), task["encoder"], path)
+    return LoadedCaptioner(model, vocab, CaptionConfig.from_dict(task["config"], str(path)), task["encoder"], path,
+                           where)
 
 
 def _encoder_for(loaded: LoadedCaptioner, weights: str | Path | None, log: Log):
     if weights is None and loaded.config.weights and Path(loaded.config.weights).is_file():
         weights = loaded.config.weights  # the file the model was trained with, if it is still there
-    enc = build_encoder(loaded.encoder["encoder"], weights, loaded.config.resize)
+    enc = build_encoder(loaded.encoder["encoder"], weights, loaded.config.resize, device=str(loaded.device))
     if enc.weights_id != loaded.encoder.get("weights"):
         log(f"warning: the encoder weights found now (sha256 {enc.weights_id[:12]}) differ from the ones the "
             f"model was trained with ({str(loaded.encoder.get('weights'))[:12]}); captions may be worse")
@@ -288,17 +335,17 @@ def _encoder_for(loaded: LoadedCaptioner, weights: str | Path | None, log: Log):
 def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method: str = "beam", max_len: int | None = None,
              length_norm: float | None = None, metrics=ALL_METRICS, out_dir: str | Path | None = None,
              dataset: str | None = None, images: str | None = None, max_images: int | None = None,
-             cache_dir: str | None = None, progress: bool | None = None,
+             cache_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
              log: Log = stderr_log) -> tuple[list[dict], dict[str, float]]:
     """Caption every image of ``split`` and score them; returns (COCO-format results, {metric: value}).
 
     The data set is the checkpoint's own (same subset limits) unless ``dataset`` names another. With
     ``out_dir`` the results go to ``results_<split>.json`` (COCO format: ``[{"image_id", "caption"}]``)
-    and the scores to ``metrics_<split>.json`` / ``.md``.
+    and the scores to ``metrics_<split>.json`` / ``.md``. ``device``: where the encoder and the decoding run.
     """
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
-    loaded = load_captioner(checkpoint)
+    loaded = load_captioner(checkpoint, device)
     cfg = CaptionConfig.from_dict(loaded.config.to_dict())
     if progress is not None:
         cfg.progress = progress
@@ -402,21 +449,22 @@ class ImageCaptions:
 
 def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, max_len: int | None = None,
                    length_norm: float | None = None, weights: str | Path | None = None, batch_size: int = 32,
-                   method: str = "beam", temperature: float = 1.0, seed: int = 0,
+                   method: str = "beam", temperature: float = 1.0, seed: int = 0, device: str = "cpu",
                    log: Log = stderr_log) -> list[ImageCaptions]:
     """Captions of each image file, best first, with their log-probabilities.
 
     ``method="beam"``: the ``topk`` best captions of a beam of ``beam``; ``"greedy"``: one caption;
     ``"sample"``: ``topk`` captions sampled at ``temperature`` (reproducible with ``seed``). Files that
-    cannot be read get ``error`` set and no captions; the others are captioned all the same.
+    cannot be read get ``error`` set and no captions; the others are captioned all the same. ``device``:
+    where the encoder and the decoding run.
     """
     if method not in ("beam", "greedy", "sample"):
         raise ValueError(f"method must be beam, greedy or sample, got {method!r}")
     if method == "beam" and not 1 <= topk <= beam:
         raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
-    loaded = load_captioner(checkpoint)
+    loaded = load_captioner(checkpoint, device)
     enc = _encoder_for(loaded, weights, log)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(loaded.device).manual_seed(seed)
     out: list[ImageCaptions] = []
     paths = [str(p) for p in paths]
     for s in range(0, len(paths), batch_size):
@@ -449,7 +497,8 @@ def caption_tensors(loaded: LoadedCaptioner, enc, images: torch.Tensor, method: 
     with torch.no_grad():
         pooled, grid = enc.encode(images)
         feats = grid if loaded.model.needs_grid else pooled
-        feats = feats.half().float()  # the cached training features were float16
+        # the cached training features were float16; the model's device and dtype
+        feats = feats.half().to(loaded.device, next(loaded.model.parameters()).dtype)
         if method == "beam":
             hyps = beam_search(loaded.model, feats, beam, max_len, length_norm, topk)
         elif method == "greedy":

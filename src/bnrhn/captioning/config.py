@@ -50,6 +50,9 @@ class CaptionConfig:
         (epochs, steps, minutes), early-stopping patience, seed; ``diverge_factor``: training stops as
         diverged when the loss exceeds this multiple of its first steps' mean (0 or None = off).
     Validation: decoding method (``greedy`` is fast; ``beam``), beam size, maximum caption length.
+    Compute: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (fp32, bf16, fp16, fp64; see
+        :mod:`bnrhn.devices`), and under ``torchrun`` ``bn_stats``: batch-norm statistics over the global
+        batch (``sync``, default: the same training as one process) or each process's own rows (``local``).
     """
 
     # data
@@ -104,6 +107,10 @@ class CaptionConfig:
     beam_size: int = 3
     max_len: int = 20
     length_norm: float = 0.0
+    # compute
+    device: str = "auto"
+    precision: str = "fp32"
+    bn_stats: str = "sync"
     # run
     run_dir: str = "runs/caption"
     progress: bool = True
@@ -118,6 +125,12 @@ class CaptionConfig:
         if isinstance(min_rows, int) and not isinstance(min_rows, bool) and min_rows > self.batch_size:
             raise ValueError(f"cell option min_rows={min_rows} exceeds the batch size {self.batch_size}: no training "
                              "step would ever update the population statistics; lower min_rows")
+        from bnrhn.devices import check_device_spec, check_precision
+
+        check_device_spec(self.device)
+        check_precision(self.precision)
+        if self.bn_stats not in ("sync", "local"):
+            raise ValueError(f"bn_stats must be 'sync' or 'local', got {self.bn_stats!r}")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
         if self.val_decode not in ("greedy", "beam"):

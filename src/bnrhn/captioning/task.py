@@ -27,6 +27,16 @@ def resolve_batching(batching: str, model) -> str:
     return "random" if uses_batch_statistics(model) else "bucketed"
 
 
+@dataclass(frozen=True)
+class CaptionShard:
+    """One data-parallel rank's part of a training batch: its ``rows`` (indices of training captions) and
+    the global batch's ``width`` (longest caption), so that every rank runs the same number of time steps
+    (synchronised batch norm reduces over the ranks at every step)."""
+
+    rows: torch.Tensor
+    width: int
+
+
 @dataclass
 class Prepared:
     """Everything a run needs from the data: vocabulary, features per split, training captions."""
@@ -45,11 +55,12 @@ class Prepared:
 
 def decode_split(model, split: SplitFeatures, vocab: Vocabulary, method: str = "greedy", beam_size: int = 3,
                  max_len: int = 20, length_norm: float = 0.0, chunk: int = 500, progress=None) -> list[str]:
-    """One caption per image of ``split`` (text), decoding ``chunk`` images at a time."""
+    """One caption per image of ``split`` (text), decoding ``chunk`` images at a time on the model's device."""
     out: list[str] = []
     n = len(split.records)
+    p = next(model.parameters())
     for s in range(0, n, chunk):
-        feats = split.batch(torch.arange(s, min(n, s + chunk)))
+        feats = split.batch(torch.arange(s, min(n, s + chunk))).to(p.device, p.dtype)
         if method == "beam":
             hyps = [h[0] for h in beam_search(model, feats, beam_size, max_len, length_norm)]
         else:
@@ -63,8 +74,11 @@ def decode_split(model, split: SplitFeatures, vocab: Vocabulary, method: str = "
 class CaptionTask:
     """Implements the trainer's task interface for a :class:`~bnrhn.models.Captioner`."""
 
-    def __init__(self, config: CaptionConfig, data: Prepared, model) -> None:
+    def __init__(self, config: CaptionConfig, data: Prepared, model, world_size: int = 1) -> None:
+        """``world_size``: the number of data-parallel processes sharing each batch (batches with fewer
+        captions than processes, at most a few tail batches per epoch, are left out)."""
         self.config = config
+        self.world_size = int(world_size)
         self.data = data
         self.model = model
         self.vocab = data.vocab
@@ -80,8 +94,9 @@ class CaptionTask:
     def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         if epoch not in self._batches:
             bucket = 1 if self.batching == "random" else 50
-            self._batches = {epoch: bucketed_batches(self.data.train_caps.lengths, self.config.batch_size,
-                                                     self.config.seed, epoch, bucket=bucket)}
+            batches = bucketed_batches(self.data.train_caps.lengths, self.config.batch_size, self.config.seed, epoch,
+                                       bucket=bucket)
+            self._batches = {epoch: [b for b in batches if len(b) >= self.world_size]}
         return self._batches[epoch]
 
     def num_batches(self, epoch: int) -> int:
@@ -90,13 +105,28 @@ class CaptionTask:
     def batches(self, epoch: int, start: int = 0):
         yield from self._epoch_batches(epoch)[start:]
 
-    def _inputs(self, caps: CaptionTensors, split: SplitFeatures, idx: torch.Tensor):
-        lengths = caps.lengths[idx]
-        tokens = caps.tokens[idx, : int(lengths.max())]
-        return split.batch(caps.image[idx]), tokens, lengths
+    def shard(self, idx: torch.Tensor, rank: int, world_size: int) -> CaptionShard:
+        """Rank ``rank``'s rows of the global batch ``idx`` (every ``world_size``-th, so that length-sorted
+        batches give each rank a similar share of long captions)."""
+        if len(idx) < world_size:  # _epoch_batches leaves such batches out
+            raise ValueError(f"a batch of {len(idx)} captions cannot be shared by {world_size} processes")
+        return CaptionShard(idx[rank::world_size], int(self.data.train_caps.lengths[idx].max()))
 
-    def train_step(self, idx: torch.Tensor):
-        feats, tokens, lengths = self._inputs(self.data.train_caps, self.data.train, idx)
+    def _inputs(self, caps: CaptionTensors, split: SplitFeatures, idx: torch.Tensor, width: int | None = None):
+        """Features, tokens and lengths of captions ``idx`` on the model's device (features in its dtype),
+        tokens cut to ``width`` (default: the longest of these captions)."""
+        p = next(self.model.parameters())
+        lengths = caps.lengths[idx]
+        tokens = caps.tokens[idx, : int(lengths.max()) if width is None else width]
+        feats = split.batch(caps.image[idx]).to(p.device, p.dtype)
+        return feats, tokens.to(p.device), lengths.to(p.device)
+
+    def train_step(self, batch: torch.Tensor | CaptionShard):
+        """(mean loss, tokens) of a batch: the caption indices of one process, or one rank's shard."""
+        if isinstance(batch, CaptionShard):
+            feats, tokens, lengths = self._inputs(self.data.train_caps, self.data.train, batch.rows, batch.width)
+        else:
+            feats, tokens, lengths = self._inputs(self.data.train_caps, self.data.train, batch)
         loss, n_tokens, _ = self.model.loss(feats, tokens, lengths)
         return loss, n_tokens
 

@@ -94,6 +94,25 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
     g.add_argument("--length-norm", type=float, default=S, metavar="A", help="beam length normalisation exponent (0 = off)")
 
 
+def add_device(p: argparse.ArgumentParser, default=S) -> None:
+    """``--device``: where the command computes (see bnrhn.devices)."""
+    p.add_argument("--device", default=default, metavar="DEV",
+                   help="auto (default: CUDA when present, else the CPU), cpu, cuda, cuda:N or mps; "
+                        "a device that is not there fails before any work")
+
+
+def add_compute_args(p: argparse.ArgumentParser) -> None:
+    """Device, precision and data-parallel batch-norm statistics of the training commands."""
+    g = p.add_argument_group("compute")
+    add_device(g)
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "fp64"), default=S,
+                   help="fp32 (default); bf16/fp16: mixed precision (torch.autocast; batch-norm statistics and the "
+                        "loss in float32; fp16 with a gradient scaler); fp64: the whole model in float64 (slow)")
+    g.add_argument("--bn-stats", choices=("sync", "local"), default=S,
+                   help="under torchrun: batch-norm statistics over the global batch (sync, default: the same "
+                        "training as one process) or over each process's own rows (local)")
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnrhn.commands._caption_args import positive_int
+from bnrhn.commands._caption_args import positive_int, add_device
 
 
 def register(subparsers) -> None:
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--length-norm", type=float, default=None, metavar="A", help="length normalisation exponent (0 = off)")
     p.add_argument("--weights", default=None, metavar="PATH", help="encoder weights file (default: found offline)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    add_device(p, default="auto")
     p.set_defaults(func=run)
 
 
@@ -45,7 +46,7 @@ def run(args) -> int:
         raise ValueError(f"--beam and --topk must be ≥ 1, got {args.beam} and {topk}")
     results = caption_images(args.checkpoint, args.images, beam=args.beam, topk=topk, max_len=args.max_len,
                              length_norm=args.length_norm, weights=args.weights, method=method,
-                             temperature=args.temperature, seed=args.seed)
+                             temperature=args.temperature, seed=args.seed, device=args.device)
     failed = 0
     for r in results:
         if r.error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnrhn.commands._caption_args import add_data_args, add_quiet, add_training_args
+from bnrhn.commands._caption_args import add_compute_args, add_data_args, add_quiet, add_training_args
 
 
 def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str]) -> None:
@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", metavar="FILE.json", help="base settings from a JSON file (a run's config.json works)")
     add_data_args(p)
     add_training_args(p, single_run=False)
+    add_compute_args(p)
     add_quiet(p)
     p.set_defaults(func=run)
 

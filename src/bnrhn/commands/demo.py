@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from bnrhn.commands._caption_args import add_device
 from bnrhn.commands.compare import add_compare_args
 
 # Measured on 2 CPU cores (see docs/results.md): scene generation, features and three runs in under 10 minutes.
@@ -32,11 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads for PyTorch (default 1: the demo's small models lose more to thread "
                         "synchronisation than they gain; measured 3.0 min with 1 thread, 5.7 min with 2 on 2 cores)")
+    add_device(p, default="auto")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
     import time
     from pathlib import Path
 
@@ -52,7 +55,8 @@ def run(args) -> int:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
     steps, minutes = parse_budget(args.budget)
     extra = {k: v for k, v in (("cache_dir", args.cache_dir), ("weights", args.weights)) if v}
-    base = demo_config(run_dir=out / "runs", synthetic_sizes=DEMO_SYNTHETIC_SIZES, progress=not args.quiet, **extra)
+    base = demo_config(run_dir=out / "runs", synthetic_sizes=DEMO_SYNTHETIC_SIZES, progress=not args.quiet,
+                       device=args.device, **extra)
     command = command_line(args.argv)
     if not args.out:  # the report's reproduce line must name the folder it was written to
         command += f" --out {out}"
@@ -62,6 +66,6 @@ def run(args) -> int:
         overwrite=args.overwrite, resume=args.resume, command=command,
     )
     rc = run_settings(settings)
-    if rc == 0:
+    if rc == 0 and int(os.environ.get("RANK", "0")) == 0:
         print(f"\nReport: {out / 'results.md'}\nGallery (open in a browser): {(out / 'gallery.html').resolve()}")
     return rc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnrhn.commands._caption_args import positive_int
+from bnrhn.commands._caption_args import positive_int, add_device
 
 
 def register(subparsers) -> None:
@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache root")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where results_<split>.json and metrics_<split>.{json,md} go (default: <run dir>/eval)")
+    add_device(p, default="auto")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -46,7 +47,7 @@ def run(args) -> int:
     results, scores = evaluate(
         ckpt, split=args.split, beam=args.beam, method=args.method, max_len=args.max_len,
         length_norm=args.length_norm, metrics=metrics, out_dir=out, dataset=args.dataset, images=args.images,
-        max_images=args.max_images, cache_dir=args.cache_dir,
+        max_images=args.max_images, cache_dir=args.cache_dir, device=args.device,
         progress=False if args.quiet or not sys.stderr.isatty() else None,
     )
     print(metrics_table(scores))

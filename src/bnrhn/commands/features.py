@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnrhn.commands._caption_args import add_data_args, add_quiet
+from bnrhn.commands._caption_args import add_data_args, add_device, add_quiet
 
 
 def register(subparsers) -> None:
@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--compile-cnn", choices=("auto", "yes", "no"), default="auto",
                    help="compile the CNN with torch.compile before extracting (needs a C++ compiler; falls back "
                         "to the uncompiled CNN with a message): auto (default) = from 2,000 images to extract on")
+    add_device(p)
     add_quiet(p)
     p.set_defaults(func=run)
 
@@ -30,11 +31,13 @@ def run(args) -> int:
     from bnrhn.captioning.api import dataset_for_config
     from bnrhn.captioning.data import attach_features, stderr_log
     from bnrhn.commands._caption_args import config_from_args
+    from bnrhn.devices import resolve_device
     from bnrhn.encoders import build_encoder
 
     cfg = config_from_args(args)
+    device = resolve_device(cfg.device)  # before any work
     ds = dataset_for_config(cfg, stderr_log)
-    enc = build_encoder(cfg.encoder, cfg.weights, cfg.resize)
+    enc = build_encoder(cfg.encoder, cfg.weights, cfg.resize, device=str(device))
     t0 = time.perf_counter()
     _, fs = attach_features(ds, enc, cfg.cache_dir, args.grid, cfg.strict, cfg.progress, cfg.feature_batch_size,
                             compile=args.compile_cnn)

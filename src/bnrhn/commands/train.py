@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from bnrhn.commands._caption_args import S, add_data_args, add_quiet, add_training_args
+from bnrhn.commands._caption_args import S, add_compute_args, add_data_args, add_quiet, add_training_args
 
 # Flags that may change when a run is resumed (budgets and early stopping); everything else comes from the run.
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "patience", "progress")
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "patience", "device", "progress")
 
 
 def register(subparsers) -> None:
@@ -20,21 +20,24 @@ def register(subparsers) -> None:
             "by CIDEr is kept as RUN_DIR/best.pt, the latest as RUN_DIR/last.pt (atomic writes; Ctrl-C saves a "
             "resumable checkpoint; --resume continues exactly). Every step is logged to RUN_DIR/log.csv and log.jsonl."
         ),
-        epilog="Example: bnrhn train --dataset flickr8k --cell bn_rhn --epochs 10 --run-dir runs/f8k-bnrhn",
+        epilog="Example: bnrhn train --dataset flickr8k --cell bn_rhn --epochs 10 --run-dir runs/f8k-bnrhn. "
+               "Data-parallel (docs/distributed.md): torchrun --nproc_per_node 2 -m bnrhn train ... (same flags)",
     )
     p.add_argument("--config", metavar="FILE.json", help="settings from a JSON file (a run's config.json works); flags override it")
     p.add_argument("--run-dir", default=S, metavar="DIR", help="output folder (default runs/caption)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last.pt with its own settings "
-                        f"(only {', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OVERRIDES[:4])} may change)")
+                        f"(only {', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OVERRIDES[:5])} may change)")
     p.add_argument("--overwrite", action="store_true", default=S, help="replace an existing run in --run-dir")
     add_data_args(p)
     add_training_args(p, single_run=True)
+    add_compute_args(p)
     add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
     import sys
     from pathlib import Path
 
@@ -84,6 +87,8 @@ def run(args) -> int:
             print("\ninterrupted before the first checkpoint; run the same command again "
                   "(feature extraction resumes where it stopped)", file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # data-parallel: rank 0 reports the run
     best = result.best
     scores = ", ".join(f"{k} {best[k]:.3f}" for k in ("CIDEr", "BLEU-4", "loss") if k in best)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_s:,.0f} tokens/s, "

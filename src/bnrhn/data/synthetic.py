@@ -191,6 +191,26 @@ def synthetic_dataset(
         raise ValueError(f"synthetic split sizes must be ≥ 0 with n_train > 0, got {n_train}/{n_val}/{n_test}")
     root = Path(root) / f"v{VERSION}-seed{seed}-size{size}"
     manifest = root / "scenes.jsonl"
+    known = _read_manifest(manifest)
+    missing = [i for i in range(n) if i not in known or not (root / known[i]["file"]).is_file()]
+    if missing:
+        root.mkdir(parents=True, exist_ok=True)
+        from tqdm.auto import tqdm
+
+        from bnrhn.folder_lock import FolderLock
+
+        with FolderLock(root, "synthetic scene folder", wait=lambda why: tqdm.write(f"synthetic scenes: {why}")):
+            known.update(_read_manifest(manifest))  # what another process wrote while this one waited
+            missing = [i for i in range(n) if i not in known or not (root / known[i]["file"]).is_file()]
+            _render(root, manifest, missing, known, seed, size, progress)
+    records = []
+    for i in range(n):
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        records.append(ImageRecord(f"scene{i:06d}", root / known[i]["file"], list(known[i]["captions"]), split))
+    return CaptionDataset(f"synthetic(seed={seed})", records, [], str(root))
+
+
+def _read_manifest(manifest: Path) -> dict[int, dict]:
     known: dict[int, dict] = {}
     if manifest.is_file():
         for line in manifest.read_text(encoding="utf-8").splitlines():
@@ -198,24 +218,22 @@ def synthetic_dataset(
                 row = json.loads(line)
                 known[int(row["index"])] = row
             except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from an interrupted run: regenerated below
-    missing = [i for i in range(n) if i not in known or not (root / known[i]["file"]).is_file()]
-    if missing:
-        root.mkdir(parents=True, exist_ok=True)
-        from tqdm.auto import tqdm
+                continue  # a torn last line from an interrupted run: regenerated
+    return known
 
-        with open(manifest, "a", encoding="utf-8") as f:
-            for i in tqdm(missing, desc="synthetic scenes", unit="img", disable=not progress, leave=False):
-                img, caps, _ = make_scene(seed, i, size)
-                name = f"{i:06d}.png"
-                tmp = root / (name + ".tmp")
-                img.save(tmp, format="PNG")
-                tmp.replace(root / name)
-                row = {"index": i, "file": name, "captions": caps}
-                f.write(json.dumps(row) + "\n")
-                known[i] = row
-    records = []
-    for i in range(n):
-        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-        records.append(ImageRecord(f"scene{i:06d}", root / known[i]["file"], list(known[i]["captions"]), split))
-    return CaptionDataset(f"synthetic(seed={seed})", records, [], str(root))
+
+def _render(root: Path, manifest: Path, missing: list[int], known: dict[int, dict], seed: int, size: int,
+            progress: bool) -> None:
+    """Draw the scenes ``missing`` into ``root`` and append them to the manifest (under the folder's lock)."""
+    from tqdm.auto import tqdm
+
+    with open(manifest, "a", encoding="utf-8") as f:
+        for i in tqdm(missing, desc="synthetic scenes", unit="img", disable=not progress, leave=False):
+            img, caps, _ = make_scene(seed, i, size)
+            name = f"{i:06d}.png"
+            tmp = root / (name + ".tmp")
+            img.save(tmp, format="PNG")
+            tmp.replace(root / name)
+            row = {"index": i, "file": name, "captions": caps}
+            f.write(json.dumps(row) + "\n")
+            known[i] = row

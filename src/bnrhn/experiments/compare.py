@@ -208,12 +208,43 @@ RUN_SUMMARY = "compare_run.json"  # written into each run's folder once it is tr
 
 
 def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
-    """Check, train every cell for every seed, evaluate on the test split, write the report; returns the summary."""
-    from bnrhn.training import FolderLock
+    """Check, train every cell for every seed, evaluate on the test split, write the report; returns the summary.
 
+    Under ``torchrun`` every rank trains every run (data-parallel, :func:`bnrhn.captioning.train`); rank 0
+    alone checks, evaluates and writes the experiment folder, and the other ranks return ``{}``."""
+    from bnrhn.training import FolderLock
+    from bnrhn.training.distributed import environment_rank
+
+    if environment_rank() != 0:
+        return _follow_compare(s)
     check_settings(s, log)
     with FolderLock(s.out_dir, "experiment folder"):
         return _run_compare(s, log)
+
+
+def _follow_compare(s: CompareSettings) -> dict:
+    """A data-parallel rank other than 0: the training of every run that rank 0 trains, nothing written."""
+    from bnrhn.captioning import train
+    from bnrhn.training import TrainingDiverged
+
+    for seed in s.seeds:
+        for cell in s.cells:
+            run_dir = Path(s.out_dir) / "runs" / f"{cell}-seed{seed}"
+            if s.resume and (run_dir / RUN_SUMMARY).is_file():
+                continue
+            try:
+                train(_run_config(s, cell, seed, run_dir), resume=s.resume and (run_dir / "last.pt").is_file(),
+                      log=lambda m: None)
+            except TrainingDiverged:
+                pass  # rank 0 records it
+    return {}
+
+
+def _run_config(s: CompareSettings, cell: str, seed: int, run_dir: Path):
+    return replace(
+        s.base, cell=cell, cell_options=options_for(cell, s.base.cell_options), seed=seed, run_dir=str(run_dir),
+        overwrite=True, max_steps=s.budget_steps, max_minutes=s.budget_minutes, epochs=10**6,
+    )
 
 
 def _run_compare(s: CompareSettings, log: Log) -> dict:
@@ -253,10 +284,7 @@ def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path,
     from bnrhn.training import TrainingDiverged
 
     t0 = time.perf_counter()
-    cfg = replace(
-        s.base, cell=cell, cell_options=options_for(cell, s.base.cell_options), seed=seed, run_dir=str(run_dir),
-        overwrite=True, max_steps=s.budget_steps, max_minutes=s.budget_minutes, epochs=10**6,
-    )
+    cfg = _run_config(s, cell, seed, run_dir)
     resume = s.resume and (run_dir / "last.pt").is_file()
     log(f"{tag}: {'resuming' if resume else 'training'} {cell} (seed {seed}) -> {run_dir}")
     try:
@@ -277,7 +305,7 @@ def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path,
     else:
         log(f"{tag}: evaluating {cell} on the test split (beam {s.beam})")
         results, scores = evaluate(best, split="test", beam=s.beam, metrics=ALL_METRICS, out_dir=run_dir,
-                                   progress=s.base.progress, log=log)
+                                   progress=s.base.progress, device=s.base.device, log=log)
         captions = {str(r["image_id"]): r["caption"] for r in results}
     leak = _batchnorm_diagnostic(best, tag, log) if best is not None else {}
     run = CellRun(

@@ -158,7 +158,9 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
     the last good state).
     """
     from bnrhn.training import FolderLock
+    from bnrhn.training.distributed import refuse_data_parallel
 
+    refuse_data_parallel("bnrhn lm train")
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise NotADirectoryError(f"--run-dir {cfg.run_dir} exists and is not a folder")
     with FolderLock(cfg.run_dir, "run folder"):

@@ -47,7 +47,7 @@ each holding B/N rows of a global batch, step t's statistics are those of the *g
 count n_t and Σ_b w x (one all-reduce), then Σ_b w (x − μ_t)² about the global mean (a second one: the
 two-pass variance, as numerically safe as one process's) — and the backward all-reduces Σ_b dy and
 Σ_b dy ⊙ x̂, so N ranks × B/N rows give one process's normalisation, gradients and running statistics
-(identical on every rank). ``torch.nn.SyncBatchNorm`` does this for the plain BatchNorm (on CUDA only);
+(identical on every rank). Batch renormalization takes the same sums through a differentiable all-reduce. ``torch.nn.SyncBatchNorm`` does this for the plain BatchNorm (on CUDA only);
 it knows neither time steps nor masks.
 """
 
@@ -181,11 +181,7 @@ class SequenceBatchNorm(nn.Module):
 
     def synchronize(self, group=None, enabled: bool = True) -> None:
         """Training statistics over the processes of ``group`` (None: the default process group) from now on
-        (module docstring); ``enabled=False`` returns to per-process statistics. Batch renormalization is
-        not synchronised (its corrections would need the global statistics inside the autograd graph)."""
-        if enabled and self.stats == "renorm":
-            raise ValueError("synchronised batch statistics support stats='momentum' and 'cumulative', not 'renorm'; "
-                             "keep local statistics (--bn-stats local) or choose another estimator")
+        (module docstring); ``enabled=False`` returns to per-process statistics."""
         self.sync_statistics = bool(enabled)
         self.process_group = group if enabled else None
 
@@ -241,11 +237,24 @@ class SequenceBatchNorm(nn.Module):
         return min(int(step), self.max_steps - 1) if self.per_step else 0
 
     def _eval_slot(self, step: int) -> int:
-        slot = self.slot(step)
-        if self.num_batches_tracked[slot] > 0:
-            return slot
-        seen = torch.nonzero(self.num_batches_tracked[: slot + 1]).flatten()
-        return int(seen[-1]) if seen.numel() else slot
+        """The slot eval mode reads for ``step``: its own once it has received statistics, else the last
+        earlier slot that did (its own when none did)."""
+        return self._eval_slots()[self.slot(step)]
+
+    def _eval_slots(self) -> list[int]:
+        """:meth:`_eval_slot` of every slot, kept on the host until ``num_batches_tracked`` changes (a new
+        tensor or an in-place update moves its version counter), so that a decoding step reads nothing back
+        from the device."""
+        tracked = self.num_batches_tracked
+        key = (tracked.data_ptr(), tracked.device, tracked._version)
+        cached = getattr(self, "_eval_slot_cache", None)
+        if cached is None or cached[0] != key:
+            table, last = [], None
+            for s, seen in enumerate((tracked > 0).tolist()):
+                last = s if seen else last
+                table.append(last if last is not None else s)
+            cached = self._eval_slot_cache = (key, table)
+        return cached[1]
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         if step < 0:
@@ -312,8 +321,9 @@ class SequenceBatchNorm(nn.Module):
         """Training with padded positions (statistics of step t over its valid positions only), batch
         renormalization, or the population fallback of steps with fewer than ``min_rows`` positions."""
         w = mask.to(x.dtype) if mask is not None else x.new_ones(x.shape[:2])  # [T, B]
+        known = [x.shape[1]] * x.shape[0] if mask is None else None  # valid positions per step, on the host
         if self.stats == "renorm":
-            return self._forward_renorm(x, step0, w)
+            return self._forward_renorm(x, step0, w, known_counts=known)
         if plain_autograd():
             y, mean, var = _MaskedBatchNorm.apply(x, w, self.weight, self.bias, self.eps)
         else:  # torch.func transforms: the same arithmetic from differentiable operations
@@ -322,31 +332,35 @@ class SequenceBatchNorm(nn.Module):
             var = ((x - mean.unsqueeze(1)).square() * wn).sum(1)
             y = self._affine((x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps))
             mean, var = mean.detach(), var.detach()
-        return self._finish_training_steps(y, x, step0, w.sum(1), mean, var)
+        return self._finish_training_steps(y, x, step0, w.sum(1), mean, var, known)
 
     def _forward_synchronized(self, x: Tensor, step0: int, mask: Tensor | None) -> Tensor:
         """Training with statistics over every process's valid positions (module docstring). A process may
         hold no row at all at a step (its captions ended) and still takes part in the reductions."""
         w = mask.to(x.dtype) if mask is not None else x.new_ones(x.shape[:2])  # [T, B]
+        if self.stats == "renorm":
+            return self._forward_renorm(x, step0, w, synchronized=True)
         y, mean, var, counts = _SynchronizedBatchNorm.apply(x, w, self.weight, self.bias, self.eps, self.process_group)
         return self._finish_training_steps(y, x, step0, counts, mean, var)
 
     def _finish_training_steps(self, y: Tensor, x: Tensor, step0: int, counts: Tensor, mean: Tensor,
-                               var: Tensor) -> Tensor:
+                               var: Tensor, known_counts: list[int] | None = None) -> Tensor:
         """The common end of the masked and renormalised paths, from their output ``y``, the valid positions
         per step ``counts`` [T] and the batch statistics (mean, *biased* variance, [T, F], no gradient):
         steps with fewer than ``min_rows`` positions take the population statistics instead (slots that
         never received statistics fall back as in eval mode; with none at all, ``y`` is kept), and steps
-        with at least max(2, ``min_rows``) positions update the running statistics."""
+        with at least max(2, ``min_rows``) positions update the running statistics. ``known_counts``: the
+        counts as host integers when the caller knows them (no mask), so that no tensor is read on the host
+        (a GPU would wait for it at every time step)."""
         least = max(2, self.min_rows)  # fewer positions: no variance estimate, or too few to trust
         few = counts < least
-        any_few = bool(few.any())
+        any_few = any(k < least for k in known_counts) if known_counts is not None else bool(few.any())
         if self.min_rows and any_few and bool(self.num_batches_tracked.any()):
             y = torch.where(few.view(-1, 1, 1), self._population(x, step0), y)
         if not any_few:
             self._update_running_steps(step0, mean, var * (counts / (counts - 1)).unsqueeze(1))
         else:  # steps with too few valid positions update nothing
-            for t, k in enumerate(counts.tolist()):
+            for t, k in enumerate(known_counts if known_counts is not None else counts.tolist()):
                 if k >= least:
                     self._update_running(self.slot(step0 + t), mean[t], var[t] * (k / (k - 1)))
         return y
@@ -357,14 +371,18 @@ class SequenceBatchNorm(nn.Module):
         mean, var = self.running_mean[idx].unsqueeze(1), self.running_var[idx].unsqueeze(1)  # [T, 1, F]
         return self._affine((x - mean) * torch.rsqrt(var + self.eps))
 
-    def _forward_renorm(self, x: Tensor, step0: int, w: Tensor) -> Tensor:
-        """Batch renormalization (module docstring) with statistics over the positions where w [T, B] is 1.
-        Composed from autograd operations; r and d are constants of the backward pass."""
+    def _forward_renorm(self, x: Tensor, step0: int, w: Tensor, synchronized: bool = False,
+                        known_counts: list[int] | None = None) -> Tensor:
+        """Batch renormalization (module docstring) with statistics over the positions where w [T, B] is 1
+        (of every process when ``synchronized``: the sums go through :class:`_AllReduceSum`). Composed from autograd operations; r and d are constants
+        of the backward pass."""
         T = x.shape[0]
         counts = w.sum(1)  # [T]
+        if synchronized:
+            dist.all_reduce(counts, group=self.process_group)
         wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(-1)  # [T, B, 1]
-        mean = (x * wn).sum(1, keepdim=True)  # [T, 1, F]
-        var = ((x - mean).square() * wn).sum(1, keepdim=True)
+        mean = self._sum_over_processes((x * wn).sum(1, keepdim=True), synchronized)  # [T, 1, F]
+        var = self._sum_over_processes(((x - mean).square() * wn).sum(1, keepdim=True), synchronized)
         std = torch.sqrt(var + self.eps)
         # each step's own slot: one that has seen no batch yet is in its warm-up (plain batch norm), so with a
         # slot per step the result does not depend on which other slots were updated before it (sequence vs
@@ -373,7 +391,11 @@ class SequenceBatchNorm(nn.Module):
         steps = torch.arange(step0, step0 + T, device=x.device)
         r, d = self.renorm_corrections(steps, mean.detach().squeeze(1), var.detach().squeeze(1))
         y = self._affine((x - mean) / std * r.unsqueeze(1) + d.unsqueeze(1))
-        return self._finish_training_steps(y, x, step0, counts, mean.detach().squeeze(1), var.detach().squeeze(1))
+        return self._finish_training_steps(y, x, step0, counts, mean.detach().squeeze(1), var.detach().squeeze(1),
+                                           known_counts)
+
+    def _sum_over_processes(self, partial: Tensor, synchronized: bool) -> Tensor:
+        return _AllReduceSum.apply(partial, self.process_group) if synchronized else partial
 
     def _fused_batch_norm(self, x2d: Tensor, weight: Tensor | None, bias: Tensor | None):
         """PyTorch's fused training-mode batch norm over the rows of ``x2d`` → (y, batch mean, biased
@@ -404,10 +426,11 @@ class SequenceBatchNorm(nn.Module):
             y = y + self.bias
         return y
 
-    def _update_weight(self, slot: int) -> float:
-        """Weight of the new batch in the running average (called after the count was incremented)."""
+    def _update_weight(self, slot: int) -> float | Tensor:
+        """Weight of the new batch in the running average (called after the count was incremented); a tensor
+        for the cumulative average, read by lerp_ on the device."""
         if self.stats == "cumulative":
-            return 1.0 / float(self.num_batches_tracked[slot])
+            return self.num_batches_tracked[slot].reciprocal().to(self.running_mean.dtype)
         return self.momentum
 
     def track(self, step: int, mean: Tensor, var: Tensor, count: int) -> None:
@@ -544,3 +567,23 @@ class _SynchronizedBatchNorm(torch.autograd.Function):
             wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(2)  # [T, B, 1]
             dx = torch.sub(dy, torch.addcmul(s1, xhat, s2).mul_(wn)).mul_(scale)
         return dx, None, dweight, dbias, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_r x_r on every rank; dx_r = Σ_r dy_r (every rank's loss depends on the same sum).
+    ``torch.distributed.nn.functional.all_reduce`` does this but is deprecated in torch 2.13, and the
+    replacement it names is a private module."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dx = dy.clone()
+        dist.all_reduce(dx, group=ctx.group)
+        return dx, None

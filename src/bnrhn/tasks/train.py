@@ -203,7 +203,9 @@ def train_task(cfg: TaskTrainConfig, resume: bool = False, log=print) -> dict[st
     Raises :class:`bnrhn.training.TrainingDiverged` when the loss becomes non-finite or explodes (the last
     good checkpoint stays intact)."""
     from bnrhn.training import FolderLock
+    from bnrhn.training.distributed import refuse_data_parallel
 
+    refuse_data_parallel("bnrhn tasks train")
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise NotADirectoryError(f"--run-dir {cfg.run_dir} exists and is not a folder")
     with FolderLock(cfg.run_dir, "run folder"):

@@ -19,6 +19,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class NullLogger:
+    """The logger of a data-parallel rank other than 0: rank 0 writes the run's logs."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log_step(self, **row: Any) -> None:
+        pass
+
+    def log_validation(self, step: int, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        pass
+
+
 class StepLogger:
     """Append-only logs in ``run_dir``: ``log.jsonl`` (all rows, with ``kind``), ``log.csv`` (training
     steps) and ``validation.csv`` (validations)."""

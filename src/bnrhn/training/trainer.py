@@ -20,6 +20,13 @@ end of the current step, which then writes a resumable ``last.pt`` and raises ``
 (a second Ctrl-C aborts at once). Resuming restores model, optimiser, scheduler, task state, counters
 and all random generators, and skips the batches of the epoch already done, so a resumed run
 reproduces the losses of an uninterrupted one exactly.
+
+With ``distributed`` (a :class:`~bnrhn.training.distributed.Distributed`, from ``torchrun``) the step runs
+under ``DistributedDataParallel`` on each rank's shard of the batch (``task.shard(batch, rank, world_size)``),
+the ranks agree on the global loss, Ctrl-C and the time budget in one all-reduce per step, rank 0 alone
+validates, logs and writes checkpoints, and every rank resumes from them exactly (see
+:mod:`bnrhn.training.distributed`). With ``autocast`` (``"bf16"`` or ``"fp16"``) the task's step runs under
+``torch.autocast`` on the model's device, fp16 with a ``GradScaler``.
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from bnrhn.training.checkpoint import (
     capture_rng_state, load_checkpoint, remove_orphan_temporaries, restore_rng_state, save_checkpoint,
 )
-from bnrhn.training.log import StepLogger
+from bnrhn.training.log import NullLogger, StepLogger
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,6 +74,7 @@ class TrainerConfig:
     description: str = "train"
     overwrite: bool = False
     diverge_factor: float | None = 10.0  # stop when the loss exceeds this × the run's starting loss
+    autocast: str | None = None  # None (the model's own dtype), "bf16" or "fp16": torch.autocast for the step
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "max_steps", "validate_every", "checkpoint_every", "patience"):
@@ -78,6 +87,8 @@ class TrainerConfig:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
         if self.diverge_factor is not None and not self.diverge_factor > 1:
             raise ValueError(f"diverge_factor must be > 1 or None (off), got {self.diverge_factor!r}")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
         if self.select_mode not in ("max", "min"):
             raise ValueError(f"select_mode must be 'max' or 'min', got {self.select_mode!r}")
 
@@ -102,8 +113,23 @@ class TrainerState:
 REFERENCE_STEPS = 5
 
 
+class _TaskStep(nn.Module):
+    """The task's training step as a module's forward: ``DistributedDataParallel`` all-reduces the gradients
+    of a step only when its forward ran through the wrapper, and tasks compute their losses with methods of
+    their own (``model.loss``), not ``model.forward``."""
+
+    def __init__(self, task) -> None:
+        super().__init__()
+        self.model = task.model  # the parameters DDP synchronises
+        self._task = task
+
+    def forward(self, batch):
+        return self._task.train_step(batch)
+
+
 class Trainer:
-    def __init__(self, task, optimizer, scheduler=None, config: TrainerConfig | None = None) -> None:
+    def __init__(self, task, optimizer, scheduler=None, config: TrainerConfig | None = None,
+                 distributed=None) -> None:
         if config is None:
             raise ValueError("Trainer needs a TrainerConfig (at least run_dir)")
         self.task = task
@@ -115,9 +141,27 @@ class Trainer:
         self.last_path = self.run_dir / "last.pt"
         self.best_path = self.run_dir / "best.pt"
         self.state = TrainerState(validations=[])
-        self.logger = StepLogger(self.run_dir)
-        self._stop_requested = False
+        self.distributed = distributed
+        self.is_main = distributed is None or distributed.is_main
+        self.logger = StepLogger(self.run_dir) if self.is_main else NullLogger()
+        self._sigint_seen = False  # this process got Ctrl-C
+        self._stop_requested = False  # the run stops after this step (agreed by every rank)
         self._stop_reason: str | None = None
+        self._best_written = False
+        self._step_module = self._data_parallel(task) if distributed is not None else None
+        self._device = next(self.model.parameters()).device
+        self._scaler = torch.amp.GradScaler(self._device.type) if config.autocast == "fp16" else None
+
+    def _data_parallel(self, task):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not hasattr(task, "shard"):
+            raise ValueError(f"{type(task).__name__} cannot train data-parallel: it has no shard(batch, rank, world_size)")
+        # Synchronised batch norm keeps its running statistics identical on every rank; DDP's default
+        # broadcast of rank 0's buffers before each forward would be redundant. Per-rank statistics keep
+        # DDP's default: rank 0's running statistics are the ones every rank uses and saves.
+        synchronised = any(getattr(m, "sync_statistics", False) for m in task.model.modules())
+        return DistributedDataParallel(_TaskStep(task), forward_sync_buffers=not synchronised)
 
     # ----------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -137,13 +181,13 @@ class Trainer:
                     budget += f" (from step {self.state.global_step} of {cfg.max_steps})"
                 bar = tqdm(
                     total=n, initial=self.state.batch_in_epoch, desc=f"{cfg.description} epoch {epoch + 1}{budget}",
-                    disable=not cfg.progress, leave=False, dynamic_ncols=True, unit="batch",
+                    disable=not cfg.progress or not self.is_main, leave=False, dynamic_ncols=True, unit="batch",
                 )
                 for batch in self.task.batches(epoch, self.state.batch_in_epoch):
                     self._train_step(batch, bar)
                     self.state.seconds = base_seconds + time.perf_counter() - start
                     self._check_budgets()
-                    if self._stop_requested:
+                    if self._stop_requested or (self.distributed is None and self._sigint_seen):
                         self._save(self.last_path)
                         raise KeyboardInterrupt
                     if cfg.validate_every and self.state.global_step % cfg.validate_every == 0:
@@ -174,7 +218,7 @@ class Trainer:
             self._restore_sigint_handler(previous_handler)
         self.state.seconds = base_seconds + time.perf_counter() - start
         self._save(self.last_path)
-        if not self.best_path.exists():
+        if not self._best_written:
             self._save(self.best_path)
         return self.summary()
 
@@ -198,13 +242,43 @@ class Trainer:
         }
 
     # ----------------------------------------------------------------------------------------------
+    def _forward(self, batch):
+        """(loss, tokens) of this process's part of the batch, under autocast when asked for."""
+        if self.distributed is not None:
+            batch = self.task.shard(batch, self.distributed.rank, self.distributed.world_size)
+        run = self._step_module if self._step_module is not None else self.task.train_step
+        if self.config.autocast is None:
+            return run(batch)
+        dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
+        with torch.autocast(self._device.type, dtype=dtype):
+            return run(batch)
+
+    def _agree(self, loss, tokens: int):
+        """(loss to differentiate, global loss value, global tokens). One process: as given. Data-parallel:
+        one all-reduce of [Σ loss·tokens, tokens, Ctrl-C seen, time budget spent] over the ranks; the loss is
+        scaled by tokens·N / global tokens, so that DDP's average of the ranks' gradients is the gradient
+        of the global batch's mean loss; every rank then decides alike (divergence, stop)."""
+        cfg = self.config
+        if self.distributed is None:
+            return loss, float(loss.detach()), int(tokens)
+        d = self.distributed
+        out_of_time = cfg.max_minutes is not None and self.state.seconds >= 60.0 * cfg.max_minutes
+        device = self._device if d.backend == "nccl" else torch.device("cpu")
+        agreed = torch.tensor([float(loss.detach()) * tokens, float(tokens), float(self._sigint_seen),
+                               float(out_of_time)], dtype=torch.float64, device=device)
+        total, n, sigint, late = d.all_reduce_sum(agreed).tolist()
+        self._stop_requested = sigint > 0
+        if late > 0 and self._stop_reason is None:
+            self._stop_reason = "max_minutes"
+        return loss * (tokens * d.world_size / max(n, 1.0)), total / max(n, 1.0), int(n)
+
     def _train_step(self, batch, bar) -> None:
         cfg = self.config
         t0 = time.perf_counter()
         self.model.train()
-        loss, tokens = self.task.train_step(batch)
+        loss, tokens = self._forward(batch)
+        loss, loss_value, tokens = self._agree(loss, tokens)
         step = self.state.global_step + 1
-        loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"loss is {loss_value} at step {step} (epoch {self.state.epoch + 1}); training stopped, "
@@ -212,17 +286,26 @@ class Trainer:
             )
         self._check_explosion(loss_value, step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward()
+            self._scaler.unscale_(self.optimizer)  # clip and check the true gradient
+        else:
+            loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf))
-        if not math.isfinite(grad_norm):
+        # fp16: an overflowing gradient is the GradScaler's to handle (it skips the step and lowers its scale)
+        if not math.isfinite(grad_norm) and self._scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"gradient norm is {grad_norm} at step {step} (epoch {self.state.epoch + 1}); training stopped, "
                 f"the last good checkpoint is {self.last_path if self.last_path.exists() else 'none (no checkpoint yet)'}"
             )
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -270,16 +353,20 @@ class Trainer:
         cfg, s = self.config, self.state
         if cfg.max_steps is not None and s.global_step >= cfg.max_steps:
             self._stop_reason = "max_steps"
-        elif cfg.max_minutes is not None and s.seconds >= 60.0 * cfg.max_minutes:
-            self._stop_reason = "max_minutes"
+        elif cfg.max_minutes is not None and s.seconds >= 60.0 * cfg.max_minutes and self.distributed is None:
+            self._stop_reason = "max_minutes"  # data-parallel: agreed in _agree
 
     def _validate(self) -> None:
         cfg, s = self.config, self.state
         t0 = time.perf_counter()
-        self.model.eval()
-        with torch.no_grad():
-            metrics = {k: float(v) for k, v in (self.task.validate() or {}).items()}
-        self.model.train()
+        metrics = None
+        if self.is_main:  # data-parallel: rank 0 validates, the others wait for its scores
+            self.model.eval()
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in (self.task.validate() or {}).items()}
+            self.model.train()
+        if self.distributed is not None:
+            metrics = self.distributed.broadcast_object(metrics)
         s.last_validation_step = s.global_step
         s.validations.append({"step": s.global_step, "epoch": s.epoch, **metrics})
         self.logger.log_validation(s.global_step, s.epoch, metrics, time.perf_counter() - t0)
@@ -312,10 +399,20 @@ class Trainer:
             "trainer": asdict(self.state),
             "trainer_config": asdict(self.config),
             "rng": capture_rng_state(),
+            "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
         }
 
     def _save(self, path: Path) -> None:
-        save_checkpoint(path, self._payload())
+        """Every rank calls this at the same points; rank 0 writes, with every rank's generator states."""
+        rngs = self.distributed.gather_objects(capture_rng_state()) if self.distributed is not None else None
+        if path == self.best_path:
+            self._best_written = True
+        if not self.is_main:
+            return
+        payload = self._payload()
+        if rngs is not None:
+            payload["rng_ranks"] = rngs
+        save_checkpoint(path, payload)
 
     def _prepare_run_dir(self, resume: bool) -> None:
         cfg = self.config
@@ -324,21 +421,30 @@ class Trainer:
                 raise FileNotFoundError(f"cannot resume: no checkpoint {self.last_path}")
             for orphan in remove_orphan_temporaries(self.run_dir):  # a save that a kill interrupted
                 tqdm.write(f"resume: removed {orphan.name}, the partial checkpoint of an interrupted save")
-            ckpt = load_checkpoint(self.last_path)
+            ckpt = load_checkpoint(self.last_path, map_location=self._device)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None and ckpt.get("scheduler") is not None:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self._scaler is not None and ckpt.get("grad_scaler") is not None:
+                self._scaler.load_state_dict(ckpt["grad_scaler"])
             self.task.load_state_dict(ckpt["task"])
             self.state = TrainerState(**ckpt["trainer"])
-            restore_rng_state(ckpt["rng"])
+            self._best_written = self.best_path.exists()
+            restore_rng_state(self._own_rng_state(ckpt))
             self.logger.truncate_after(self.state.global_step)
+            if self.distributed is not None:
+                self.distributed.barrier()  # nobody writes before every rank has read the checkpoint
             return
         if self.last_path.exists() and not cfg.overwrite:
             raise FileExistsError(
                 f"{self.run_dir} already holds a training run ({self.last_path.name}); "
                 "resume it (--resume), choose another folder, or pass --overwrite to start afresh"
             )
+        if self.distributed is not None:
+            self.distributed.barrier()  # every rank has checked the folder before rank 0 clears it
+        if not self.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("log.jsonl", "log.csv", "validation.csv", "last.pt", "best.pt"):
             (self.run_dir / name).unlink(missing_ok=True)
@@ -347,16 +453,32 @@ class Trainer:
             config["task"] = self.task.config_dict()
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
 
+    def _own_rng_state(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """This rank's generator states from a checkpoint (a single-process checkpoint has one)."""
+        ranks = ckpt.get("rng_ranks")
+        if self.distributed is None or ranks is None:
+            if self.distributed is not None and self.distributed.world_size > 1:
+                tqdm.write("resume: the checkpoint was written by one process; every rank restores its generators "
+                           "(dropout masks differ from an uninterrupted run)")
+            return ckpt["rng"]
+        if len(ranks) != self.distributed.world_size:
+            if self.is_main:
+                tqdm.write(f"resume: the checkpoint was written by {len(ranks)} processes, this run has "
+                           f"{self.distributed.world_size}; the batches are the same, the dropout masks are not")
+            return ranks[self.distributed.rank % len(ranks)]
+        return ranks[self.distributed.rank]
+
     # Ctrl-C: finish the current step, write last.pt, then stop. -----------------------------------
     def _install_sigint_handler(self):
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def handler(signum, frame):
-            if self._stop_requested:
+            if self._sigint_seen:
                 raise KeyboardInterrupt
-            self._stop_requested = True
-            tqdm.write("Ctrl-C: stopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)")
+            self._sigint_seen = True
+            if self.is_main:
+                tqdm.write("Ctrl-C: stopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)")
 
         return signal.signal(signal.SIGINT, handler)
 

@@ -1,0 +1,103 @@
+"""Data-parallel training on PyTorch's own engine: ``torch.distributed`` processes started by ``torchrun``.
+
+    torchrun --nproc_per_node 2 -m bnrhn train --cell bn_rhn ...      # one machine, 2 processes
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; :func:`from_environment`
+joins the process group (gloo on CPU, NCCL on CUDA) when ``WORLD_SIZE`` > 1. The trainer then
+
+- gives each rank a disjoint shard of every global batch (the batches are those of one process: the same
+  order, the same global batch size), and scales each rank's loss so that the gradient DDP averages is the
+  gradient of the global batch's mean loss;
+- agrees every step, in one all-reduce of a few numbers, on the global loss (a NaN on any rank stops all
+  ranks at the same step), the number of tokens, a Ctrl-C on any rank and the time budget;
+- lets rank 0 alone validate, log and write checkpoints (with every rank's random-generator state, so that
+  each rank resumes exactly), and broadcasts the validation scores so that every rank takes the same
+  decisions (best checkpoint, early stopping).
+
+A rank that dies takes the others down: ``torchrun`` stops the remaining workers when one fails, and a
+collective that waits for a dead peer fails after ``timeout`` (:data:`DEFAULT_TIMEOUT_S`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 validates (and, in ``bnrhn compare``, evaluates on the test split) while the others wait at the next
+# collective: 30 minutes, torch's own default for gloo.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a running process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(values)
+        return values
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def environment_world_size() -> int:
+    """The number of processes ``torchrun`` (or another launcher setting ``WORLD_SIZE``) started."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def environment_rank() -> int:
+    """This process's rank as the launcher set it (0 without one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Distributed | None:
+    """Join the process group a launcher described in the environment; None for a single process.
+    CUDA ranks use NCCL on their own GPU (``cuda:LOCAL_RANK``), the others gloo."""
+    world = environment_world_size()
+    if world <= 1:
+        return None
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start data-parallel training with "
+                         "torchrun (e.g. torchrun --nproc_per_node 2 -m bnrhn train ...)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend)
+
+
+def refuse_data_parallel(what: str) -> None:
+    """``ValueError`` when started by a launcher with several processes: ``what`` trains in one process only
+    (N copies would write the same run folder)."""
+    world = environment_world_size()
+    if world > 1:
+        raise ValueError(f"{what} trains in one process; it was started as {world} processes (torchrun?). "
+                         "Data-parallel training exists for bnrhn train and bnrhn compare (docs/distributed.md)")
