@@ -22,12 +22,12 @@ SETTINGS = dict(dataset="synthetic:600,60,10", cell="bn_rhn", embed_size=64, hid
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(shared_cache):
     try:
         find_mobilenet_weights()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return tmp_path_factory.mktemp("recipe-cache")
+    return shared_cache
 
 
 def trained(cache, run_dir, **changes):

@@ -37,8 +37,8 @@ def _need_flickr():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("bnrhn-cache")
+def cache(shared_cache):
+    return shared_cache
 
 
 def tiny(cache, run_dir, **kw) -> CaptionConfig:

@@ -31,8 +31,8 @@ def _need_java():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("compare-cache")
+def cache(shared_cache):
+    return shared_cache
 
 
 def tiny_args(cache, out, *more) -> list[str]:

@@ -49,32 +49,43 @@ def _run(bn, x, r, mask, rows):
     y2 = bn(x[1], step=5, mask=mask[1, rows])
     loss = (y0 * r[:, rows]).sum() + (y1 * r[:, rows].flip(0)).sum() + (y2 * r[0, rows]).sum()
     loss.backward()
-    return {"y1": y1.detach(), "y2": y2.detach(), "dx": x.grad, "dweight": bn.weight.grad, "dbias": bn.bias.grad,
+    return {"y0": y0.detach(), "y1": y1.detach(), "y2": y2.detach(), "dx": x.grad, "dweight": bn.weight.grad, "dbias": bn.bias.grad,
             "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
             "tracked": bn.num_batches_tracked.clone()}
 
 
-def _worker(rank, world, folder, stats, min_rows, synchronised):
+# every configuration the tests compare, run in one pair of processes (their start-up paid once)
+CONFIGS = [("momentum", 0, True), ("cumulative", 0, True), ("momentum", 3, True), ("renorm", 0, True),
+           ("momentum", 0, False)]
+
+
+def _worker(rank, world, folder):
     x, r, mask = _data()
-    bn = _module(stats, min_rows)
-    if synchronised:
-        bn.synchronize()
-        assert bn.synchronized
-    torch.save(_run(bn, x, r, mask, _rows(rank)), f"{folder}/rank{rank}.pt")
+    for stats, min_rows, synchronised in CONFIGS:
+        bn = _module(stats, min_rows)
+        if synchronised:
+            bn.synchronize()
+            assert bn.synchronized
+        torch.save(_run(bn, x, r, mask, _rows(rank)), f"{folder}/{stats}-{min_rows}-{synchronised}-rank{rank}.pt")
 
 
-def _ranks(tmp_path, stats, min_rows=0, synchronised=True):
-    run_ranks(_worker, 2, tmp_path, stats, min_rows, synchronised)
-    return [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """``ranks(stats, min_rows, synchronised)``: what each of the 2 processes computed."""
+    folder = tmp_path_factory.mktemp("sync-bn")
+    run_ranks(_worker, 2, folder)
+    return lambda stats, min_rows=0, synchronised=True: [
+        torch.load(folder / f"{stats}-{min_rows}-{synchronised}-rank{k}.pt") for k in range(2)]
 
 
 @pytest.mark.parametrize("stats,min_rows", [("momentum", 0), ("cumulative", 0), ("momentum", 3), ("renorm", 0)])
-def test_synchronised_equals_one_process_on_the_concatenated_batch(tmp_path, stats, min_rows):
+def test_synchronised_equals_one_process_on_the_concatenated_batch(ranks, stats, min_rows):
     x, r, mask = _data()
     ref = _run(_module(stats, min_rows), x, r, mask, slice(None))
-    ranks = _ranks(tmp_path, stats, min_rows)
-    for k, got in enumerate(ranks):
+    got_ranks = ranks(stats, min_rows)
+    for k, got in enumerate(got_ranks):
         rows = _rows(k)
+        torch.testing.assert_close(got["y0"], ref["y0"][:, rows], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["y1"], ref["y1"][:, rows], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["y2"], ref["y2"][rows], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["dx"], ref["dx"][:, rows], rtol=1e-10, atol=1e-10)
@@ -82,16 +93,16 @@ def test_synchronised_equals_one_process_on_the_concatenated_batch(tmp_path, sta
             torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-10)
     # parameter gradients: each rank's own share; data-parallel training sums (averages) them
     for name in ("dweight", "dbias"):
-        torch.testing.assert_close(ranks[0][name] + ranks[1][name], ref[name], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_ranks[0][name] + got_ranks[1][name], ref[name], rtol=1e-10, atol=1e-10)
 
 
-def test_local_statistics_differ_from_one_process(tmp_path):
+def test_local_statistics_differ_from_one_process(ranks):
     """Without synchronisation each rank normalises with its own rows: the comparison above can fail."""
     x, r, mask = _data()
     ref = _run(_module("momentum"), x, r, mask, slice(None))
-    ranks = _ranks(tmp_path, "momentum", synchronised=False)
-    assert not torch.allclose(ranks[0]["y1"], ref["y1"][:, _rows(0)], atol=1e-3)
-    assert not torch.allclose(ranks[0]["running_mean"], ranks[1]["running_mean"], atol=1e-3)
+    local = ranks("momentum", 0, False)
+    assert not torch.allclose(local[0]["y0"], ref["y0"][:, _rows(0)], atol=1e-3)
+    assert not torch.allclose(local[0]["running_mean"], local[1]["running_mean"], atol=1e-3)
 
 
 def test_without_a_process_group_a_synchronised_module_is_local():
@@ -101,3 +112,5 @@ def test_without_a_process_group_a_synchronised_module_is_local():
     x, r, mask = _data()
     torch.testing.assert_close(_run(bn, x, r, mask, slice(None))["y1"],
                                _run(_module("momentum"), x, r, mask, slice(None))["y1"])
+    # updated as usual: twice per step, except step 3, which holds a single valid position
+    assert bn.num_batches_tracked[:4].tolist() == [2, 2, 2, 0]

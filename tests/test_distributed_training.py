@@ -22,12 +22,12 @@ TINY = ["--dataset", "synthetic:100,10,10", "--embed-size", "16", "--hidden-size
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(shared_cache):
     try:
         find_mobilenet_weights()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return tmp_path_factory.mktemp("ddp-cache")
+    return shared_cache
 
 
 def _env() -> dict:

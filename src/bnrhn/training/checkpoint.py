@@ -126,7 +126,8 @@ def check_finite_weights(state: dict[str, Any], path: str | os.PathLike) -> None
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The state of Python's, NumPy's and PyTorch's generators, as checkpoint-safe values."""
+    """The state of Python's, NumPy's and PyTorch's generators (CPU, and every GPU when CUDA is in use), as
+    checkpoint-safe values."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -138,6 +139,8 @@ def capture_rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),
+        # every GPU's generator, when CUDA is in use (resuming on another device skips them)
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }
 
 
@@ -148,3 +151,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

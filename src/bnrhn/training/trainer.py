@@ -421,7 +421,9 @@ class Trainer:
                 raise FileNotFoundError(f"cannot resume: no checkpoint {self.last_path}")
             for orphan in remove_orphan_temporaries(self.run_dir):  # a save that a kill interrupted
                 tqdm.write(f"resume: removed {orphan.name}, the partial checkpoint of an interrupted save")
-            ckpt = load_checkpoint(self.last_path, map_location=self._device)
+            # onto the CPU: the generator states must stay there; load_state_dict moves weights and optimizer
+            # state to the parameters' device
+            ckpt = load_checkpoint(self.last_path)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None and ckpt.get("scheduler") is not None:
