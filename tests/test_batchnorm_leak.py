@@ -89,7 +89,8 @@ def test_three_losses_equal_direct_computations_and_leave_the_model_alone():
     total = sum(l * n for l, n in zip(m.per_step_loss, m.per_step_tokens)) / sum(m.per_step_tokens)
     assert total == pytest.approx(m.loss, rel=1e-9)
     s = leak_summary(report)
-    assert s["sorted_vs_random"] == pytest.approx(sorted_ / random_ - 1, rel=1e-4)
+    # the losses agree to float32 rounding (different summation orders), so their ratio to ~1e-7 absolute
+    assert s["sorted_vs_random"] == pytest.approx(sorted_ / random_ - 1, abs=1e-6)
 
 
 def test_train_loss_and_precise_statistics():

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from bnrhn.captioning import CaptionConfig, train
-from bnrhn.encoders import find_mobilenet_weights
 from bnrhn.training import load_checkpoint, read_log
 
 TINY = ["--dataset", "synthetic:100,10,10", "--embed-size", "16", "--hidden-size", "16", "--batch-size", "20",
@@ -22,12 +21,8 @@ TINY = ["--dataset", "synthetic:100,10,10", "--embed-size", "16", "--hidden-size
 
 
 @pytest.fixture(scope="module")
-def cache(shared_cache):
-    try:
-        find_mobilenet_weights()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return shared_cache
+def cache(feature_cache):
+    return feature_cache
 
 
 def _env() -> dict:

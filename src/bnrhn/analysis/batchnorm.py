@@ -190,7 +190,9 @@ def caption_leak(model, caps, split, train_caps=None, train_split=None, batch_si
     def inputs_of(c, s):
         def inputs(idx):
             lengths = c.lengths[idx]
-            return s.batch(c.image[idx]), c.tokens[idx, : int(lengths.max())], lengths
+            p = next(model.parameters())
+            return (s.batch(c.image[idx]).to(p.device, p.dtype), c.tokens[idx, : int(lengths.max())].to(p.device),
+                    lengths.to(p.device))
         return inputs
 
     inputs = inputs_of(caps, split)
@@ -237,15 +239,17 @@ def lm_leak(model, ids: Tensor, batch_size: int = 64, seq_len: int = 100, carry_
         count = torch.zeros(seq_len, dtype=torch.long)
         reached = torch.zeros(seq_len, dtype=torch.long)
         state = None
+        device = next(m.parameters()).device
         for win in TBPTTBatches(ids, batch_size, seq_len, full=True):
-            x, y = win.inputs, win.targets
-            lengths = None if win.lengths is None else win.lengths.clamp(min=1)
+            x, y = win.inputs.to(device), win.targets.to(device)
+            lengths = None if win.lengths is None else win.lengths.clamp(min=1).to(device)
             if restore:
                 with _buffers_restored(m):
                     logits, state = m(x, state=state if carry_state else None, step=0, lengths=lengths)
             else:
                 logits, state = m(x, state=state if carry_state else None, step=0, lengths=lengths)
-            nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # logits [T, V, B] → [T, B]
+            nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").cpu()  # logits [T, V, B] → [T, B]
+            y = y.cpu()
             valid = torch.ones_like(y, dtype=torch.bool) if win.lengths is None else (
                 torch.arange(x.shape[0]).unsqueeze(1) < win.lengths.unsqueeze(0))
             T = x.shape[0]

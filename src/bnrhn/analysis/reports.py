@@ -39,8 +39,9 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 
 def prepare_models(text: str, source: str, cells: list[str], checkpoints: list[str], hidden: int, length: int,
                    seed: int, calibrate: int = 20, fresh_transform: str | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> list[tuple[AnalysisModel, torch.Tensor]]:
-    """The models to compare, each in float64 with the text encoded in its own vocabulary.
+                   log: Callable[[str], None] = lambda s: None,
+                   device: torch.device | str = "cpu") -> list[tuple[AnalysisModel, torch.Tensor]]:
+    """The models to compare, each in float64 on ``device`` with the text encoded in its own vocabulary.
 
     Fresh models share a vocabulary built from ``text`` (after ``fresh_transform``, e.g. "ptb_chars")
     and have their batch-norm population statistics calibrated on it (see :func:`calibrate_batchnorm`).
@@ -62,7 +63,7 @@ def prepare_models(text: str, source: str, cells: list[str], checkpoints: list[s
     if not out:
         raise ValueError("nothing to analyse: give --cells and/or --checkpoint")
     for am, _ in out:
-        am.model = copy.deepcopy(am.model).double().eval()
+        am.model = copy.deepcopy(am.model).double().eval().to(device)
         log(f"{am.label}: {am.origin}")
     return out
 
@@ -104,9 +105,10 @@ def run_gradients(models, out_dir, text_source: str, length: int = 100, batch: i
 
 
 def run_task_gradients(models, out_dir, task: str, length: int, batch: int = 32, seed: int = 0,
-                       which: str = "h", layer: int = -1, styles: dict | None = None) -> dict:
-    """:func:`run_gradients` for long-range task models: ``models`` is a list of (label, SequenceModel,
-    TaskTrainConfig); every model reads the same ``batch`` generated sequences of ``task`` at ``length``
+                       which: str = "h", layer: int = -1, styles: dict | None = None,
+                       device: torch.device | str = "cpu") -> dict:
+    """:func:`run_gradients` for long-range task models (in float64 on ``device``): ``models`` is a list of
+    (label, SequenceModel, TaskTrainConfig); every model reads the same ``batch`` generated sequences of ``task`` at ``length``
     (seed ``seed`` + 3,000,000,019, never a training or evaluation seed; sequential MNIST: its test digits).
     ``styles``: line settings per label for the figure."""
     from bnrhn.analysis.gradients import task_gradient_norms
@@ -119,7 +121,7 @@ def run_task_gradients(models, out_dir, task: str, length: int, batch: int = 32,
         if cfg.task != task or cfg.length != length:
             raise ValueError(f"{label}: a model of {cfg.task} at T={cfg.length}, not of {task} at T={length}")
         x, y = task_data(cfg, batch, 3_000_000_019 + seed, "test")
-        flow = task_gradient_norms(copy.deepcopy(model).double(), x[:batch], y[:batch], layer)
+        flow = task_gradient_norms(copy.deepcopy(model).double().to(device), x[:batch], y[:batch], layer)
         sh, ss = flow.summary("h"), flow.summary("state")
         results[label] = {"loss": flow.loss, "h": sh, "state": ss}
         curves[label] = sh if which == "h" else ss

@@ -66,12 +66,18 @@ class RecurrentCell(nn.Module):
             self._taps = previous
 
     def recurrent_mm(self, key, base: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """base + h Wᵀ + b, the state-dependent product of one step (``key`` names the weight)."""
+        """base + h Wᵀ + b, the state-dependent product of one step (``key`` names the weight). Under
+        ``torch.autocast`` the product runs in 16 bits and comes back in the state's dtype, so that the
+        gates and the state update stay in float32 (mixed precision keeps the recurrence in full precision)."""
         if self._taps is not None:
             taps = self._taps.get(key)
             if taps is None:
                 taps = self._taps[key] = WeightTaps(weight, bias)
-            return taps.addmm(base, h)
+            return taps.addmm(base, h).to(h.dtype)
+        if torch.is_autocast_enabled(h.device.type):
+            out = h @ weight.t()
+            out = out if bias is None else out + bias
+            return (out if base is None else out + base).to(h.dtype)
         if base is not None and not torch.is_grad_enabled():
             # Inference: base (this step's projected input, used once) becomes the output, which saves
             # a copy of it per step — the runner's and the decoders' xp are never read again.

@@ -23,7 +23,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn.cells.base import RecurrentCell, State
-from bnrhn.autodiff import plain_autograd
+from bnrhn.autodiff import autocast_backward, autocast_forward, plain_autograd
 from bnrhn.nn.seq_batchnorm import SequenceBatchNorm
 
 _CARRY_NORM = ("output", "recurrence")
@@ -127,6 +127,7 @@ class BNLSTMStep(Function):
     """
 
     @staticmethod
+    @autocast_forward(float32=True)
     def forward(ctx, spec, r, xp, c_prev, gamma_h, gamma_c, beta_c):
         H, eps, carry_normed = spec
         act, mean_h, invstd_h = torch.native_batch_norm(r, gamma_h, None, None, None, True, 0.0, eps)
@@ -147,6 +148,7 @@ class BNLSTMStep(Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_backward
     def backward(ctx, dh, dc_out, *_):
         H, eps, carry_normed = ctx.spec
         r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, gamma_h, gamma_c = ctx.saved_tensors

@@ -22,6 +22,8 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from bnrhn.autodiff import autocast_backward, autocast_forward
+
 
 # Records are kept per backward pass (graph task), so that repeated backward passes over a retained
 # graph, or passes that only ask for input gradients, never mix their (h, dA) pairs.
@@ -41,6 +43,7 @@ class _Tap(Function):
     """Identity on (W, b) whose backward turns the recorded (h, dA) pairs into dW and db."""
 
     @staticmethod
+    @autocast_forward(float32=False)
     def forward(ctx, records: dict, weight: Tensor, bias: Tensor | None):
         ctx.records = records
         ctx.has_bias = bias is not None
@@ -50,6 +53,7 @@ class _Tap(Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_backward
     def backward(ctx, grad_weight, grad_bias):
         records = ctx.records.pop(_graph_task_id(), None)
         if not records:
@@ -71,6 +75,7 @@ class _StepMM(Function):
     """a = base + h Wᵀ + b for one step; backward returns d base and dh, records (h, dA) for dW."""
 
     @staticmethod
+    @autocast_forward(float32=False)
     def forward(ctx, records: dict, base: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor):
         ctx.records = records
         ctx.has_base = base is not None
@@ -84,6 +89,7 @@ class _StepMM(Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_backward
     def backward(ctx, grad_out):
         h, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()

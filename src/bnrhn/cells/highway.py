@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from bnrhn.autodiff import autocast_backward, autocast_forward
+
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 
@@ -43,6 +45,7 @@ class HighwayStep(Function):
     """
 
     @staticmethod
+    @autocast_forward(float32=True)
     def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor, *gammas: Tensor):
         H, G, normed, eps = spec
         act = a + bias
@@ -69,6 +72,7 @@ class HighwayStep(Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_backward
     def backward(ctx, ds: Tensor, *_):
         H, G, normed, eps = ctx.spec
         act, s, *rest = ctx.saved_tensors

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from bnrhn.commands._caption_args import add_device
+
 
 def _common(p, default_cells: str) -> None:
     p.add_argument("--text", metavar="FILE",
@@ -28,6 +30,7 @@ def _common(p, default_cells: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and of the text positions (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and numbers")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    add_device(p, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -87,6 +90,7 @@ def register(subparsers) -> None:
     b.add_argument("--cache-dir", default=None, metavar="DIR", help="feature cache root of the run (default: the run's)")
     b.add_argument("--out", default=None, metavar="DIR", help="folder for batchnorm.json/.csv/.png")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    add_device(b, default="auto")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=run_batchnorm, analysis="batchnorm")
 
@@ -99,11 +103,13 @@ def run(args) -> int:
     from bnrhn.data.text import check_seq_len
 
     from bnrhn.commands.lm import set_threads
+    from bnrhn.devices import resolve_device
 
+    device = resolve_device(args.device)  # a missing GPU fails before any text or checkpoint is read
     set_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     if getattr(args, "task", None):
-        return _run_task_gradients(args, log)
+        return _run_task_gradients(args, log, device)
     if args.length is None:
         args.length = 100
     check_seq_len(args.length)
@@ -119,7 +125,7 @@ def run(args) -> int:
         log(f"text: {text_path} (the first checkpoint's validation text)")
     text = read_analysis_text(text_path)
     models = prepare_models(text, str(text_path), cells, args.checkpoint, args.hidden, args.length, args.seed,
-                            fresh_transform="ptb_chars" if args.ptb_chars else None, log=log)
+                            fresh_transform="ptb_chars" if args.ptb_chars else None, log=log, device=device)
     out = Path(args.out)
     if args.analysis == "gradients":
         rep = run_gradients(models, out, str(text_path), args.length, args.batch, args.seed, args.state, args.layer)
@@ -148,7 +154,7 @@ def run(args) -> int:
     return 0
 
 
-def _run_task_gradients(args, log) -> int:
+def _run_task_gradients(args, log, device) -> int:
     """``analyze gradients --task``: fresh task models (--cells) and task checkpoints on generated sequences."""
     from pathlib import Path
 
@@ -178,7 +184,8 @@ def _run_task_gradients(args, log) -> int:
         models.append((f"{item} (fresh)", SequenceModel.from_config(cfg.model_config()), cfg))
     if not models:
         raise ValueError("nothing to analyse: give --cells and/or --checkpoint")
-    rep = run_task_gradients(models, Path(args.out), args.task, length, args.batch, args.seed, args.state, args.layer)
+    rep = run_task_gradients(models, Path(args.out), args.task, length, args.batch, args.seed, args.state, args.layer,
+                             device=device)
     for label, r in rep["results"].items():
         g = r["h"]["geomean"]
         marks = [d for d in (0, 10, 25, 50) if d < len(g) - 1] + [len(g) - 1]
@@ -207,6 +214,9 @@ def run_batchnorm(args) -> int:
     from bnrhn.reports.plots import MODE_LABELS, plot_batchnorm_leak
     from bnrhn.training import load_checkpoint
 
+    from bnrhn.devices import resolve_device
+
+    resolve_device(args.device)  # a missing GPU fails before the checkpoint is read
     set_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     if args.batch_size is not None and args.batch_size < 2:
@@ -217,7 +227,7 @@ def run_batchnorm(args) -> int:
     if kind == "bnrhn-captioner":
         from bnrhn.captioning import batchnorm_leak
 
-        report = batchnorm_leak(args.checkpoint, split=args.split or "val", batch_size=args.batch_size,
+        report = batchnorm_leak(args.checkpoint, split=args.split or "val", batch_size=args.batch_size, device=args.device,
                                 precise_batches=args.precise_batches, cache_dir=args.cache_dir,
                                 progress=not args.quiet, log=log)
     else:
@@ -256,7 +266,7 @@ def _lm_report(args, log):
     from bnrhn.lm.task import load_char_lm
     from bnrhn.lm.train import trained_split
 
-    lm = load_char_lm(args.checkpoint)  # refuses a checkpoint of any other kind, naming it
+    lm = load_char_lm(args.checkpoint, args.device)  # refuses a checkpoint of any other kind, naming it
     split = args.split or "valid"
     try:
         ids, what = trained_split(lm, split)

@@ -88,6 +88,9 @@ def check_settings(s: CompareSettings, log: Log = _stderr) -> None:
     from bnrhn.captioning.api import dataset_for_config
     from bnrhn.cells import CELLS, build_cell, cell_options
 
+    from bnrhn.devices import resolve_device
+
+    resolve_device(s.base.device)  # a missing GPU fails before the data set is read
     if not s.cells:
         raise ValueError("--cells needs at least one cell name")
     unknown = [c for c in s.cells if c not in CELLS]
@@ -307,7 +310,7 @@ def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path,
         results, scores = evaluate(best, split="test", beam=s.beam, metrics=ALL_METRICS, out_dir=run_dir,
                                    progress=s.base.progress, device=s.base.device, log=log)
         captions = {str(r["image_id"]): r["caption"] for r in results}
-    leak = _batchnorm_diagnostic(best, tag, log) if best is not None else {}
+    leak = _batchnorm_diagnostic(best, tag, log, s.base.device) if best is not None else {}
     run = CellRun(
         cell=cell, seed=seed, run_dir=run_dir, scores=scores, steps=steps, train_seconds=train_seconds,
         seconds=time.perf_counter() - t0, tokens_per_s=tokens_per_s, n_params=n_params, stopped=stopped,
@@ -319,13 +322,13 @@ def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path,
     return run
 
 
-def _batchnorm_diagnostic(best: Path, tag: str, log: Log) -> dict[str, float]:
+def _batchnorm_diagnostic(best: Path, tag: str, log: Log, device: str = "cpu") -> dict[str, float]:
     """The batch-norm leak numbers of the best checkpoint (validation split), {} without validation captions."""
     from bnrhn.analysis.batchnorm import leak_summary
     from bnrhn.captioning.api import batchnorm_leak
 
     try:
-        report = batchnorm_leak(best, split="val", progress=False, log=lambda m: None)
+        report = batchnorm_leak(best, split="val", progress=False, device=device, log=lambda m: None)
     except Exception as exc:  # e.g. no validation captions: the trained and scored run stays a result
         log(f"{tag}: no batch-norm diagnostic ({type(exc).__name__}: {exc})")
         return {}

@@ -16,6 +16,7 @@ tensors and nothing is copied.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -33,8 +34,11 @@ def vendor_usable(cell: RecurrentCell, h_mask: Tensor | None, x: Tensor) -> bool
     """Whether :func:`vendor_layer` computes what the cell's step loop would for this call.
 
     Not with a recurrent dropout mask (PyTorch's kernels have no mask on h_{t−1}) and not inside a
-    ``torch.func`` transform (the step loop is written for those); float types only."""
-    return has_vendor_kernel(cell) and h_mask is None and plain_autograd() and x.is_floating_point()
+    ``torch.func`` transform (the step loop is written for those); float types only; not under float16
+    autocast on the CPU (oneDNN has no float16 LSTM primitive: "could not create a primitive descriptor")."""
+    cpu_half = (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.float16)
+    return has_vendor_kernel(cell) and h_mask is None and plain_autograd() and x.is_floating_point() and not cpu_half
 
 
 def _template(cell: RecurrentCell) -> nn.RNNBase:
