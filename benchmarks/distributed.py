@@ -57,7 +57,7 @@ def timed_steps(model, step_fn, data, warmup: int) -> tuple[float, int]:
     seconds, tokens = 0.0, 0
     for k, batch in enumerate(data):
         t0 = time.perf_counter()
-        loss, n = step_fn(*batch)
+        loss, n, _ = step_fn(*batch)  # the captioner's loss: (mean loss, tokens, parts for logging)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -88,7 +88,9 @@ def test_synchronised_equals_one_process_on_the_concatenated_batch(ranks, stats,
         torch.testing.assert_close(got["y0"], ref["y0"][:, rows], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["y1"], ref["y1"][:, rows], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["y2"], ref["y2"][rows], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(got["dx"], ref["dx"][:, rows], rtol=1e-10, atol=1e-10)
+        # the synchronised moments are one-pass (shifted) sums, one process's are two-pass: at a step with 2
+        # valid positions the input gradient (|dx| ~ 300 there) agrees to ~1e-9 relative in float64
+        torch.testing.assert_close(got["dx"], ref["dx"][:, rows], rtol=1e-8, atol=1e-8)
         for name in ("running_mean", "running_var", "tracked"):  # identical on every rank
             torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-10)
     # parameter gradients: each rank's own share; data-parallel training sums (averages) them

@@ -141,38 +141,21 @@ def train(config: CaptionConfig, resume: bool = False, log: Log = stderr_log) ->
     Started by ``torchrun`` with several processes, this is data-parallel training (see
     :mod:`bnrhn.training.distributed`): every process calls ``train`` with the same config; rank 0 holds
     the lock and writes the run, and every rank returns the same result."""
-    from contextlib import nullcontext
-
-    from bnrhn.devices import precision_note, resolve_device
-    from bnrhn.training import FolderLock
-    from bnrhn.training.distributed import from_environment
+    from bnrhn.training.distributed import start_training_process
 
     if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
         raise NotADirectoryError(f"--run-dir {config.run_dir} exists and is not a folder")
-    device = resolve_device(config.device)  # before any work: a missing GPU fails here
-    distributed = from_environment(device)
-    if distributed is not None and not distributed.is_main:
-        log = _quiet
+    proc = start_training_process(config.device, config.precision, config.batch_size, "captions", log)
+    if not proc.is_main:
         config = replace(config, progress=False)
-    if distributed is not None and config.batch_size < distributed.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} is smaller than the {distributed.world_size} processes "
-                         "that share each batch")
-    note = precision_note(config.precision, device)
-    if note:
-        log(note)
-    lock = FolderLock(config.run_dir, "run folder") if distributed is None or distributed.is_main else nullcontext()
-    with lock:
-        return _train(config, resume, log, device, distributed)
-
-
-def _quiet(message: str) -> None:
-    """The log of data-parallel ranks other than 0 (rank 0 reports for the run)."""
+    with proc.run_folder_lock(config.run_dir):
+        return _train(config, resume, proc.log, proc.device, proc.distributed)
 
 
 def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, distributed) -> RunResult:
     from bnrhn.devices import autocast_mode, model_dtype
-    from bnrhn.nn.seq_batchnorm import synchronize_batch_norm
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler
+    from bnrhn.training.distributed import prepare_replica
 
     # the run records the batch-norm estimator and the dropout it trains with (a later default cannot
     # change a resumed run)
@@ -195,10 +178,7 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
     model.to(device, model_dtype(config.precision))
     world = distributed.world_size if distributed is not None else 1
     if distributed is not None:
-        if config.bn_stats == "sync":
-            synchronize_batch_norm(model)
-        if distributed.rank > 0:  # rank 0 keeps one process's random stream; the others draw their own masks
-            torch.manual_seed(config.seed + 7919 * distributed.rank)
+        prepare_replica(model, distributed, config.bn_stats, config.seed, log)
     task = CaptionTask(config, data, model, world_size=world)
     opt = build_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay, config.momentum)
     total = config.max_steps or config.epochs * task.num_batches(0)
@@ -391,14 +371,15 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
 
 
 def batchnorm_leak(checkpoint: str | Path, split: str = "val", batch_size: int | None = None, precise_batches: int = 0,
-                   cache_dir: str | None = None, progress: bool | None = None, log: Log = stderr_log):
+                   cache_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
+                   log: Log = stderr_log):
     """The batch-composition diagnostic (:mod:`bnrhn.analysis.batchnorm`) of a captioner checkpoint on its own
     data set: teacher-forced loss on ``split`` with batch statistics over length-sorted and random batches and
     with population statistics, plus the population-statistics loss on training captions. ``batch_size``
     defaults to the run's training batch size. Returns a :class:`~bnrhn.analysis.batchnorm.LeakReport`."""
     from bnrhn.analysis.batchnorm import caption_leak
 
-    loaded = load_captioner(checkpoint)
+    loaded = load_captioner(checkpoint, device)
     cfg = CaptionConfig.from_dict(loaded.config.to_dict())
     if progress is not None:
         cfg.progress = progress

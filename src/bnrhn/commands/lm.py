@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from bnrhn.commands._caption_args import add_compute_args, add_device
+
 # Options of `lm train` whose value may change when resuming (budgets, device, output).
-_RESUME_OVERRIDES = ("epochs", "max_steps", "max_minutes", "device", "progress", "patience")
+_RESUME_OVERRIDES = ("epochs", "max_steps", "max_minutes", "device", "progress", "patience", "precision")
 
 
 def _add_train_options(p) -> None:
@@ -59,7 +61,7 @@ def _add_train_options(p) -> None:
     o.add_argument("--checkpoint-every", type=int, help="save last.pt every N steps (default: at each validation)")
     o.add_argument("--patience", type=int, help="early stopping after N validations without improvement")
     o.add_argument("--seed", type=int, help="random seed (default 0)")
-    o.add_argument("--device", help="cpu or cuda (default cpu)")
+    add_compute_args(p)
     o.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's choice); 1 is much faster for small models "
                         "on a busy machine")
@@ -87,7 +89,7 @@ def register(subparsers) -> None:
     s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
     s.add_argument("--length", type=int, default=500, help="characters to generate (default 500)")
     s.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    s.add_argument("--device", default="cpu")
+    add_device(s, default="auto")
     s.set_defaults(func=run_sample)
 
     e = sub.add_parser("evaluate", help="loss (nats/char), bits per character and perplexity on a text",
@@ -102,7 +104,7 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="parallel streams (default: the model's eval batch size)")
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's training window)")
     e.add_argument("--json", action="store_true", help="print the scores as JSON")
-    e.add_argument("--device", default="cpu")
+    add_device(e, default="auto")
     e.set_defaults(func=run_evaluate)
 
     x = sub.add_parser("experiment", help="named experiments (seed-report: LSTM vs BN-LSTM variants on PTB characters)",
@@ -126,7 +128,7 @@ def register(subparsers) -> None:
                    help="validate during training on the first N validation characters (default 50000; 0 = all); "
                         "the final scores always use the whole validation and test texts")
     x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--device", default="cpu")
+    add_device(x, default="auto")
     x.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     x.add_argument("--overwrite", action="store_true", help="rerun variants that already have results")
     x.add_argument("--quiet", action="store_true")
@@ -169,9 +171,13 @@ def run_train(args) -> int:
     from dataclasses import asdict, fields
     from pathlib import Path
 
+    from bnrhn.devices import resolve_device
     from bnrhn.lm.train import LMTrainConfig, load_lm_config, train_char_lm
     from bnrhn.training import TrainingDiverged
+    from bnrhn.training.distributed import environment_rank
 
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)  # a missing GPU fails before anything else is looked at
     set_threads(args.threads)
     given = {f.name: getattr(args, f.name) for f in fields(LMTrainConfig)
              if getattr(args, f.name, None) is not None and f.name not in ("cell_options", "progress", "overwrite")}
@@ -199,6 +205,8 @@ def run_train(args) -> int:
     except TrainingDiverged as exc:
         print(f"bnrhn lm train: training diverged: {exc}", file=sys.stderr)
         return 3
+    if environment_rank() != 0:
+        return 0  # data-parallel: rank 0 reports the run
     v, t = res["valid"], res["test"]
     print(f"run: {res['run_dir']}  ({res['steps']} steps, {res['epochs']:.2f} epochs, stopped: {res['stopped']}, "
           f"{res['seconds_per_epoch']:.0f} s/epoch, {res['chars_per_second']:.0f} chars/s)")
@@ -262,8 +270,10 @@ def run_evaluate(args) -> int:
 
 
 def run_experiment(args) -> int:
+    from bnrhn.devices import resolve_device
     from bnrhn.lm.experiment import run_seed_report
 
+    resolve_device(args.device)  # a missing GPU fails before the report folder is made
     set_threads(args.threads)
     run_seed_report(args)
     return 0

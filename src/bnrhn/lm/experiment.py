@@ -101,7 +101,9 @@ def run_seed_report(args) -> dict[str, Any]:
     from bnrhn.data.text import CharCorpus
     from bnrhn.lm.train import LMTrainConfig, train_char_lm
     from bnrhn.training import TrainingDiverged, load_checkpoint
+    from bnrhn.training.distributed import refuse_data_parallel
 
+    refuse_data_parallel("bnrhn lm experiment")  # its variants write one report; data-parallel is for lm train
     names = list(VARIANTS) if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [n for n in names if n not in VARIANTS]
     if bad:
@@ -191,7 +193,9 @@ def run_seed_report(args) -> dict[str, Any]:
 
 
 def _cfg_key(cfg: dict[str, Any]) -> str:
-    """Settings that decide a variant's result (JSON-normalised), to reuse finished variants."""
+    """Settings that decide a variant's result (JSON-normalised), to reuse finished variants. Settings added
+    since a variant was saved count with their default value (which is what that run used)."""
+    cfg = {"precision": "fp32", "bn_stats": "sync", **cfg}
     return json.dumps({k: v for k, v in cfg.items() if k not in ("progress", "overwrite")}, sort_keys=True, default=str)
 
 

@@ -27,13 +27,15 @@ almost every step of an epoch into the last slot (t ≥ T_max), i.e. shared stat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from bnrhn.cells import legacy_statistics
-from bnrhn.data.text import CharCorpus, CharVocab, TBPTTBatches, check_seq_len
+from bnrhn.data.text import CharCorpus, CharVocab, TBPTTBatches, TextWindow, check_seq_len
 from bnrhn.lm.evaluate import LMScore, evaluate_ids
 from bnrhn.models.char_lm import CharLM
 
@@ -49,6 +51,45 @@ def _detach(state):
     return [tuple(t.detach() for t in s) for s in state]
 
 
+@dataclass(frozen=True)
+class StreamShard:
+    """One data-parallel rank's part of a training window: streams ``rank``, ``rank + N``, ``rank + 2N``, ...
+    of the B streams (N = ``world_size``)."""
+
+    window: TextWindow
+    rank: int
+    world_size: int
+
+    @property
+    def num_targets(self) -> int:
+        return self.window.num_targets
+
+
+def _all_streams(state: list, rank: int, world_size: int, streams: int) -> list:
+    """Every rank's carried state rows put back into the one-process layout ``[B, ...]`` (this rank holds
+    rows ``rank::world_size``): one ``all_gather`` of the layers' tensors side by side. The ranks may hold
+    one row more or less, so each sends its rows padded to ⌈B / N⌉."""
+    flat = [t for s in state for t in s]
+    mine = torch.cat([t.reshape(t.shape[0], -1) for t in flat], 1)
+    rows = -(-streams // world_size)
+    padded = mine.new_zeros((rows, mine.shape[1]))
+    padded[: mine.shape[0]] = mine
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    full = mine.new_empty((streams, mine.shape[1]))
+    for r, part in enumerate(parts):
+        full[r::world_size] = part[: len(range(r, streams, world_size))]
+    out, col = [], 0
+    for s in state:
+        layer = []
+        for t in s:
+            width = t[0].numel()
+            layer.append(full[:, col : col + width].reshape(streams, *t.shape[1:]))
+            col += width
+        out.append(tuple(layer))
+    return out
+
+
 class CharLMTask:
     """The task object that :class:`bnrhn.training.Trainer` drives (see the module docstring).
 
@@ -62,6 +103,11 @@ class CharLMTask:
             text only (cheaper frequent validations); ``evaluate("valid")`` always uses all of it.
         carry_state: carry the hidden state across windows (True) or start each window from zero.
         device: where the model lives.
+
+    Data-parallel training (``torchrun``): :meth:`shard` gives each rank every N-th stream of a window; each
+    rank runs its streams from their carried state, and the ranks then gather the new carried state of all
+    B streams (one ``all_gather`` per step), so that every rank holds the state of one process. A
+    checkpoint therefore resumes with any number of processes, one included.
     """
 
     def __init__(self, model: CharLM, corpus: CharCorpus, batch_size: int = 32, seq_len: int = 100,
@@ -94,14 +140,31 @@ class CharLMTask:
         for k in range(start, len(self.train_batches)):
             yield self.train_batches.window(k)
 
-    def train_step(self, window) -> tuple[torch.Tensor, int]:
+    def shard(self, window: TextWindow, rank: int, world_size: int) -> StreamShard:
+        """Rank ``rank``'s streams of ``window`` (every ``world_size``-th)."""
+        if window.inputs.shape[1] < world_size:
+            raise ValueError(f"a window of {window.inputs.shape[1]} streams cannot be shared by {world_size} processes")
+        rows = slice(rank, None, world_size)
+        part = TextWindow(window.inputs[:, rows], window.targets[:, rows],
+                          None if window.lengths is None else window.lengths[rows], window.index)
+        return StreamShard(part, rank, world_size)
+
+    def train_step(self, batch: TextWindow | StreamShard) -> tuple[torch.Tensor, int]:
+        """(mean loss, targets) of a window: all B streams in one process, or one rank's shard of them."""
+        window = batch.window if isinstance(batch, StreamShard) else batch
         if window.index == 0 or not self.carry_state:  # a new epoch starts every stream from the zero state
             self.carried = None
+        state = self.carried
+        if isinstance(batch, StreamShard) and state is not None:
+            state = [tuple(t[batch.rank :: batch.world_size] for t in s) for s in state]
         x = window.inputs.to(self.device)
         y = window.targets.to(self.device)
-        logits, state = self.model(x, state=self.carried, step=0)
+        logits, state = self.model(x, state=state, step=0)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        self.carried = _detach(state)
+        state = _detach(state)
+        if isinstance(batch, StreamShard) and self.carry_state:
+            state = _all_streams(state, batch.rank, batch.world_size, self.batch_size)
+        self.carried = state
         return loss, window.num_targets
 
     def validate(self) -> dict[str, float]:
@@ -173,8 +236,10 @@ class LoadedLM:
 
 def load_char_lm(path, device: str | torch.device = "cpu") -> LoadedLM:
     """Load a character LM checkpoint (``last.pt`` / ``best.pt`` of ``bnrhn lm train``) in eval mode."""
+    from bnrhn.devices import resolve_device
     from bnrhn.training.checkpoint import check_finite_weights, load_checkpoint
 
+    device = resolve_device(str(device))  # a missing GPU fails before the file is read
     payload = load_checkpoint(path)
     task = payload.get("task") or {}
     if not isinstance(task, dict) or task.get("kind") != CHECKPOINT_KIND:

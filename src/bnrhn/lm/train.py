@@ -76,12 +76,20 @@ class LMTrainConfig:
     checkpoint_every: int | None = None
     patience: int | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # see bnrhn.devices: auto = CUDA when present
+    precision: str = "fp32"  # fp32, bf16/fp16 (mixed, torch.autocast), fp64
+    bn_stats: str = "sync"  # under torchrun: batch-norm statistics over the global batch (sync) or per rank (local)
     progress: bool = True
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        from bnrhn.devices import check_device_spec, check_precision
+
         check_seq_len(self.seq_len)
+        check_device_spec(self.device)
+        check_precision(self.precision)
+        if self.bn_stats not in ("sync", "local"):
+            raise ValueError(f"bn_stats must be 'sync' or 'local', got {self.bn_stats!r}")
         for name in ("hidden", "layers", "batch_size", "epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -156,19 +164,28 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
 
     Raises :class:`bnrhn.training.TrainingDiverged` when the loss becomes non-finite (``last.pt`` keeps
     the last good state).
-    """
-    from bnrhn.training import FolderLock
-    from bnrhn.training.distributed import refuse_data_parallel
 
-    refuse_data_parallel("bnrhn lm train")
+    Started by ``torchrun`` with several processes, this is data-parallel training (see
+    :mod:`bnrhn.training.distributed` and :class:`bnrhn.lm.task.CharLMTask`): each rank trains every N-th
+    stream of each window; rank 0 holds the lock, writes the run and scores it, and every rank returns the
+    same results.
+    """
+    from bnrhn.training.distributed import start_training_process
+
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise NotADirectoryError(f"--run-dir {cfg.run_dir} exists and is not a folder")
-    with FolderLock(cfg.run_dir, "run folder"):
-        return _train_char_lm(cfg, resume, corpus, log)
+    proc = start_training_process(cfg.device, cfg.precision, cfg.batch_size, "text streams", log)
+    if not proc.is_main:
+        cfg = replace(cfg, progress=False)
+    with proc.run_folder_lock(cfg.run_dir):
+        return _train_char_lm(cfg, resume, corpus, proc.log, proc.device, proc.distributed)
 
 
-def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, log) -> dict[str, Any]:
+def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, log, device: torch.device,
+                   distributed) -> dict[str, Any]:
+    from bnrhn.devices import autocast_mode, model_dtype
     from bnrhn.training import Trainer, TrainerConfig, build_optimizer, build_scheduler, load_checkpoint
+    from bnrhn.training.distributed import prepare_replica
 
     run_dir = Path(cfg.run_dir)
     if not resume and (run_dir / "last.pt").exists() and not cfg.overwrite:
@@ -178,10 +195,12 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         )
     if not resume:  # the run records the batch-norm estimator it trains with (see bnrhn.cells.pin_statistics)
         cfg = replace(cfg, cell_options=pin_statistics(cfg.cell, cfg.cell_options))
+    main = distributed is None or distributed.is_main
     corpus = corpus or build_corpus(cfg)
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = CharLM(**cfg.model_kwargs(len(corpus.vocab))).to(device)
+    model = CharLM(**cfg.model_kwargs(len(corpus.vocab))).to(device, model_dtype(cfg.precision))
+    if distributed is not None:
+        prepare_replica(model, distributed, cfg.bn_stats, cfg.seed, log)
     task = CharLMTask(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batch_size, device,
                       extra_config={"lm_config": asdict(cfg)}, valid_chars=cfg.valid_chars,
                       carry_state=cfg.carry_state)
@@ -200,19 +219,24 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         patience=cfg.patience,
         validate_every=cfg.validate_every, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
         progress=cfg.progress, description=f"lm {cfg.cell}", overwrite=cfg.overwrite,
+        autocast=autocast_mode(cfg.precision),
     )
-    trainer = Trainer(task, optimizer, scheduler, tcfg)
-    if not resume:
+    trainer = Trainer(task, optimizer, scheduler, tcfg, distributed=distributed)
+    if not resume and main:
         save_lm_config(cfg)  # before training, so that an interrupted run can be resumed
     n_params = sum(p.numel() for p in model.parameters())
     info = corpus.summary()
     log(f"corpus: {info['vocab_size']} characters; train {info['train_chars']:,}, valid {info['valid_chars']:,}"
         + (f", test {info['test_chars']:,}" if "test_chars" in info else "")
         + f"; unigram entropy {info['train_unigram_bits']:.3f} bits/char")
+    where = f"{device}, {cfg.precision}" + (f", {distributed.world_size} processes ({distributed.backend}, "
+                                            f"batch-norm statistics {cfg.bn_stats})" if distributed is not None else "")
     log(f"model: {cfg.cell} ×{cfg.layers}, hidden {cfg.hidden}, {n_params:,} parameters; "
-        f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch")
+        f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch; on {where}")
     t0 = time.perf_counter()
     summary = trainer.fit(resume=resume)
+    if not main:  # rank 0 scores the run and writes results.json; every rank returns its results
+        return distributed.broadcast_object(None)
     if resume:
         save_lm_config(cfg)  # budgets may have been extended
     wall = time.perf_counter() - t0
@@ -243,7 +267,7 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         "validations": summary["validations"],
     }
     (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    return results
+    return results if distributed is None else distributed.broadcast_object(results)
 
 
 def save_lm_config(cfg: LMTrainConfig) -> None:

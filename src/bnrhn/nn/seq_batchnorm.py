@@ -44,8 +44,8 @@ Two options make training see what inference sees (see docs/cells.md, "The batch
 
 Synchronised statistics (data-parallel training, :meth:`SequenceBatchNorm.synchronize`): with N processes
 each holding B/N rows of a global batch, step t's statistics are those of the *global* batch — the valid
-count n_t and Σ_b w x (one all-reduce), then Σ_b w (x − μ_t)² about the global mean (a second one: the
-two-pass variance, as numerically safe as one process's) — and the backward all-reduces Σ_b dy and
+count n_t, Σ_b w x and Σ_b w x² (one all-reduce, summed in float64, so that the one-pass variance keeps
+float32's precision) — and the backward all-reduces Σ_b dy and
 Σ_b dy ⊙ x̂, so N ranks × B/N rows give one process's normalisation, gradients and running statistics
 (identical on every rank). Batch renormalization takes the same sums through a differentiable all-reduce. ``torch.nn.SyncBatchNorm`` does this for the plain BatchNorm (on CUDA only);
 it knows neither time steps nor masks.
@@ -59,7 +59,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from bnrhn.autodiff import plain_autograd
+from bnrhn.autodiff import autocast_backward, autocast_forward, plain_autograd
 
 __all__ = ["SequenceBatchNorm", "check_statistics_options", "synchronize_batch_norm", "uses_batch_statistics"]
 
@@ -259,6 +259,8 @@ class SequenceBatchNorm(nn.Module):
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         if step < 0:
             raise ValueError(f"step (the time index) must be ≥ 0, got {step!r}")
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # mixed precision: the statistics and the normalisation in float32
         if self.training and self.synchronized:
             if x.dim() not in (2, 3):
                 raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
@@ -340,7 +342,8 @@ class SequenceBatchNorm(nn.Module):
         w = mask.to(x.dtype) if mask is not None else x.new_ones(x.shape[:2])  # [T, B]
         if self.stats == "renorm":
             return self._forward_renorm(x, step0, w, synchronized=True)
-        y, mean, var, counts = _SynchronizedBatchNorm.apply(x, w, self.weight, self.bias, self.eps, self.process_group)
+        y, mean, var, counts = _SynchronizedBatchNorm.apply(x, w, self.weight, self.bias, self.eps, self.process_group,
+                                                            self._shift(step0, x.shape[0]))
         return self._finish_training_steps(y, x, step0, counts, mean, var)
 
     def _finish_training_steps(self, y: Tensor, x: Tensor, step0: int, counts: Tensor, mean: Tensor,
@@ -374,15 +377,16 @@ class SequenceBatchNorm(nn.Module):
     def _forward_renorm(self, x: Tensor, step0: int, w: Tensor, synchronized: bool = False,
                         known_counts: list[int] | None = None) -> Tensor:
         """Batch renormalization (module docstring) with statistics over the positions where w [T, B] is 1
-        (of every process when ``synchronized``: the sums go through :class:`_AllReduceSum`). Composed from autograd operations; r and d are constants
-        of the backward pass."""
+        (of every process when ``synchronized``: :meth:`_synchronized_moments`). Composed from autograd
+        operations; r and d are constants of the backward pass."""
         T = x.shape[0]
-        counts = w.sum(1)  # [T]
         if synchronized:
-            dist.all_reduce(counts, group=self.process_group)
-        wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(-1)  # [T, B, 1]
-        mean = self._sum_over_processes((x * wn).sum(1, keepdim=True), synchronized)  # [T, 1, F]
-        var = self._sum_over_processes(((x - mean).square() * wn).sum(1, keepdim=True), synchronized)
+            counts, mean, var = self._synchronized_moments(x, w, step0)
+        else:
+            counts = w.sum(1)  # [T]
+            wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(-1)  # [T, B, 1]
+            mean = (x * wn).sum(1, keepdim=True)  # [T, 1, F]
+            var = ((x - mean).square() * wn).sum(1, keepdim=True)
         std = torch.sqrt(var + self.eps)
         # each step's own slot: one that has seen no batch yet is in its warm-up (plain batch norm), so with a
         # slot per step the result does not depend on which other slots were updated before it (sequence vs
@@ -394,8 +398,21 @@ class SequenceBatchNorm(nn.Module):
         return self._finish_training_steps(y, x, step0, counts, mean.detach().squeeze(1), var.detach().squeeze(1),
                                            known_counts)
 
-    def _sum_over_processes(self, partial: Tensor, synchronized: bool) -> Tensor:
-        return _AllReduceSum.apply(partial, self.process_group) if synchronized else partial
+    def _synchronized_moments(self, x: Tensor, w: Tensor, step0: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(n ``[T]``, μ ``[T, 1, F]``, biased σ² ``[T, 1, F]``) over every process's positions where w is 1,
+        differentiable in x: one all-reduce of the shifted moments (:func:`_shifted_moments`) forward, and
+        one of their gradients backward."""
+        shift = self._shift(step0, x.shape[0])
+        part = _shifted_moments(x, w, shift)
+        sums = _AllReduceSum.apply(part, self.process_group)
+        counts, mean, var = _moments_from_sums(sums, shift)
+        return counts.detach().to(x.dtype), mean.to(x.dtype).unsqueeze(1), var.to(x.dtype).unsqueeze(1)
+
+    def _shift(self, step0: int, T: int) -> Tensor:
+        """The running mean of each step's slot ``[T, F]``: a constant every synchronised rank holds alike,
+        close to the batch mean once the slot has seen a few batches (see :func:`_shifted_moments`)."""
+        idx = torch.tensor([self.slot(step0 + t) for t in range(T)], device=self.running_mean.device)
+        return self.running_mean[idx].detach()
 
     def _fused_batch_norm(self, x2d: Tensor, weight: Tensor | None, bias: Tensor | None):
         """PyTorch's fused training-mode batch norm over the rows of ``x2d`` → (y, batch mean, biased
@@ -485,6 +502,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_forward(float32=True)
     def forward(ctx, x, w, weight, bias, eps):
         wn = (w / w.sum(1, keepdim=True).clamp_min(1)).unsqueeze(1)  # [T, 1, B]
         mean = torch.bmm(wn, x)  # [T, 1, F]: batched weighted sums, BLAS instead of strided reductions
@@ -502,6 +520,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_backward
     def backward(ctx, dy, _dmean, _dvar):
         xhat, invstd, wn, weight = ctx.saved_tensors
         dyx = dy * xhat
@@ -520,25 +539,22 @@ class _MaskedBatchNorm(torch.autograd.Function):
 class _SynchronizedBatchNorm(torch.autograd.Function):
     """:class:`_MaskedBatchNorm` with the sums over the batch taken over every process of ``group``:
 
-        n_t = Σ_{r,b} w_tb,  μ_t = Σ_{r,b} w_tb x_tb / n_t,  σ²_t = Σ_{r,b} w_tb (x_tb − μ_t)² / n_t
+        n_t = Σ_{r,b} w_tb,  μ_t = K_t + Σ_{r,b} w_tb d_tb / n_t,  σ²_t = Σ_{r,b} w_tb d_tb² / n_t − (μ_t − K_t)²
 
-    (one all-reduce for [n_t, Σ w x], a second for the squares about the global mean), and in backward
+    with d = x − K_t and K_t the slot's running mean (:func:`_shifted_moments`: one all-reduce, float64 sums),
+    and in backward
     S₁ = Σ_{r,b} dy, S₂ = Σ_{r,b} dy ⊙ x̂ (one all-reduce); dx as in _MaskedBatchNorm with the global n_t.
     dγ and dβ are this process's own sums: data-parallel training averages parameter gradients itself.
     Returns (y, μ ``[T, F]``, biased σ² ``[T, F]``, n ``[T]``); the statistics carry no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, w, weight, bias, eps, group):
-        T, B, Fdim = x.shape
-        sums = torch.cat([w.sum(1, keepdim=True), torch.einsum("tb,tbf->tf", w, x)], dim=1)  # [T, 1 + F]
+    @autocast_forward(float32=True)
+    def forward(ctx, x, w, weight, bias, eps, group, shift):
+        sums = _shifted_moments(x, w, shift)
         dist.all_reduce(sums, group=group)
-        counts = sums[:, 0]
-        mean = sums[:, 1:] / counts.clamp_min(1).unsqueeze(1)  # [T, F]
+        counts, mean, var = (v.to(x.dtype) for v in _moments_from_sums(sums, shift))
         xhat = x - mean.unsqueeze(1)
-        var = torch.einsum("tb,tbf->tf", w, xhat * xhat)
-        dist.all_reduce(var, group=group)
-        var /= counts.clamp_min(1).unsqueeze(1)
         invstd = torch.rsqrt(var + eps).unsqueeze(1)  # [T, 1, F]
         xhat.mul_(invstd)
         y = xhat * weight if weight is not None else xhat.clone()
@@ -552,6 +568,7 @@ class _SynchronizedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_backward
     def backward(ctx, dy, _dmean, _dvar, _dcounts):
         xhat, invstd, w, counts, weight = ctx.saved_tensors
         dyx = dy * xhat
@@ -566,7 +583,27 @@ class _SynchronizedBatchNorm(torch.autograd.Function):
             scale = invstd if weight is None else invstd * weight
             wn = (w / counts.clamp_min(1).unsqueeze(1)).unsqueeze(2)  # [T, B, 1]
             dx = torch.sub(dy, torch.addcmul(s1, xhat, s2).mul_(wn)).mul_(scale)
-        return dx, None, dweight, dbias, None, None
+        return dx, None, dweight, dbias, None, None, None
+
+
+def _shifted_moments(x: Tensor, w: Tensor, shift: Tensor) -> Tensor:
+    """[Σ_b w, Σ_b w (x − K), Σ_b w (x − K)²] per step, ``[T, 1 + 2F]`` in float64, for x ``[T, B, F]``, w
+    ``[T, B]`` and a shift K ``[T, F]`` that every process holds alike: the synchronised statistics take
+    all three in one all-reduce (each collective is a latency-bound round trip per time step). The one-pass
+    variance from these sums loses about log₂((μ − K)² / σ²) bits; float64 sums and K = the slot's running
+    mean keep that far below the data's own precision."""
+    w64, d64 = w.double(), x.double() - shift.double().unsqueeze(1)
+    return torch.cat([w64.sum(1, keepdim=True), torch.einsum("tb,tbf->tf", w64, d64),
+                      torch.einsum("tb,tbf->tf", w64, d64 * d64)], dim=1)
+
+
+def _moments_from_sums(sums: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(n ``[T]``, μ ``[T, F]``, biased σ² ``[T, F]``) from the summed :func:`_shifted_moments`."""
+    F_ = shift.shape[-1]
+    n = sums[:, :1].clamp_min(1)
+    centred = sums[:, 1 : 1 + F_] / n
+    var = (sums[:, 1 + F_ :] / n - centred * centred).clamp_min(0)
+    return sums[:, 0], centred + shift, var
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -21,8 +21,10 @@ collective that waits for a dead peer fails after ``timeout`` (:data:`DEFAULT_TI
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -94,10 +96,78 @@ def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend)
 
 
+@dataclass(frozen=True)
+class TrainingProcess:
+    """Where a training run computes and, under ``torchrun``, which process of the group this is."""
+
+    device: torch.device
+    distributed: Distributed | None
+    log: object  # rank 0's log; a silent one on the other ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.distributed is None or self.distributed.is_main
+
+    def run_folder_lock(self, run_dir: str | Path):
+        """The run folder's lock, held by rank 0 alone (the ranks of one run share the folder)."""
+        from bnrhn.folder_lock import FolderLock
+
+        return FolderLock(run_dir, "run folder") if self.is_main else nullcontext()
+
+
+def start_training_process(device: str, precision: str, batch_size: int, rows: str, log) -> TrainingProcess:
+    """The first step of every training command: the device (a missing GPU fails here, before any work), the
+    process group when ``torchrun`` started several processes, and a line when ``precision`` is slow or
+    unsupported there. ``rows`` names what a batch is made of, for the error when there are fewer than ranks."""
+    from bnrhn.devices import precision_note, resolve_device
+
+    where = resolve_device(device)
+    distributed = from_environment(where)
+    if distributed is not None and not distributed.is_main:
+        log = _quiet
+    if distributed is not None and batch_size < distributed.world_size:
+        raise ValueError(f"--batch-size {batch_size} is smaller than the {distributed.world_size} processes that "
+                         f"share each batch's {rows}")
+    note = precision_note(precision, where)
+    if note:
+        log(note)
+    return TrainingProcess(where, distributed, log)
+
+
+def _quiet(message: str) -> None:
+    """The log of data-parallel ranks other than 0 (rank 0 reports for the run)."""
+
+
+def prepare_replica(model: torch.nn.Module, distributed: Distributed, bn_stats: str, seed: int, log) -> None:
+    """Set up this rank's copy of a freshly built model: its batch norm synchronised over the ranks
+    (``bn_stats="sync"``, see :func:`bnrhn.nn.seq_batchnorm.synchronize_batch_norm`) or kept local; ranks
+    other than 0 reseeded, so that they draw their own dropout masks (rank 0 keeps one process's stream)."""
+    from bnrhn.nn.seq_batchnorm import synchronize_batch_norm
+
+    if bn_stats == "sync":
+        synchronize_batch_norm(model)
+    if distributed.rank > 0:
+        torch.manual_seed(seed + 7919 * distributed.rank)
+    note = synchronised_batch_norm_note(distributed, model)
+    if note:
+        log(note)
+
+
+def synchronised_batch_norm_note(distributed: Distributed, model: torch.nn.Module) -> str | None:
+    """A line for runs whose batch norm is synchronised over gloo processes: each normalised pre-activation
+    costs ~3 collectives per time step, which on the CPU costs more than the step's arithmetic."""
+    if distributed.backend != "gloo" or not any(getattr(m, "sync_statistics", False) for m in model.modules()):
+        return None
+    return ("note: batch-norm statistics synchronised over gloo processes cost ~3 collectives per normalised "
+            "pre-activation and time step; on one machine's CPU that is slower than one process with threads "
+            "(docs/performance.md); --bn-stats local avoids them")
+
+
 def refuse_data_parallel(what: str) -> None:
     """``ValueError`` when started by a launcher with several processes: ``what`` trains in one process only
     (N copies would write the same run folder)."""
     world = environment_world_size()
     if world > 1:
         raise ValueError(f"{what} trains in one process; it was started as {world} processes (torchrun?). "
-                         "Data-parallel training exists for bnrhn train and bnrhn compare (docs/distributed.md)")
+                         "Data-parallel training exists for bnrhn train, bnrhn compare and bnrhn lm train "
+                         "(docs/distributed.md)")
