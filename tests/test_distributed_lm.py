@@ -91,8 +91,11 @@ def test_two_processes_equal_one_with_the_same_streams(runs, name):
 
 
 def test_local_batch_norm_statistics_differ_from_one_process(runs):
-    with pytest.raises(AssertionError):
-        assert_same_training(runs / "one" / "bn_rhn", runs / "two" / "bn_rhn-local")
+    """Each rank normalising with its own 3 or 2 streams trains differently: the comparison above can fail."""
+    one, local = losses(runs / "one" / "bn_rhn"), losses(runs / "two" / "bn_rhn-local")
+    assert len(one) == len(local) == 4
+    assert max(abs(a - b) for a, b in zip(one, local)) > 1e-4  # far beyond the 1e-5 that the comparison above allows
+
 
 
 def test_resumed_data_parallel_lm_equals_an_uninterrupted_one(runs):

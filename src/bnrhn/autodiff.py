@@ -49,9 +49,9 @@ def autocast_backward(bwd):
     @functools.wraps(bwd)
     def backward(ctx, *grads):
         device, active, dtype = ctx.autocast_state
-        if not active:
-            return bwd(ctx, *grads)
-        with torch.autocast(device, dtype=dtype):
+        if torch.is_autocast_enabled(device) == active and (not active or torch.get_autocast_dtype(device) == dtype):
+            return bwd(ctx, *grads)  # the forward's state already (the common case: no context to enter)
+        with torch.autocast(device, dtype=dtype, enabled=active):
             return bwd(ctx, *grads)
 
     return backward

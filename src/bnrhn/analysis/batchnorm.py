@@ -144,7 +144,7 @@ def _caption_batch_losses(model, feats: Tensor, tokens: Tensor, lengths: Tensor)
     """Per position k: (summed cross-entropy, number of tokens = valid rows) for one batch."""
     logits, targets, mask = model.teacher_forced_logits(feats, tokens, lengths)
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask  # [B, L−1]
-    return ce.double().sum(0), mask.sum(0).long()
+    return ce.double().sum(0).cpu(), mask.sum(0).long().cpu()  # summed on the host, whatever the device
 
 
 def _accumulate(model, batches, inputs, max_positions: int, restore: bool) -> ModeLoss:

@@ -101,9 +101,13 @@ def run_seed_report(args) -> dict[str, Any]:
     from bnrhn.data.text import CharCorpus
     from bnrhn.lm.train import LMTrainConfig, train_char_lm
     from bnrhn.training import TrainingDiverged, load_checkpoint
+    from bnrhn.devices import resolve_device
     from bnrhn.training.distributed import refuse_data_parallel
 
     refuse_data_parallel("bnrhn lm experiment")  # its variants write one report; data-parallel is for lm train
+    # the device the variants record: "auto" resolved to its kind, so that finished variants (saved with
+    # "cpu" or "cuda" before auto was the default) are recognised as the same settings
+    device = args.device if args.device != "auto" else resolve_device("auto").type
     names = list(VARIANTS) if not args.variants else [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [n for n in names if n not in VARIANTS]
     if bad:
@@ -131,7 +135,7 @@ def run_seed_report(args) -> dict[str, Any]:
             batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size, lr=args.lr,
             epochs=args.epochs, max_steps=args.max_steps or None, max_minutes=args.max_minutes or None,
             validate_every=args.validate_every,
-            valid_chars=args.valid_chars or None, seed=args.seed, device=args.device, progress=progress, overwrite=True,
+            valid_chars=args.valid_chars or None, seed=args.seed, device=device, progress=progress, overwrite=True,
         )
         old = previous.get("variants", {}).get(name)
         if old and not args.overwrite and _cfg_key(old.get("config", {})) == _cfg_key(asdict(cfg)):

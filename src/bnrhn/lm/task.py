@@ -84,7 +84,8 @@ def _all_streams(state: list, rank: int, world_size: int, streams: int) -> list:
         layer = []
         for t in s:
             width = t[0].numel()
-            layer.append(full[:, col : col + width].reshape(streams, *t.shape[1:]))
+            # contiguous: cuDNN's recurrent kernels refuse strided initial states
+            layer.append(full[:, col : col + width].reshape(streams, *t.shape[1:]).contiguous())
             col += width
         out.append(tuple(layer))
     return out
@@ -156,15 +157,17 @@ class CharLMTask:
             self.carried = None
         state = self.carried
         if isinstance(batch, StreamShard) and state is not None:
-            state = [tuple(t[batch.rank :: batch.world_size] for t in s) for s in state]
+            state = [tuple(t[batch.rank :: batch.world_size].contiguous() for t in s) for s in state]
         x = window.inputs.to(self.device)
         y = window.targets.to(self.device)
         logits, state = self.model(x, state=state, step=0)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        state = _detach(state)
-        if isinstance(batch, StreamShard) and self.carry_state:
-            state = _all_streams(state, batch.rank, batch.world_size, self.batch_size)
-        self.carried = state
+        if not self.carry_state:  # the next window starts from zero: nothing to carry (or to save)
+            self.carried = None
+        elif isinstance(batch, StreamShard):
+            self.carried = _all_streams(_detach(state), batch.rank, batch.world_size, self.batch_size)
+        else:
+            self.carried = _detach(state)
         return loss, window.num_targets
 
     def validate(self) -> dict[str, float]:
@@ -186,7 +189,8 @@ class CharLMTask:
         if CharVocab.from_dict(d["vocab"]) != self.corpus.vocab:
             raise ValueError("the checkpoint's character vocabulary differs from this corpus's; resume with the same text")
         carried = d.get("carried")
-        self.carried = None if carried is None else [tuple(t.to(self.device) for t in s) for s in carried]
+        dtype = next(self.model.parameters()).dtype  # a resumed run may change --precision (fp32 ↔ fp64)
+        self.carried = None if carried is None else [tuple(t.to(self.device, dtype) for t in s) for s in carried]
 
     def config_dict(self) -> dict[str, Any]:
         return {

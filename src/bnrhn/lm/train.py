@@ -167,8 +167,8 @@ def train_char_lm(cfg: LMTrainConfig, resume: bool = False, corpus: CharCorpus |
 
     Started by ``torchrun`` with several processes, this is data-parallel training (see
     :mod:`bnrhn.training.distributed` and :class:`bnrhn.lm.task.CharLMTask`): each rank trains every N-th
-    stream of each window; rank 0 holds the lock, writes the run and scores it, and every rank returns the
-    same results.
+    stream of each window; rank 0 holds the lock, writes the run and scores it (the results it returns); the
+    other ranks return once training ends, with their rank, steps and stop reason only.
     """
     from bnrhn.training.distributed import start_training_process
 
@@ -235,8 +235,9 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch; on {where}")
     t0 = time.perf_counter()
     summary = trainer.fit(resume=resume)
-    if not main:  # rank 0 scores the run and writes results.json; every rank returns its results
-        return distributed.broadcast_object(None)
+    if not main:  # rank 0 scores the run and writes results.json, alone: no collective waits for the scoring
+        return {"run_dir": str(run_dir), "rank": distributed.rank, "steps": summary["steps"],
+                "stopped": summary["stopped"]}
     if resume:
         save_lm_config(cfg)  # budgets may have been extended
     wall = time.perf_counter() - t0
@@ -267,7 +268,7 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         "validations": summary["validations"],
     }
     (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    return results if distributed is None else distributed.broadcast_object(results)
+    return results
 
 
 def save_lm_config(cfg: LMTrainConfig) -> None:

@@ -44,8 +44,9 @@ Two options make training see what inference sees (see docs/cells.md, "The batch
 
 Synchronised statistics (data-parallel training, :meth:`SequenceBatchNorm.synchronize`): with N processes
 each holding B/N rows of a global batch, step t's statistics are those of the *global* batch — the valid
-count n_t, Σ_b w x and Σ_b w x² (one all-reduce, summed in float64, so that the one-pass variance keeps
-float32's precision) — and the backward all-reduces Σ_b dy and
+count n_t, Σ_b w (x − K_t) and Σ_b w (x − K_t)² about the slot's running mean K_t, which every rank holds
+alike (one all-reduce, summed in float64, so that the one-pass variance keeps the data's precision) — and
+the backward all-reduces Σ_b dy and
 Σ_b dy ⊙ x̂, so N ranks × B/N rows give one process's normalisation, gradients and running statistics
 (identical on every rank). Batch renormalization takes the same sums through a differentiable all-reduce. ``torch.nn.SyncBatchNorm`` does this for the plain BatchNorm (on CUDA only);
 it knows neither time steps nor masks.

@@ -155,10 +155,11 @@ def prepare_replica(model: torch.nn.Module, distributed: Distributed, bn_stats: 
 
 def synchronised_batch_norm_note(distributed: Distributed, model: torch.nn.Module) -> str | None:
     """A line for runs whose batch norm is synchronised over gloo processes: each normalised pre-activation
-    costs ~3 collectives per time step, which on the CPU costs more than the step's arithmetic."""
+    costs 2 collectives per time step (one forward, one backward), which on the CPU costs more than the
+    step's arithmetic."""
     if distributed.backend != "gloo" or not any(getattr(m, "sync_statistics", False) for m in model.modules()):
         return None
-    return ("note: batch-norm statistics synchronised over gloo processes cost ~3 collectives per normalised "
+    return ("note: batch-norm statistics synchronised over gloo processes cost 2 collectives per normalised "
             "pre-activation and time step; on one machine's CPU that is slower than one process with threads "
             "(docs/performance.md); --bn-stats local avoids them")
 
