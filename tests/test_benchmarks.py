@@ -1,4 +1,5 @@
-"""The benchmark scripts run (tiny sizes): they must not rot between the times someone measures with them."""
+"""The benchmark scripts run (tiny sizes): they must not rot between the times someone measures with them.
+Slow-marked (about 35 s together on a 2-core AVX2 machine): CI runs them with the other slow tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
