@@ -199,7 +199,11 @@ def run_seed_report(args) -> dict[str, Any]:
 def _cfg_key(cfg: dict[str, Any]) -> str:
     """Settings that decide a variant's result (JSON-normalised), to reuse finished variants. Settings added
     since a variant was saved count with their default value (which is what that run used)."""
-    cfg = {"precision": "fp32", "bn_stats": "sync", **cfg}
+    from dataclasses import MISSING, fields
+
+    from bnrhn.lm.train import LMTrainConfig
+
+    cfg = {**{f.name: f.default for f in fields(LMTrainConfig) if f.default is not MISSING}, **cfg}
     return json.dumps({k: v for k, v in cfg.items() if k not in ("progress", "overwrite")}, sort_keys=True, default=str)
 
 

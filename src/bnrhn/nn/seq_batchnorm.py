@@ -62,7 +62,8 @@ from torch.autograd.function import once_differentiable
 
 from bnrhn.autodiff import autocast_backward, autocast_forward, plain_autograd
 
-__all__ = ["SequenceBatchNorm", "check_statistics_options", "synchronize_batch_norm", "uses_batch_statistics"]
+__all__ = ["SequenceBatchNorm", "check_statistics_options", "synchronize_batch_norm", "uses_batch_statistics",
+           "uses_synchronized_statistics"]
 
 _STATS = ("momentum", "cumulative", "renorm")
 
@@ -92,6 +93,12 @@ def check_statistics_options(max_steps: object, stats: object, momentum: object,
 def uses_batch_statistics(model: nn.Module) -> bool:
     """Whether ``model`` holds a :class:`SequenceBatchNorm` (its training outputs depend on the batch)."""
     return any(isinstance(m, SequenceBatchNorm) for m in model.modules())
+
+
+def uses_synchronized_statistics(model: nn.Module) -> bool:
+    """Whether a :class:`SequenceBatchNorm` of ``model`` was asked to synchronise its statistics
+    (:func:`synchronize_batch_norm`)."""
+    return any(isinstance(m, SequenceBatchNorm) and m.sync_statistics for m in model.modules())
 
 
 def synchronize_batch_norm(model: nn.Module, group=None) -> int:

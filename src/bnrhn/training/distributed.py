@@ -157,7 +157,9 @@ def synchronised_batch_norm_note(distributed: Distributed, model: torch.nn.Modul
     """A line for runs whose batch norm is synchronised over gloo processes: each normalised pre-activation
     costs 2 collectives per time step (one forward, one backward), which on the CPU costs more than the
     step's arithmetic."""
-    if distributed.backend != "gloo" or not any(getattr(m, "sync_statistics", False) for m in model.modules()):
+    from bnrhn.nn.seq_batchnorm import uses_synchronized_statistics
+
+    if distributed.backend != "gloo" or not uses_synchronized_statistics(model):
         return None
     return ("note: batch-norm statistics synchronised over gloo processes cost 2 collectives per normalised "
             "pre-activation and time step; on one machine's CPU that is slower than one process with threads "

@@ -155,13 +155,14 @@ class Trainer:
     def _data_parallel(self, task):
         from torch.nn.parallel import DistributedDataParallel
 
+        from bnrhn.nn.seq_batchnorm import uses_synchronized_statistics
+
         if not hasattr(task, "shard"):
             raise ValueError(f"{type(task).__name__} cannot train data-parallel: it has no shard(batch, rank, world_size)")
         # Synchronised batch norm keeps its running statistics identical on every rank; DDP's default
         # broadcast of rank 0's buffers before each forward would be redundant. Per-rank statistics keep
         # DDP's default: rank 0's running statistics are the ones every rank uses and saves.
-        synchronised = any(getattr(m, "sync_statistics", False) for m in task.model.modules())
-        return DistributedDataParallel(_TaskStep(task), forward_sync_buffers=not synchronised)
+        return DistributedDataParallel(_TaskStep(task), forward_sync_buffers=not uses_synchronized_statistics(task.model))
 
     # ----------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
