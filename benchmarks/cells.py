@@ -36,6 +36,7 @@ import time
 import torch
 from torch import nn
 
+from bnrhn import kernels
 from bnrhn.nn import Recurrent
 
 CELLS = ["rnn", "lstm", "gru", "mut1", "mut2", "mut3", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"]
@@ -68,6 +69,14 @@ def parse_cell_spec(spec: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             opts[key] = value
     return name, opts
+
+
+def bypassing(step):
+    def bypassed_step() -> None:
+        with kernels.bypassed():
+            step()
+
+    return bypassed_step
 
 
 def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
@@ -134,6 +143,9 @@ def main() -> None:
                     help="also time each cell's matrix products alone (the ceiling its GFLOP/s can reach)")
     ap.add_argument("--compiled", nargs="*", default=[], metavar="CELL",
                     help="also torch.compile of these cells' composed steps (rows 'compiled NAME')")
+    ap.add_argument("--composed", nargs="*", default=[], metavar="CELL",
+                    help="also these cells with the fused CPU gate kernels bypassed (rows 'NAME, composed': "
+                         "PyTorch's kernels for tanh, σ and the state update, as where the kernels cannot be built)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -159,7 +171,12 @@ def main() -> None:
             cell.fused = False  # the composed reference step: Inductor gets plain PyTorch operations
         models[f"compiled {spec}"] = layer
         compiled[f"compiled {spec}"] = torch.compile(layer)
+    for spec in args.composed:
+        models[f"{spec}, composed"] = layer_of(spec)
     steps = {name: make_step(compiled.get(name, m).train(), x, target) for name, m in models.items()}
+    for spec in args.composed:
+        steps[f"{spec}, composed"] = bypassing(steps[f"{spec}, composed"])
+    print(kernels.status())
     if args.products:
         for name, m in models.items():
             cell = m if isinstance(m, TorchLSTM) else m.cells[0]

@@ -23,3 +23,23 @@ def feature_cache(shared_cache):
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     return shared_cache
+
+
+@pytest.fixture(params=["kernels", "composed"])
+def gate_kernels(request, monkeypatch):
+    """Runs a test twice: with the fused CPU gate kernels (:mod:`bnrhn.kernels`, forced on; skips, saying why,
+    where they cannot be built) and with PyTorch's composed operations (``BNRHN_GATE_KERNELS=off``)."""
+    import torch
+
+    from bnrhn import kernels
+
+    if request.param == "kernels":
+        why = kernels.compiler_missing()
+        if why:
+            pytest.skip(f"the fused CPU gate kernels cannot be built here: {why}")
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "on" if request.param == "kernels" else "off")
+    kernels.reset()
+    in_use = kernels.ops_for(torch.zeros(1)) is not None
+    assert in_use == (request.param == "kernels"), kernels.status()
+    yield request.param
+    kernels.reset()

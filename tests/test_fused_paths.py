@@ -18,6 +18,8 @@ FUSED_CASES = [
     ("bn_rhn", {"normalize": "t", "per_step": False}),
     ("bn_rhn", {"carry": "coupled", "normalize": "h,t", "input_at": "every"}),
     ("bn_rhn", {"normalize": ""}),  # batch norm on no gate: the composition (bias in the projection)
+    ("rhn", {}),  # no normaliser: the one-node layer where the gate kernels serve, else the composition
+    ("rhn", {"carry": "free", "input_at": "every"}),
     ("bn_lstm", {"stats": "momentum"}),
     ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}),
     ("bn_lstm", {}),  # batch renormalization, the default: the composition on both sides (no fused BN-LSTM yet)
@@ -37,7 +39,7 @@ def _run(rnn, x, lengths, seed):
 
 @pytest.mark.parametrize("name,opts", FUSED_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_CASES)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_training_path_equals_the_autograd_composition(name, opts, padded):
+def test_fused_training_path_equals_the_autograd_composition(name, opts, padded, gate_kernels):
     torch.manual_seed(0)
     extra = {"depth": 3} if "rhn" in name else {}
     kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **extra, **opts)
@@ -84,8 +86,8 @@ def test_the_fast_paths_are_taken(monkeypatch):
     assert calls == {"highway": 2 * 5 * 2, "lstm": 5}
 
 
-@pytest.mark.parametrize("G,normed", [(2, (0,)), (2, (0, 1)), (3, (0,)), (3, (1, 2))])
-def test_highway_step_gradcheck(G, normed):
+@pytest.mark.parametrize("G,normed", [(2, (0,)), (2, (0, 1)), (3, (0,)), (3, (1, 2)), (2, ()), (3, ())])
+def test_highway_step_gradcheck(G, normed, gate_kernels):
     torch.manual_seed(0)
     B, H = 5, 3
     a = torch.randn(B, G * H, dtype=torch.float64, requires_grad=True)
@@ -93,12 +95,16 @@ def test_highway_step_gradcheck(G, normed):
     bias = torch.randn(G * H, dtype=torch.float64, requires_grad=True)
     gammas = [(torch.rand(H, dtype=torch.float64) + 0.5).requires_grad_() for _ in normed]
     spec = (H, G, tuple(normed), 1e-5)
+    if not normed:  # the bias is in a already (rhn): the node gets None
+        f = lambda a, s: HighwayStep.apply(spec, a, s, None)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(f, (a, s))
+        return
     f = lambda a, s, b, *gs: HighwayStep.apply(spec, a, s, b, *gs)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (a, s, bias, *gammas))
 
 
 @pytest.mark.parametrize("carry_normed", [False, True])
-def test_bn_lstm_step_gradcheck(carry_normed):
+def test_bn_lstm_step_gradcheck(carry_normed, gate_kernels):
     torch.manual_seed(0)
     B, H = 5, 3
     d = dict(dtype=torch.float64, requires_grad=True)

@@ -14,6 +14,11 @@ and its gradient, written by hand:
     free:     dh = ds ⊙ t,  dt = ds ⊙ h,  dc = ds ⊙ s_{l−1},  ds_{l−1} = ds ⊙ c
     dp_h = dh ⊙ (1 − h²),  dp_{t,c} = d{t,c} ⊙ σ'(·),  da_g = BN-backward(dp_g) or dp_g,  db_g = Σ_b dp_g
 
+Where the fused CPU kernels of :mod:`bnrhn.kernels` serve the tensors, the activations and the state
+update are one pass over memory (``highway_forward``) and so is everything before the batch-norm
+backward (``highway_backward``); elsewhere (CUDA, 16-bit, no compiler) the same equations run as a few
+in-place PyTorch kernels.
+
 Why by hand: composed from autograd operations, one highway layer is a dozen graph nodes, and the
 split of a into gates costs a concatenation of their gradients in backward. Each of those passes
 over a small ``[B, H]`` tensor costs about as much as its arithmetic, and an RHN step has L of these
@@ -29,6 +34,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from bnrhn import kernels
 from bnrhn.autodiff import autocast_backward, autocast_forward
 
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
@@ -40,7 +46,7 @@ class HighwayStep(Function):
 
     ``spec`` = (hidden size H, number of gates G (2 coupled, 3 free), indices of the batch-normalised
     gates, ε). ``bias`` is ``[G·H]`` (not yet in ``a``); ``gammas`` are the scales of the normalised
-    gates, in order. The returned means and biased variances (one pair per normalised gate,
+    gates, in order; ``bias=None`` when ``a`` has its bias already (no normalised gate). The returned means and biased variances (one pair per normalised gate,
     no gradient) are the batch statistics, for the caller's running averages.
     """
 
@@ -48,7 +54,7 @@ class HighwayStep(Function):
     @autocast_forward(float32=True)
     def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor, *gammas: Tensor):
         H, G, normed, eps = spec
-        act = a + bias
+        act = a.clone() if bias is None else a + bias
         bn_inputs, saved_stats, stats = [], [], []
         for k, g in enumerate(normed):
             cols = slice(g * H, (g + 1) * H)
@@ -58,14 +64,16 @@ class HighwayStep(Function):
             bn_inputs.append(x)
             saved_stats += [mean, invstd]
             stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
-        h = act[:, :H].tanh_()
-        act[:, H:].sigmoid_()
-        t = act[:, H : 2 * H]
-        if G == 2:
-            s_new = torch.lerp(s, h, t)
+        ops = kernels.ops_for(act, s)
+        if ops is not None:
+            s = s.contiguous()
+            s_new = ops.highway_forward(act, s, G)
         else:
-            s_new = torch.addcmul(h * t, s, act[:, 2 * H :])
-        ctx.spec = spec
+            h = act[:, :H].tanh_()
+            act[:, H:].sigmoid_()
+            t = act[:, H : 2 * H]
+            s_new = torch.lerp(s, h, t) if G == 2 else torch.addcmul(h * t, s, act[:, 2 * H :])
+        ctx.spec, ctx.ops = spec, ops
         ctx.save_for_backward(act, s, *bn_inputs, *saved_stats, *gammas)
         ctx.mark_non_differentiable(*stats)
         return (s_new, *stats)
@@ -78,19 +86,10 @@ class HighwayStep(Function):
         act, s, *rest = ctx.saved_tensors
         n = len(normed)
         bn_inputs, saved_stats, gammas = rest[:n], rest[n : 3 * n], rest[3 * n :]
-        h, t = act[:, :H], act[:, H : 2 * H]
-        da = torch.empty_like(act)
-        # d(gate outputs) into da, then in place into d(pre-activations)
-        torch.mul(ds, t, out=da[:, :H])
-        if G == 2:
-            torch.mul(ds, h - s, out=da[:, H:])
-            ds_prev = ds - ds * t
+        if ctx.ops is not None:
+            da, ds_prev = ctx.ops.highway_backward(ds.contiguous(), act, s, G)
         else:
-            torch.mul(ds, h, out=da[:, H : 2 * H])
-            torch.mul(ds, s, out=da[:, 2 * H :])
-            ds_prev = ds * act[:, 2 * H :]
-        _tanh_backward(da[:, :H], h, grad_input=da[:, :H])
-        _sigmoid_backward(da[:, H:], act[:, H:], grad_input=da[:, H:])
+            da, ds_prev = _composed_backward(ds, act, s, H, G)
         db = da.sum(0) if ctx.needs_input_grad[3] else None  # before the normalised slices are replaced
         dgammas = []
         for k, g in enumerate(normed):
@@ -102,3 +101,21 @@ class HighwayStep(Function):
             da[:, cols] = dx
             dgammas.append(dgamma)
         return (None, da, ds_prev, db, *dgammas)
+
+
+def _composed_backward(ds: Tensor, act: Tensor, s: Tensor, H: int, G: int) -> tuple[Tensor, Tensor]:
+    """∂L/∂(pre-activations) and ∂L/∂s_{l−1} from PyTorch kernels (the equations of the module docstring)."""
+    h, t = act[:, :H], act[:, H : 2 * H]
+    da = torch.empty_like(act)
+    # d(gate outputs) into da, then in place into d(pre-activations)
+    torch.mul(ds, t, out=da[:, :H])
+    if G == 2:
+        torch.mul(ds, h - s, out=da[:, H:])
+        ds_prev = ds - ds * t
+    else:
+        torch.mul(ds, h, out=da[:, H : 2 * H])
+        torch.mul(ds, s, out=da[:, 2 * H :])
+        ds_prev = ds * act[:, 2 * H :]
+    _tanh_backward(da[:, :H], h, grad_input=da[:, :H])
+    _sigmoid_backward(da[:, H:], act[:, H:], grad_input=da[:, H:])
+    return da, ds_prev

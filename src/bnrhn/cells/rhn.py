@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bnrhn import kernels
 from bnrhn.cells.base import RecurrentCell, State, check_size
 from bnrhn.cells.highway import HighwayStep
 from bnrhn.autodiff import plain_autograd
@@ -150,19 +151,22 @@ class RHNCell(RecurrentCell):
         layers = range(self.depth) if self.input_at == "every" else range(1)
         return torch.nn.functional.linear(x, self.weight_ih, torch.cat([self.bias[l] for l in layers]))
 
-    def _can_fuse(self, batch_size: int, mask) -> bool:
-        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`: batch
-        norm with the plain batch statistics of a full (unpadded) batch, no gate log, ordinary autograd.
-        (Without normalisation the composition is as fast: measured 73 vs 78 ms per training step.)"""
+    def _can_fuse(self, state: Tensor, mask) -> bool:
+        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`: ordinary
+        autograd, no gate log, and either batch norm with the plain batch statistics of a full (unpadded)
+        batch in training, or no normaliser where the fused CPU kernels serve the state (without them the
+        composition is as fast there: measured 73 vs 78 ms per training step)."""
         if not self.fused or self.gate_log is not None or not plain_autograd():
             return False
-        if not (self.norm == "batch" and self.normalize and self.training and mask is None):
+        if self.norm == "none" or not self.normalize:
+            return torch.is_grad_enabled() and kernels.ops_for(state) is not None
+        if not (self.norm == "batch" and self.training and mask is None):
             return False
         # synchronised statistics (data-parallel training) need the reductions over processes of SequenceBatchNorm
-        return all(bn.batch_statistics_apply(batch_size) and not bn.synchronized for bn in self.norms.values())
+        return all(bn.batch_statistics_apply(state.shape[0]) and not bn.synchronized for bn in self.norms.values())
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
-        if self._can_fuse(state[0].shape[0], mask):
+        if self._can_fuse(state[0], mask):
             return self._recur_fused(xp, state, step, h_mask)
         return self._recur_reference(xp, state, step, mask, h_mask)
 
@@ -177,6 +181,11 @@ class RHNCell(RecurrentCell):
         n = s.shape[0]
         for l in range(self.depth):
             s_in = s if h_mask is None else s * h_mask
+            if not normed:  # no normaliser: the bias is in xp (layers that read x_t) or joins the product
+                a = self.recurrent_mm(l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l],
+                                      None if l == 0 or every else self.bias[l])
+                s, = HighwayStep.apply(spec, a, s, None)
+                continue
             a = self.recurrent_mm(l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l])
             layer_norms = norms[l * len(normed) : (l + 1) * len(normed)]
             bias, gammas = self.bias[l], [bn.weight for bn in layer_norms]
@@ -240,7 +249,10 @@ class RHNCell(RecurrentCell):
                         norm = self.norms[f"{g}{l}"]
                         parts[gi] = norm(parts[gi], step, mask) if self.norm == "batch" else norm(parts[gi])
                 a = torch.cat(parts, dim=1) + self.bias[l]
-            if self.carry == "coupled":
+            ops = None if torch.is_grad_enabled() or self.gate_log is not None else kernels.ops_for(a, s)
+            if ops is not None and a.is_contiguous() and plain_autograd():
+                s = ops.highway_forward(a, s.contiguous(), len(self.gate_names))  # inference: a is scratch
+            elif self.carry == "coupled":
                 a_h, a_t = a.chunk(2, dim=1)
                 h, t = torch.tanh(a_h), torch.sigmoid(a_t)
                 c = None

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnrhn import kernels
 from bnrhn.cells import pin_statistics
 from bnrhn.nn import Recurrent
 
@@ -277,7 +278,7 @@ class ShowAttendTell(Captioner):
         return state, self.att_feat(grid)
 
     def _attend(self, grid: Tensor, keys: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1)  # [B, N]
+        e = self.att_score(kernels.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1)  # [B, N]
         alpha = e.softmax(-1)
         z = torch.bmm(alpha.unsqueeze(1), grid).squeeze(1) * torch.sigmoid(self.gate(h))  # [B, F]
         return z, alpha

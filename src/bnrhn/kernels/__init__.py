@@ -1,0 +1,221 @@
+"""Fused elementwise kernels for the recurrent steps on the CPU (``gates.cpp``), built on first use.
+
+The highway layer, the BN-LSTM step and the attention scores spend most of their non-product time in
+tanh and σ, each a separate PyTorch kernel with its own pass over memory. How fast those are depends on
+the processor: MKL's vector tanh takes 0.15 ns per element on an AVX-512 Intel machine and 4.4 ns on an
+AVX2 AMD EPYC (docs/performance.md). ``gates.cpp`` does each phase of a step (activations and state
+update; all the backward's products) in one pass with ATen's vectorised math.
+
+Three things decide whether a step uses it:
+
+- ``BNRHN_GATE_KERNELS`` = ``auto`` (default), ``on`` or ``off``;
+- it must build: ``torch.utils.cpp_extension`` compiles it with the machine's C++ compiler into
+  PyTorch's extension cache (about 20 s, once per machine and source version; ``python -m bnrhn.kernels``
+  does it ahead of time). Where there is no compiler, or the build fails, one line says so and every
+  cell runs PyTorch's composed operations instead — same equations, nothing else changes;
+- with ``auto``, it must be faster here: the first use times one highway layer's elementwise forward and
+  backward both ways ([64, 3·256] float32, a few milliseconds) and keeps the faster for the process.
+
+Only CPU tensors of float32 or float64 qualify (CUDA and 16-bit tensors use PyTorch's kernels).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bnrhn.autodiff import plain_autograd
+
+_SOURCE = Path(__file__).with_name("gates.cpp")
+_MODES = ("auto", "on", "off")
+_FLAGS = {  # compiler flags per ATen CPU capability: the extension's Vectorized<T> matches PyTorch's own
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+}
+
+_lock = threading.Lock()
+_state: dict = {}  # "ops": the loaded op namespace or None, "why": reason it is not used, "choice": timings
+
+
+def mode() -> str:
+    value = os.environ.get("BNRHN_GATE_KERNELS", "auto").strip().lower()
+    if value not in _MODES:
+        raise ValueError(f"BNRHN_GATE_KERNELS must be one of {_MODES}, got {value!r}")
+    return value
+
+
+def capability() -> str:
+    """ATen's CPU capability in use ("AVX512", "AVX2", "DEFAULT", …), which the build targets."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def compiler_missing() -> str | None:
+    """Why no extension can be built here (no C++ compiler), or None."""
+    cxx = os.environ.get("CXX", "c++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx!r} not found; set $CXX)"
+
+
+def build(verbose: bool = False):
+    """Compile (or find in PyTorch's extension cache) and load the kernels; returns ``torch.ops.bnrhn_gates``.
+    Raises RuntimeError with the reason when it cannot."""
+    why = compiler_missing()
+    if why:
+        raise RuntimeError(why)
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary in the venv's bin/
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            raise RuntimeError("ninja not found (pip install ninja)") from None
+    cap = capability()
+    flags = ["-O3", "-DNDEBUG", *_FLAGS.get(cap, [])]
+    load(f"bnrhn_gates_{cap.lower()}", [str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=verbose)
+    return torch.ops.bnrhn_gates
+
+
+def _first_error(exc: Exception) -> str:
+    """The compiler's first error line of a failed build (its message starts with the whole command line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    return ((errors or lines or [type(exc).__name__])[0])[:200]
+
+
+def _say(line: str) -> None:
+    print(f"bnrhn: {line}", file=sys.stderr, flush=True)
+
+
+def _load() -> None:
+    """Fill ``_state`` once per process (thread-safe)."""
+    with _lock:
+        if "ops" in _state:
+            return
+        chosen = mode()
+        if chosen == "off":
+            _state.update(ops=None, why="BNRHN_GATE_KERNELS=off")
+            return
+        try:
+            ops = build()
+        except Exception as exc:  # noqa: BLE001 — any build failure: the composed path, said once
+            first = _first_error(exc)
+            _state.update(ops=None, why=f"not built: {first}")
+            _say(f"fused CPU gate kernels not available ({first}); the cells use PyTorch's composed "
+                 "operations (same equations, slower on CPUs with slow vector math)")
+            return
+        _state.update(ops=ops, why=None)
+        if chosen == "auto":
+            fused_us, composed_us = _time_both(ops)
+            _state["choice"] = (fused_us, composed_us)
+            if fused_us >= composed_us:
+                _state.update(ops=None, why=f"slower here ({fused_us:.0f} vs {composed_us:.0f} µs per layer)")
+
+
+def _time_both(ops, reps: int = 20) -> tuple[float, float]:
+    """µs per highway layer's elementwise forward + backward, fused and composed ([64, 3·256] float32)."""
+    g = torch.Generator().manual_seed(0)
+    B, H = 64, 256
+    a = torch.randn(B, 3 * H, generator=g)
+    s, ds = torch.randn(B, H, generator=g), torch.randn(B, H, generator=g)
+
+    def fused():
+        act = a.clone()
+        ops.highway_forward(act, s, 3)
+        ops.highway_backward(ds, act, s, 3)
+
+    def composed():
+        act = a.clone()
+        h, t, c = act[:, :H].tanh_(), act[:, H : 2 * H].sigmoid_(), act[:, 2 * H :].sigmoid_()
+        torch.addcmul(h * t, s, c)
+        da = torch.empty_like(act)
+        torch.mul(ds, t, out=da[:, :H])
+        torch.mul(ds, h, out=da[:, H : 2 * H])
+        torch.mul(ds, s, out=da[:, 2 * H :])
+        torch.ops.aten.tanh_backward.grad_input(da[:, :H], h, grad_input=da[:, :H])
+        torch.ops.aten.sigmoid_backward.grad_input(da[:, H:], act[:, H:], grad_input=da[:, H:])
+        _ = ds * c
+
+    best = {}
+    for name, fn in (("fused", fused), ("composed", composed)):
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times.append((time.perf_counter() - t0) / reps * 1e6)
+        best[name] = min(times)
+    return best["fused"], best["composed"]
+
+
+def ops_for(*tensors: Tensor):
+    """The kernels' op namespace when they serve these tensors (CPU, float32/float64, built, chosen), else None."""
+    if _bypass.active or not all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return None
+    if "ops" not in _state:
+        _load()
+    return _state["ops"]
+
+
+def status() -> str:
+    """One line on whether the kernels are in use, and why (for logs and benchmarks)."""
+    if "ops" not in _state:
+        _load()
+    timing = _state.get("choice")
+    timed = f" (highway layer fwd+bwd {timing[0]:.0f} µs fused vs {timing[1]:.0f} µs composed)" if timing else ""
+    if _state["ops"] is not None:
+        return f"fused CPU gate kernels in use, {capability()} build{timed}"
+    return f"fused CPU gate kernels not used: {_state['why']}{timed}"
+
+
+class _Bypass(threading.local):
+    active = False
+
+
+_bypass = _Bypass()
+
+
+@contextmanager
+def bypassed():
+    """Within this block (in this thread) no step uses the kernels: benchmarks time both paths in one run."""
+    previous, _bypass.active = _bypass.active, True
+    try:
+        yield
+    finally:
+        _bypass.active = previous
+
+
+def reset() -> None:
+    """Forget the choice (tests; a new ``BNRHN_GATE_KERNELS`` or ``$CXX`` takes effect at the next use)."""
+    with _lock:
+        _state.clear()
+
+
+class _Tanh(torch.autograd.Function):
+    """y = tanh(x) by the kernels' tanh; ∂L/∂x = ∂L/∂y ⊙ (1 − y²)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ops) -> Tensor:
+        y = ops.tanh(x.contiguous())
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y), None
+
+
+def tanh(x: Tensor) -> Tensor:
+    """``torch.tanh(x)``, by the fused kernels' tanh where they serve ``x`` (ordinary autograd only)."""
+    ops = ops_for(x) if plain_autograd() and not torch.is_autocast_enabled(x.device.type) else None
+    return torch.tanh(x) if ops is None else _Tanh.apply(x, ops)

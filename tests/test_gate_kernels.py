@@ -1,0 +1,228 @@
+"""The fused CPU gate kernels (bnrhn.kernels) against float64 PyTorch and the step equations written out here,
+the run-time choice, and the fallback where no compiler is found."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bnrhn import kernels
+from bnrhn.models.captioner import CaptionerConfig, build_captioner
+from bnrhn.nn import Recurrent
+
+needs_compiler = pytest.mark.skipif(kernels.compiler_missing() is not None,
+                                    reason=f"the kernels cannot be built here: {kernels.compiler_missing()}")
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    if kernels.compiler_missing():
+        pytest.skip(f"the kernels cannot be built here: {kernels.compiler_missing()}")
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "on")
+    kernels.reset()
+    found = kernels.ops_for(torch.zeros(1))
+    assert found is not None, kernels.status()
+    yield found
+    kernels.reset()
+
+
+def _wide_range():
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.linspace(-40, 40, 100_001), torch.logspace(-12, 1.5, 20_000),
+                      -torch.logspace(-12, 1.5, 20_000), torch.randn(10_000, generator=g) * 3,
+                      torch.tensor([0.0, 0.25, -0.25, 0.2499999, 88.0, -88.0, 1e30, -1e30])])
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_float32_activations_are_within_a_few_ulp_of_float64(ops, name):
+    x = _wide_range()
+    got = getattr(ops, name)(x).double()
+    ref = getattr(torch, name)(x.double())
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((got - ref).abs() / ulp).max() <= 8  # measured: 4.0 (tanh), 2.3 (sigmoid); PyTorch's own: ≤ 1
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    out = getattr(ops, name)(special)
+    assert torch.isnan(out[0]) and out[1] == 1 and out[2] == (-1 if name == "tanh" else 0)
+
+
+def test_float64_activations_equal_pytorch(ops):
+    x = _wide_range().double()
+    assert torch.allclose(ops.tanh(x), torch.tanh(x), rtol=1e-15, atol=1e-300)
+    assert torch.allclose(ops.sigmoid(x), torch.sigmoid(x), rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("G", [2, 3])
+@pytest.mark.parametrize("H", [1, 7, 33])  # below, at and past a vector's width (tails)
+def test_highway_kernels_compute_the_layer_equations(ops, G, H):
+    g = torch.Generator().manual_seed(G * 100 + H)
+    B = 5
+    p = torch.randn(B, G * H, dtype=torch.float64, generator=g) * 2
+    s = torch.randn(B, H, dtype=torch.float64, generator=g)
+    ds = torch.randn(B, H, dtype=torch.float64, generator=g)
+    h, t = torch.tanh(p[:, :H]), torch.sigmoid(p[:, H : 2 * H])
+    c = 1 - t if G == 2 else torch.sigmoid(p[:, 2 * H :])
+    act = p.clone()
+    s_new = ops.highway_forward(act, s, G)
+    assert torch.allclose(s_new, h * t + s * c, atol=1e-14, rtol=0)
+    assert torch.allclose(act, torch.cat([h, t] + ([] if G == 2 else [c]), 1), atol=1e-15, rtol=0)
+    dp, ds_prev = ops.highway_backward(ds, act, s, G)
+    dh, dt = ds * t, ds * (h - s if G == 2 else h)  # ∂s_l/∂t is h − s with c = 1 − t, else h
+    expected = [dh * (1 - h**2), dt * t * (1 - t)] + ([] if G == 2 else [ds * s * c * (1 - c)])
+    assert torch.allclose(dp, torch.cat(expected, 1), atol=1e-14, rtol=0)
+    assert torch.allclose(ds_prev, ds * c, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("H", [3, 17])
+def test_lstm_kernels_compute_the_cell_equations(ops, H):
+    g = torch.Generator().manual_seed(H)
+    B = 4
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=g)  # noqa: E731
+    p, c_prev, c_hat, dh, dc = r(B, 4 * H) * 2, r(B, H), r(B, H), r(B, H), r(B, H)
+    i, f, gg, o = torch.sigmoid(p[:, :H]), torch.sigmoid(p[:, H : 2 * H]), torch.tanh(p[:, 2 * H : 3 * H]), torch.sigmoid(p[:, 3 * H :])
+    act = p.clone()
+    c = ops.lstm_gates_forward(act, c_prev)
+    assert torch.allclose(c, f * c_prev + i * gg, atol=1e-14, rtol=0)
+    h, tc = ops.lstm_output_forward(act, c_hat)
+    assert torch.allclose(tc, torch.tanh(c_hat), atol=1e-15, rtol=0) and torch.allclose(h, o * torch.tanh(c_hat), atol=1e-15)
+    assert torch.allclose(ops.lstm_output_backward(dh, act, tc), dh * o * (1 - tc**2), atol=1e-14, rtol=0)
+    dgates, dc_prev = ops.lstm_gates_backward(dc, dh, act, c_prev, tc)
+    expected = torch.cat([dc * gg * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - gg**2), dh * tc * o * (1 - o)], 1)
+    assert torch.allclose(dgates, expected, atol=1e-14, rtol=0)
+    assert torch.allclose(dc_prev, dc * f, atol=1e-14, rtol=0)
+
+
+def test_a_nan_pre_activation_reaches_the_state(ops):
+    """Divergence detection needs NaN to propagate (the float32 activations are built from exp_u20, whose
+    integer conversion would turn NaN into a finite number without an explicit check)."""
+    act = torch.zeros(2, 3 * 16)
+    act[0, 5] = float("nan")  # h of row 0
+    act[1, 16 + 9] = float("nan")  # t of row 1
+    s_new = ops.highway_forward(act, torch.zeros(2, 16), 3)
+    assert torch.isnan(s_new[0, 5]) and torch.isnan(s_new[1, 9]) and torch.isfinite(s_new).sum() == 30
+
+
+@pytest.mark.parametrize("name,opts", [("rhn", {}), ("rhn", {"carry": "free", "input_at": "every"}),
+                                       ("bn_rhn", {}), ("bn_rhn", {"normalize": "h,t", "carry": "coupled"})])
+def test_inference_with_the_kernels_equals_the_composition(name, opts, monkeypatch):
+    if kernels.compiler_missing():
+        pytest.skip(f"the kernels cannot be built here: {kernels.compiler_missing()}")
+    torch.manual_seed(0)
+    rnn = Recurrent(name, 5, 6, depth=3, num_layers=2, **opts).double()
+    with torch.no_grad():
+        rnn(torch.randn(7, 8, 5, dtype=torch.float64))  # population statistics
+    rnn.eval()
+    x = torch.randn(9, 4, 5, dtype=torch.float64)
+    outs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("BNRHN_GATE_KERNELS", mode)
+        kernels.reset()
+        with torch.no_grad():
+            outs[mode] = rnn(x, lengths=torch.tensor([9, 3, 7, 1]))[0]
+    kernels.reset()
+    assert torch.allclose(outs["on"], outs["off"], atol=1e-13, rtol=0)
+
+
+def test_attention_tanh_values_and_gradients_equal_torch(ops):
+    x = (torch.randn(3, 7, 11, dtype=torch.float64) * 2).requires_grad_()
+    y = kernels.tanh(x)
+    assert y.grad_fn is not None and "Tanh" in type(y.grad_fn).__name__ and type(y.grad_fn).__module__ != "torch"
+    w = torch.randn_like(y)
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    assert torch.allclose(y, torch.tanh(x), atol=1e-15) and torch.allclose(gx, w * (1 - torch.tanh(x) ** 2), atol=1e-14)
+    assert torch.autograd.gradcheck(kernels.tanh, (x[:1, :2, :3].detach().clone().requires_grad_(),))
+
+
+def test_captioner_with_attention_trains_the_same_with_and_without_the_kernels(monkeypatch):
+    if kernels.compiler_missing():
+        pytest.skip(f"the kernels cannot be built here: {kernels.compiler_missing()}")
+    cfg = CaptionerConfig(model="show_attend_tell", vocab_size=13, cell="bn_rhn", embed_size=8, hidden_size=10,
+                          feature_size=6, grid_size=5, attention_size=9, dropout=0.0, cell_options={"depth": 2})
+    torch.manual_seed(0)
+    model = build_captioner(cfg).double()
+    grid = torch.randn(4, 5, 6, dtype=torch.float64)
+    tokens = torch.cat([torch.full((4, 1), 1), torch.randint(4, 13, (4, 5)), torch.full((4, 1), 2)], 1)
+    lengths = torch.full((4,), 7)
+    results, start = {}, copy.deepcopy(model.state_dict())  # the first pass updates batch-norm statistics
+    for mode in ("on", "off"):
+        monkeypatch.setenv("BNRHN_GATE_KERNELS", mode)
+        kernels.reset()
+        model.load_state_dict(start)
+        model.zero_grad()
+        loss = model.loss(grid, tokens, lengths)[0]
+        loss.backward()
+        results[mode] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    kernels.reset()
+    assert torch.allclose(results["on"][0], results["off"][0], atol=1e-12, rtol=0)
+    for a, b in zip(results["on"][1], results["off"][1]):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0)
+
+
+def test_modes(monkeypatch):
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "off")
+    kernels.reset()
+    assert kernels.ops_for(torch.zeros(1)) is None and "BNRHN_GATE_KERNELS=off" in kernels.status()
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "sometimes")
+    kernels.reset()
+    with pytest.raises(ValueError, match="BNRHN_GATE_KERNELS must be one of"):
+        kernels.ops_for(torch.zeros(1))
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "auto")
+    kernels.reset()
+    assert kernels.ops_for(torch.zeros(1, dtype=torch.float16)) is None  # 16-bit: PyTorch's kernels
+    assert kernels.ops_for(torch.zeros(1, device="meta")) is None  # not the CPU
+    kernels.reset()
+
+
+@needs_compiler
+def test_auto_mode_times_both_paths_and_keeps_the_faster(monkeypatch):
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "auto")
+    kernels.reset()
+    in_use = kernels.ops_for(torch.zeros(1)) is not None
+    fused_us, composed_us = kernels._state["choice"]
+    assert in_use == (fused_us < composed_us)
+    assert f"{fused_us:.0f} µs fused vs {composed_us:.0f} µs composed" in kernels.status()
+    kernels.reset()
+
+
+_STEP = """
+import torch
+from bnrhn.nn import Recurrent
+torch.manual_seed(0)
+rnn = Recurrent("bn_rhn", 5, 6, depth=2, stats="momentum").double()
+out, _ = rnn(torch.randn(4, 3, 5, dtype=torch.float64))
+out.square().sum().backward()
+print(repr(out.sum().item()), repr(rnn.cells[0].weight_hh[0].grad.sum().item()))
+"""
+
+
+def _run_step(tmp_path, **env):
+    full = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **env}
+    done = subprocess.run([sys.executable, "-c", _STEP], env=full, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_without_a_compiler_the_cells_fall_back_with_one_line(tmp_path):
+    """A fresh process on a machine with no C++ compiler (``$CXX`` names nothing, empty extension cache):
+    one line on stderr, and the numbers of the composed path."""
+    hidden = _run_step(tmp_path, CXX=str(tmp_path / "no-such-c++"), BNRHN_GATE_KERNELS="auto")
+    lines = [line for line in hidden.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no C++ compiler" in lines[0] and "composed" in lines[0], hidden.stderr
+    composed = _run_step(tmp_path, BNRHN_GATE_KERNELS="off")
+    assert hidden.stdout == composed.stdout and composed.stderr.strip() == ""
+    assert not (tmp_path / "extensions").exists() or not any((tmp_path / "extensions").iterdir())
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_fresh_build_gives_the_numbers_of_the_composed_path(tmp_path):
+    """Builds the extension from source into an empty cache (about 20 s) and checks one training step."""
+    built = _run_step(tmp_path, BNRHN_GATE_KERNELS="on")
+    composed = _run_step(tmp_path, BNRHN_GATE_KERNELS="off")
+    a, b = (tuple(float(v) for v in r.stdout.split()) for r in (built, composed))
+    assert a == pytest.approx(b, rel=1e-12)
+    assert any((tmp_path / "extensions").iterdir())
