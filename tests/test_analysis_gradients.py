@@ -106,6 +106,7 @@ def test_gate_activity_per_depth(text):
         gate_activity(fresh_model("lstm", vocab, 8, 10).model, text_windows(ids, 10, 2)[:-1])
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_analyze_commands_write_figures_and_numbers(tmp_path, capsys, saved_figures):
     path = tmp_path / "richard.txt"
     path.write_text(TEXT, encoding="utf-8")

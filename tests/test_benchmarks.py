@@ -26,8 +26,30 @@ def test_cells_benchmark_with_products_ceiling(tmp_path):
     for name, r in rows.items():
         assert r["ms_per_step"] > 0 and r["products_ms"] > 0, name
         assert r["products_ratio"] > 0 and r["gflops_ratio"] > 0, name
-    assert rows["torch.nn.LSTM"]["gflops_ratio"] == 1.0
+    for name, r in rows.items():  # ratios are to nn.LSTM's row of the same run
+        assert r["gflops_ratio"] == pytest.approx(r["gflops"] / rows["torch.nn.LSTM"]["gflops"], rel=1e-12), name
+        assert r["tokens_ratio"] == pytest.approx(r["tokens_per_s"] / rows["torch.nn.LSTM"]["tokens_per_s"], rel=1e-12)
     assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 12
+
+
+def test_cells_benchmark_times_cells_with_the_gate_kernels_bypassed(tmp_path):
+    out = tmp_path / "cells.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cells.py"), "--batch", "4", "--steps", "3", "--size", "16",
+           "--depth", "2", "--rounds", "1", "--warmup", "0", "--threads", "1", "--json", str(out),
+           "--cells", "bn_rhn", "--composed", "bn_rhn"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert {r["cell"] for r in json.loads(out.read_text())["rows"]} == {"torch.nn.LSTM", "bn_rhn", "bn_rhn, composed"}
+    assert "fused CPU gate kernels" in run.stdout
+
+
+def test_gates_benchmark_prints_both_paths():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gates.py"), "--batch", "3", "--sizes", "5", "--rounds", "1",
+           "--reps", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "×" in line and "work" not in line]
+    assert len(rows) == 4 and all(line.count("|") == 5 for line in rows), run.stdout
 
 
 def test_decode_benchmark_checks_its_captions():

@@ -61,6 +61,7 @@ def synthetic_run(cache, tmp_path_factory):
     return train(cfg)
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_synthetic_training_beats_constant_caption(synthetic_run):
     r = synthetic_run
     first, last = losses(r.run_dir)[:10], losses(r.run_dir)[-10:]
@@ -77,6 +78,7 @@ def test_synthetic_training_beats_constant_caption(synthetic_run):
     assert [h["CIDEr"] for h in r.history][-1] > r.history[0]["CIDEr"]
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_caption_command_and_bad_files(synthetic_run, tmp_path, capsys):
     ds = dataset_for_config(synthetic_run.config, log=lambda m: None)
     img = ds.split("test")[0].path
@@ -123,6 +125,7 @@ def flickr_cfg(cache, tmp_path_factory):
         "min_count": 3, "epochs": 2, **kw})
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 @pytest.mark.data
 def test_flickr8k_end_to_end_and_exact_resume(flickr_cfg, capsys):
     full = train(flickr_cfg("full", cell="bn_rhn"))

@@ -135,6 +135,7 @@ def test_resume_continues_an_interrupted_comparison(report, cache, tmp_path):
         json.loads((report / "results.json").read_text())["table"]
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_resume_can_add_seeds(report, cache, tmp_path):
     out = tmp_path / "more"
     shutil.copytree(report, out)
@@ -232,6 +233,7 @@ def test_demo_help_names_the_report():
     assert exc.value.code == 0
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_seeds_report_mean_and_std(report, cache, tmp_path):
     out = tmp_path / "seeds"
     assert main(tiny_args(cache, out, "--cells", "lstm", "--seeds", "2")) == 0

@@ -98,6 +98,7 @@ def test_local_batch_norm_statistics_differ_from_one_process(runs):
 
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_resumed_data_parallel_lm_equals_an_uninterrupted_one(runs):
     resumed = runs / "two" / "bn_rhn-half"
     out = torchrun("lm", "train", "--resume", "--run-dir", str(resumed), "--max-steps", "4", "--quiet")

@@ -109,6 +109,7 @@ def test_local_batch_norm_statistics_differ_from_one_process(runs):
         assert_same_training(runs / "one" / "bn_rhn", runs / "two" / "bn_rhn-local")
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_resumed_data_parallel_run_equals_an_uninterrupted_one(runs):
     """The command line, resuming in new processes the 2-step run until step 4."""
     resumed = runs / "two" / "bn_rhn-half"
@@ -139,6 +140,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 @pytest.mark.parametrize("mode", ["error", "nan"])
 def test_a_failing_rank_stops_every_rank(cache, tmp_path, mode):
     script = tmp_path / "faulty.py"

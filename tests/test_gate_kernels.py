@@ -44,7 +44,7 @@ def test_float32_activations_are_within_a_few_ulp_of_float64(ops, name):
     got = getattr(ops, name)(x).double()
     ref = getattr(torch, name)(x.double())
     ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    assert ((got - ref).abs() / ulp).max() <= 8  # measured: 4.0 (tanh), 2.3 (sigmoid); PyTorch's own: ≤ 1
+    assert ((got - ref).abs() / ulp).max() <= 8  # measured: 3.6 (tanh), 2.3 (sigmoid); PyTorch's own: 0.5, 1.2
     special = torch.tensor([float("nan"), float("inf"), -float("inf")])
     out = getattr(ops, name)(special)
     assert torch.isnan(out[0]) and out[1] == 1 and out[2] == (-1 if name == "tanh" else 0)

@@ -35,6 +35,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkeypatch, capsys, saved_figures):
     # Make the carry-norm variant's loss non-finite at its 4th step, as a real divergence would: the
     # trainer raises TrainingDiverged before the optimiser step and the experiment records it.

@@ -235,6 +235,7 @@ def test_cli_bad_input_gives_clear_errors(text_file, tmp_path, capsys):
     assert "already holds a training run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_stacked_sgd_with_schedule_and_dropout_trains_and_analyses_from_its_checkpoint(text_file, tmp_path, capsys):
     """lm train with SGD, a step schedule, 2 stacked BN-RHN layers and all three dropouts lowers the
     loss; the schedule's lr is logged; the analysis commands read the checkpoint (and its own text)."""

@@ -197,6 +197,7 @@ def test_concurrent_calls(real):
     assert results == expected
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_restart_after_the_jvm_is_killed_then_close(real):
     expected = real.score(["a dog"], [["a dog runs"]])
     real._jvm.proc.kill()                  # the JVM dies between calls: the next call starts a new one

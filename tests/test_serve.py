@@ -201,6 +201,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_a_real_browser_captions_an_uploaded_photo(served):
     """`bnrhn serve` on a free loopback port; headless Chromium opens the page, uploads a Flickr8k test image
     (a synthetic one without ../shared) and sees both models' captions. Screenshot: test-artifacts/serve-page.png."""

@@ -189,6 +189,7 @@ def test_tasks_train_cli_resume_and_results(tmp_path, capsys, monkeypatch):
     assert seen == {"old results still there": False}
 
 
+@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_tasks_compare_cli_table_figures_resume_and_refusals(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["tasks", "compare", "adding", "--cells", "rnn", "rhn", "--lengths", "6", "12", "--seeds", "2",
