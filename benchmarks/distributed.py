@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bnrhn.models import CaptionerConfig, build_captioner
-from bnrhn.nn.seq_batchnorm import synchronize_batch_norm
+from bnrhn.layers.seq_batchnorm import synchronize_batch_norm
 
 
 def batches(args, n: int):

@@ -17,7 +17,7 @@ FUSED_CASES = [
     ("bn_rhn", {"normalize": "h,t,c", "stats": "cumulative"}),
     ("bn_rhn", {"normalize": "t", "per_step": False}),
     ("bn_rhn", {"carry": "coupled", "normalize": "h,t", "input_at": "every"}),
-    ("bn_rhn", {"normalize": ""}),  # batch norm on no gate: the composition (bias in the projection)
+    ("bn_rhn", {"normalize": ""}),  # batch norm on no gate (bias in the projection): as rhn
     ("rhn", {}),  # no normaliser: the one-node layer where the gate kernels serve, else the composition
     ("rhn", {"carry": "free", "input_at": "every"}),
     ("bn_lstm", {"stats": "momentum"}),

@@ -226,3 +226,111 @@ def test_a_fresh_build_gives_the_numbers_of_the_composed_path(tmp_path):
     a, b = (tuple(float(v) for v in r.stdout.split()) for r in (built, composed))
     assert a == pytest.approx(b, rel=1e-12)
     assert any((tmp_path / "extensions").iterdir())
+
+
+class _Counting:
+    """The kernels' op namespace, counting calls by name."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args)
+
+        return counted
+
+
+@pytest.fixture
+def counting(ops):
+    counter = _Counting(ops)
+    kernels._state["ops"] = counter
+    return counter
+
+
+def test_the_cells_call_the_kernels_where_they_should(counting):
+    """Guards the equality tests above against comparing the composition with itself."""
+    T, B = 5, 3
+    x = torch.randn(T, B, 4)
+    for name, opts in (("rhn", {}), ("bn_rhn", {}), ("bn_rhn", {"stats": "momentum"})):
+        rnn = Recurrent(name, 4, 6, depth=2, **opts)
+        counting.calls.clear()
+        rnn(x)[0].sum().backward()
+        assert counting.calls == {"highway_forward": T * 2, "highway_backward": T * 2}, (name, opts)
+        rnn.eval()
+        counting.calls.clear()
+        with torch.no_grad():
+            rnn(x)
+        assert counting.calls == {"highway_forward": T * 2}, (name, "inference")
+        for cell in rnn.cells:
+            cell.fused = False
+        counting.calls.clear()
+        with torch.no_grad():
+            rnn(x)
+        assert counting.calls == {}, (name, "fused=False keeps the composition")
+    counting.calls.clear()
+    Recurrent("bn_lstm", 4, 6, stats="momentum")(x)[0].sum().backward()
+    assert counting.calls == {name: T for name in ("lstm_gates_forward", "lstm_output_forward",
+                                                   "lstm_output_backward", "lstm_gates_backward")}
+    counting.calls.clear()
+    cfg = CaptionerConfig(model="show_attend_tell", vocab_size=13, cell="lstm", embed_size=8, hidden_size=10,
+                          feature_size=6, grid_size=5, attention_size=9, dropout=0.0)
+    tokens = torch.cat([torch.full((2, 1), 1), torch.randint(4, 13, (2, 3)), torch.full((2, 1), 2)], 1)
+    build_captioner(cfg).loss(torch.randn(2, 5, 6), tokens, torch.full((2,), 5))[0].backward()
+    assert counting.calls == {"tanh": 4}  # one attention per predicted word
+
+
+@pytest.mark.parametrize("H", [1, 7, 9, 33])
+def test_float32_kernels_with_partial_vectors_equal_float64(ops, H):
+    g = torch.Generator().manual_seed(H)
+    B = 3
+    p, s, ds = torch.randn(B, 3 * H, generator=g) * 2, torch.randn(B, H, generator=g), torch.randn(B, H, generator=g)
+    act32, act64 = p.clone(), p.double()
+    s32, s64 = ops.highway_forward(act32, s, 3), ops.highway_forward(act64, s.double(), 3)
+    assert torch.allclose(s32.double(), s64, atol=2e-6, rtol=0) and torch.allclose(act32.double(), act64, atol=2e-6)
+    for a, b in zip(ops.highway_backward(ds, act32, s, 3), ops.highway_backward(ds.double(), act64, s.double(), 3)):
+        assert torch.allclose(a.double(), b, atol=1e-5, rtol=0)
+
+
+def test_the_kernels_refuse_what_they_cannot_compute(ops):
+    s = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.highway_forward(torch.randn(15, 4).t(), s, 3)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.highway_forward(torch.randn(4, 15, dtype=torch.float64), s, 3)
+    with pytest.raises(RuntimeError, match=r"expected \[B, 3·H\]"):
+        ops.highway_forward(torch.randn(4, 10), s, 3)
+    with pytest.raises(RuntimeError, match="G must be 2 or 3"):
+        ops.highway_forward(torch.randn(4, 20), s, 4)
+
+
+def test_a_column_major_pre_activation_gives_the_composed_result(ops):
+    """HighwayStep makes its working copy row-major whatever the layout of ``a``."""
+    from bnrhn.cells.highway import HighwayStep
+
+    torch.manual_seed(0)
+    a = torch.randn(9, 4, dtype=torch.float64).t()  # [4, 9] column-major: G = 3, H = 3
+    s = torch.randn(4, 3, dtype=torch.float64)
+    out = HighwayStep.apply((3, 3, (), 1e-5), a, s, None)[0]
+    h, t, c = torch.tanh(a[:, :3]), torch.sigmoid(a[:, 3:6]), torch.sigmoid(a[:, 6:])
+    assert torch.allclose(out, h * t + s * c, atol=1e-14, rtol=0)
+
+
+def test_a_failed_build_is_reported_by_its_compiler_error():
+    message = ("Error building extension 'bnrhn_gates_avx2_0123456789': [1/2] c++ -MMD -MF gates.o.d -O3 -c gates.cpp\n"
+               "FAILED: gates.o\n/src/gates.cpp:12:3: error: 'foo' was not declared in this scope\n"
+               "ninja: build stopped: subcommand failed.")
+    assert kernels._first_error(RuntimeError(message)) == "/src/gates.cpp:12:3: error: 'foo' was not declared in this scope"
+
+
+def test_a_process_loads_one_build_only(ops, monkeypatch, capfd):
+    """A second library registering the same op namespace would abort the process: a changed source in a
+    running process is refused instead, and the cells fall back with one line."""
+    monkeypatch.setitem(kernels._loaded, "name", "bnrhn_gates_other_build")
+    kernels.reset()
+    assert kernels.ops_for(torch.zeros(1)) is None
+    err = capfd.readouterr().err
+    assert "already loaded bnrhn_gates_other_build" in err and err.count("\n") == 1

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnrhn.cells.base import RecurrentCell
-from bnrhn.nn.seq_batchnorm import SequenceBatchNorm, uses_batch_statistics
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, uses_batch_statistics
 
 __all__ = ["ModeLoss", "LeakReport", "batch_statistics_model", "caption_leak", "lm_leak",
            "recompute_population_statistics", "leak_summary"]

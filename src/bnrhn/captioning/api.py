@@ -37,7 +37,7 @@ from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 from bnrhn.captioning.task import CHECKPOINT_KIND, CaptionTask, Prepared, decode_split
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary, unknown_fraction
-from bnrhn.decoding import beam_search
+from bnrhn.decoding import METHODS, decode
 from bnrhn.encoders import ImageFileError, build_encoder, load_image
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
 
@@ -196,8 +196,7 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         description=f"{config.model}/{config.cell}", overwrite=config.overwrite,
         autocast=autocast_mode(config.precision),
     )
-    trainer = Trainer(task, opt, sched, tcfg, distributed=distributed)
-    _announce_validations(task, log)
+    trainer = Trainer(task, opt, sched, tcfg, distributed=distributed, on_validation=_validation_line(task, log))
     where = f"{device}, {config.precision}" + (f", {world} processes ({distributed.backend}, batch-norm statistics "
                                                f"{config.bn_stats})" if distributed is not None else "")
     log(f"train: {config.model} with a {config.cell} decoder, {model.num_parameters():,} parameters, "
@@ -242,18 +241,15 @@ def _check_resumable(path: Path, vocab: Vocabulary, config: CaptionConfig) -> No
         )
 
 
-def _announce_validations(task: CaptionTask, log: Log) -> None:
-    """Print one line per validation (metrics and a sample caption)."""
-    inner = task.validate
+def _validation_line(task: CaptionTask, log: Log):
+    """The trainer's ``on_validation``: one line per validation (metrics and a sample caption)."""
 
-    def validate() -> dict[str, float]:
-        scores = inner()
+    def announce(step: int, scores: dict[str, float]) -> None:
         parts = " ".join(f"{k} {v:.3f}" for k, v in scores.items())
         sample = f" | {task.last_samples[0][1]!r}" if task.last_samples else ""
         log(f"validation: {parts}{sample}")
-        return scores
 
-    task.validate = validate
+    return announce
 
 
 # -- loading a trained captioner -----------------------------------------------------------------------------
@@ -439,8 +435,8 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
     cannot be read get ``error`` set and no captions; the others are captioned all the same. ``device``:
     where the encoder and the decoding run.
     """
-    if method not in ("beam", "greedy", "sample"):
-        raise ValueError(f"method must be beam, greedy or sample, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "beam" and not 1 <= topk <= beam:
         raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
     loaded = load_captioner(checkpoint, device)
@@ -471,8 +467,6 @@ def caption_tensors(loaded: LoadedCaptioner, enc, images: torch.Tensor, method: 
                     temperature: float = 1.0, generator: torch.Generator | None = None) -> list[list[tuple[str, float]]]:
     """Captions (text, log-probability), best first, of a batch of preprocessed images ``[B, 3, H, W]``: the
     encoder, then one batched decoding. ``bnrhn caption`` and ``bnrhn serve`` both caption through here."""
-    from bnrhn.decoding import greedy, sample
-
     max_len = loaded.config.max_len if max_len is None else max_len  # 0 is an error (decoding says so)
     length_norm = loaded.config.length_norm if length_norm is None else length_norm
     with torch.no_grad():
@@ -480,11 +474,6 @@ def caption_tensors(loaded: LoadedCaptioner, enc, images: torch.Tensor, method: 
         feats = grid if loaded.model.needs_grid else pooled
         # the cached training features were float16; the model's device and dtype
         feats = feats.half().to(loaded.device, next(loaded.model.parameters()).dtype)
-        if method == "beam":
-            hyps = beam_search(loaded.model, feats, beam, max_len, length_norm, topk)
-        elif method == "greedy":
-            hyps = [[h] for h in greedy(loaded.model, feats, max_len)]
-        else:
-            draws = [sample(loaded.model, feats, temperature, max_len, generator=generator) for _ in range(topk)]
-            hyps = [sorted((d[i] for d in draws), key=lambda h: -h.logprob) for i in range(len(images))]
+        hyps = decode(loaded.model, feats, method, beam, max_len, length_norm, topk, temperature,
+                      generator=generator)
     return [[(loaded.vocab.decode(h.tokens), h.logprob) for h in hs] for hs in hyps]

@@ -21,7 +21,7 @@ def resolve_dropout(config: "CaptionConfig") -> float:
     """The config's dropout; when it is None, DROPOUT_BATCH_NORM for a cell that normalises with batch
     statistics and DROPOUT otherwise."""
     from bnrhn.cells import build_cell
-    from bnrhn.nn.seq_batchnorm import uses_batch_statistics
+    from bnrhn.layers.seq_batchnorm import uses_batch_statistics
 
     if config.dropout is not None:
         return float(config.dropout)

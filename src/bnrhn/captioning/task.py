@@ -11,8 +11,8 @@ from bnrhn.captioning.data import CaptionTensors, SplitFeatures, bucketed_batche
 from bnrhn.captioning.scoring import VALIDATION_METRICS, score_captions
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary
-from bnrhn.decoding import beam_search, greedy
-from bnrhn.nn.seq_batchnorm import uses_batch_statistics
+from bnrhn.decoding import decode
+from bnrhn.layers.seq_batchnorm import uses_batch_statistics
 
 CHECKPOINT_KIND = "bnrhn-captioner"
 
@@ -61,11 +61,8 @@ def decode_split(model, split: SplitFeatures, vocab: Vocabulary, method: str = "
     p = next(model.parameters())
     for s in range(0, n, chunk):
         feats = split.batch(torch.arange(s, min(n, s + chunk))).to(p.device, p.dtype)
-        if method == "beam":
-            hyps = [h[0] for h in beam_search(model, feats, beam_size, max_len, length_norm)]
-        else:
-            hyps = greedy(model, feats, max_len)
-        out.extend(vocab.decode(h.tokens) for h in hyps)
+        hyps = decode(model, feats, method, beam_size, max_len, length_norm)
+        out.extend(vocab.decode(h[0].tokens) for h in hyps)
         if progress is not None:
             progress(min(n, s + chunk))
     return out

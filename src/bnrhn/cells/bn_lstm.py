@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from bnrhn import kernels
 from bnrhn.cells.base import RecurrentCell, State
 from bnrhn.autodiff import autocast_backward, autocast_forward, plain_autograd
-from bnrhn.nn.seq_batchnorm import SequenceBatchNorm
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm
 
 _CARRY_NORM = ("output", "recurrence")
 

@@ -54,7 +54,7 @@ class HighwayStep(Function):
     @autocast_forward(float32=True)
     def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor, *gammas: Tensor):
         H, G, normed, eps = spec
-        act = a.clone() if bias is None else a + bias
+        act = a.clone(memory_format=torch.contiguous_format) if bias is None else (a + bias).contiguous()
         bn_inputs, saved_stats, stats = [], [], []
         for k, g in enumerate(normed):
             cols = slice(g * H, (g + 1) * H)

@@ -35,7 +35,7 @@ from bnrhn import kernels
 from bnrhn.cells.base import RecurrentCell, State, check_size
 from bnrhn.cells.highway import HighwayStep
 from bnrhn.autodiff import plain_autograd
-from bnrhn.nn.seq_batchnorm import SequenceBatchNorm, check_statistics_options
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, check_statistics_options
 
 _NORMS = ("none", "batch", "layer")
 _CARRIES = ("coupled", "free")
@@ -249,9 +249,11 @@ class RHNCell(RecurrentCell):
                         norm = self.norms[f"{g}{l}"]
                         parts[gi] = norm(parts[gi], step, mask) if self.norm == "batch" else norm(parts[gi])
                 a = torch.cat(parts, dim=1) + self.bias[l]
-            ops = None if torch.is_grad_enabled() or self.gate_log is not None else kernels.ops_for(a, s)
-            if ops is not None and a.is_contiguous() and plain_autograd():
+            inference = self.fused and not torch.is_grad_enabled() and self.gate_log is None and plain_autograd()
+            ops = kernels.ops_for(a, s) if inference and a.is_contiguous() else None
+            if ops is not None:
                 s = ops.highway_forward(a, s.contiguous(), len(self.gate_names))  # inference: a is scratch
+                torch.autograd.graph.increment_version(a)  # written in place (the op does not count it)
             elif self.carry == "coupled":
                 a_h, a_t = a.chunk(2, dim=1)
                 h, t = torch.tanh(a_h), torch.sigmoid(a_t)

@@ -235,14 +235,20 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
     return [r if r is not None else [] for r in results]
 
 
+METHODS = ("beam", "greedy", "sample")
+
+
 def decode(model, features: Tensor, method: str = "beam", beam_size: int = 3, max_len: int = 20,
-           length_norm: float = 0.0, temperature: float = 1.0, allow_unk: bool = False,
-           generator: torch.Generator | None = None) -> list[Hypothesis]:
-    """One caption per image with ``method`` = ``greedy``, ``sample`` or ``beam``."""
-    if method == "greedy":
-        return greedy(model, features, max_len, allow_unk, length_norm=length_norm)
-    if method == "sample":
-        return sample(model, features, temperature, max_len, allow_unk, generator)
+           length_norm: float = 0.0, topk: int = 1, temperature: float = 1.0, allow_unk: bool = False,
+           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """The decoding method by name, for every caller that lets the user choose it: per image, ``"beam"``:
+    the ``topk`` best captions of a beam of ``beam_size`` (scored with ``length_norm``); ``"greedy"``: one
+    caption; ``"sample"``: ``topk`` captions sampled at ``temperature``, most probable first."""
     if method == "beam":
-        return [h[0] for h in beam_search(model, features, beam_size, max_len, length_norm, 1, allow_unk)]
-    raise ValueError(f"unknown decoding method {method!r}; choose greedy, sample or beam")
+        return beam_search(model, features, beam_size, max_len, length_norm, topk, allow_unk)
+    if method == "greedy":
+        return [[h] for h in greedy(model, features, max_len, allow_unk)]
+    if method == "sample":
+        draws = [sample(model, features, temperature, max_len, allow_unk, generator) for _ in range(topk)]
+        return [sorted((d[i] for d in draws), key=lambda h: -h.logprob) for i in range(features.shape[0])]
+    raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")

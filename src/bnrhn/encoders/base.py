@@ -159,11 +159,6 @@ class ImageEncoder:
         """How :meth:`encode` runs the network now: "compiled" or "eager"."""
         return "eager"
 
-    def encode_files(self, paths: list[str | Path]) -> tuple[Tensor, Tensor]:
-        """Encode image files (raises :class:`ImageFileError` naming the first bad file)."""
-        batch = torch.stack([self.preprocess(load_image(p)) for p in paths])
-        return self.encode(batch)
-
     def describe(self) -> dict:
         return {"encoder": self.name, "weights": self.weights_id, "preprocess": self.preprocess_id,
                 "feature_size": self.feature_size, "grid_size": self.grid_size}

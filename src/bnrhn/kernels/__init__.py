@@ -21,7 +21,9 @@ Only CPU tensors of float32 or float64 qualify (CUDA and 16-bit tensors use PyTo
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import sys
 import threading
@@ -63,13 +65,31 @@ def compiler_missing() -> str | None:
     return None if shutil.which(cxx) else f"no C++ compiler ({cxx!r} not found; set $CXX)"
 
 
+_loaded: dict = {}  # the library loaded into this process (never twice: a second TORCH_LIBRARY aborts)
+
+
+def _build_name() -> tuple[str, list[str]]:
+    """The extension's name and flags: one build per source, flags, PyTorch and environment, so that
+    checkouts and virtual environments sharing PyTorch's extension cache never rebuild each other's."""
+    cap = capability()
+    flags = ["-O3", "-DNDEBUG", *_FLAGS.get(cap, [])]
+    key = "\0".join([_SOURCE.read_text(encoding="utf-8"), *flags, torch.__version__, sys.prefix])
+    return f"bnrhn_gates_{cap.lower()}_{hashlib.sha256(key.encode()).hexdigest()[:10]}", flags
+
+
 def build(verbose: bool = False):
-    """Compile (or find in PyTorch's extension cache) and load the kernels; returns ``torch.ops.bnrhn_gates``.
-    Raises RuntimeError with the reason when it cannot."""
+    """Compile (or find in PyTorch's extension cache, ``$TORCH_EXTENSIONS_DIR``) and load the kernels; returns
+    ``torch.ops.bnrhn_gates``. Raises RuntimeError with the reason when it cannot."""
+    name, flags = _build_name()
+    if "name" in _loaded:
+        if _loaded["name"] != name:
+            raise RuntimeError(f"this process already loaded {_loaded['name']}; {name} (a changed source) "
+                               "needs a new process")
+        return torch.ops.bnrhn_gates
     why = compiler_missing()
     if why:
         raise RuntimeError(why)
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary in the venv's bin/
         try:
@@ -78,16 +98,26 @@ def build(verbose: bool = False):
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             raise RuntimeError("ninja not found (pip install ninja)") from None
-    cap = capability()
-    flags = ["-O3", "-DNDEBUG", *_FLAGS.get(cap, [])]
-    load(f"bnrhn_gates_{cap.lower()}", [str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=verbose)
+    folder = Path(_get_build_directory(name, verbose=False))
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        # left by a build that was killed (PyTorch's build lock waits for it forever)
+        _say(f"removing the stale build lock {lock} (over {_STALE_LOCK_S // 60} minutes old)")
+        lock.unlink(missing_ok=True)
+    if not (folder / f"{name}.so").exists():
+        _say(f"building the fused CPU gate kernels in {folder} (once per machine, about 20 s)")
+    load(name, [str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=verbose, build_directory=str(folder))
+    _loaded["name"] = name
     return torch.ops.bnrhn_gates
 
 
+_STALE_LOCK_S = 600
+
+
 def _first_error(exc: Exception) -> str:
-    """The compiler's first error line of a failed build (its message starts with the whole command line)."""
+    """The compiler's first error line of a failed build (PyTorch's message starts with the command line)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    errors = [line for line in lines if re.search(r"\berror:|fatal error", line)]
     return ((errors or lines or [type(exc).__name__])[0])[:200]
 
 
@@ -106,18 +136,17 @@ def _load() -> None:
             return
         try:
             ops = build()
+            timing = _time_both(ops) if chosen == "auto" else None
         except Exception as exc:  # noqa: BLE001 — any build failure: the composed path, said once
             first = _first_error(exc)
             _state.update(ops=None, why=f"not built: {first}")
             _say(f"fused CPU gate kernels not available ({first}); the cells use PyTorch's composed "
                  "operations (same equations, slower on CPUs with slow vector math)")
             return
-        _state.update(ops=ops, why=None)
-        if chosen == "auto":
-            fused_us, composed_us = _time_both(ops)
-            _state["choice"] = (fused_us, composed_us)
-            if fused_us >= composed_us:
-                _state.update(ops=None, why=f"slower here ({fused_us:.0f} vs {composed_us:.0f} µs per layer)")
+        if timing is not None and timing[0] >= timing[1]:
+            _state.update(ops=None, why=f"slower here ({timing[0]:.0f} vs {timing[1]:.0f} µs per layer)", choice=timing)
+        else:
+            _state.update(ops=ops, why=None, **({"choice": timing} if timing else {}))
 
 
 def _time_both(ops, reps: int = 20) -> tuple[float, float]:
@@ -195,7 +224,8 @@ def bypassed():
 
 
 def reset() -> None:
-    """Forget the choice (tests; a new ``BNRHN_GATE_KERNELS`` or ``$CXX`` takes effect at the next use)."""
+    """Forget the choice (tests; a new ``BNRHN_GATE_KERNELS`` or ``$CXX`` takes effect at the next use). The
+    library itself stays loaded: a process loads it once."""
     with _lock:
         _state.clear()
 

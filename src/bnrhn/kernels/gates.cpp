@@ -9,10 +9,10 @@
 //     tanh(x) = sign(x) · (1 − 2 / (e^{2|x|} + 1))                            for |x| ≥ 1/4
 //     tanh(x) = x − x³/3 + 2x⁵/15 − 17x⁷/315 + 62x⁹/2835 − 1382x¹¹/155925     for |x| < 1/4
 // (the Taylor series, where the first form would lose relative precision to cancellation; its next term,
-// 21844x¹³/6081075, is below 2·10⁻¹¹ there). NaN inputs give NaN. float64 uses ATen's own tanh and exp.
+// 21844x¹³/6081075, is below 6·10⁻¹¹ there). NaN inputs give NaN. float64 uses ATen's own tanh and exp.
 //
 // Gate layouts are PyTorch's and the cells': highway rows [h | t | c] (c only with a free carry gate),
-// LSTM rows [i | f | g | o]; every tensor is row-major contiguous (the Python side checks).
+// LSTM rows [i | f | g | o]; every tensor must be row-major contiguous, on the CPU, of one dtype (checked).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,6 +22,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -61,6 +63,22 @@ struct Act<double> {
   static V tanh(V x) { return x.tanh(); }
 };
 
+void check_args(const char* op, std::initializer_list<at::Tensor> tensors) {
+  const auto dtype = tensors.begin()->scalar_type();
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": every tensor must be on the CPU");
+    TORCH_CHECK(t.is_contiguous(), op, ": every tensor must be contiguous (row-major)");
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": every tensor must have the same dtype");
+    TORCH_CHECK(t.dim() == 2 || std::string(op) == "tanh" || std::string(op) == "sigmoid", op, ": expected 2-d tensors");
+  }
+}
+
+// state [B, H] and a gate tensor [B, gates·H] of it
+void check_rows(const char* op, const at::Tensor& gates, const at::Tensor& state, int64_t n_gates) {
+  TORCH_CHECK(gates.size(0) == state.size(0) && gates.size(1) == n_gates * state.size(1), op, ": expected [B, ",
+              n_gates, "·H] beside [B, H], got ", gates.sizes(), " and ", state.sizes());
+}
+
 // f(j, n) for the vector-sized pieces of a row of length `cols` (the last one may be shorter)
 template <typename T, typename F>
 inline void pieces(int64_t cols, const F& f) {
@@ -82,6 +100,9 @@ inline void rows(int64_t B, int64_t cols, const F& f) {
 // Highway layer, forward. act [B, G·H] holds the pre-activations p (bias and normalisation applied) and
 // is overwritten with [tanh p_h | σ p_t | σ p_c]; returns s_l = h ⊙ t + s ⊙ c with c = 1 − t when G = 2.
 at::Tensor highway_forward(at::Tensor act, const at::Tensor& s, int64_t G) {
+  TORCH_CHECK(G == 2 || G == 3, "highway_forward: G must be 2 or 3, got ", G);
+  check_args("highway_forward", {act, s});
+  check_rows("highway_forward", act, s, G);
   const int64_t B = s.size(0), H = s.size(1);
   auto out = at::empty_like(s);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "highway_forward", [&] {
@@ -118,6 +139,10 @@ at::Tensor highway_forward(at::Tensor act, const at::Tensor& s, int64_t G) {
 //   free: dp_t = ds h t (1 − t), dp_c = ds s c (1 − c), ds_{l−1} = ds c.
 std::tuple<at::Tensor, at::Tensor> highway_backward(const at::Tensor& ds, const at::Tensor& act,
                                                     const at::Tensor& s, int64_t G) {
+  TORCH_CHECK(G == 2 || G == 3, "highway_backward: G must be 2 or 3, got ", G);
+  check_args("highway_backward", {ds, act, s});
+  check_rows("highway_backward", act, s, G);
+  TORCH_CHECK(ds.sizes() == s.sizes(), "highway_backward: ds must have the shape of s");
   const int64_t B = s.size(0), H = s.size(1);
   auto dp = at::empty_like(act);
   auto ds_prev = at::empty_like(s);
@@ -154,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor> highway_backward(const at::Tensor& ds, const 
 // LSTM gates, forward. act [B, 4H] holds the pre-activations and is overwritten with
 // [σ i | σ f | tanh g | σ o]; returns c = σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g).
 at::Tensor lstm_gates_forward(at::Tensor act, const at::Tensor& c_prev) {
+  check_args("lstm_gates_forward", {act, c_prev});
+  check_rows("lstm_gates_forward", act, c_prev, 4);
   const int64_t B = c_prev.size(0), H = c_prev.size(1);
   auto c = at::empty_like(c_prev);
   AT_DISPATCH_FLOATING_TYPES(c_prev.scalar_type(), "lstm_gates_forward", [&] {
@@ -181,6 +208,8 @@ at::Tensor lstm_gates_forward(at::Tensor act, const at::Tensor& c_prev) {
 
 // LSTM output, forward: (h, tanh ĉ) with h = σ(o) ⊙ tanh(ĉ); act as left by lstm_gates_forward.
 std::tuple<at::Tensor, at::Tensor> lstm_output_forward(const at::Tensor& act, const at::Tensor& c_hat) {
+  check_args("lstm_output_forward", {act, c_hat});
+  check_rows("lstm_output_forward", act, c_hat, 4);
   const int64_t B = c_hat.size(0), H = c_hat.size(1);
   auto h = at::empty_like(c_hat);
   auto tc = at::empty_like(c_hat);
@@ -204,6 +233,9 @@ std::tuple<at::Tensor, at::Tensor> lstm_output_forward(const at::Tensor& act, co
 
 // LSTM output, backward: ∂L/∂ĉ = dh ⊙ σ(o) ⊙ (1 − tanh² ĉ).
 at::Tensor lstm_output_backward(const at::Tensor& dh, const at::Tensor& act, const at::Tensor& tc) {
+  check_args("lstm_output_backward", {dh, act, tc});
+  check_rows("lstm_output_backward", act, tc, 4);
+  TORCH_CHECK(dh.sizes() == tc.sizes(), "lstm_output_backward: dh must have the shape of tc");
   const int64_t B = tc.size(0), H = tc.size(1);
   auto dc_hat = at::empty_like(tc);
   AT_DISPATCH_FLOATING_TYPES(tc.scalar_type(), "lstm_output_backward", [&] {
@@ -229,6 +261,10 @@ at::Tensor lstm_output_backward(const at::Tensor& dh, const at::Tensor& act, con
 std::tuple<at::Tensor, at::Tensor> lstm_gates_backward(const at::Tensor& dc, const at::Tensor& dh,
                                                        const at::Tensor& act, const at::Tensor& c_prev,
                                                        const at::Tensor& tc) {
+  check_args("lstm_gates_backward", {dc, dh, act, c_prev, tc});
+  check_rows("lstm_gates_backward", act, c_prev, 4);
+  TORCH_CHECK(dc.sizes() == c_prev.sizes() && dh.sizes() == c_prev.sizes() && tc.sizes() == c_prev.sizes(),
+              "lstm_gates_backward: dc, dh, c_prev and tc must have one shape [B, H]");
   const int64_t B = c_prev.size(0), H = c_prev.size(1);
   auto dgates = at::empty_like(act);
   auto dc_prev = at::empty_like(c_prev);
@@ -260,6 +296,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_gates_backward(const at::Tensor& dc, con
 
 // tanh of any contiguous tensor (the attention scores' tanh)
 at::Tensor tanh_op(const at::Tensor& x) {
+  check_args("tanh", {x});
   auto y = at::empty_like(x);
   const int64_t N = x.numel();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tanh", [&] {
@@ -275,6 +312,7 @@ at::Tensor tanh_op(const at::Tensor& x) {
 
 // σ of any contiguous tensor
 at::Tensor sigmoid_op(const at::Tensor& x) {
+  check_args("sigmoid", {x});
   auto y = at::empty_like(x);
   const int64_t N = x.numel();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sigmoid", [&] {

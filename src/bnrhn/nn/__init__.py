@@ -1,7 +1,8 @@
-"""Building blocks shared by the models: recurrent batch norm, the runner, dropout masks."""
+"""The runner of recurrent layers (:class:`Recurrent`: whole sequences, padded batches, step-by-step
+decoding, PyTorch's kernels for the cells that are PyTorch's); re-exports the building blocks of
+:mod:`bnrhn.layers` that callers use beside it."""
 
-from bnrhn.nn.dropout import variational_mask
+from bnrhn.layers import SequenceBatchNorm, variational_mask
 from bnrhn.nn.recurrent import DropoutMasks, Recurrent
-from bnrhn.nn.seq_batchnorm import SequenceBatchNorm
 
 __all__ = ["SequenceBatchNorm", "Recurrent", "DropoutMasks", "variational_mask"]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import bnrhn.cells as cell_registry  # module import: bnrhn.cells itself imports bnrhn.nn.seq_batchnorm
+from bnrhn.cells import build_cell
 from bnrhn.cells.base import State, check_size
-from bnrhn.nn.dropout import check_probability, variational_mask
+from bnrhn.layers.dropout import check_probability, variational_mask
 from bnrhn.nn.vendor import vendor_layer, vendor_usable
 
 
@@ -85,7 +85,7 @@ class Recurrent(nn.Module):
         self.batch_first = batch_first
         self.use_vendor_kernel = bool(use_vendor_kernel)
         self.cells = nn.ModuleList(
-            cell_registry.build_cell(cell, input_size if k == 0 else hidden_size, hidden_size, **cell_options)
+            build_cell(cell, input_size if k == 0 else hidden_size, hidden_size, **cell_options)
             for k in range(num_layers)
         )
 

@@ -140,9 +140,9 @@ def _quiet(message: str) -> None:
 
 def prepare_replica(model: torch.nn.Module, distributed: Distributed, bn_stats: str, seed: int, log) -> None:
     """Set up this rank's copy of a freshly built model: its batch norm synchronised over the ranks
-    (``bn_stats="sync"``, see :func:`bnrhn.nn.seq_batchnorm.synchronize_batch_norm`) or kept local; ranks
+    (``bn_stats="sync"``, see :func:`bnrhn.layers.seq_batchnorm.synchronize_batch_norm`) or kept local; ranks
     other than 0 reseeded, so that they draw their own dropout masks (rank 0 keeps one process's stream)."""
-    from bnrhn.nn.seq_batchnorm import synchronize_batch_norm
+    from bnrhn.layers.seq_batchnorm import synchronize_batch_norm
 
     if bn_stats == "sync":
         synchronize_batch_norm(model)
@@ -157,7 +157,7 @@ def synchronised_batch_norm_note(distributed: Distributed, model: torch.nn.Modul
     """A line for runs whose batch norm is synchronised over gloo processes: each normalised pre-activation
     costs 2 collectives per time step (one forward, one backward), which on the CPU costs more than the
     step's arithmetic."""
-    from bnrhn.nn.seq_batchnorm import uses_synchronized_statistics
+    from bnrhn.layers.seq_batchnorm import uses_synchronized_statistics
 
     if distributed.backend != "gloo" or not uses_synchronized_statistics(model):
         return None

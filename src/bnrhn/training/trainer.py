@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -129,7 +129,8 @@ class _TaskStep(nn.Module):
 
 class Trainer:
     def __init__(self, task, optimizer, scheduler=None, config: TrainerConfig | None = None,
-                 distributed=None) -> None:
+                 distributed=None, on_validation: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        """``on_validation(step, metrics)`` is called after each validation (by the process that validates)."""
         if config is None:
             raise ValueError("Trainer needs a TrainerConfig (at least run_dir)")
         self.task = task
@@ -142,6 +143,7 @@ class Trainer:
         self.best_path = self.run_dir / "best.pt"
         self.state = TrainerState(validations=[])
         self.distributed = distributed
+        self.on_validation = on_validation
         self.is_main = distributed is None or distributed.is_main
         self.logger = StepLogger(self.run_dir) if self.is_main else NullLogger()
         self._sigint_seen = False  # this process got Ctrl-C
@@ -155,7 +157,7 @@ class Trainer:
     def _data_parallel(self, task):
         from torch.nn.parallel import DistributedDataParallel
 
-        from bnrhn.nn.seq_batchnorm import uses_synchronized_statistics
+        from bnrhn.layers.seq_batchnorm import uses_synchronized_statistics
 
         if not hasattr(task, "shard"):
             raise ValueError(f"{type(task).__name__} cannot train data-parallel: it has no shard(batch, rank, world_size)")
@@ -366,6 +368,8 @@ class Trainer:
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in (self.task.validate() or {}).items()}
             self.model.train()
+            if self.on_validation is not None:
+                self.on_validation(s.global_step, metrics)
         if self.distributed is not None:
             metrics = self.distributed.broadcast_object(metrics)
         s.last_validation_step = s.global_step
