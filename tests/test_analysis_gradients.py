@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -124,7 +125,14 @@ def test_analyze_commands_write_figures_and_numbers(tmp_path, capsys, saved_figu
     rep = json.loads((tmp_path / "j" / "jacobian.json").read_text())
     lstm = rep["results"]["LSTM"]
     assert lstm["size"] == 16 and lstm["state"] == "s = [h, c]" and len(lstm["spectral_radius"]) == 12
-    assert all(r["all_eigenvalues_in_discs"] for r in rep["results"].values())
+    for label, r in rep["results"].items():  # the discs and eigenvalues reported are those of one matrix A_t
+        centres, radii = r["discs"]["centres"], r["discs"]["radii"]
+        re_, im = r["eigenvalues"]["real"], r["eigenvalues"]["imag"]
+        assert len(centres) == len(radii) == len(re_) == len(im) == r["size"] and min(radii) >= 0, label
+        # tr A = Σ_i a_ii (the centres) = Σ λ_i, and the λ_i of a real matrix come in conjugate pairs
+        assert sum(centres) == pytest.approx(sum(re_), abs=1e-8) and sum(im) == pytest.approx(0, abs=1e-8), label
+        rho = max(math.hypot(a, b) for a, b in zip(re_, im))
+        assert rho == pytest.approx(r["spectral_radius"][r["disc_step"] - 1]), label
     for f in ("jacobian_spectrum.png", "gershgorin.png", "jacobian.csv", "gershgorin.csv", "eigenvalues.csv"):
         assert (tmp_path / "j" / f).stat().st_size > 100
     assert "mean ρ(A)" in capsys.readouterr().out

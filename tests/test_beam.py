@@ -120,6 +120,34 @@ def test_beam_matches_exhaustive_search_on_tiny_vocabulary(model, cell):
         assert best[0].tokens == scored[0][1]
 
 
+@pytest.mark.parametrize("model,cell", [("show_tell", "lstm"), ("show_tell", "bn_rhn"), ("show_attend_tell", "lstm")])
+@pytest.mark.parametrize("alpha", [0.7, 2.0])
+def test_length_normalised_beam_matches_exhaustive_search(model, cell, alpha):
+    """Length normalisation α > 0 against every caption: all 85 captions of at most 3 of the 4 words, each
+    scored by teacher forcing as log p(w_1 .. w_n <end>) / (n + 1)^α (the n words plus <end>). A beam of 100
+    holds every prefix (at most 4³ = 64 alive at once), so the search is exhaustive and must return the top
+    captions of that ranking in order, with those scores."""
+    m = tiny_model(model, cell)
+    f = feats(model, 8)
+    words = range(4, V)
+    cands = [list(c) for n in range(4) for c in itertools.product(words, repeat=n)]
+    seqs = torch.zeros(len(cands), 5, dtype=torch.long)
+    for k, c in enumerate(cands):
+        seqs[k, : len(c) + 2] = torch.tensor([1] + c + [2])
+    lengths = torch.tensor([len(c) + 2 for c in cands])
+    changed = 0
+    for i in range(len(f)):
+        lp = m.sequence_logprob(f[i].expand(len(cands), *f[i].shape), seqs, lengths).tolist()
+        normed = sorted(((s / (len(c) + 1) ** alpha, s, c) for s, c in zip(lp, cands)), key=lambda x: -x[0])
+        raw = sorted(zip(lp, cands), key=lambda x: -x[0])
+        changed += [c for _, _, c in normed[:5]] != [c for _, c in raw[:5]]
+        wide = beam_search(m, f[i : i + 1], beam_size=100, max_len=3, length_norm=alpha, topk=5)[0]
+        assert [h.tokens for h in wide] == [c for _, _, c in normed[:5]], i
+        for h, (score, logprob, _) in zip(wide, normed):
+            assert math.isclose(h.score, score, abs_tol=1e-4) and math.isclose(h.logprob, logprob, abs_tol=1e-4)
+    assert changed > 0  # the normalisation reorders the captions of some image: the test can tell it apart
+
+
 def test_beam_scores_are_model_log_probabilities_and_length_limit_holds():
     m = tiny_model("show_tell", "bn_rhn", vocab=12)
     f = feats("show_tell", 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -88,21 +89,36 @@ def test_karpathy_reader(tmp_path):
     assert rec["c.jpg"].captions == ["A bird.", "a small bird"]
 
 
+def _hash_split(image_id: str, val: float, test: float) -> str:
+    """The documented rule, by hand: u = the first 8 bytes of sha256(id), big-endian, / 2^64; test if u < test,
+    val if u < test + val, else train."""
+    u = int(hashlib.sha256(image_id.encode()).hexdigest()[:16], 16) / 2**64
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
 def test_coco_reader_splits_deterministically(tmp_path):
-    _img(tmp_path / "val2017" / "000000000001.jpg")
-    _img(tmp_path / "val2017" / "000000000002.jpg")
-    data = {"images": [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "000000000002.jpg"}],
+    ids = (1, 2, 8, 9)
+    for i in ids:
+        _img(tmp_path / "val2017" / f"{i:012d}.jpg")
+    data = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids],
             "annotations": [{"image_id": 1, "caption": "A man."}, {"image_id": 2, "caption": "A woman."},
-                            {"image_id": 1, "caption": "A person."}]}
+                            {"image_id": 1, "caption": "A person."}, {"image_id": 8, "caption": "A dog."},
+                            {"image_id": 9, "caption": "A cat."}]}
     f = tmp_path / "captions_val2017.json"
     f.write_text(json.dumps(data))
     ds = read_coco(f)
-    assert {r.image_id: r.captions for r in ds.records} == {"1": ["A man.", "A person."], "2": ["A woman."]}
-    assert [r.split for r in ds.records] == [r.split for r in read_coco(f).records]
-    assert read_coco(f, split="test").counts()["test"] == 2
-    s = assign_splits([str(i) for i in range(2000)], 0.1, 0.1)
+    assert {r.image_id: r.captions for r in ds.records} == {"1": ["A man.", "A person."], "2": ["A woman."],
+                                                            "8": ["A dog."], "9": ["A cat."]}
+    # u(id) = 0.420, 0.830, 0.173, 0.099 for ids 1, 2, 8, 9 (sha256 of the id's decimal string)
+    assert {r.image_id: r.split for r in ds.records} == {"1": "train", "2": "train", "8": "val", "9": "test"}
+    assert {r.image_id: r.split for r in read_coco(f, val_fraction=0.5, test_fraction=0.0).records} == \
+        {"1": "val", "2": "train", "8": "val", "9": "val"}
+    assert read_coco(f, split="test").counts()["test"] == 4
+    names = [str(i) for i in range(2000)]
+    s = assign_splits(names, 0.1, 0.1)
     frac = np.mean([v == "test" for v in s.values()])
-    assert 0.07 < frac < 0.13 and s == assign_splits([str(i) for i in range(2000)], 0.1, 0.1)
+    assert 0.07 < frac < 0.13 and s == {i: _hash_split(i, 0.1, 0.1) for i in names}
+    assert assign_splits(names, 0.3, 0.05) == {i: _hash_split(i, 0.3, 0.05) for i in names}
 
 
 def test_folder_reader_csv_and_jsonl(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -111,7 +112,18 @@ def test_nan_loss_stops_with_last_good_checkpoint(cache, tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert ckpt["trainer"]["global_step"] == 2  # the end of epoch 1, the last good state
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    assert load_captioner(tmp_path / "nan" / "best.pt").vocab is not None
+    # The saved vocabulary is the one of the training captions, built here by hand (vocab docs: lower-case
+    # letter/digit runs, every word seen ≥ min_count = 1 times by decreasing count then alphabetically, after
+    # the four special tokens), and the saved model decodes with it.
+    loaded = load_captioner(tmp_path / "nan" / "best.pt")
+    captions = [c for rec in dataset_for_config(cfg, log=lambda m: None).split("train") for c in rec.captions]
+    counts = Counter(w for c in captions for w in re.findall(r"[a-z0-9]+", c.lower()))
+    expected = ["<pad>", "<start>", "<end>", "<unk>"] + sorted(counts, key=lambda w: (-counts[w], w))
+    assert len(counts) > 5 and loaded.vocab.words == expected
+    assert loaded.model.cfg.vocab_size == len(expected) and loaded.model.out.out_features == len(expected)
+    words = re.findall(r"[a-z0-9]+", captions[0].lower())
+    ids = [1] + [expected.index(w) for w in words] + [2, expected.index(words[0])]  # decoding stops at <end>
+    assert loaded.vocab.decode(ids) == " ".join(words)
 
 
 # -- Flickr8k, CI-sized --------------------------------------------------------------------------------------

@@ -201,10 +201,44 @@ def test_bn_lstm_gamma_init_and_no_shift_on_gate_terms():
     assert cell.bn_x.bias is None and cell.bn_h.bias is None and cell.bn_c.bias is not None
 
 
+# The options and defaults of every cell as documented (docs/cells.md: the table, "RHN options" and the presets
+# of bnrhn.cells), written out by hand: cell_options() must report exactly these.
+_RHN_DOCUMENTED = dict(depth=3, norm="none", normalize=("h",), carry="coupled", input_at="first", transform_bias=-2.0,
+                       carry_bias=None, max_steps=100, per_step=True, stats="momentum", momentum=0.1, gamma_init=None,
+                       min_rows=0, renorm_rmax=3.0, renorm_dmax=5.0, renorm_warmup=100)
+DOCUMENTED_OPTIONS = {
+    "rnn": {"bias": True},
+    "lstm": {"bias": True, "forget_bias": 1.0},
+    "gru": {"bias": True},
+    "mut1": {}, "mut2": {}, "mut3": {},
+    "rhn": _RHN_DOCUMENTED,
+    "bn_rhn": {**_RHN_DOCUMENTED, "norm": "batch", "carry": "free", "stats": "renorm"},
+    "bn_rhn_tf": {**_RHN_DOCUMENTED, "norm": "layer", "carry": "free", "input_at": "every", "transform_bias": -3.0,
+                  "carry_bias": -3.0},
+    "bn_lstm": {"max_steps": 100, "per_step": True, "stats": "renorm", "momentum": 0.1, "gamma_init": 0.1,
+                "forget_bias": 1.0, "carry_norm": "output", "min_rows": 0, "renorm_rmax": 3.0, "renorm_dmax": 5.0,
+                "renorm_warmup": 100},
+}
+
+
+def test_documented_options_cover_every_cell():
+    assert set(DOCUMENTED_OPTIONS) == set(CELLS)
+
+
 @pytest.mark.parametrize("name", list(CELLS))
 def test_every_registered_cell_runs_and_reports_its_options(name):
     opts = cell_options(name)
-    assert isinstance(opts, dict)
+    assert opts == DOCUMENTED_OPTIONS[name]
+    cell = build_cell(name, 4, 4)  # the defaults it reports are the ones a cell is built with
+    if isinstance(cell, RHNCell):
+        assert (cell.depth, cell.norm, cell.carry, cell.input_at, cell.transform_bias) == \
+            (opts["depth"], opts["norm"], opts["carry"], opts["input_at"], opts["transform_bias"])
+        assert cell.carry_bias == (-opts["transform_bias"] if opts["carry_bias"] is None else opts["carry_bias"])
+    if name == "lstm":
+        assert cell.forget_bias == opts["forget_bias"]
+    if name == "bn_lstm":
+        assert torch.equal(cell.bias[4:8], torch.full((4,), opts["forget_bias"]))  # b_f (gate order i, f, g, o)
+        assert torch.allclose(cell.bn_x.weight, torch.full((16,), opts["gamma_init"]))
     I = 4 if name in ("mut1", "mut2") else 3  # they add the raw input to a hidden-sized vector
     rnn = Recurrent(name, I, 4, num_layers=2, dropout=0.2, recurrent_dropout=0.2, input_dropout=0.1)
     out, final = rnn(torch.randn(5, 2, I), lengths=[5, 2])

@@ -25,9 +25,29 @@ def _need_weights():
         pytest.skip(str(exc))
 
 
+HAVE_JAVA = shutil.which("java") is not None
+# The metrics the comparisons below are scored on: all seven with Java; without it the six computed in-process
+# (METEOR alone runs in a JVM), so that only the test of the METEOR row needs Java.
+SCORED = tuple(m for m in METRIC_ORDER if HAVE_JAVA or m != "METEOR")
+
+
 def _need_java():
-    if shutil.which("java") is None:
+    if not HAVE_JAVA:
         pytest.skip("METEOR needs Java (a JRE on PATH)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def metrics_without_java():
+    """Without Java, every comparison of this module scores the metrics other than METEOR: the experiment
+    takes its metric list from bnrhn.captioning.scoring.ALL_METRICS when it evaluates a run."""
+    if HAVE_JAVA:
+        yield
+        return
+    import bnrhn.captioning.scoring as scoring
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "ALL_METRICS", tuple(m for m in scoring.ALL_METRICS if m != "METEOR"))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +62,8 @@ def tiny_args(cache, out, *more) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(cache, tmp_path_factory):
+def report(cache, tmp_path_factory, metrics_without_java):
     _need_weights()
-    _need_java()
     out = tmp_path_factory.mktemp("cmp") / "report"
     assert main(tiny_args(cache, out)) == 0
     return out
@@ -72,7 +91,8 @@ def test_report_files_table_and_gallery(report):
     text = (report / "results.md").read_text()
     table = parse_markdown_table(text)
     scores = {r["cell"]: r["scores"] for r in json.loads((report / "results.json").read_text())["runs"]}
-    for metric in METRIC_ORDER:
+    assert [m for m in METRIC_ORDER if m in table] == list(SCORED)
+    for metric in SCORED:
         assert set(table[metric]) == {"lstm", "bn_rhn"}
         for cell, value in table[metric].items():
             assert float(value) == pytest.approx(scores[cell][metric], abs=5e-4), (metric, cell)
@@ -100,6 +120,15 @@ def test_report_files_table_and_gallery(report):
     assert "lstm" in page and "bn_rhn" in page
     assert (report / "loss.png").stat().st_size > 10_000
 
+
+def test_meteor_row_with_java(report):
+    _need_java()
+    table = parse_markdown_table((report / "results.md").read_text())
+    for run in json.loads((report / "results.json").read_text())["runs"]:
+        meteor = run["scores"]["METEOR"]  # NaN when METEOR could not be computed (no JVM, jar missing)
+        assert 0 <= meteor <= 1 and float(table["METEOR"][run["cell"]]) == pytest.approx(meteor, abs=5e-4)
+        saved = json.loads((Path(run["run_dir"]) / "metrics_test.json").read_text())["scores"]
+        assert saved["METEOR"] == pytest.approx(meteor, abs=1e-12)  # the run's own scores file
 
 
 def test_command_txt_reproduces_the_run(report, cache):
@@ -227,10 +256,14 @@ def test_parse_budget():
             parse_budget(bad)
 
 
-def test_demo_help_names_the_report():
+def test_demo_help_names_the_report(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--help"])
     assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in ("results.md", "loss.png", "gallery.html"):  # the report files the demo writes
+        assert name in text and name in REPORT_FILES, name
+    assert "bnrhn demo --out runs/demo" in text
 
 
 @pytest.mark.slow  # long: CI runs it (make test-slow)

@@ -4,6 +4,7 @@ diverging variant recorded as an outcome rather than a crash."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -61,15 +62,31 @@ def test_seed_report_records_divergence_as_an_outcome(mini_ptb, tmp_path, monkey
     rep = json.loads((out / "results.json").read_text())
     v = rep["variants"]
     assert list(v) == ["lstm", "bn_lstm", "bn_lstm_shared", "bn_lstm_cumulative", "bn_lstm_carry_norm"]
+    # Character-level PTB by hand (docs: words joined by "_", every sentence ends with "\n"): the whole
+    # validation text is scored, N − 1 predictions; a model that learnt anything beats the uniform
+    # distribution over the vocabulary (ln V nats per character).
+    lines = {split: (mini_ptb / f"ptb.{split}.txt").read_text().split("\n") for split in ("train", "valid", "test")}
+    chars = {split: "".join("_".join(line.split()) + "\n" for line in ls if line.split()) for split, ls in lines.items()}
+    vocab_size = len(set("".join(chars.values())))
+    assert rep["corpus"]["vocab_size"] == vocab_size and rep["corpus"]["valid_chars"] == len(chars["valid"])
     for name in ("lstm", "bn_lstm", "bn_lstm_shared", "bn_lstm_cumulative"):
-        assert v[name]["outcome"].startswith("trained") and v[name]["valid"]["bpc"] > 0, name
-        assert v[name]["seconds_per_epoch"] > 0 and v[name]["valid"]["perplexity"] > 1, name
+        assert v[name]["outcome"].startswith("trained") and v[name]["seconds_per_epoch"] > 0, name
+        for split in ("valid", "test"):
+            s = v[name][split]
+            assert s["chars"] == len(chars[split]) - 1, (name, split)
+            assert s["bpc"] == pytest.approx(s["loss"] / math.log(2), rel=1e-12), (name, split)  # BPC = loss / ln 2
+            assert s["perplexity"] == pytest.approx(math.exp(s["loss"]), rel=1e-12), (name, split)
+            assert s["perplexity"] == pytest.approx(2 ** s["bpc"], rel=1e-9), (name, split)
+            assert 0 < s["loss"] < math.log(vocab_size), (name, split, s["loss"], math.log(vocab_size))
     assert v["bn_lstm"]["config"]["cell_options"] == {"stats": "momentum"}  # the report's estimators, named
     assert v["bn_lstm_shared"]["config"]["cell_options"] == {"per_step": False, "stats": "momentum"}
     assert v["bn_lstm_cumulative"]["config"]["cell_options"] == {"stats": "cumulative"}
     div = v["bn_lstm_carry_norm"]
     assert div["outcome"].startswith("diverged: loss is nan at step 4") and div["diverged_step"] == 4
     assert div["valid"] is not None and "before the divergence" in div["valid_from"]  # last good checkpoint scored
+    dv = div["valid"]
+    assert dv["chars"] == len(chars["valid"]) - 1 and dv["bpc"] == pytest.approx(dv["loss"] / math.log(2), rel=1e-12)
+    assert dv["perplexity"] == pytest.approx(math.exp(dv["loss"]), rel=1e-12)
     assert "| BN-LSTM (normalise the carry) | diverged" in table
     assert (out / "results.md").read_text() in table + "\n"
     assert (out / "loss_curves.png").stat().st_size > 10_000

@@ -165,14 +165,12 @@ def run_jacobian(models, out_dir, text_source: str, length: int = 100, seed: int
             "size": A.shape[0], "state": state,
         }
         traces[am.label] = {"spectral_radius": tr.spectral_radius, "sigma_max": tr.sigma_max}
-        inside = _eigs_in_discs(sp["eigvals"], centres, radii)
         results[am.label] = {
             "state": state, "size": A.shape[0],
             "spectral_radius": tr.spectral_radius, "sigma_max": tr.sigma_max,
             "mean_spectral_radius": sum(tr.spectral_radius) / len(tr), "mean_sigma_max": sum(tr.sigma_max) / len(tr),
             "disc_step": disc_step, "discs": {"centres": panels[am.label]["centres"], "radii": panels[am.label]["radii"]},
             "eigenvalues": {"real": panels[am.label]["eig_real"], "imag": panels[am.label]["eig_imag"]},
-            "all_eigenvalues_in_discs": inside,
         }
         for t, (r, s) in enumerate(zip(tr.spectral_radius, tr.sigma_max), start=1):
             trace_rows.append([am.label, t, r, s])
@@ -189,12 +187,6 @@ def run_jacobian(models, out_dir, text_source: str, length: int = 100, seed: int
     plots.plot_jacobian_trace(traces, out_dir / "jacobian_spectrum.png", subtitle=f"{what}, one sequence of real text")
     plots.plot_gershgorin(panels, out_dir / "gershgorin.png", subtitle=f"step t = {disc_step}")
     return report
-
-
-def _eigs_in_discs(eig: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, tol: float = 1e-9) -> bool:
-    """Geršgorin's theorem as a check: every eigenvalue lies in some disc."""
-    d = (eig.unsqueeze(1) - centres.to(eig.dtype).unsqueeze(0)).abs()  # [n_eig, n_disc]
-    return bool(((d <= radii.unsqueeze(0) + tol * (1 + radii.unsqueeze(0))).any(dim=1)).all())
 
 
 def run_gates(models, out_dir, text_source: str, length: int = 100, batch: int = 32, seed: int = 0) -> dict:
