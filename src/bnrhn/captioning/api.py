@@ -37,6 +37,7 @@ from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 from bnrhn.captioning.task import CHECKPOINT_KIND, CaptionTask, Prepared, decode_split
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary, unknown_fraction
+from bnrhn import kernels
 from bnrhn.decoding import METHODS, decode
 from bnrhn.encoders import ImageFileError, build_encoder, load_image
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
@@ -202,6 +203,8 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
     log(f"train: {config.model} with a {config.cell} decoder, {model.num_parameters():,} parameters, "
         f"{len(data.train_caps)} captions / {task.num_batches(0)} {task.batching} batches per epoch on {where} "
         f"-> {config.run_dir}")
+    if device.type == "cpu":
+        log(f"train: {kernels.status()}")
     summary = trainer.fit(resume=resume)
     history = summary["validations"]
     best = next((h for h in history if h["step"] == summary["best_step"]), history[-1] if history else {})

@@ -233,6 +233,10 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
                                             f"batch-norm statistics {cfg.bn_stats})" if distributed is not None else "")
     log(f"model: {cfg.cell} ×{cfg.layers}, hidden {cfg.hidden}, {n_params:,} parameters; "
         f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch; on {where}")
+    if device.type == "cpu":
+        from bnrhn import kernels
+
+        log(f"model: {kernels.status()}")
     t0 = time.perf_counter()
     summary = trainer.fit(resume=resume)
     if not main:  # rank 0 scores the run and writes results.json, alone: no collective waits for the scoring
