@@ -15,7 +15,7 @@ from bnrhn.cli import main
 from bnrhn.encoders import find_mobilenet_weights
 from bnrhn.experiments.compare import REPORT_FILES, parse_budget
 from bnrhn.reports import METRIC_ORDER
-from bnrhn.reports.table import parse_markdown_table
+from table_support import parse_markdown_table
 
 
 def _need_weights():

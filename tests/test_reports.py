@@ -9,7 +9,7 @@ from PIL import Image
 
 from bnrhn.reports import metrics_table, plot_training_curves, write_gallery
 from figure_support import assert_readable, saved_figures  # noqa: F401  (fixture)
-from bnrhn.reports.table import parse_markdown_table
+from table_support import parse_markdown_table
 
 
 def test_table_bolds_best_per_row_and_parses_back():

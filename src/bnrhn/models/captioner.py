@@ -172,13 +172,6 @@ class Captioner(nn.Module):
         """
         raise NotImplementedError
 
-    @torch.no_grad()
-    def sequence_logprob(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """log p(w_1 .. w_n <end> | image) of each caption (teacher forcing), ``[B]``."""
-        logits, targets, mask = self.teacher_forced_logits(features, tokens, lengths)
-        logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (logp * mask).sum(1)
-
     def teacher_forced_logits(self, features, tokens, lengths) -> tuple[Tensor, Tensor, Tensor]:
         """(logits ``[B, L−1, V]``, targets ``[B, L−1]``, float mask ``[B, L−1]``)."""
         raise NotImplementedError

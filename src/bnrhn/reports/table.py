@@ -51,16 +51,3 @@ def metrics_table(
     for row, texts in (extra_rows or {}).items():
         lines.append(f"| {row} | " + " | ".join(texts.get(n, "–") for n in names) + " |")
     return "\n".join(lines) + "\n"
-
-
-def parse_markdown_table(text: str) -> dict[str, dict[str, str]]:
-    """Read back a table written by :func:`metrics_table`: {row: {column: cell text without bold}}."""
-    rows = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
-    if len(rows) < 2:
-        raise ValueError("no markdown table found")
-    header = [c.strip() for c in rows[0].strip("|").split("|")]
-    out: dict[str, dict[str, str]] = {}
-    for line in rows[2:]:
-        cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
-        out[cells[0]] = dict(zip(header[1:], cells[1:]))
-    return out
