@@ -17,7 +17,7 @@ from bnrhn.captioning.api import (
     demo_config,
     evaluate,
     load_captioner,
-    metrics_table,
+    scores_table,
     prepare_data,
     train,
 )
@@ -27,6 +27,6 @@ from bnrhn.captioning.scoring import ALL_METRICS, score_captions
 
 __all__ = [
     "CaptionConfig", "demo_config", "train", "evaluate", "caption_images", "load_captioner", "prepare_data", "load_dataset",
-    "find_data_root", "DATASET_SPECS", "RunResult", "ImageCaptions", "LoadedCaptioner", "metrics_table",
+    "find_data_root", "DATASET_SPECS", "RunResult", "ImageCaptions", "LoadedCaptioner", "scores_table",
     "score_captions", "ALL_METRICS", "batchnorm_leak",
 ]

@@ -365,7 +365,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
         meta = {"checkpoint": str(loaded.checkpoint), "split": split, "images": len(recs), "method": method,
                 "beam": beam, "dataset": cfg.dataset, "scores": scores}
         (out / f"metrics_{split}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        (out / f"metrics_{split}.md").write_text(metrics_table(scores) + "\n", encoding="utf-8")
+        (out / f"metrics_{split}.md").write_text(scores_table(scores) + "\n", encoding="utf-8")
     return results, scores
 
 
@@ -406,7 +406,7 @@ def batchnorm_leak(checkpoint: str | Path, split: str = "val", batch_size: int |
                         split_name=split)
 
 
-def metrics_table(scores: dict[str, float]) -> str:
+def scores_table(scores: dict[str, float]) -> str:
     """A one-row markdown table of the scores."""
     names = [m for m in ALL_METRICS if m in scores] + [m for m in scores if m not in ALL_METRICS]
     return "| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n| " + " | ".join(

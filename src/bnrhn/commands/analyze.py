@@ -99,7 +99,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from bnrhn.analysis.common import read_analysis_text
-    from bnrhn.analysis.reports import prepare_models, run_gates, run_gradients, run_jacobian
+    from bnrhn.analysis.runner import prepare_models, run_gates, run_gradients, run_jacobian
     from bnrhn.data.text import check_seq_len
 
     from bnrhn.commands.lm import set_threads
@@ -161,7 +161,7 @@ def _run_task_gradients(args, log, device) -> int:
     import torch
 
     from bnrhn.analysis.common import parse_cell_spec
-    from bnrhn.analysis.reports import run_task_gradients
+    from bnrhn.analysis.runner import run_task_gradients
     from bnrhn.tasks.heads import SequenceModel
     from bnrhn.tasks.train import TaskTrainConfig, load_task_model
 

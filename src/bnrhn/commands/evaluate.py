@@ -39,7 +39,7 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from bnrhn.captioning import ALL_METRICS, evaluate, metrics_table
+    from bnrhn.captioning import ALL_METRICS, evaluate, scores_table
 
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
@@ -50,6 +50,6 @@ def run(args) -> int:
         max_images=args.max_images, cache_dir=args.cache_dir, device=args.device,
         progress=False if args.quiet or not sys.stderr.isatty() else None,
     )
-    print(metrics_table(scores))
+    print(scores_table(scores))
     print(f"\n{len(results)} captions: {out / f'results_{args.split}.json'} (COCO results format)")
     return 0

@@ -97,7 +97,7 @@ def _fmt(x, digits=3) -> str:
 
 def run_seed_report(args) -> dict[str, Any]:
     """Run every requested variant (skipping those with results unless ``--overwrite``) and write the report."""
-    from bnrhn.analysis.plots import plot_loss_curves
+    from bnrhn.reports.analysis_figures import plot_loss_curves
     from bnrhn.data.text import CharCorpus
     from bnrhn.lm.train import LMTrainConfig, train_char_lm
     from bnrhn.training import TrainingDiverged, load_checkpoint

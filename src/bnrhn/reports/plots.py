@@ -18,14 +18,26 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(v, kernel, mode="valid")])
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
-    """Lay out, write the PNG (creating its folder) and close ``fig``."""
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend (figures are files here), chosen when a
+    figure is drawn rather than when a module is imported."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int, bbox_inches: str | None = None) -> Path:
+    """Write the PNG (creating its folder) and close ``fig``; laid out with ``tight_layout`` first unless
+    ``bbox_inches`` (e.g. "tight") crops it instead."""
+    plt = pyplot()
+    if bbox_inches is None:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
     plt.close(fig)
     return path
 
@@ -40,10 +52,7 @@ def plot_training_curves(
 ) -> Path:
     """Write a PNG with training loss vs steps (raw, faint, and a moving average) for each model, and
     ``validation`` (e.g. CIDEr) vs steps in a second panel when given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 2 if validation else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
@@ -69,7 +78,7 @@ def plot_training_curves(
         ax2.set_title(f"{validation_label} during training")
         ax2.grid(alpha=0.3)
         ax2.legend()
-    return _save(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 MODE_LABELS = {
@@ -84,10 +93,7 @@ MODE_LABELS = {
 def plot_batchnorm_leak(path: str | Path, report: dict, title: str = "") -> Path:
     """The batch-composition diagnostic: loss per word position for each mode (top) and the mean number of
     valid rows per batch at each position (bottom), from :meth:`bnrhn.analysis.batchnorm.LeakReport.to_dict`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     for mode, m in report["modes"].items():
@@ -107,17 +113,14 @@ def plot_batchnorm_leak(path: str | Path, report: dict, title: str = "") -> Path
     ax2.set_ylabel(f"valid rows per batch (of {report['batch_size']})")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_error_vs_length(path: str | Path, summary: Mapping[str, Mapping[str, Mapping[str, float]]],
                          baseline: Mapping[int, float], ylabel: str = "test error", title: str = "") -> Path:
     """Test error vs sequence length per cell (mean over seeds, bars: ± one standard deviation), log-scaled
     length axis, and the trivial baseline dashed: where a line meets the baseline the cell stopped learning."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     lengths = sorted(baseline)
@@ -137,4 +140,4 @@ def plot_error_vs_length(path: str | Path, summary: Mapping[str, Mapping[str, Ma
     ax.legend(fontsize=8, ncol=2)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)

@@ -201,7 +201,7 @@ def _gradients(s: TaskCompareSettings, length: int, out: Path, log) -> dict[str,
     """‖∂L/∂h_t‖ of every cell's seed-0 model at T = ``length``, fresh (its initial weights) and trained."""
     import torch
 
-    from bnrhn.analysis.reports import run_task_gradients
+    from bnrhn.analysis.runner import run_task_gradients
     from bnrhn.tasks.heads import SequenceModel
     from bnrhn.tasks.train import load_task_model
 

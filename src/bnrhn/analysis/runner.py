@@ -20,7 +20,7 @@ from bnrhn.analysis.common import (
 from bnrhn.analysis.gates import gate_activity, is_highway
 from bnrhn.analysis.gradients import gradient_norms
 from bnrhn.analysis.jacobian import gershgorin_discs, jacobian_along_sequence, spectrum
-from bnrhn.analysis import plots
+from bnrhn.reports import analysis_figures as plots
 from bnrhn.data.text import CharVocab, apply_transform
 
 __all__ = ["prepare_models", "run_gradients", "run_task_gradients", "run_jacobian", "run_gates"]

@@ -9,11 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Circle  # noqa: E402
+from bnrhn.reports.plots import pyplot, save_figure
 
 __all__ = ["plot_gradient_flow", "plot_jacobian_trace", "plot_gershgorin", "plot_gate_activity", "plot_loss_curves"]
 
@@ -21,14 +17,11 @@ FLOOR = 1e-300
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _colors(n: int):
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     return [cmap(i % 10) for i in range(n)]
 
@@ -39,6 +32,7 @@ def plot_gradient_flow(curves: dict[str, dict[str, list[float]]], path, subtitle
     """Two panels: ‖∂L_T/∂h_t‖ (geometric mean and quartile band over sequences) vs distance T − t, and
     the same relative to distance 0. ``styles``: matplotlib line settings per label (e.g. one colour per
     cell, dashed for its untrained weights); default one colour per label."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     sym = "h_t" if which == "h" else "s_t"
     for (label, c), color in zip(curves.items(), _colors(len(curves))):
@@ -69,6 +63,7 @@ def plot_gradient_flow(curves: dict[str, dict[str, list[float]]], path, subtitle
 
 def plot_jacobian_trace(traces: dict[str, dict[str, list[float]]], path, subtitle: str = "") -> Path:
     """Spectral radius and largest singular value of A_t per step, one line per model."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), sharex=True)
     for (label, tr), color in zip(traces.items(), _colors(len(traces))):
         steps = list(range(1, len(tr["spectral_radius"]) + 1))
@@ -95,6 +90,8 @@ def plot_gershgorin(panels: dict[str, dict[str, Any]], path, subtitle: str = "")
 
     ``panels[label]`` has ``centres``, ``radii``, ``eig_real``, ``eig_imag``, ``size`` and ``state``.
     """
+    plt = pyplot()
+    from matplotlib.patches import Circle
     n = len(panels)
     fig, axes = plt.subplots(2, n, figsize=(4.3 * n, 8.6), squeeze=False)
     blue = (0.12, 0.47, 0.71)
@@ -141,6 +138,7 @@ def _square_limits(ax, xmin: float, xmax: float, yabs: float) -> None:
 
 def plot_gate_activity(models: dict[str, dict[str, Any]], path, subtitle: str = "") -> Path:
     """Mean transform gate t_l and carry gate c_l per highway depth l (bars: ± std over time steps)."""
+    plt = pyplot()
     n = len(models)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False, sharey=True)
     for ax, (label, g) in zip(axes.flat, models.items()):
@@ -169,6 +167,7 @@ def plot_loss_curves(curves: dict[str, dict[str, list[float]]], path, title: str
                      ylabel: str = "loss (nats per character)") -> Path:
     """Training loss (thin) and validation loss (markers) per run; ``curves[label]`` has ``train_step``,
     ``train_loss``, ``valid_step``, ``valid_loss`` and optionally ``diverged_step``."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for (label, c), color in zip(curves.items(), _colors(len(curves))):
         if c.get("train_step"):
