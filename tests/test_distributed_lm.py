@@ -17,6 +17,10 @@ from bnrhn.training import load_checkpoint, read_log
 
 from test_distributed_training import torchrun
 
+# about 30 s of torchrun processes: in the slow set (CI runs it); the captioner's data-parallel tests stay
+# in the default run
+pytestmark = pytest.mark.slow
+
 SETTINGS = dict(hidden=12, batch_size=5, seq_len=8, validate_every=2, valid_chars=400, precision="fp64",
                 device="cpu", progress=False, diverge_factor=None)
 # name: (cell, layers, steps, batch-norm statistics across ranks)
@@ -98,7 +102,6 @@ def test_local_batch_norm_statistics_differ_from_one_process(runs):
 
 
 
-@pytest.mark.slow  # long: CI runs it (make test-slow)
 def test_resumed_data_parallel_lm_equals_an_uninterrupted_one(runs):
     resumed = runs / "two" / "bn_rhn-half"
     out = torchrun("lm", "train", "--resume", "--run-dir", str(resumed), "--max-steps", "4", "--quiet")
