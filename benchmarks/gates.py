@@ -3,8 +3,8 @@
 Prints one table: µs per call (median of interleaved rounds) of
 
 - tanh and σ of a [B, 3H] float32 tile: ``torch.tanh`` / ``torch.sigmoid`` against the kernels' own;
-- one highway layer's elementwise forward and backward (free carry, G = 3): the composed PyTorch kernels
-  that ``bnrhn.cells.highway`` runs without the extension, against ``highway_forward`` + ``highway_backward``;
+- one highway layer's elementwise forward and backward (free carry, G = 3): the composed PyTorch operations
+  that the cells run without the extension (``bnrhn.kernels.composed``), against the fused ones;
 - one BN-LSTM step's elementwise work (gates and memory, output; their backwards), both ways.
 
     python benchmarks/gates.py                    # B 64, H 128 and 512, 1 thread
@@ -23,37 +23,16 @@ import time
 import torch
 
 from bnrhn import kernels
-from bnrhn.cells.bn_lstm import _composed_gates_backward
-from bnrhn.cells.highway import _composed_backward
+from bnrhn.kernels import composed
 
 
-def highway_composed(a, s, ds, H):
-    act = a.clone()
-    h = act[:, :H].tanh_()
-    act[:, H:].sigmoid_()
-    torch.addcmul(h * act[:, H : 2 * H], s, act[:, 2 * H :])
-    _composed_backward(ds, act, s, H, 3)
-
-
-def highway_fused(ops, a, s, ds):
+def highway_step(ops, a, s, ds):
     act = a.clone()
     ops.highway_forward(act, s, 3)
     ops.highway_backward(ds, act, s, 3)
 
 
-def lstm_composed(a, c_prev, dh, dc, H):
-    act = a.clone()
-    act[:, : 2 * H].sigmoid_()
-    act[:, 2 * H : 3 * H].tanh_()
-    act[:, 3 * H :].sigmoid_()
-    c = torch.addcmul(act[:, H : 2 * H] * c_prev, act[:, :H], act[:, 2 * H : 3 * H])
-    tc = torch.tanh(c)
-    _ = act[:, 3 * H :] * tc
-    _ = torch.ops.aten.tanh_backward(dh * act[:, 3 * H :], tc)
-    _composed_gates_backward(dc, dh, act, c_prev, tc, H)
-
-
-def lstm_fused(ops, a, c_prev, dh, dc):
+def lstm_step(ops, a, c_prev, dh, dc):
     act = a.clone()
     c = ops.lstm_gates_forward(act, c_prev)
     _, tc = ops.lstm_output_forward(act, c)
@@ -81,10 +60,10 @@ def main() -> None:
         s, ds, dc = (torch.randn(B, H, generator=g) for _ in range(3))
         cases[(f"tanh [{B}, {3 * H}]", H)] = (lambda x=x: torch.tanh(x), lambda x=x: ops.tanh(x))
         cases[(f"sigmoid [{B}, {3 * H}]", H)] = (lambda x=x: torch.sigmoid(x), lambda x=x: ops.sigmoid(x))
-        cases[(f"highway layer fwd+bwd, H {H}", H)] = (
-            lambda x=x, s=s, ds=ds, H=H: highway_composed(x, s, ds, H), lambda x=x, s=s, ds=ds: highway_fused(ops, x, s, ds))
-        cases[(f"BN-LSTM step elementwise fwd+bwd, H {H}", H)] = (
-            lambda a=a4, c=s, dh=ds, dc=dc, H=H: lstm_composed(a, c, dh, dc, H), lambda a=a4, c=s, dh=ds, dc=dc: lstm_fused(ops, a, c, dh, dc))
+        cases[(f"highway layer fwd+bwd, H {H}", H)] = tuple(
+            lambda o=o, x=x, s=s, ds=ds: highway_step(o, x, s, ds) for o in (composed, ops))
+        cases[(f"BN-LSTM step elementwise fwd+bwd, H {H}", H)] = tuple(
+            lambda o=o, a=a4, c=s, dh=ds, dc=dc: lstm_step(o, a, c, dh, dc) for o in (composed, ops))
     times = {(key, k): [] for key in cases for k in (0, 1)}
     for fns in cases.values():
         for fn in fns:
@@ -101,8 +80,8 @@ def main() -> None:
     print("| work | PyTorch kernels | fused kernels | speed-up |")
     print("|---|---:|---:|---:|")
     for key in cases:
-        composed, fused = (statistics.median(times[(key, k)]) for k in (0, 1))
-        print(f"| {key[0]} | {composed:.1f} | {fused:.1f} | {composed / fused:.2f}× |")
+        plain_us, fused_us = (statistics.median(times[(key, k)]) for k in (0, 1))
+        print(f"| {key[0]} | {plain_us:.1f} | {fused_us:.1f} | {plain_us / fused_us:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,16 @@ def tiny_model(model="show_tell", cell="lstm", seed=0, vocab=V):
     return m.eval()
 
 
+def every_caption(words, max_words: int):
+    """Every caption of at most ``max_words`` of ``words``: (word lists, ``<start> w.. <end>`` token rows padded
+    with 0, their lengths)."""
+    cands = [list(c) for n in range(max_words + 1) for c in itertools.product(words, repeat=n)]
+    seqs = torch.zeros(len(cands), max_words + 2, dtype=torch.long)
+    for k, c in enumerate(cands):
+        seqs[k, : len(c) + 2] = torch.tensor([1] + c + [2])
+    return cands, seqs, torch.tensor([len(c) + 2 for c in cands])
+
+
 @torch.no_grad()
 def sequence_logprob(model, features, tokens, lengths):
     """log p(w_1 .. w_n <end> | image) of each caption by teacher forcing, ``[B]`` (the reference the searches
@@ -108,12 +118,7 @@ def test_beam_matches_exhaustive_search_on_tiny_vocabulary(model, cell):
     """4 words, at most 3 of them: all 1 + 4 + 16 + 64 = 85 captions scored by teacher forcing."""
     m = tiny_model(model, cell)
     f = feats(model, 4)
-    words = range(4, V)
-    cands = [list(c) for n in range(4) for c in itertools.product(words, repeat=n)]
-    seqs = torch.zeros(len(cands), 5, dtype=torch.long)
-    for k, c in enumerate(cands):
-        seqs[k, : len(c) + 2] = torch.tensor([1] + c + [2])
-    lengths = torch.tensor([len(c) + 2 for c in cands])
+    cands, seqs, lengths = every_caption(words=range(4, V), max_words=3)
     for i in range(len(f)):
         lp = sequence_logprob(m, f[i].expand(len(cands), *f[i].shape), seqs, lengths).tolist()
         scored = sorted(zip(lp, cands), key=lambda s: -s[0])
@@ -139,12 +144,7 @@ def test_length_normalised_beam_matches_exhaustive_search(model, cell, alpha):
     captions of that ranking in order, with those scores."""
     m = tiny_model(model, cell)
     f = feats(model, 8)
-    words = range(4, V)
-    cands = [list(c) for n in range(4) for c in itertools.product(words, repeat=n)]
-    seqs = torch.zeros(len(cands), 5, dtype=torch.long)
-    for k, c in enumerate(cands):
-        seqs[k, : len(c) + 2] = torch.tensor([1] + c + [2])
-    lengths = torch.tensor([len(c) + 2 for c in cands])
+    cands, seqs, lengths = every_caption(words=range(4, V), max_words=3)
     changed = 0
     for i in range(len(f)):
         lp = sequence_logprob(m, f[i].expand(len(cands), *f[i].shape), seqs, lengths).tolist()

@@ -133,22 +133,11 @@ class BNLSTMStep(Function):
         H, eps, carry_normed = spec
         act, mean_h, invstd_h = torch.native_batch_norm(r, gamma_h, None, None, None, True, 0.0, eps)
         act += xp
-        ops = kernels.ops_for(act, c_prev)
-        if ops is not None:
-            c_prev = c_prev.contiguous()
-            c = ops.lstm_gates_forward(act, c_prev)
-        else:
-            act[:, : 2 * H].sigmoid_()
-            act[:, 2 * H : 3 * H].tanh_()
-            act[:, 3 * H :].sigmoid_()
-            i, f, g, _ = act.chunk(4, dim=1)
-            c = torch.addcmul(f * c_prev, i, g)
+        ops = kernels.step_ops(act, c_prev)
+        c_prev = c_prev.contiguous()
+        c = ops.lstm_gates_forward(act, c_prev)
         c_n, mean_c, invstd_c = torch.native_batch_norm(c, gamma_c, beta_c, None, None, True, 0.0, eps)
-        if ops is not None:
-            h, tc = ops.lstm_output_forward(act, c_n)
-        else:
-            tc = torch.tanh(c_n)
-            h = act[:, 3 * H :] * tc
+        h, tc = ops.lstm_output_forward(act, c_n)
         ctx.spec, ctx.ops = spec, ops
         ctx.save_for_backward(r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, gamma_h, gamma_c)
         stats = (mean_h, invstd_h.pow(-2).sub_(eps).clamp_min_(0.0), mean_c, invstd_c.pow(-2).sub_(eps).clamp_min_(0.0))
@@ -164,10 +153,8 @@ class BNLSTMStep(Function):
         ops = ctx.ops
         if dh is None:
             dh = torch.zeros_like(tc)
-        if ops is not None:
-            dc_n = ops.lstm_output_backward(dh.contiguous(), act, tc)
-        else:
-            dc_n = _tanh_backward(dh * act[:, 3 * H :], tc)
+        dh = dh.contiguous()
+        dc_n = ops.lstm_output_backward(dh, act, tc)
         if carry_normed and dc_out is not None:
             dc_n += dc_out
         dc, dgamma_c, dbeta_c = torch.ops.aten.native_batch_norm_backward(
@@ -175,38 +162,9 @@ class BNLSTMStep(Function):
         )
         if not carry_normed and dc_out is not None:
             dc += dc_out
-        if ops is not None:
-            dgates, dc_prev = ops.lstm_gates_backward(dc.contiguous(), dh.contiguous(), act, c_prev, tc)
-        else:
-            dgates, dc_prev = _composed_gates_backward(dc, dh, act, c_prev, tc, H)
+        dgates, dc_prev = ops.lstm_gates_backward(dc.contiguous(), dh, act, c_prev, tc)
         dr, dgamma_h, _ = torch.ops.aten.native_batch_norm_backward(
             dgates, r, gamma_h, None, None, mean_h, invstd_h, True, eps, [True, True, False]
         )
         return None, dr, dgates, dc_prev, dgamma_h, dgamma_c, dbeta_c
 
-
-def _composed_gates_backward(dc, dh, act, c_prev, tc, H):
-    """∂L/∂[i, f, g, o] (pre-activations) and ∂L/∂c_{t−1} from PyTorch kernels (BNLSTMStep's equations)."""
-    i, f, g, o = act.chunk(4, dim=1)
-    dgates = torch.empty_like(act)
-    di, df, dg, do = dgates.chunk(4, dim=1)
-    torch.mul(dc, g, out=di)
-    torch.mul(dc, c_prev, out=df)
-    torch.mul(dc, i, out=dg)
-    torch.mul(dh, tc, out=do)
-    _sigmoid_backward_(dgates[:, : 2 * H], act[:, : 2 * H])
-    _tanh_backward_(dg, g)
-    _sigmoid_backward_(do, o)
-    return dgates, dc * f
-
-
-def _tanh_backward(grad: Tensor, y: Tensor) -> Tensor:
-    return torch.ops.aten.tanh_backward(grad, y)
-
-
-def _tanh_backward_(grad: Tensor, y: Tensor) -> None:
-    torch.ops.aten.tanh_backward.grad_input(grad, y, grad_input=grad)
-
-
-def _sigmoid_backward_(grad: Tensor, y: Tensor) -> None:
-    torch.ops.aten.sigmoid_backward.grad_input(grad, y, grad_input=grad)

@@ -16,8 +16,8 @@ and its gradient, written by hand:
 
 Where the fused CPU kernels of :mod:`bnrhn.kernels` serve the tensors, the activations and the state
 update are one pass over memory (``highway_forward``) and so is everything before the batch-norm
-backward (``highway_backward``); elsewhere (CUDA, 16-bit, no compiler) the same equations run as a few
-in-place PyTorch kernels.
+backward (``highway_backward``); elsewhere (CUDA, 16-bit, no compiler) the same operations run as a few
+in-place PyTorch kernels (:mod:`bnrhn.kernels.composed`).
 
 Why by hand: composed from autograd operations, one highway layer is a dozen graph nodes, and the
 split of a into gates costs a concatenation of their gradients in backward. Each of those passes
@@ -36,9 +36,6 @@ from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
 from bnrhn.autodiff import autocast_backward, autocast_forward
-
-_tanh_backward = torch.ops.aten.tanh_backward.grad_input
-_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 
 
 class HighwayStep(Function):
@@ -64,15 +61,9 @@ class HighwayStep(Function):
             bn_inputs.append(x)
             saved_stats += [mean, invstd]
             stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
-        ops = kernels.ops_for(act, s)
-        if ops is not None:
-            s = s.contiguous()
-            s_new = ops.highway_forward(act, s, G)
-        else:
-            h = act[:, :H].tanh_()
-            act[:, H:].sigmoid_()
-            t = act[:, H : 2 * H]
-            s_new = torch.lerp(s, h, t) if G == 2 else torch.addcmul(h * t, s, act[:, 2 * H :])
+        ops = kernels.step_ops(act, s)
+        s = s.contiguous()
+        s_new = ops.highway_forward(act, s, G)
         ctx.spec, ctx.ops = spec, ops
         ctx.save_for_backward(act, s, *bn_inputs, *saved_stats, *gammas)
         ctx.mark_non_differentiable(*stats)
@@ -86,10 +77,7 @@ class HighwayStep(Function):
         act, s, *rest = ctx.saved_tensors
         n = len(normed)
         bn_inputs, saved_stats, gammas = rest[:n], rest[n : 3 * n], rest[3 * n :]
-        if ctx.ops is not None:
-            da, ds_prev = ctx.ops.highway_backward(ds.contiguous(), act, s, G)
-        else:
-            da, ds_prev = _composed_backward(ds, act, s, H, G)
+        da, ds_prev = ctx.ops.highway_backward(ds.contiguous(), act, s, G)
         db = da.sum(0) if ctx.needs_input_grad[3] else None  # before the normalised slices are replaced
         dgammas = []
         for k, g in enumerate(normed):
@@ -102,20 +90,3 @@ class HighwayStep(Function):
             dgammas.append(dgamma)
         return (None, da, ds_prev, db, *dgammas)
 
-
-def _composed_backward(ds: Tensor, act: Tensor, s: Tensor, H: int, G: int) -> tuple[Tensor, Tensor]:
-    """∂L/∂(pre-activations) and ∂L/∂s_{l−1} from PyTorch kernels (the equations of the module docstring)."""
-    h, t = act[:, :H], act[:, H : 2 * H]
-    da = torch.empty_like(act)
-    # d(gate outputs) into da, then in place into d(pre-activations)
-    torch.mul(ds, t, out=da[:, :H])
-    if G == 2:
-        torch.mul(ds, h - s, out=da[:, H:])
-        ds_prev = ds - ds * t
-    else:
-        torch.mul(ds, h, out=da[:, H : 2 * H])
-        torch.mul(ds, s, out=da[:, 2 * H :])
-        ds_prev = ds * act[:, 2 * H :]
-    _tanh_backward(da[:, :H], h, grad_input=da[:, :H])
-    _sigmoid_backward(da[:, H:], act[:, H:], grad_input=da[:, H:])
-    return da, ds_prev

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from bnrhn.autodiff import plain_autograd
+from bnrhn.kernels import composed
 
 _SOURCE = Path(__file__).with_name("gates.cpp")
 _MODES = ("auto", "on", "off")
@@ -161,20 +162,13 @@ def _time_both(ops, reps: int = 20) -> tuple[float, float]:
         ops.highway_forward(act, s, 3)
         ops.highway_backward(ds, act, s, 3)
 
-    def composed():
+    def composed_step():
         act = a.clone()
-        h, t, c = act[:, :H].tanh_(), act[:, H : 2 * H].sigmoid_(), act[:, 2 * H :].sigmoid_()
-        torch.addcmul(h * t, s, c)
-        da = torch.empty_like(act)
-        torch.mul(ds, t, out=da[:, :H])
-        torch.mul(ds, h, out=da[:, H : 2 * H])
-        torch.mul(ds, s, out=da[:, 2 * H :])
-        torch.ops.aten.tanh_backward.grad_input(da[:, :H], h, grad_input=da[:, :H])
-        torch.ops.aten.sigmoid_backward.grad_input(da[:, H:], act[:, H:], grad_input=da[:, H:])
-        _ = ds * c
+        composed.highway_forward(act, s, 3)
+        composed.highway_backward(ds, act, s, 3)
 
     best = {}
-    for name, fn in (("fused", fused), ("composed", composed)):
+    for name, fn in (("fused", fused), ("composed", composed_step)):
         fn()
         times = []
         for _ in range(3):
@@ -193,6 +187,13 @@ def ops_for(*tensors: Tensor):
     if "ops" not in _state:
         _load()
     return _state["ops"]
+
+
+def step_ops(*tensors: Tensor):
+    """The operations a step runs on these tensors: the fused kernels (:func:`ops_for`) where they serve them,
+    else their composition from PyTorch's (:mod:`bnrhn.kernels.composed`), with the same interface."""
+    ops = ops_for(*tensors)
+    return composed if ops is None else ops
 
 
 def status() -> str:

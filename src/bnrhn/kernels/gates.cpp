@@ -294,37 +294,38 @@ std::tuple<at::Tensor, at::Tensor> lstm_gates_backward(const at::Tensor& dc, con
   return {dgates, dc_prev};
 }
 
-// tanh of any contiguous tensor (the attention scores' tanh)
-at::Tensor tanh_op(const at::Tensor& x) {
-  check_args("tanh", {x});
+// f applied to every element of a contiguous tensor
+template <template <typename> class F>
+at::Tensor elementwise(const char* op, const at::Tensor& x) {
+  check_args(op, {x});
   auto y = at::empty_like(x);
   const int64_t N = x.numel();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tanh", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elementwise", [&] {
     using V = Vectorized<scalar_t>;
     at::parallel_for(0, N, 16384, [&](int64_t i0, int64_t i1) {
       const scalar_t* xp = x.data_ptr<scalar_t>() + i0;
       scalar_t* yp = y.data_ptr<scalar_t>() + i0;
-      pieces<scalar_t>(i1 - i0, [&](int64_t j, int64_t n) { Act<scalar_t>::tanh(V::loadu(xp + j, n)).store(yp + j, n); });
+      pieces<scalar_t>(i1 - i0, [&](int64_t j, int64_t n) { F<scalar_t>::apply(V::loadu(xp + j, n)).store(yp + j, n); });
     });
   });
   return y;
 }
 
+template <typename T>
+struct Tanh {
+  static Vectorized<T> apply(Vectorized<T> x) { return Act<T>::tanh(x); }
+};
+
+template <typename T>
+struct Sigmoid {
+  static Vectorized<T> apply(Vectorized<T> x) { return Act<T>::sigmoid(x); }
+};
+
+// tanh of any contiguous tensor (the attention scores' tanh)
+at::Tensor tanh_op(const at::Tensor& x) { return elementwise<Tanh>("tanh", x); }
+
 // σ of any contiguous tensor
-at::Tensor sigmoid_op(const at::Tensor& x) {
-  check_args("sigmoid", {x});
-  auto y = at::empty_like(x);
-  const int64_t N = x.numel();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sigmoid", [&] {
-    using V = Vectorized<scalar_t>;
-    at::parallel_for(0, N, 16384, [&](int64_t i0, int64_t i1) {
-      const scalar_t* xp = x.data_ptr<scalar_t>() + i0;
-      scalar_t* yp = y.data_ptr<scalar_t>() + i0;
-      pieces<scalar_t>(i1 - i0, [&](int64_t j, int64_t n) { Act<scalar_t>::sigmoid(V::loadu(xp + j, n)).store(yp + j, n); });
-    });
-  });
-  return y;
-}
+at::Tensor sigmoid_op(const at::Tensor& x) { return elementwise<Sigmoid>("sigmoid", x); }
 
 }  // namespace
 
