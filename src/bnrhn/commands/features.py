@@ -16,7 +16,9 @@ def register(subparsers) -> None:
         ),
     )
     add_data_args(p)
-    p.add_argument("--grid", action="store_true", help="also store the 7x7 spatial grid (needed by show_attend_tell)")
+    p.add_argument("--grid", action="store_true",
+                   help="also store the spatial grid (needed by show_attend_tell): 7x7 for mobilenet_v2, 9x9 for "
+                        "efficientnet_lite2")
     p.add_argument("--compile-cnn", choices=("auto", "yes", "no"), default="auto",
                    help="compile the CNN with torch.compile before extracting (needs a C++ compiler; falls back "
                         "to the uncompiled CNN with a message): auto (default) = from 2,000 images to extract on")

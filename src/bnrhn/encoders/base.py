@@ -5,14 +5,17 @@ An encoder has a ``name``, a ``feature_size`` F, a ``grid_size`` N (positions of
 (the preprocessing in words); these four identify the features in the cache.
 
 Built in: ``mobilenet_v2`` (ImageNet MobileNetV2, pooled 1280-d, grid 7×7×1280, weights found offline,
-see :mod:`bnrhn.encoders.weights`). With torchvision installed, ``tv:NAME`` is any network of
+see :mod:`bnrhn.encoders.weights`) and ``efficientnet_lite2`` (ImageNet EfficientNet-Lite2, 260×260 input,
+pooled 1280-d, grid 9×9×1280; also ``efficientnet_lite0`` / ``_lite1``, see :class:`EfficientNetLiteEncoder`
+and :mod:`bnrhn.encoders.efficientnet_lite`). With torchvision installed, ``tv:NAME`` is any network of
 ``torchvision.models`` with its default pretrained weights (taken from torch's hub cache; nothing is
 downloaded unless torchvision itself does so).
 
-Preprocessing of the built-in encoder: RGB, resize to 224×224 (``resize="squash"``, the default: the
+Preprocessing of ``mobilenet_v2``: RGB, resize to 224×224 (``resize="squash"``, the default: the
 whole image stays in view, as captions describe the whole image) or shorter side to 256 and a
 224×224 centre crop (``resize="crop"``, ImageNet's evaluation protocol), then per-channel ImageNet
-mean/std normalisation.
+mean/std normalisation. EfficientNet-Lite's is the same at its own size (Lite2: 260, crop from 292) with
+its release's normalisation, ``(pixel - 127) / 128``.
 """
 
 from __future__ import annotations
@@ -163,9 +166,28 @@ class ImageEncoder:
         return {"encoder": self.name, "weights": self.weights_id, "preprocess": self.preprocess_id,
                 "feature_size": self.feature_size, "grid_size": self.grid_size}
 
+    def crop_sizes(self) -> tuple[float, float] | None:
+        """(shorter side after resizing, side of the centre crop) when :meth:`preprocess` crops; None when it
+        squashes the whole image to the input size."""
+        return None
 
-def imagenet_tensor(image, size: int = 224, resize: str = "squash") -> Tensor:
-    """PIL image → normalised ``[3, size, size]`` float tensor (see the module docstring)."""
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region (left, top, right, bottom), in pixels of a ``width`` × ``height`` image, that
+        :meth:`preprocess` keeps and the grid covers: the whole image, or the centre crop's square."""
+        sizes = self.crop_sizes()
+        if sizes is None:
+            return 0.0, 0.0, float(width), float(height)
+        short, crop = sizes
+        side = crop * min(width, height) / short
+        left, top = (width - side) / 2, (height - side) / 2
+        return left, top, left + side, top + side
+
+
+def imagenet_tensor(image, size: int = 224, resize: str = "squash", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    short: int | None = None) -> Tensor:
+    """PIL image → normalised ``[3, size, size]`` float tensor (see the module docstring): pixels scaled to
+    0..1, then ``(x - mean) / std`` per channel. ``short``: the shorter side before the centre crop of
+    ``resize="crop"`` (default ``size·256/224``)."""
     from PIL import Image
 
     if resize not in RESIZE_MODES:
@@ -175,16 +197,14 @@ def imagenet_tensor(image, size: int = 224, resize: str = "squash") -> Tensor:
             image = image.resize((size, size), Image.BILINEAR)
     else:
         w, h = image.size
-        short = round(size * 256 / 224)
+        short = round(size * 256 / 224) if short is None else short
         scale = short / min(w, h)
         image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def _fuse_conv_bn(module: nn.Module) -> nn.Module:
@@ -212,7 +232,43 @@ def _fuse_conv_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-class MobileNetV2Encoder(ImageEncoder):
+class FrozenTrunkEncoder(ImageEncoder):
+    """A built-in encoder: a frozen CNN ``trunk`` (conv→BN pairs folded, channels-last) whose last feature
+    map ``[B, F, g, g]`` is the grid and its mean the pooled vector; compiled for large extractions.
+    Subclasses set ``trunk``, ``runner`` (= ``trunk``), ``device`` and the :class:`ImageEncoder` attributes."""
+
+    trunk: nn.Module
+    device: torch.device
+
+    def prepare_extraction(self, n_images: int, batch_size: int, compile: str, log) -> str:
+        """Choose how :meth:`encode` runs the CNN for an extraction of ``n_images`` in batches of
+        ``batch_size``: ``compile`` = ``"auto"`` (compiled from COMPILE_MIN_IMAGES images on, on CPU),
+        ``"yes"`` or ``"no"``. Returns ``"compiled"`` or ``"eager"`` (also when compiling is not possible
+        here: :mod:`bnrhn.encoders.compiled` says why in one line)."""
+        from bnrhn.encoders.compiled import CompiledTrunk
+
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
+        wanted = compile == "yes" or (compile == "auto" and n_images >= COMPILE_MIN_IMAGES and self.device.type == "cpu")
+        if not wanted:
+            self.runner = self.trunk
+            return "eager"
+        reusable = isinstance(self.runner, CompiledTrunk) and self.runner.engine == "compiled"
+        if not reusable or self.runner.batch_size != batch_size:  # a fallback is not kept: each extraction tries
+            self.runner = CompiledTrunk(self.trunk, batch_size, log)
+        return self.runner.engine
+
+    def engine(self) -> str:
+        return getattr(self.runner, "engine", "eager")  # a CompiledTrunk falls back to "eager" when it fails
+
+    @torch.inference_mode()
+    def encode(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.runner(batch.to(self.device).contiguous(memory_format=torch.channels_last)).float()
+        grid = f.flatten(2).transpose(1, 2).contiguous()
+        return f.mean((2, 3)), grid
+
+
+class MobileNetV2Encoder(FrozenTrunkEncoder):
     """The built-in ImageNet MobileNetV2: pooled 1280-d, grid 7×7×1280 (for 224×224 input)."""
 
     def __init__(self, weights: str | Path | None = None, resize: str = "squash", device: str = "cpu",
@@ -244,32 +300,56 @@ class MobileNetV2Encoder(ImageEncoder):
     def preprocess(self, image) -> Tensor:
         return imagenet_tensor(image, 224, self.resize)
 
-    def prepare_extraction(self, n_images: int, batch_size: int, compile: str, log) -> str:
-        """Choose how :meth:`encode` runs the CNN for an extraction of ``n_images`` in batches of
-        ``batch_size``: ``compile`` = ``"auto"`` (compiled from COMPILE_MIN_IMAGES images on, on CPU),
-        ``"yes"`` or ``"no"``. Returns ``"compiled"`` or ``"eager"`` (also when compiling is not possible
-        here: :mod:`bnrhn.encoders.compiled` says why in one line)."""
-        from bnrhn.encoders.compiled import CompiledTrunk
+    def crop_sizes(self) -> tuple[float, float] | None:
+        return (256.0, 224.0) if self.resize == "crop" else None
 
-        if compile not in COMPILE_CHOICES:
-            raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
-        wanted = compile == "yes" or (compile == "auto" and n_images >= COMPILE_MIN_IMAGES and self.device.type == "cpu")
-        if not wanted:
-            self.runner = self.trunk
-            return "eager"
-        reusable = isinstance(self.runner, CompiledTrunk) and self.runner.engine == "compiled"
-        if not reusable or self.runner.batch_size != batch_size:  # a fallback is not kept: each extraction tries
-            self.runner = CompiledTrunk(self.trunk, batch_size, log)
-        return self.runner.engine
 
-    def engine(self) -> str:
-        return getattr(self.runner, "engine", "eager")  # a CompiledTrunk falls back to "eager" when it fails
+# The released EfficientNet-Lite weights expect pixels (0..255) as (x - 127) / 128 (the TensorFlow Lite
+# release's normalisation), i.e. 0..1 pixels with mean 127/255 and std 128/255 on every channel. Checked on
+# real photos (docs/captioning.md, "Image features"): with ImageNet's mean/std instead, Lite2 classifies Flickr8k's
+# dog photos as dogs less often (73 % instead of 86 % of 96 photos) and less confidently.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+EFFICIENTNET_LITE_NAMES = {f"efficientnet_{v}": v for v in ("lite0", "lite1", "lite2")}
 
-    @torch.inference_mode()
-    def encode(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.runner(batch.to(self.device).contiguous(memory_format=torch.channels_last)).float()
-        grid = f.flatten(2).transpose(1, 2).contiguous()
-        return f.mean((2, 3)), grid
+
+class EfficientNetLiteEncoder(FrozenTrunkEncoder):
+    """The built-in ImageNet EfficientNet-Lite0/1/2 (:mod:`bnrhn.encoders.efficientnet_lite`): pooled 1280-d,
+    grid g×g×1280 at the variant's own input size (Lite0 224 → 7×7, Lite1 240 → 8×8, Lite2 260 → 9×9).
+
+    Preprocessing: RGB, resize to the input size (``squash``) or shorter side to size + 32 and a centre crop
+    (``crop``, the TensorFlow EfficientNet evaluation protocol), bilinear, ``(pixel - 127) / 128``."""
+
+    def __init__(self, variant: str = "lite2", weights: str | Path | None = None, resize: str = "squash",
+                 device: str = "cpu", fuse: bool = True) -> None:
+        from bnrhn.encoders.efficientnet_lite import (FEATURE_SIZE, FeatureTrunk, grid_side, input_size,
+                                                      load_efficientnet_lite)
+        from bnrhn.encoders.weights import file_sha256, find_efficientnet_lite_weights
+
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        path = find_efficientnet_lite_weights(variant, weights)
+        self.weights_path = path
+        self.model = load_efficientnet_lite(path, variant)
+        self.device = torch.device(device)
+        self.trunk = FeatureTrunk(self.model, fold=fuse).to(self.device, memory_format=torch.channels_last).eval()
+        self.runner = self.trunk  # the eager trunk, or its compiled form (prepare_extraction)
+        self.variant = variant
+        self.size = input_size(variant)
+        self.name = f"efficientnet_{variant}"
+        self.feature_size = FEATURE_SIZE
+        self.grid_size = grid_side(variant) ** 2
+        self.weights_id = file_sha256(path)
+        self.resize = resize
+        s = self.size
+        sizes = f"resize{s}" if resize == "squash" else f"resize{s + 32},centercrop{s}"
+        self.preprocess_id = f"rgb(exif,16-bit,alpha-on-white),{sizes},bilinear,tf-lite-127-128"
+
+    def preprocess(self, image) -> Tensor:
+        return imagenet_tensor(image, self.size, self.resize, LITE_MEAN, LITE_STD, short=self.size + 32)
+
+    def crop_sizes(self) -> tuple[float, float] | None:
+        return (float(self.size + 32), float(self.size)) if self.resize == "crop" else None
 
 
 class TorchvisionEncoder(ImageEncoder):
@@ -319,6 +399,10 @@ class TorchvisionEncoder(ImageEncoder):
     def preprocess(self, image) -> Tensor:
         return self._transform(image)
 
+    def crop_sizes(self) -> tuple[float, float] | None:
+        short, crop = getattr(self._transform, "resize_size", None), getattr(self._transform, "crop_size", None)
+        return (float(short[0]), float(crop[0])) if short and crop else None
+
     @torch.inference_mode()
     def encode(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         batch = batch.to(self.device)
@@ -339,9 +423,13 @@ class TorchvisionEncoder(ImageEncoder):
 
 def build_encoder(name: str = "mobilenet_v2", weights: str | Path | None = None, resize: str = "squash",
                   device: str = "cpu") -> ImageEncoder:
-    """The encoder called ``name``: ``mobilenet_v2`` (built in) or ``tv:ARCH`` (torchvision)."""
+    """The encoder called ``name``: ``mobilenet_v2`` or ``efficientnet_lite0/1/2`` (built in; ``weights``: their
+    weights file, else found offline) or ``tv:ARCH`` (torchvision)."""
     if name in ("mobilenet_v2", "mobilenetv2"):
         return MobileNetV2Encoder(weights, resize=resize, device=device)
+    if name in EFFICIENTNET_LITE_NAMES:
+        return EfficientNetLiteEncoder(EFFICIENTNET_LITE_NAMES[name], weights, resize=resize, device=device)
     if name.startswith("tv:") or name.startswith("torchvision:"):
         return TorchvisionEncoder(name.split(":", 1)[1], device=device)
-    raise ValueError(f"unknown encoder {name!r}; use 'mobilenet_v2' or 'tv:ARCH' (any torchvision.models network)")
+    raise ValueError(f"unknown encoder {name!r}; use 'mobilenet_v2', 'efficientnet_lite2' (or _lite0, _lite1) "
+                     "or 'tv:ARCH' (any torchvision.models network)")

