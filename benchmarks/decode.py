@@ -17,6 +17,10 @@ speed-up, and how many captions are identical. Because both methods share the se
 batched captions are also checked against :func:`bnrhn.decoding.beam_search_one`, an independent
 plain-Python beam search (slow: only the first ``--reference`` images).
 
+``--block-trigrams``, ``--remove-bad-endings`` and ``--length-norm A --length-penalty gnmt`` turn the
+decoding options of :mod:`bnrhn.decoding.constraints` on for every search (the random-weight model's
+bad endings are its 25 commonest word ids, as many as :data:`bnrhn.decoding.BAD_ENDINGS`).
+
 The checkpoint quoted in docs/performance.md is the LSTM of the Flickr8k comparison
 (``experiments/flickr8k-compare/runs/lstm-seed0/best.pt``; docs/results.md gives the command that
 trains it).
@@ -31,6 +35,7 @@ import torch
 
 
 def _model_and_features(args):
+    from bnrhn.decoding import BAD_ENDINGS, bad_ending_ids
     from bnrhn.models import CaptionerConfig, build_captioner
 
     if args.checkpoint:
@@ -46,7 +51,9 @@ def _model_and_features(args):
         ds, fs = attach_features(ds, enc, cfg.cache_dir, loaded.model.needs_grid, False, False)
         recs = (ds.split("test") + ds.split("val") + ds.split("train"))[: args.images]
         feats = SplitFeatures.build(recs, fs, loaded.model.needs_grid).batch(torch.arange(len(recs)))
+        args.bad_ids = bad_ending_ids(loaded.vocab.index)
         return loaded.model, feats, f"{args.checkpoint} ({cfg.model}, {cfg.cell}, vocab {len(loaded.vocab)})"
+    args.bad_ids = list(range(4, 4 + len(BAD_ENDINGS)))
     torch.manual_seed(0)
     cfg = CaptionerConfig(model="show_tell", vocab_size=args.vocab, feature_size=1280, embed_size=512,
                           hidden_size=512, cell=args.cell)
@@ -66,6 +73,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--reference", type=int, default=50, metavar="N",
                    help="also compare the first N batched captions with the independent reference search")
+    p.add_argument("--block-trigrams", action="store_true", help="trigram blocking in every search")
+    p.add_argument("--remove-bad-endings", action="store_true", help="no caption ends in a bad-ending word")
+    p.add_argument("--length-norm", type=float, default=0.0, metavar="A", help="length penalty exponent (0)")
+    p.add_argument("--length-penalty", choices=("power", "gnmt"), default="power", help="its form (power)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,24 +86,30 @@ def main() -> None:
     model, feats, what = _model_and_features(args)
     model.eval()
     n = feats.shape[0]
+    constraints = dict(block_trigrams=args.block_trigrams,
+                       bad_ending_ids=args.bad_ids if args.remove_bad_endings else None)
+    options = dict(length_norm=args.length_norm, length_penalty=args.length_penalty, **constraints)
+    on = [k for k in ("block_trigrams", "remove_bad_endings") if getattr(args, k)]
+    if args.length_norm:
+        on.append(f"length penalty {args.length_penalty} {args.length_norm}")
     print(f"model: {what}; {n} images, beam {args.beam}, max length {args.max_len}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; options: {', '.join(on) or 'none'}")
 
-    beam_search(model, feats[:8], args.beam, args.max_len)  # warm-up
+    beam_search(model, feats[:8], args.beam, args.max_len, **options)  # warm-up
     t0 = time.perf_counter()
-    batched = [h[0].tokens for h in beam_search(model, feats, args.beam, args.max_len)]
+    batched = [h[0].tokens for h in beam_search(model, feats, args.beam, args.max_len, **options)]
     t_batched = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    looped = [beam_search(model, feats[i : i + 1], args.beam, args.max_len)[0][0].tokens for i in range(n)]
+    looped = [beam_search(model, feats[i : i + 1], args.beam, args.max_len, **options)[0][0].tokens for i in range(n)]
     t_loop = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    greedy(model, feats, args.max_len)
+    greedy(model, feats, args.max_len, **constraints)
     t_greedy = time.perf_counter() - t0
 
     n_ref = min(args.reference, n)
-    reference = [beam_search_one(model, feats[i], args.beam, args.max_len)[0].tokens for i in range(n_ref)]
+    reference = [beam_search_one(model, feats[i], args.beam, args.max_len, **options)[0].tokens for i in range(n_ref)]
     same_ref = sum(a == b for a, b in zip(batched, reference))
     same = sum(a == b for a, b in zip(batched, looped))
     mean_len = sum(map(len, batched)) / n

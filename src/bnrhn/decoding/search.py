@@ -9,7 +9,10 @@ A caption is ``w_1 .. w_n <end>`` with n ≤ ``max_len``; at step ``max_len + 1`
 allowed. ``<pad>`` and ``<start>`` are never generated, ``<unk>`` only with ``allow_unk=True``. The
 log-probability of a caption is Σ_t log p(w_t | w_<t, image) including the final ``<end>`` (the
 model's own probabilities: banned tokens are removed, not renormalised away). With length
-normalisation α > 0 beams are ranked by ``logprob / (n + 1)^α`` (im2txt's length normalisation).
+normalisation α > 0 beams are ranked by ``logprob / lp(n + 1)``: ``(n + 1)^α`` (im2txt's length
+normalisation, ``length_penalty="power"``, the default) or GNMT's ``((5 + n + 1) / 6)^α``
+(``length_penalty="gnmt"``). Trigram blocking and the ban on bad endings (off by default) mask
+continuations with −inf, in every search; see :mod:`bnrhn.decoding.constraints`.
 
 **Beam search** (beam K), for all images × beams in one ``[B·K, ·]`` tensor. At step t every alive
 hypothesis is extended by every allowed word; of the 2K best extensions of each image, those ending
@@ -28,6 +31,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from bnrhn.decoding.constraints import bad_mask, block_repeated_trigrams_, check_length_penalty
+from bnrhn.decoding.constraints import length_penalty as _penalty
 
 
 @dataclass
@@ -66,14 +72,19 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def greedy(model, features: Tensor, max_len: int = 20, allow_unk: bool = False,
            temperature: float | None = None, generator: torch.Generator | None = None,
-           length_norm: float = 0.0) -> list[Hypothesis]:
+           length_norm: float = 0.0, length_penalty: str = "power", block_trigrams: bool = False,
+           bad_ending_ids=None) -> list[Hypothesis]:
     """Greedy decoding (``temperature=None``) or sampling from softmax(log p / temperature), batched.
 
     Returns one :class:`Hypothesis` per image. Sampling is reproducible with ``generator``.
+    ``block_trigrams`` and ``bad_ending_ids`` (word ids after which ``<end>`` is banned) constrain each
+    step's choice (:mod:`bnrhn.decoding.constraints`); ``length_norm``/``length_penalty`` only set the
+    reported score. Should a constraint leave a row no word at all, its ``<end>`` is allowed after all.
     """
     _check(max_len)
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_length_penalty(length_norm, length_penalty)
     model.eval()
     device = _device(model)
     features = features.to(device)
@@ -82,6 +93,8 @@ def greedy(model, features: Tensor, max_len: int = 20, allow_unk: bool = False,
     banned = _banned(model, allow_unk, device)
     end_only = torch.ones(cfg.vocab_size, dtype=torch.bool, device=device)
     end_only[cfg.end_id] = False
+    bad = bad_mask(bad_ending_ids, cfg.vocab_size, device, (cfg.pad_id, cfg.start_id, cfg.end_id, cfg.unk_id))
+    constrained = block_trigrams or bad is not None
     state = model.start(features)
     tokens = torch.full((B,), cfg.start_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -90,9 +103,21 @@ def greedy(model, features: Tensor, max_len: int = 20, allow_unk: bool = False,
     out = []
     for t in range(1, max_len + 2):
         logp, state = model.step(tokens, state)
-        logp = logp.float().masked_fill(banned, float("-inf"))
+        logp = logp.float()
+        end_lp = logp[:, cfg.end_id].clone() if constrained else None
+        logp = logp.masked_fill(banned, float("-inf"))
         if t == max_len + 1:
             logp = logp.masked_fill(end_only, float("-inf"))
+        if bad is not None:
+            if t == max_len:  # the last word: one that <end> may not follow cannot be it
+                logp.masked_fill_(bad, float("-inf"))
+            if t > 1:
+                logp[:, cfg.end_id].masked_fill_(bad[tokens], float("-inf"))
+        if block_trigrams and t > 3:
+            block_repeated_trigrams_(logp, torch.stack(out, 1))
+        if constrained:  # no word left (a tiny vocabulary): end the caption after all
+            stuck = torch.isneginf(logp).all(1)
+            logp[:, cfg.end_id] = torch.where(stuck, end_lp, logp[:, cfg.end_id])
         if temperature is None:
             nxt = logp.argmax(-1)
         else:
@@ -112,26 +137,32 @@ def greedy(model, features: Tensor, max_len: int = 20, allow_unk: bool = False,
     for b in range(B):
         toks = seqs[b][: int(length[b])]
         lp = float(logprob[b])
-        res.append(Hypothesis(toks, lp, lp / (len(toks) + 1) ** length_norm if length_norm else lp))
+        res.append(Hypothesis(toks, lp, lp / _penalty(len(toks) + 1, length_norm, length_penalty)))
     return res
 
 
 def sample(model, features: Tensor, temperature: float = 1.0, max_len: int = 20, allow_unk: bool = False,
-           generator: torch.Generator | None = None) -> list[Hypothesis]:
-    """One caption per image sampled from softmax(log p / temperature)."""
-    return greedy(model, features, max_len, allow_unk, temperature=temperature, generator=generator)
+           generator: torch.Generator | None = None, block_trigrams: bool = False,
+           bad_ending_ids=None) -> list[Hypothesis]:
+    """One caption per image sampled from softmax(log p / temperature) (constraints as :func:`greedy`)."""
+    return greedy(model, features, max_len, allow_unk, temperature=temperature, generator=generator,
+                  block_trigrams=block_trigrams, bad_ending_ids=bad_ending_ids)
 
 
 @torch.no_grad()
 def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0,
-                topk: int = 1, allow_unk: bool = False) -> list[list[Hypothesis]]:
-    """Batched beam search; for each image the ``topk`` best captions, best first (see the module docstring)."""
+                topk: int = 1, allow_unk: bool = False, length_penalty: str = "power", block_trigrams: bool = False,
+                bad_ending_ids=None) -> list[list[Hypothesis]]:
+    """Batched beam search; for each image the ``topk`` best captions, best first (see the module docstring).
+
+    ``length_norm`` α and ``length_penalty`` (``"power"`` or ``"gnmt"``) rank the finished captions;
+    ``block_trigrams`` bans repeated word trigrams and ``bad_ending_ids`` (word ids) bans ``<end>`` right
+    after those words (:mod:`bnrhn.decoding.constraints`)."""
     _check(max_len, beam_size)
     K = beam_size
     if not 1 <= topk <= K:
         raise ValueError(f"topk must be between 1 and the beam size {K}, got {topk}")
-    if length_norm < 0:
-        raise ValueError(f"length_norm must be ≥ 0, got {length_norm}")
+    check_length_penalty(length_norm, length_penalty)
     model.eval()
     device = _device(model)
     features = features.to(device)
@@ -144,7 +175,9 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
     end_only[cfg.end_id] = False
     n = min(2 * K, K * V)  # extensions kept per image and step: K that may end, K that go on
     m = min(n, V)  # of which at most m come from one beam (so each beam's m best words suffice)
-    bound_div = float(max_len + 1) ** length_norm
+    bound_div = _penalty(max_len + 1, length_norm, length_penalty)
+    bad = bad_mask(bad_ending_ids, V, device, (cfg.pad_id, cfg.start_id, cfg.end_id, cfg.unk_id))
+    bad_cols = bad.nonzero().flatten() if bad is not None else None
 
     # The first step runs once per image (all K beams would start from the same state); afterwards the
     # state holds K rows per image (``width``).
@@ -169,6 +202,13 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
         logp = logp.float().index_fill_(1, banned, NEG)
         if t == max_len + 1:
             logp.masked_fill_(end_only, NEG)
+        if bad is not None:
+            if t == max_len:  # the last word: one that <end> may not follow cannot be it
+                logp.index_fill_(1, bad_cols, NEG)
+            if n_words:  # no <end> right after a bad-ending word (width = K once a word is there)
+                logp[:, cfg.end_id].masked_fill_(bad[alive_seq[:, :, -1].reshape(-1)], NEG)
+        if block_trigrams and n_words >= 3:
+            block_repeated_trigrams_(logp, alive_seq.reshape(b * K, n_words))
         # The n best extensions of an image are among the m best words of each of its beams: rank
         # the words of every beam row first (adding the beam's score to m values, not to all V)
         row_lp, row_word = logp.topk(m, dim=1)  # [b·width, m], sorted
@@ -185,7 +225,7 @@ def beam_search(model, features: Tensor, beam_size: int = 3, max_len: int = 20, 
 
         # finished: <end> extensions within the top K; merged into the pool of the K best
         new_fin = is_end & (rank < K)
-        norm = float(n_words + 1) ** length_norm
+        norm = _penalty(n_words + 1, length_norm, length_penalty)
         seq_src = alive_seq.gather(1, src.unsqueeze(2).expand(b, n, n_words))  # [b, n, n_words]
         new_seq = torch.full((b, n, max_len), cfg.pad_id, dtype=torch.long, device=device)
         new_seq[:, :, :n_words] = seq_src
@@ -240,15 +280,23 @@ METHODS = ("beam", "greedy", "sample")
 
 def decode(model, features: Tensor, method: str = "beam", beam_size: int = 3, max_len: int = 20,
            length_norm: float = 0.0, topk: int = 1, temperature: float = 1.0, allow_unk: bool = False,
-           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+           generator: torch.Generator | None = None, length_penalty: str = "power", block_trigrams: bool = False,
+           bad_ending_ids=None) -> list[list[Hypothesis]]:
     """The decoding method by name, for every caller that lets the user choose it: per image, ``"beam"``:
-    the ``topk`` best captions of a beam of ``beam_size`` (scored with ``length_norm``); ``"greedy"``: one
-    caption; ``"sample"``: ``topk`` captions sampled at ``temperature``, most probable first."""
+    the ``topk`` best captions of a beam of ``beam_size`` (scored with ``length_norm`` α in the
+    ``length_penalty`` form); ``"greedy"``: one caption; ``"sample"``: ``topk`` captions sampled at
+    ``temperature``, most probable first. ``block_trigrams`` and ``bad_ending_ids`` constrain all three
+    (:mod:`bnrhn.decoding.constraints`)."""
+    check_length_penalty(length_norm, length_penalty)
+    constraints = dict(block_trigrams=block_trigrams, bad_ending_ids=bad_ending_ids)
     if method == "beam":
-        return beam_search(model, features, beam_size, max_len, length_norm, topk, allow_unk)
+        return beam_search(model, features, beam_size, max_len, length_norm, topk, allow_unk, length_penalty,
+                           **constraints)
     if method == "greedy":
-        return [[h] for h in greedy(model, features, max_len, allow_unk)]
+        return [[h] for h in greedy(model, features, max_len, allow_unk, length_norm=length_norm,
+                                    length_penalty=length_penalty, **constraints)]
     if method == "sample":
-        draws = [sample(model, features, temperature, max_len, allow_unk, generator) for _ in range(topk)]
+        draws = [sample(model, features, temperature, max_len, allow_unk, generator, **constraints)
+                 for _ in range(topk)]
         return [sorted((d[i] for d in draws), key=lambda h: -h.logprob) for i in range(features.shape[0])]
     raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
