@@ -3,6 +3,7 @@ early stopping, budgets, Ctrl-C."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from bnrhn.nn import Recurrent
+from bnrhn.training.log import STEP_COLUMNS
 from bnrhn.training import (
     Trainer, TrainerConfig, TrainingDiverged, build_optimizer, build_scheduler, load_checkpoint,
     read_log, save_checkpoint,
@@ -254,3 +256,29 @@ def test_resume_removes_orphan_temporary_checkpoints(tmp_path):
     orphan.write_bytes(b"partial")
     make(tmp_path, max_epochs=2)[1].fit(resume=True)
     assert not orphan.exists()
+
+
+def test_logged_parts_of_a_step_reach_the_log_and_clashes_are_refused(tmp_path):
+    """A task's train_step may return (loss, tokens, parts): the parts go to log.jsonl with the step (SCST's
+    reward), log.csv keeps its columns; a part named like a trainer column is refused with its name."""
+
+    class WithParts(ToyTask):
+        def __init__(self, parts):
+            super().__init__()
+            self.parts = parts
+
+        def train_step(self, idx):
+            loss, tokens = super().train_step(idx)
+            return loss, tokens, {k: float(v(self.steps_run)) for k, v in self.parts.items()}
+
+    task = WithParts({"reward": lambda step: step / 10})
+    opt = build_optimizer(task.model.parameters(), "adam", lr=1e-2)
+    Trainer(task, opt, None, TrainerConfig(run_dir=str(tmp_path / "ok"), progress=False, max_steps=4)).fit()
+    rows = [r for r in read_log(tmp_path / "ok" / "log.jsonl") if r["kind"] == "train"]
+    assert [r["reward"] for r in rows] == [0.1, 0.2, 0.3, 0.4]
+    with (tmp_path / "ok" / "log.csv").open() as f:
+        assert next(csv.reader(f)) == list(STEP_COLUMNS)
+    task = WithParts({"lr": lambda step: 1.0})
+    opt = build_optimizer(task.model.parameters(), "adam", lr=1e-2)
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(task, opt, None, TrainerConfig(run_dir=str(tmp_path / "clash"), progress=False, max_steps=2)).fit()

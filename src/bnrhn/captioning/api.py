@@ -27,6 +27,7 @@ from bnrhn.captioning.config import CaptionConfig, resolve_dropout
 from bnrhn.cells import legacy_statistics, pin_statistics
 from bnrhn.captioning.data import (
     CaptionTensors,
+    caption_rows,
     SplitFeatures,
     attach_features,
     load_dataset,
@@ -34,7 +35,8 @@ from bnrhn.captioning.data import (
     stderr_log,
 )
 from bnrhn.captioning.scoring import ALL_METRICS, score_captions
-from bnrhn.captioning.task import CHECKPOINT_KIND, CaptionTask, Prepared, decode_split
+from bnrhn.captioning.task import (CHECKPOINT_KIND, CaptionTask, Prepared, decode_split, decoding_constraints,
+                                   decoding_options)
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary, unknown_fraction
 from bnrhn import kernels
@@ -170,17 +172,39 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         )
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
+    if config.objective == "scst" and distributed is not None:
+        raise ValueError("self-critical training (--objective scst) runs in one process for now; start it without "
+                         "torchrun")
+    init = _read_init(Path(config.init), config) if config.init and not resume else None  # before any feature
+    if not resume:  # files of an earlier run in this folder that this run may not write
+        for name in ("init_validation.json", "loss.png"):
+            (Path(config.run_dir) / name).unlink(missing_ok=True)
     data = prepare_data(config, log)
     if resume:
         _check_resumable(Path(config.run_dir) / "last.pt", data.vocab, config)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed only
     model = build_captioner(model_config(config, data.vocab, data.encoder))
     model.set_feature_stats(data.train.feats)
+    if init is not None:
+        _load_init(model, init, data, log)
     model.to(device, model_dtype(config.precision))
     world = distributed.world_size if distributed is not None else 1
     if distributed is not None:
         prepare_replica(model, distributed, config.bn_stats, config.seed, log)
-    task = CaptionTask(config, data, model, world_size=world)
+    scst = None
+    if config.objective == "scst":
+        from bnrhn.captioning.scst import SelfCritical, training_reward
+
+        scst = SelfCritical(training_reward([r.captions for r in data.train.records]), data.vocab,
+                            config.scst_samples, config.scst_baseline, config.scst_temperature, config.max_len,
+                            config.scst_policy)
+        log(f"scst: {config.scst_samples} samples per image at temperature {config.scst_temperature:g}, baseline "
+            f"{config.scst_baseline}, log-probabilities in {config.scst_policy} mode, reward CIDEr-D (document "
+            f"frequencies of the {len(data.train.records)} training images); divergence is checked for NaN/inf only")
+        if config.lr > 1e-4:
+            log(f"scst: warning: learning rate {config.lr:g} is high for self-critical training (Rennie et al. 2017 "
+                "and self-critical.pytorch use 5e-5 or less; CIDEr tends to fall at cross-entropy rates): --lr 5e-5")
+    task = CaptionTask(config, data, model, world_size=world, scst=scst)
     opt = build_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay, config.momentum)
     total = config.max_steps or config.epochs * task.num_batches(0)
     sched = build_scheduler(opt, config.schedule, total_steps=total, warmup_steps=config.warmup_steps,
@@ -190,9 +214,11 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         log("data: no validation images; the last checkpoint is also the best (no CIDEr selection)")
     tcfg = TrainerConfig(
         run_dir=config.run_dir, max_epochs=config.epochs, max_steps=config.max_steps, max_minutes=config.max_minutes,
-        grad_clip=config.grad_clip, diverge_factor=config.diverge_factor,
+        grad_clip=config.grad_clip,
         select_metric=config.select_metric if has_val else None,
         select_mode="min" if config.select_metric == "loss" else "max", patience=config.patience if has_val else None,
+        # the policy-gradient loss is centred on 0: its size says nothing about divergence
+        diverge_factor=None if scst is not None else config.diverge_factor,
         validate_every=config.validate_every, seed=config.seed, progress=config.progress,
         description=f"{config.model}/{config.cell}", overwrite=config.overwrite,
         autocast=autocast_mode(config.precision),
@@ -201,11 +227,23 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
     where = f"{device}, {config.precision}" + (f", {world} processes ({distributed.backend}, batch-norm statistics "
                                                f"{config.bn_stats})" if distributed is not None else "")
     log(f"train: {config.model} with a {config.cell} decoder, {model.num_parameters():,} parameters, "
-        f"{len(data.train_caps)} captions / {task.num_batches(0)} {task.batching} batches per epoch on {where} "
+        + (f"{len(data.train.records)} images / {task.num_batches(0)} batches of {config.batch_size} images per epoch"
+           if scst is not None else f"{len(data.train_caps)} captions / {task.num_batches(0)} {task.batching} batches per epoch")
+        + f" on {where} "
         f"-> {config.run_dir}")
     if device.type == "cpu":
         log(f"train: {kernels.status()}")
+    init_scores = None
+    if config.init and has_val and not resume and (distributed is None or distributed.rank == 0):
+        init_scores = task.validate()  # the starting point, for "before and after" (CIDEr before SCST)
+        _write_json(Path(config.run_dir) / "init_validation.json", {"init": config.init, **init_scores})
+        log("init: validation " + " ".join(f"{k} {v:.3f}" for k, v in init_scores.items()))
     summary = trainer.fit(resume=resume)
+    if distributed is None or distributed.rank == 0:
+        try:
+            _plot_run(Path(summary["run_dir"]), config)
+        except Exception as exc:  # a figure must not fail a run whose checkpoints are written
+            log(f"train: could not draw {summary['run_dir']}/loss.png ({type(exc).__name__}: {exc})")
     history = summary["validations"]
     best = next((h for h in history if h["step"] == summary["best_step"]), history[-1] if history else {})
     return RunResult(
@@ -214,6 +252,97 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         seconds=summary["seconds"], train_seconds=summary["train_seconds"], tokens_per_s=summary["tokens_per_s"],
         n_params=model.num_parameters(), stopped=summary["stopped"], feature_seconds=data.feature_seconds,
         config=config,
+    )
+
+
+# settings a checkpoint must share with a run that starts from its weights (--init): the model's shape and
+# the features it reads (dropout and the loss weight alpha_c are training settings and may change)
+INIT_MODEL_FIELDS = ("model", "cell", "embed_size", "hidden_size", "num_layers", "attention_size", "feature_norm")
+INIT_FEATURE_FIELDS = ("encoder", "resize")
+
+
+@dataclass
+class InitCheckpoint:
+    """A captioning checkpoint a run starts from (``--init``), read and checked before any feature work."""
+
+    path: Path
+    checkpoint: dict
+
+
+def _read_init(path: Path, config: CaptionConfig) -> InitCheckpoint:
+    """Read ``--init`` and refuse it, naming what differs, when its model shape, cell options or encoder are
+    not those of ``config`` (the vocabulary is checked once the data is read: :func:`_load_init`)."""
+    from bnrhn.training import load_checkpoint
+
+    if path.is_dir():
+        path = path / ("best.pt" if (path / "best.pt").exists() else "last.pt")
+    ckpt = load_checkpoint(path)  # FileNotFoundError / ValueError naming the file
+    task = ckpt.get("task")
+    if not isinstance(task, dict) or task.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"--init {path} is not a captioning checkpoint")
+    saved = dict(task.get("config") or {})
+    saved_cell = saved.get("cell", "lstm")
+    saved["cell_options"] = pin_statistics(saved_cell, legacy_statistics(saved_cell, saved.get("cell_options") or {}))
+    ours = {**config.to_dict(), "cell_options": pin_statistics(config.cell, config.cell_options)}
+    differ = [k for k in (*INIT_MODEL_FIELDS, "cell_options", *INIT_FEATURE_FIELDS) if saved.get(k) != ours.get(k)]
+    if differ:
+        raise ValueError(f"--init {path} was trained with other settings: "
+                         + ", ".join(f"{k} {saved.get(k)!r} (this run: {ours.get(k)!r})" for k in differ)
+                         + "; give the same flags (bnrhn train --init takes them from the checkpoint unless given)")
+    return InitCheckpoint(path, ckpt)
+
+
+def _load_init(model: Captioner, init: InitCheckpoint, data: Prepared, log: Log) -> None:
+    """Start ``model`` from the ``--init`` weights, once the data shows that the vocabulary and the encoder
+    (weights and preprocessing) are the checkpoint's."""
+    from bnrhn.training import check_finite_weights
+
+    path, task = init.path, init.checkpoint["task"]
+    saved = Vocabulary.from_dict(task["vocab"])
+    if saved != data.vocab:
+        raise ValueError(f"--init {path}: its vocabulary ({len(saved)} words, fingerprint {saved.fingerprint}) "
+                         f"differs from this run's ({len(data.vocab)} words, fingerprint {data.vocab.fingerprint}); "
+                         "use the data set and --min-count / --max-*-images it was trained with")
+    encoder = {k: v for k, v in dict(task.get("encoder") or {}).items() if k in ("encoder", "weights", "preprocess")}
+    now = {k: data.encoder.get(k) for k in encoder}
+    if encoder != now:
+        raise ValueError(f"--init {path} was trained on other image features: {encoder} (this run: {now}); use "
+                         "the encoder, weights and --resize it was trained with")
+    check_finite_weights(init.checkpoint["model"], path)
+    try:
+        model.load_state_dict(init.checkpoint["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"--init {path}: its weights do not fit this run's model ({str(exc)[:300]})") from None
+    log(f"init: weights from {path} (step {(init.checkpoint.get('trainer') or {}).get('global_step', '?')})")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _plot_run(run_dir: Path, config: CaptionConfig) -> None:
+    """RUN_DIR/loss.png: training loss (and SCST's mean sampled reward) and validation CIDEr vs steps."""
+    from bnrhn.reports import plot_training_curves
+    from bnrhn.training import read_log
+
+    rows = list(read_log(run_dir / "log.jsonl")) if (run_dir / "log.jsonl").exists() else []
+    train = [r for r in rows if r.get("kind") == "train"]
+    if not train:
+        return
+    val = [r for r in rows if r.get("kind") == "validation" and isinstance(r.get("CIDEr"), (int, float))]
+    init = run_dir / "init_validation.json"
+    start = json.loads(init.read_text(encoding="utf-8")) if config.init and init.exists() else None
+    vsteps = ([0] if start and "CIDEr" in start else []) + [r["step"] for r in val]
+    vvals = ([start["CIDEr"]] if start and "CIDEr" in start else []) + [r["CIDEr"] for r in val]
+    name = f"{config.model}/{config.cell}"
+    rewards = {name: ([r["step"] for r in train if "reward" in r], [r["reward"] for r in train if "reward" in r])}
+    plot_training_curves(
+        run_dir / "loss.png", {name: ([r["step"] for r in train], [r["loss"] for r in train])},
+        {name: (vsteps, vvals)} if vsteps else None,
+        title="SCST policy-gradient loss" if config.objective == "scst" else "Training loss",
+        loss_label="policy-gradient loss" if config.objective == "scst" else None,
+        rewards=rewards if rewards[name][0] else None,
     )
 
 
@@ -315,12 +444,16 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
              length_norm: float | None = None, metrics=ALL_METRICS, out_dir: str | Path | None = None,
              dataset: str | None = None, images: str | None = None, max_images: int | None = None,
              cache_dir: str | None = None, progress: bool | None = None, device: str = "cpu",
+             length_penalty: str | None = None, block_trigrams: bool | None = None,
+             remove_bad_endings: bool | None = None,
              log: Log = stderr_log) -> tuple[list[dict], dict[str, float]]:
     """Caption every image of ``split`` and score them; returns (COCO-format results, {metric: value}).
 
     The data set is the checkpoint's own (same subset limits) unless ``dataset`` names another. With
     ``out_dir`` the results go to ``results_<split>.json`` (COCO format: ``[{"image_id", "caption"}]``)
     and the scores to ``metrics_<split>.json`` / ``.md``. ``device``: where the encoder and the decoding run.
+    ``length_norm``, ``length_penalty``, ``block_trigrams``, ``remove_bad_endings``: the decoding options
+    (:mod:`bnrhn.decoding.constraints`); None = the checkpoint's own (its config, off unless trained with them).
     """
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
@@ -350,8 +483,10 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
     recs = ds.records
     feats = SplitFeatures.build(recs, fs, grid)
     t0 = time.perf_counter()
+    options = decoding_options(cfg, length_norm=length_norm, length_penalty=length_penalty,
+                               block_trigrams=block_trigrams, remove_bad_endings=remove_bad_endings)
     caps = decode_split(loaded.model, feats, loaded.vocab, method, beam, cfg.max_len if max_len is None else max_len,
-                        cfg.length_norm if length_norm is None else length_norm)
+                        **options)
     seconds = time.perf_counter() - t0
     results = [{"image_id": _coco_id(r.image_id), "caption": c} for r, c in zip(recs, caps)]
     scores = score_captions({r.image_id: c for r, c in zip(recs, caps)}, {r.image_id: r.captions for r in recs},
@@ -363,7 +498,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", beam: int = 3, method:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"results_{split}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         meta = {"checkpoint": str(loaded.checkpoint), "split": split, "images": len(recs), "method": method,
-                "beam": beam, "dataset": cfg.dataset, "scores": scores}
+                "beam": beam, **options, "dataset": cfg.dataset, "scores": scores}
         (out / f"metrics_{split}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (out / f"metrics_{split}.md").write_text(scores_table(scores) + "\n", encoding="utf-8")
     return results, scores
@@ -420,29 +555,45 @@ def _coco_id(image_id: str) -> Any:
 # -- captioning images -------------------------------------------------------------------------------------
 @dataclass
 class ImageCaptions:
-    """The captions of one image, best first, as (text, log-probability); ``error`` for unreadable files."""
+    """The captions of one image, best first, as (text, log-probability); ``error`` for unreadable files.
+
+    With ``caption_images(..., attention=True)`` (Show, Attend and Tell models): ``attention[k]`` is the
+    ``[words, grid_h, grid_w]`` array of caption k's attention maps (row j: the α with which the model chose
+    word j of ``captions[k][0].split()``; each sums to 1), and ``attention_box`` the region of the image
+    (left, top, right, bottom, in pixels of the image as read) that the encoder's grid covers."""
 
     path: str
     captions: list[tuple[str, float]]
     error: str | None = None
+    attention: list[np.ndarray] | None = None
+    attention_box: tuple[float, float, float, float] | None = None
 
 
 def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, max_len: int | None = None,
                    length_norm: float | None = None, weights: str | Path | None = None, batch_size: int = 32,
                    method: str = "beam", temperature: float = 1.0, seed: int = 0, device: str = "cpu",
-                   log: Log = stderr_log) -> list[ImageCaptions]:
+                   attention: bool = False, length_penalty: str | None = None, block_trigrams: bool | None = None,
+                   remove_bad_endings: bool | None = None, log: Log = stderr_log) -> list[ImageCaptions]:
     """Captions of each image file, best first, with their log-probabilities.
 
     ``method="beam"``: the ``topk`` best captions of a beam of ``beam``; ``"greedy"``: one caption;
     ``"sample"``: ``topk`` captions sampled at ``temperature`` (reproducible with ``seed``). Files that
     cannot be read get ``error`` set and no captions; the others are captioned all the same. ``device``:
-    where the encoder and the decoding run.
+    where the encoder and the decoding run. ``length_norm``, ``length_penalty``, ``block_trigrams``,
+    ``remove_bad_endings``: the decoding options (:mod:`bnrhn.decoding.constraints`); None = the checkpoint's.
+
+    ``attention=True`` (Show, Attend and Tell checkpoints only; others are refused, naming the model, before
+    any image is read): each caption's per-word attention maps too (:class:`ImageCaptions`), from the decoded
+    caption read again teacher-forced (:meth:`bnrhn.models.ShowAttendTell.attention_maps`) — the α the
+    decoder had when it chose each word, whichever ``method`` chose them.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "beam" and not 1 <= topk <= beam:
         raise ValueError(f"--topk must be between 1 and the beam size ({beam}), got {topk}")
     loaded = load_captioner(checkpoint, device)
+    if attention:
+        grid_shape = attention_grid(loaded)
     enc = _encoder_for(loaded, weights, log)
     generator = torch.Generator(loaded.device).manual_seed(seed)
     out: list[ImageCaptions] = []
@@ -452,31 +603,109 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
         tensors, ok = [], []
         for item in results:
             try:
-                tensors.append(enc.preprocess(load_image(item.path)))
+                image = load_image(item.path)
+                tensors.append(enc.preprocess(image))
                 ok.append(item)
+                if attention:
+                    item.attention_box = enc.crop_box(*image.size)
             except ImageFileError as exc:
                 item.error = exc.reason
         if tensors:
-            captions = caption_tensors(loaded, enc, torch.stack(tensors), method, beam, topk, max_len, length_norm,
-                                       temperature, generator)
-            for item, caps in zip(ok, captions):
-                item.captions = caps
+            feats, hyps = _decode_images(loaded, enc, torch.stack(tensors), method, beam, topk, max_len, length_norm,
+                                         temperature, generator, dict(length_penalty=length_penalty,
+                                                                      block_trigrams=block_trigrams,
+                                                                      remove_bad_endings=remove_bad_endings))
+            for item, hs in zip(ok, hyps):
+                item.captions = [(loaded.vocab.decode(h.tokens), h.logprob) for h in hs]
+            if attention:
+                maps = caption_attention(loaded.model, feats, [[h.tokens for h in hs] for hs in hyps], grid_shape)
+                for item, m in zip(ok, maps):
+                    item.attention = m
         out.extend(results)
     return out
 
 
+def attention_grid(loaded: LoadedCaptioner) -> tuple[int, int]:
+    """(grid_h, grid_w) of the attention maps of a Show, Attend and Tell checkpoint; ``ValueError`` naming the
+    model for any other (Show and Tell reads one pooled vector: it has no attention to show)."""
+    from bnrhn.models import ShowAttendTell
+
+    model = loaded.model
+    if not isinstance(model, ShowAttendTell):
+        raise ValueError(
+            f"{loaded.checkpoint} is a {model.cfg.model} model (Show and Tell), which has no attention over the "
+            "image: attention maps need a Show, Attend and Tell checkpoint (bnrhn train --model show_attend_tell)"
+        )
+    n = int(loaded.encoder.get("grid_size") or model.cfg.grid_size)
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"{loaded.checkpoint}: the encoder's grid of {n} positions is not square; cannot lay the "
+                         "attention maps out as images")
+    return side, side
+
+
+def caption_attention(model, features: torch.Tensor, captions: list[list[list[int]]],
+                      grid_shape: tuple[int, int]) -> list[list[np.ndarray]]:
+    """The attention maps of decoded captions: ``features`` ``[B, N, F]`` (as decoded), ``captions[b]`` the
+    word ids (no ``<start>``/``<end>``) of image b's captions → per image, per caption, a float32 array
+    ``[words, grid_h, grid_w]``: the captions read again teacher-forced in one batch
+    (:meth:`bnrhn.models.ShowAttendTell.attention_maps`)."""
+    cfg = model.cfg
+    rows = [(b, toks) for b, caps in enumerate(captions) for toks in caps]
+    out: list[list[np.ndarray]] = [[] for _ in captions]
+    if not rows:
+        return out
+    tokens, lengths = caption_rows([t for _, t in rows], cfg.start_id, cfg.end_id, cfg.pad_id)
+    device = features.device
+    index = torch.tensor([b for b, _ in rows], device=device)
+    alphas = model.attention_maps(features.index_select(0, index), tokens.to(device), lengths.to(device))
+    alphas = alphas.float().cpu().numpy()
+    for i, (b, toks) in enumerate(rows):  # rows 0..n−1: the words; row n (the <end> step) is left out
+        out[b].append(alphas[i, : len(toks)].reshape(len(toks), *grid_shape).copy())
+    return out
+
+
+def attention_figure(item: ImageCaptions, path: str | Path, which: int = 0) -> Path:
+    """Write the Show-Attend-Tell figure (:func:`bnrhn.reports.attention.plot_attention`) of caption ``which``
+    of a :class:`ImageCaptions` from ``caption_images(..., attention=True)``: the part of the image the
+    encoder saw, and one panel per word with its attention map laid over it."""
+    from bnrhn.reports.attention import plot_attention
+
+    if item.attention is None or item.attention_box is None:
+        raise ValueError(f"{item.path}: no attention maps (caption it with attention=True)")
+    text = item.captions[which][0]
+    image = load_image(item.path)
+    box = item.attention_box
+    if box != (0.0, 0.0, float(image.width), float(image.height)):
+        image = image.crop(tuple(int(round(v)) for v in box))
+    return plot_attention(path, np.asarray(image), text.split(), item.attention[which], caption=text)
+
+
 def caption_tensors(loaded: LoadedCaptioner, enc, images: torch.Tensor, method: str = "beam", beam: int = 3,
                     topk: int = 3, max_len: int | None = None, length_norm: float | None = None,
-                    temperature: float = 1.0, generator: torch.Generator | None = None) -> list[list[tuple[str, float]]]:
+                    temperature: float = 1.0, generator: torch.Generator | None = None,
+                    **options) -> list[list[tuple[str, float]]]:
     """Captions (text, log-probability), best first, of a batch of preprocessed images ``[B, 3, H, W]``: the
-    encoder, then one batched decoding. ``bnrhn caption`` and ``bnrhn serve`` both caption through here."""
+    encoder, then one batched decoding. ``bnrhn caption`` and ``bnrhn serve`` both caption through here.
+    ``options``: ``length_penalty``, ``block_trigrams``, ``remove_bad_endings`` (None or left out: the
+    checkpoint's)."""
+    _, hyps = _decode_images(loaded, enc, images, method, beam, topk, max_len, length_norm, temperature, generator,
+                             options)
+    return [[(loaded.vocab.decode(h.tokens), h.logprob) for h in hs] for hs in hyps]
+
+
+def _decode_images(loaded: LoadedCaptioner, enc, images: torch.Tensor, method: str, beam: int, topk: int,
+                   max_len: int | None, length_norm: float | None, temperature: float,
+                   generator: torch.Generator | None, options: dict | None = None):
+    """(the features the model read, the hypotheses per image) of :func:`caption_tensors`."""
     max_len = loaded.config.max_len if max_len is None else max_len  # 0 is an error (decoding says so)
-    length_norm = loaded.config.length_norm if length_norm is None else length_norm
+    opts = decoding_options(loaded.config, length_norm=length_norm, **(options or {}))
+    constraints = decoding_constraints(loaded.vocab, opts["block_trigrams"], opts["remove_bad_endings"])
     with torch.no_grad():
         pooled, grid = enc.encode(images)
         feats = grid if loaded.model.needs_grid else pooled
         # the cached training features were float16; the model's device and dtype
         feats = feats.half().to(loaded.device, next(loaded.model.parameters()).dtype)
-        hyps = decode(loaded.model, feats, method, beam, max_len, length_norm, topk, temperature,
-                      generator=generator)
-    return [[(loaded.vocab.decode(h.tokens), h.logprob) for h in hs] for hs in hyps]
+        hyps = decode(loaded.model, feats, method, beam, max_len, opts["length_norm"], topk, temperature,
+                      generator=generator, length_penalty=opts["length_penalty"], **constraints)
+    return feats, hyps

@@ -10,6 +10,9 @@ from typing import Any
 from bnrhn.models.captioner import MODELS
 
 BATCHING = ("auto", "bucketed", "random")
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")  # bnrhn.captioning.scst
+SCST_POLICIES = ("train", "eval")
 DROPOUT = 0.3
 # Decoders that normalise with batch statistics (BN-RHN, BN-LSTM) fit their training captions faster;
 # on Flickr8k BN-RHN's validation − training loss gap at 0.3 was 0.07 above the LSTM's, at 0.4 it is
@@ -49,7 +52,16 @@ class CaptionConfig:
     Optimisation: optimiser, learning rate, schedule, gradient clipping, batch size, budgets
         (epochs, steps, minutes), early-stopping patience, seed; ``diverge_factor``: training stops as
         diverged when the loss exceeds this multiple of its first steps' mean (0 or None = off).
+    Objective: ``xe`` (cross-entropy on the reference captions) or ``scst`` (self-critical sequence
+        training, :mod:`bnrhn.captioning.scst`: ``scst_samples`` captions per image sampled at
+        ``scst_temperature`` and rewarded with CIDEr-D, baseline ``mean`` of the other samples or ``greedy``,
+        log-probabilities in ``scst_policy`` mode; batches are then ``batch_size`` images); ``init``: a
+        captioning checkpoint whose weights the run starts from (required by ``scst``).
     Validation: decoding method (``greedy`` is fast; ``beam``), beam size, maximum caption length.
+    Decoding (validation, and the default of ``evaluate``/``caption`` with this checkpoint; all off by
+        default, see :mod:`bnrhn.decoding.constraints`): ``length_norm`` α of the ``length_penalty`` form
+        (``power``: |Y|^α, im2txt's; ``gnmt``: ((5 + |Y|)/6)^α, Wu et al. 2016), ``block_trigrams`` (no
+        repeated word trigram), ``remove_bad_endings`` (no caption ends in "a", "the", "with", ...).
     Compute: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (fp32, bf16, fp16, fp64; see
         :mod:`bnrhn.devices`), and under ``torchrun`` ``bn_stats``: batch-norm statistics over the global
         batch (``sync``, default: the same training as one process) or each process's own rows (``local``).
@@ -102,11 +114,21 @@ class CaptionConfig:
     validate_every: int | None = None
     select_metric: str = "CIDEr"
     seed: int = 0
+    # objective: cross-entropy, or self-critical sequence training from a cross-entropy checkpoint
+    objective: str = "xe"
+    init: str | None = None
+    scst_samples: int = 5
+    scst_baseline: str = "mean"
+    scst_temperature: float = 1.0
+    scst_policy: str = "train"
     # validation decoding
     val_decode: str = "greedy"
     beam_size: int = 3
     max_len: int = 20
     length_norm: float = 0.0
+    length_penalty: str = "power"
+    block_trigrams: bool = False
+    remove_bad_endings: bool = False
     # compute
     device: str = "auto"
     precision: str = "fp32"
@@ -133,8 +155,30 @@ class CaptionConfig:
             raise ValueError(f"bn_stats must be 'sync' or 'local', got {self.bn_stats!r}")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "scst":
+            if not self.init:
+                raise ValueError("SCST fine-tunes a captioner trained with cross-entropy: give its checkpoint "
+                                 "with --init CKPT (e.g. runs/caption/best.pt)")
+            if self.scst_baseline not in SCST_BASELINES:
+                raise ValueError(f"scst_baseline must be one of {SCST_BASELINES}, got {self.scst_baseline!r}")
+            if self.scst_policy not in SCST_POLICIES:
+                raise ValueError(f"scst_policy must be one of {SCST_POLICIES}, got {self.scst_policy!r}")
+            if isinstance(self.scst_samples, bool) or not isinstance(self.scst_samples, int) or self.scst_samples < 1 \
+                    or (self.scst_baseline == "mean" and self.scst_samples < 2):
+                raise ValueError(f"scst_samples must be an integer ≥ 2 (≥ 1 with the greedy baseline), "
+                                 f"got {self.scst_samples!r}")
+            if not (isinstance(self.scst_temperature, (int, float)) and self.scst_temperature > 0):
+                raise ValueError(f"scst_temperature must be > 0, got {self.scst_temperature!r}")
         if self.val_decode not in ("greedy", "beam"):
             raise ValueError(f"val_decode must be 'greedy' or 'beam', got {self.val_decode!r}")
+        from bnrhn.decoding.constraints import check_length_penalty
+
+        check_length_penalty(self.length_norm, self.length_penalty)
+        for name in ("block_trigrams", "remove_bad_endings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("embed_size", "hidden_size", "num_layers", "batch_size", "epochs", "beam_size", "max_len",
                      "max_caption_len", "min_count", "attention_size", "feature_batch_size"):
             v = getattr(self, name)

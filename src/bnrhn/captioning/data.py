@@ -170,6 +170,16 @@ class CaptionTensors:
         return self.tokens.shape[0]
 
 
+def caption_rows(captions: list[list[int]], start_id: int, end_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Word-id lists (no ``<start>``/``<end>``) as ``<start> w_1 .. w_n <end> <pad>..`` rows ``[B, L]`` and their
+    lengths n + 2: the teacher-forced input of decoded captions."""
+    lengths = torch.tensor([len(c) + 2 for c in captions], dtype=torch.long)
+    tokens = torch.full((len(captions), int(lengths.max()) if len(captions) else 2), pad_id, dtype=torch.long)
+    for i, c in enumerate(captions):
+        tokens[i, : len(c) + 2] = torch.tensor([start_id, *c, end_id], dtype=torch.long)
+    return tokens, lengths
+
+
 def bucketed_batches(lengths: Tensor, batch_size: int, seed: int, epoch: int, bucket: int = 50) -> list[Tensor]:
     """The batches of one epoch: a random permutation (from ``seed`` and ``epoch`` only), cut into runs
     of ``bucket`` batches that are sorted by caption length before batching (less padding), with the

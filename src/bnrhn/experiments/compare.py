@@ -10,7 +10,9 @@ test split with beam search and is scored on the seven metrics. The experiment f
   statistics over length-sorted and over random batches, with population statistics, and the
   population-statistics training loss, whose difference to the validation loss is the generalisation gap);
 - ``loss.png``: training loss vs steps for every cell on one plot, and validation CIDEr vs steps;
-- ``gallery.html`` (+ ``images/``): test images with every model's caption and the human captions;
+- ``gallery.html`` (+ ``images/``): test images with every model's caption and the human captions, and for
+  Show, Attend and Tell each model's attention figure of the image (``attention/<cell>/``, Xu et al. 2015:
+  one panel per word with its attention map over the image);
 - ``runs/<cell>-seed<N>/``: each run's checkpoints, logs, test captions (``results_test.json``) and scores;
 - ``command.txt`` and ``compare.json``: the exact command and the resolved settings to reproduce it.
 """
@@ -136,6 +138,12 @@ def _check_resume(s: CompareSettings, out: Path) -> None:
         raise FileNotFoundError(f"--resume: {saved_path} not found; {out} holds no comparison to resume")
     saved = json.loads(saved_path.read_text(encoding="utf-8"))
     now = json.loads(json.dumps(s.to_dict()))  # the same JSON types as the saved file
+    if isinstance(saved.get("base_config"), dict):
+        # settings added since the comparison was saved take their defaults (what its runs trained with)
+        config = type(s.base)  # CaptionConfig
+        filled = config.from_dict({k: v for k, v in saved["base_config"].items()
+                                   if k in config.__dataclass_fields__}).to_dict()
+        saved["base_config"] = json.loads(json.dumps({**filled, **saved["base_config"]}))
     for d in (saved, now):  # what may change between invocations without changing the experiment:
         # the progress bar, --overwrite, and the divergence watchdog (it only stops a run that has already
         # diverged; comparisons saved before it existed have no such key)
@@ -413,6 +421,18 @@ def _fmt_seconds(sec: float) -> str:
     return f"{sec / 60:.1f} min" if sec >= 90 else f"{sec:.0f} s"
 
 
+def _decoding_note(base) -> str:
+    """The decoding options the runs were decoded with (bnrhn.decoding.constraints), when any is on."""
+    on = []
+    if base.length_norm:
+        on.append(f"length penalty {base.length_penalty} α {base.length_norm:g}")
+    if base.block_trigrams:
+        on.append("trigram blocking")
+    if base.remove_bad_endings:
+        on.append("no bad endings")
+    return "; " + ", ".join(on) if on else ""
+
+
 def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: Log = _stderr) -> dict:
     out = Path(s.out_dir)
     by_cell = {c: [r for r in runs if r.cell == c] for c in s.cells}
@@ -447,7 +467,7 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
     md = [
         f"# {MODEL_NAMES.get(base.model, base.model)} decoders compared on {base.dataset}",
         "",
-        f"Test split, beam search (beam {s.beam}); {seeds_note}; budget {budget} per run; "
+        f"Test split, beam search (beam {s.beam}{_decoding_note(base)}); {seeds_note}; budget {budget} per run; "
         f"hidden {base.hidden_size}, embedding {base.embed_size}, batch {base.batch_size}, {base.optimizer} lr {base.lr:g}, "
         f"encoder {base.encoder}. Best value of each metric in bold. Metrics: coco-caption's definitions "
         "(bnrhn.metrics; CIDEr is CIDEr-D).",
@@ -466,7 +486,8 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         "",
         "![training loss and validation CIDEr](loss.png)",
         "",
-        "Captions of test images: [gallery.html](gallery.html).",
+        "Captions of test images: [gallery.html](gallery.html)"
+        + (" (with each model's attention figures)." if base.model == "show_attend_tell" else "."),
         "",
     ]
     (out / "results.md").write_text("\n".join(md), encoding="utf-8")
@@ -499,13 +520,38 @@ def _write_gallery(s: CompareSettings, first: dict[str, CellRun], out: Path, log
     if not records:
         log("compare: no test image files to show in the gallery")
     step = max(1, len(records) // max(1, s.gallery_size))
+    chosen = records[::step][: s.gallery_size]
+    figures = _attention_figures(s, first, chosen, out, log) if s.base.model == "show_attend_tell" else {}
     items = [
         {"image": r.path, "image_id": r.image_id,
          "captions": {c: run.captions[str(_coco_key(r.image_id))] for c, run in first.items()},
-         "references": r.captions}
-        for r in records[::step][: s.gallery_size]
+         "references": r.captions, "attention": figures.get(k, {})}
+        for k, r in enumerate(chosen)
     ]
     write_gallery(out / "gallery.html", items, title=f"Test captions on {s.base.dataset} (seed {s.seeds[0]})")
+
+
+def _attention_figures(s: CompareSettings, first: dict[str, CellRun], records, out: Path,
+                       log: Log) -> dict[int, dict[str, Path]]:
+    """The attention figure (:func:`bnrhn.captioning.attention_figure`) of each gallery image for every cell's
+    first run (its best checkpoint, beam search as for the test captions), in ``attention/<cell>/``;
+    {gallery position: {cell: figure}}."""
+    from bnrhn.captioning.api import attention_figure, caption_images
+
+    figures: dict[int, dict[str, Path]] = {}
+    paths = [str(r.path) for r in records]
+    for cell, run in first.items():
+        if not paths or not any((Path(run.run_dir) / n).is_file() for n in ("best.pt", "last.pt")):
+            continue
+        results = caption_images(run.run_dir, paths, beam=s.beam, topk=1, device=s.base.device, attention=True,
+                                 log=log)
+        for k, (r, res) in enumerate(zip(records, results)):
+            if res.captions:
+                path = out / "attention" / cell / f"{k:04d}-{Path(r.path).stem}.png"
+                figures.setdefault(k, {})[cell] = attention_figure(res, path)
+    if figures:
+        log(f"compare: attention figures of the gallery images in {out / 'attention'}")
+    return figures
 
 
 def _coco_key(image_id: str):

@@ -30,12 +30,18 @@ SIGMA = 6.0
 
 
 def cider_d(table: NgramTable, n_images: int, ref_image: np.ndarray, n: int = 4,
-            sigma: float = SIGMA):
+            sigma: float = SIGMA, document_frequency: np.ndarray | None = None,
+            n_documents: int | None = None):
     """Corpus CIDEr-D and per-image scores ``[n_images]``.
 
     Same layout as :func:`bnrhn.metrics.bleu.bleu_stats`: sentences ``0..n_images-1`` of ``table`` are the
     candidates, the rest the references, grouped by image in image order (``ref_image`` non-decreasing).
+    ``document_frequency`` (``[G]``, per gram of ``table``) and ``n_documents``: document frequencies
+    counted on another corpus of ``n_documents`` images (:class:`CiderDReward`), instead of on these
+    images' references.
     """
+    if (document_frequency is None) != (n_documents is None):
+        raise ValueError("document_frequency and n_documents go together (frequencies counted on n_documents images)")
     G = max(table.n_grams, 1)
     I = n_images
     n_refs = len(ref_image)
@@ -47,12 +53,15 @@ def cider_d(table: NgramTable, n_images: int, ref_image: np.ndarray, n: int = 4,
     r_key = r_gram * I + ref_image[r_sent]
 
     # document frequency: number of images whose references contain the gram (distinct (gram, image))
-    if len(r_key):
+    if document_frequency is not None:
+        df = np.asarray(document_frequency, dtype=np.float64)
+    elif len(r_key):
         first = np.concatenate(([True], r_key[1:] != r_key[:-1]))
         df = np.bincount(r_gram[first], minlength=G).astype(np.float64)
     else:
         df = np.zeros(G)
-    idf = np.log(float(I)) - np.log(np.maximum(1.0, df))
+    n_docs = I if document_frequency is None else int(n_documents)
+    idf = np.log(float(n_docs)) - np.log(np.maximum(1.0, df))
 
     weight = table.count * idf[table.gram]                   # tf · idf of every (sentence, gram) entry
     order_of = table.order[table.gram].astype(np.int64)       # 0..n-1
@@ -90,3 +99,64 @@ def cider_d(table: NgramTable, n_images: int, ref_image: np.ndarray, n: int = 4,
     m = np.bincount(ref_image, minlength=n_images).astype(np.float64)
     per_image = summed.mean(axis=1) / m * 10.0
     return float(np.mean(per_image)), per_image
+
+
+class CiderDReward:
+    """CIDEr-D of captions of a fixed set of images, with document frequencies counted once on all of
+    their references: the reward of self-critical sequence training (Rennie et al. 2017, §4 — "CIDEr-D
+    ... with the document frequencies of the training set"; Luo 2020 does the same).
+
+    A caption's reward depends on its image's references and the corpus statistics only, never on the
+    other captions scored with it; scoring one caption for every image of the corpus gives
+    :func:`bnrhn.metrics.score`'s per-image CIDEr exactly (there the document frequencies come from the
+    evaluated images, here the same images).
+
+    Captions and references are used as they are (space-separated tokens): tokenize them first
+    (:func:`bnrhn.metrics.tokenizer.tokenize_captions`) to match ``score``'s PTB tokenisation.
+    """
+
+    def __init__(self, references: "list[list[str]]", n: int = 4, sigma: float = SIGMA) -> None:
+        from itertools import chain
+
+        from bnrhn.metrics.ngrams import build_ngram_table
+
+        if not references or any(len(r) == 0 for r in references):
+            raise ValueError("every image needs at least one reference caption")
+        self.references = [list(r) for r in references]
+        self.n, self.sigma = n, sigma
+        flat = list(chain.from_iterable(self.references))
+        self.words = {w: i for i, w in enumerate(dict.fromkeys(chain.from_iterable(map(str.split, flat))))}
+        table = build_ngram_table(flat, n, words=self.words)
+        ref_image = np.repeat(np.arange(len(self.references)), [len(r) for r in self.references])
+        # distinct (gram, image) pairs: entries are sorted by gram, then sentence (so by image)
+        key = table.gram * len(self.references) + ref_image[table.sent]
+        first = np.concatenate(([True], key[1:] != key[:-1])) if len(key) else np.zeros(0, dtype=bool)
+        df = np.bincount(table.gram[first], minlength=table.n_grams)
+        order = np.argsort(table.keys)
+        self._keys = table.keys[order]
+        self._df = df[order].astype(np.float64)
+        self.n_images = len(self.references)
+
+    def __call__(self, captions: "list[str]", images) -> np.ndarray:
+        """CIDEr-D ``[len(captions)]`` of ``captions[j]`` as a caption of image ``images[j]`` (an index
+        into the references given at construction; an image may appear several times)."""
+        from bnrhn.metrics.ngrams import build_ngram_table
+
+        images = np.asarray(images, dtype=np.int64).reshape(-1)
+        if len(images) != len(captions):
+            raise ValueError(f"{len(captions)} captions but {len(images)} image indices")
+        if len(captions) == 0:
+            return np.zeros(0)
+        if images.min() < 0 or images.max() >= self.n_images:
+            raise IndexError(f"image index out of range 0..{self.n_images - 1}")
+        refs = [self.references[i] for i in images.tolist()]
+        table = build_ngram_table(list(captions) + [s for r in refs for s in r], self.n, words=self.words)
+        ref_of = np.repeat(np.arange(len(captions)), [len(r) for r in refs])
+        df = np.zeros(table.n_grams)
+        if table.n_grams and len(self._keys):
+            pos = np.minimum(np.searchsorted(self._keys, table.keys), len(self._keys) - 1)
+            found = self._keys[pos] == table.keys
+            df[found] = self._df[pos[found]]
+        _, per_caption = cider_d(table, len(captions), ref_of, self.n, self.sigma,
+                                 document_frequency=df, n_documents=self.n_images)
+        return per_caption

@@ -32,6 +32,10 @@ class NgramTable:
             gram id then sentence; ``gram`` ids are global over all orders (orders in increasing ranges).
         order: ``[G]`` the order (1..n) of each gram id, minus 1 (0 = unigram).
         n_grams: G, the number of distinct n-grams in the corpus.
+        keys: ``[G]`` (only when the table was built with a fixed ``words`` numbering) each gram's words
+            packed in one integer, sum_i (id(w_i) + 1) * KEY_BASE^(k-1-i): the same n-gram gets the same key
+            in every table built with the same numbering, which lets document frequencies counted once on a
+            corpus be looked up for the grams of another table (SCST's CIDEr-D reward).
     """
 
     n: int
@@ -41,24 +45,41 @@ class NgramTable:
     count: np.ndarray
     order: np.ndarray
     n_grams: int
+    keys: np.ndarray | None = None
 
     @property
     def n_sentences(self) -> int:
         return len(self.lengths)
 
 
-def build_ngram_table(sentences: list[str], n: int = 4) -> NgramTable:
-    """Count the 1..n-grams of whitespace-split ``sentences`` (see the module docstring)."""
+KEY_BASE = 1 << 16  # packed keys (NgramTable.keys) hold up to four word ids below 2^16 - 1 in a uint64
+
+
+def build_ngram_table(sentences: list[str], n: int = 4, words: dict[str, int] | None = None) -> NgramTable:
+    """Count the 1..n-grams of whitespace-split ``sentences`` (see the module docstring).
+
+    ``words``: a fixed numbering of words (ids 0..W-1); with it the table also holds each gram's packed
+    ``keys`` (words not in it are numbered W, W+1, ... in this table only: their grams match no key of a
+    table built from the words the numbering came from)."""
     # C-level loops only: split every sentence, number the distinct words, map words to numbers
     splits = list(map(str.split, sentences))
     lengths = np.fromiter(map(len, splits), dtype=np.int64, count=len(splits))
-    words = list(chain.from_iterable(splits))
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tokens = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+    all_words = list(chain.from_iterable(splits))
+    if words is None:
+        vocab = {w: i for i, w in enumerate(dict.fromkeys(all_words))}
+    else:
+        unseen = [w for w in dict.fromkeys(all_words) if w not in words]
+        vocab = {**words, **{w: len(words) + i for i, w in enumerate(unseen)}}
+        if n > 4 or len(vocab) >= KEY_BASE - 1:
+            raise ValueError(f"packed n-gram keys hold up to 4-grams of fewer than {KEY_BASE - 1} distinct words; "
+                             f"got n={n} and {len(vocab)} words (a CIDEr-D reward over references this varied "
+                             "needs wider keys: please report it)")
+    tokens = np.fromiter(map(vocab.__getitem__, all_words), dtype=np.int64, count=len(all_words))
     n_sent, n_tok, n_vocab = len(sentences), len(tokens), len(vocab)
     empty = np.zeros(0, dtype=np.int64)
     if n_tok == 0:
-        return NgramTable(n, lengths, empty, empty, empty, np.zeros(0, dtype=np.int8), 0)
+        return NgramTable(n, lengths, empty, empty, empty, np.zeros(0, dtype=np.int8), 0,
+                          None if words is None else np.zeros(0, dtype=np.uint64))
 
     sent_of_tok = np.repeat(np.arange(n_sent, dtype=np.int64), lengths)
     # number of words from each position to the end of its sentence (itself included)
@@ -67,9 +88,10 @@ def build_ngram_table(sentences: list[str], n: int = 4) -> NgramTable:
     # For each order k, one sort of key = (id of the k-gram's pair key) * n_sent + sentence gives at once
     # the dense k-gram ids (runs of equal key // n_sent) and the distinct (gram, sentence) pairs with
     # their counts (runs of equal key).
-    ent_sent, ent_gram, ent_count, gram_order = [], [], [], []
+    ent_sent, ent_gram, ent_count, gram_order, gram_keys = [], [], [], [], []
     offset = 0
     prev = tokens  # dense id of the (k-1)-gram starting at each position
+    packed = tokens.astype(np.uint64) + np.uint64(1)  # packed words of the (k-1)-gram at each position
     for k in range(1, n + 1):
         m = n_tok - k + 1
         if m <= 0:
@@ -97,6 +119,13 @@ def build_ngram_table(sentences: list[str], n: int = 4) -> NgramTable:
         dense = np.zeros(n_tok, dtype=np.int64)
         dense[pos[order]] = dense_sorted
         prev = dense
+        if words is not None:
+            if k > 1:
+                packed = np.zeros(n_tok, dtype=np.uint64)
+                packed[pos] = packed_prev[pos] * np.uint64(KEY_BASE) + tokens[pos + (k - 1)].astype(np.uint64) + np.uint64(1)
+            first_pos = pos[order][new_gram]  # one position of each new gram, in dense-id order
+            gram_keys.append(packed[first_pos])
+            packed_prev = packed
         # distinct (gram, sentence) pairs and their counts
         new_pair = np.empty(len(full), dtype=bool)
         new_pair[0] = True
@@ -116,4 +145,5 @@ def build_ngram_table(sentences: list[str], n: int = 4) -> NgramTable:
         count=np.concatenate(ent_count),
         order=np.concatenate(gram_order),
         n_grams=offset,
+        keys=np.concatenate(gram_keys) if words is not None else None,
     )

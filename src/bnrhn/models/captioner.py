@@ -316,6 +316,23 @@ class ShowAttendTell(Captioner):
         reg = self.cfg.alpha_c * (1.0 - coverage).square().sum(1).mean()
         return ce + reg, n, {"ce": float(ce.detach()), "attention_reg": float(reg.detach())}
 
+    @torch.no_grad()
+    def attention_maps(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """The attention weights α_t over the grid while the model reads the given captions (teacher forced,
+        in eval mode: no dropout, batch-norm population statistics, as in decoding): ``[B, L−1, N]``, row k
+        the α_t with which the model predicted ``tokens[:, k+1]`` (w_1 .. <end>), zeros past each caption's
+        end. Each real row sums to 1 and equals the α of :meth:`step` when it is fed the same words.
+
+        ``tokens`` / ``lengths`` as in :meth:`loss`. The model is put in eval mode for the pass and returned
+        to the mode it was in."""
+        was_training = self.training
+        self.eval()
+        try:
+            _, alphas, valid = self._run(features, tokens, lengths)
+        finally:
+            self.train(was_training)
+        return alphas * valid.unsqueeze(-1).to(alphas.dtype)
+
     def start(self, features: Tensor) -> DecodeState:
         grid = self.normalize(features)
         state, keys = self._init(grid)

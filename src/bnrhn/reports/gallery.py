@@ -2,6 +2,10 @@
 
 Images are copied (as JPEG thumbnails) into ``images/`` beside the HTML file and referenced by relative
 paths, so the page opens from disk in any browser, and the folder can be moved or zipped whole.
+
+An item may name attention figures (Show, Attend and Tell models, :mod:`bnrhn.reports.attention`): they are
+shown under its captions, each a link to the full-size file, referenced by its path relative to the page
+(so they belong in the page's folder or below it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ td { padding: 0.15em 0.8em 0.15em 0; vertical-align: top; }
 td.model { font-weight: 600; white-space: nowrap; }
 .refs { color: #555; margin: 0.4em 0 0 0; padding-left: 1.2em; }
 .id { color: #888; font-size: 0.85em; }
+.item img.attention { width: auto; max-width: 100%; max-height: 360px; border-radius: 0; }
+figure { margin: 0.6em 0 0 0; }
+figcaption { color: #555; font-size: 0.85em; }
 """
 
 
@@ -32,7 +39,8 @@ def write_gallery(
     thumbnail: int = 320,
 ) -> Path:
     """Write ``path`` (HTML). Each item: ``image`` (a path or a PIL image), ``image_id``, ``captions``
-    ({model: caption}) and ``references`` (human captions)."""
+    ({model: caption}), ``references`` (human captions) and, optionally, ``attention``: the attention figure
+    of its caption (the PNG file's path), or {model: path} for several models."""
     path = Path(path)
     img_dir = path.parent / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -53,8 +61,33 @@ def write_gallery(
         parts.append(
             f"<div class='item'><img src='images/{name}' alt='{html.escape(str(item.get('image_id', name)))}'>"
             f"<div><div class='id'>{html.escape(str(item.get('image_id', '')))}</div><table>{rows}</table>"
-            f"<div class='id'>human captions</div><ul class='refs'>{refs}</ul></div></div>"
+            + (f"<div class='id'>human captions</div><ul class='refs'>{refs}</ul>" if refs else "")
+            + _attention_figures(item.get("attention"), path.parent) + "</div></div>"
         )
     parts.append("</body></html>\n")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _attention_figures(figures, folder: Path) -> str:
+    """The HTML of an item's attention figures (see :func:`write_gallery`), linked relative to ``folder``."""
+    if not figures:
+        return ""
+    if not isinstance(figures, Mapping):
+        figures = {"": figures}
+    out = []
+    for model, figure in figures.items():
+        href = html.escape(_relative(Path(figure), folder), quote=True)
+        label = f"attention of {model}" if model else "attention"
+        out.append(f"<figure><a href='{href}'><img class='attention' src='{href}' alt='{html.escape(label)}'></a>"
+                   f"<figcaption>{html.escape(label)} (per word, Xu et al. 2015)</figcaption></figure>")
+    return "".join(out)
+
+
+def _relative(figure: Path, folder: Path) -> str:
+    """The URL of the file ``figure`` (a path as any other: absolute or from the working folder) relative to the
+    page's ``folder``."""
+    import os
+    from urllib.parse import quote
+
+    return quote(Path(os.path.relpath(figure.resolve(), folder.resolve())).as_posix())

@@ -49,28 +49,34 @@ def plot_training_curves(
     validation_label: str = "validation CIDEr",
     title: str = "Training loss",
     smooth: int | None = None,
+    loss_label: str | None = None,
+    rewards: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
 ) -> Path:
-    """Write a PNG with training loss vs steps (raw, faint, and a moving average) for each model, and
-    ``validation`` (e.g. CIDEr) vs steps in a second panel when given."""
+    """Write a PNG with training loss vs steps (raw, faint, and a moving average) for each model,
+    ``rewards`` (self-critical training's mean sampled CIDEr-D per step) in a panel of their own when given,
+    and ``validation`` (e.g. CIDEr) vs steps in the last panel when given."""
     plt = pyplot()
 
-    panels = 2 if validation else 1
+    curves = [(losses, loss_label or "cross-entropy loss (nats per word)", title)]
+    if rewards:
+        curves.append((rewards, "mean reward of the sampled captions (CIDEr-D)", "SCST reward"))
+    panels = len(curves) + (1 if validation else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
-    ax = axes[0][0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, (steps, values)) in enumerate(losses.items()):
-        color = colors[i % len(colors)]
-        window = smooth or max(1, len(values) // 50)
-        ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(steps, _smooth(values, window), color=color, linewidth=1.8,
-                label=f"{name}" + (f" (moving average of {window})" if window > 1 else ""))
-    ax.set_xlabel("training step")
-    ax.set_ylabel("cross-entropy loss (nats per word)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, (series, ylabel, panel_title) in zip(axes[0], curves):
+        for i, (name, (steps, values)) in enumerate(series.items()):
+            color = colors[i % len(colors)]
+            window = smooth or max(1, len(values) // 50)
+            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(steps, _smooth(values, window), color=color, linewidth=1.8,
+                    label=f"{name}" + (f" (moving average of {window})" if window > 1 else ""))
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     if validation:
-        ax2 = axes[0][1]
+        ax2 = axes[0][-1]
         for i, (name, (steps, values)) in enumerate(validation.items()):
             ax2.plot(steps, values, marker="o", color=colors[i % len(colors)], label=name)
         ax2.set_xlabel("training step")

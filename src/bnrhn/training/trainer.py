@@ -5,7 +5,8 @@ The trainer knows optimisation; the task knows the data and the model's loss. A 
     model: nn.Module
     num_batches(epoch) -> int
     batches(epoch, start=0) -> iterator       # deterministic order for (seed, epoch), skipping `start`
-    train_step(batch) -> (loss, tokens)       # scalar loss to minimise, number of target tokens
+    train_step(batch) -> (loss, tokens[, parts])  # scalar loss to minimise, number of target tokens, and
+                                              # optionally {name: float} logged with the step (SCST's reward)
     validate() -> dict[str, float]            # e.g. {"CIDEr": ..., "BLEU-4": ..., "loss": ...}
     state_dict() -> dict / load_state_dict(d) # what a usable checkpoint needs besides the model
     config_dict() -> dict                     # optional: written to config.json
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 from bnrhn.training.checkpoint import (
     capture_rng_state, load_checkpoint, remove_orphan_temporaries, restore_rng_state, save_checkpoint,
 )
-from bnrhn.training.log import NullLogger, StepLogger
+from bnrhn.training.log import STEP_COLUMNS, NullLogger, StepLogger
 
 
 class TrainingDiverged(RuntimeError):
@@ -279,7 +280,12 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         self.model.train()
-        loss, tokens = self._forward(batch)
+        loss, tokens, *rest = self._forward(batch)
+        parts = dict(rest[0]) if rest else {}  # this process's own (rank 0's are logged)
+        clash = sorted(set(parts) & set(STEP_COLUMNS))
+        if clash:
+            raise ValueError(f"the task's train_step returned logged parts named like the trainer's own columns "
+                             f"({', '.join(clash)}); rename them")
         loss, loss_value, tokens = self._agree(loss, tokens)
         step = self.state.global_step + 1
         if not math.isfinite(loss_value):
@@ -321,10 +327,11 @@ class Trainer:
         if step % cfg.log_every == 0:
             self.logger.log_step(
                 step=step, epoch=s.epoch + 1, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                tokens=int(tokens), tokens_per_s=round(tps, 1), seconds=round(s.seconds, 3),
+                tokens=int(tokens), tokens_per_s=round(tps, 1), seconds=round(s.seconds, 3), **parts,
             )
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{s.tokens / s.train_seconds:.0f}", refresh=False)
+        shown = {"reward": f"{parts['reward']:.3f}"} if "reward" in parts else {}
+        bar.set_postfix(loss=f"{loss_value:.3f}", **shown, tok_s=f"{s.tokens / s.train_seconds:.0f}", refresh=False)
 
     def _check_explosion(self, loss_value: float, step: int) -> None:
         """Divergence of a finite loss (module docstring), before the optimiser step."""
