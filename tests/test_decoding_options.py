@@ -79,7 +79,13 @@ OPTIONS = {  # name: (decoding keywords, the captions they allow)
 }
 
 
-@pytest.mark.parametrize("model,cell", [("show_tell", "lstm"), ("show_tell", "gru"), ("show_attend_tell", "lstm")])
+# the Show-Attend-Tell and batch-norm cases train their own tiny model first (about 10-20 s each): CI runs them
+# in the slow set (make test-slow); the LSTM/GRU cases cover every option in the default run
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("model,cell", [("show_tell", "lstm"), ("show_tell", "gru"),
+                                        pytest.param("show_attend_tell", "lstm", marks=SLOW)])
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_wide_beam_with_constraints_is_the_exhaustive_optimum(model, cell, option):
     """All 1,365 captions of at most 5 of the 4 words; a beam of 1,300 holds every prefix (at most 4⁴ = 256
@@ -124,8 +130,9 @@ def test_wide_beam_with_every_option_at_once():
         assert [h.tokens for h in got] == [c for _, _, c in want], i
 
 
-@pytest.mark.parametrize("model,cell,repetitive", [("show_tell", "lstm", True), ("show_tell", "bn_rhn", False),
-                                                   ("show_attend_tell", "gru", False)])
+@pytest.mark.parametrize("model,cell,repetitive", [("show_tell", "lstm", True),
+                                                   pytest.param("show_tell", "bn_rhn", False, marks=SLOW),
+                                                   pytest.param("show_attend_tell", "gru", False, marks=SLOW)])
 @pytest.mark.parametrize("kwargs", [dict(block_trigrams=True), dict(bad_ending_ids=BAD),
                                     dict(length_norm=0.9, length_penalty="gnmt"),
                                     dict(block_trigrams=True, bad_ending_ids=BAD, length_norm=0.6,

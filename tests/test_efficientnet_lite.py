@@ -207,7 +207,7 @@ def test_release_normalisation_on_flickr8k_dogs(lite2):
 
 
 # -- an independent implementation -------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+@pytest.mark.parametrize("variant", [pytest.param("lite0", marks=pytest.mark.slow), "lite2"])
 def test_agrees_with_the_efficientnet_lite_pytorch_package(variant):
     """The PyTorch port these weights were converted for (``efficientnet-lite-pytorch``, test-only reference)
     gives the same logits and pooled features as our definition and as the encoder's folded trunk."""
