@@ -317,6 +317,7 @@ def test_gallery_embeds_attention_figures_per_model(tmp_path):
     assert page.count("<figure>") == 1 and page.count("human captions") == 1
 
 
+@pytest.mark.slow  # a comparison run; CI runs it
 def test_compare_gallery_of_show_attend_tell_embeds_each_cells_figures(tmp_path):
     """The comparison's gallery (bnrhn compare / demo) shows every cell's attention figure of each image."""
     from bnrhn.experiments.compare import CellRun, CompareSettings, _write_gallery

@@ -332,6 +332,7 @@ def test_the_api_maps_bad_endings_through_the_vocabulary_and_defaults_to_the_che
     check(captions(CaptionConfig(), remove_bad_endings=True), False, True)
 
 
+@pytest.mark.slow  # trains its own tiny model (about 9 s); CI runs it
 def test_when_the_constraints_leave_no_word():
     """One word, which is a bad ending: after "w w w" trigram blocking bans w and the bad ending bans <end>.
     Greedy decoding then ends the caption after all (documented); beam search drops the stuck hypotheses and

@@ -207,7 +207,8 @@ def test_release_normalisation_on_flickr8k_dogs(lite2):
 
 
 # -- an independent implementation -------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", [pytest.param("lite0", marks=pytest.mark.slow), "lite2"])
+@pytest.mark.slow  # about 8 s per variant; CI runs them
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
 def test_agrees_with_the_efficientnet_lite_pytorch_package(variant):
     """The PyTorch port these weights were converted for (``efficientnet-lite-pytorch``, test-only reference)
     gives the same logits and pooled features as our definition and as the encoder's folded trunk."""
@@ -273,6 +274,7 @@ def test_cache_never_mixes_encoders(tmp_path, lite2):
     assert c.reused and np.array_equal(np.asarray(c.pooled), np.asarray(b.pooled))
 
 
+@pytest.mark.slow  # about 5 s; CI runs it
 def test_features_command_accepts_efficientnet_lite2(tmp_path, capsys):
     """``bnrhn features --encoder efficientnet_lite2`` end to end, in its own cache folder beside MobileNetV2's."""
     _weights_or_skip("lite2")

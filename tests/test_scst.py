@@ -251,6 +251,7 @@ def test_scst_raises_validation_cider_over_its_cross_entropy_start(feature_cache
                             **{**common, "hidden_size": 32}))
 
 
+@pytest.mark.slow  # about 15 s (features + two runs); CI runs it (make test-slow)
 def test_scst_command_end_to_end_in_a_few_steps(feature_cache, tmp_path, capsys):
     """The plumbing in seconds: --init takes the checkpoint's settings, validation before the first step,
     the reward logged per step, loss.png with the reward panel; refusals before any feature is read."""
