@@ -96,6 +96,7 @@ def runs(cache, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # the two-process runs take about 33 s: CI runs them (make test-slow), as the char LM's
 @pytest.mark.parametrize("cell", ["lstm", "bn_rhn"])
 def test_two_processes_equal_one_with_the_same_global_batch(runs, cell):
     one, two = runs / "one" / cell, runs / "two" / cell
@@ -104,6 +105,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs, cell):
     assert len(load_checkpoint(two / "last.pt")["rng_ranks"]) == 2  # every rank's generators, for an exact resume
 
 
+@pytest.mark.slow  # shares the two-process runs above
 def test_local_batch_norm_statistics_differ_from_one_process(runs):
     with pytest.raises(AssertionError):
         assert_same_training(runs / "one" / "bn_rhn", runs / "two" / "bn_rhn-local")
