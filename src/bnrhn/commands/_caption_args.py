@@ -109,7 +109,7 @@ def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
         g.add_argument("--scst-temperature", type=float, default=S, metavar="T", help="sampling temperature (1.0)")
         g.add_argument("--scst-policy", choices=("train", "eval"), default=S,
                        help="mode of the pass that computes the sampled captions' log-probabilities: train (dropout, "
-                            "batch statistics; default) or eval (exactly the sampled distribution)")
+                            "batch statistics; default) or eval (the sampled distribution, at temperature 1)")
     g = p.add_argument_group("validation decoding")
     g.add_argument("--val-decode", choices=("greedy", "beam"), default=S, help="greedy (default, fast) or beam")
     g.add_argument("--beam-size", type=int, default=S, metavar="K", help="beam size for --val-decode beam (3)")
