@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from flickr_support import captions_by_image
 from bnrhn.encoders import EfficientNetLite, build_encoder, extract_features, load_efficientnet_lite, load_image
 from bnrhn.encoders import weights as weights_mod
 from bnrhn.encoders.base import IMAGENET_MEAN, IMAGENET_STD, imagenet_tensor
@@ -188,10 +189,7 @@ def test_release_normalisation_on_flickr8k_dogs(lite2):
     token = FLICKR / "Flickr8k.token.txt"
     if not token.is_file():
         pytest.skip(f"Flickr8k not found at {FLICKR}")
-    caps: dict[str, list[str]] = {}
-    for line in token.read_text().splitlines():
-        k, _, t = line.partition("\t")
-        caps.setdefault(k.split("#")[0], []).append(t.lower())
+    caps = captions_by_image(token)
     dogs = [k for k, v in caps.items() if all(" dog" in c for c in v)][:48]
     enc = lite2
     images = [load_image(FLICKR / "images" / k) for k in dogs]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flickr_support import captions_by_image
 from bnrhn.encoders import (
     ImageEncoder,
     ImageFileError,
@@ -64,10 +65,7 @@ def test_imagenet_predictions_on_flickr8k_dogs():
     token = FLICKR / "Flickr8k.token.txt"
     if not token.is_file():
         pytest.skip(f"Flickr8k not found at {FLICKR}")
-    caps: dict[str, list[str]] = {}
-    for line in token.read_text().splitlines():
-        k, _, t = line.partition("\t")
-        caps.setdefault(k.split("#")[0], []).append(t.lower())
+    caps = captions_by_image(token)
     dogs = [k for k, v in caps.items() if all(" dog" in c for c in v)][:12]
     boats = [k for k, v in caps.items() if all("boat" in c for c in v)][:4]
     enc = build_encoder("mobilenet_v2", weights=path)
