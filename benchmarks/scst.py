@@ -82,7 +82,7 @@ def main() -> None:
     for step in range(args.steps + 1):
         images = torch.randperm(feats.shape[0], generator=g)[: args.images]
         t0 = time.perf_counter()
-        loss, _, _ = scst.loss(model, feats[images].float(), images)
+        loss, _, parts = scst.loss(model, feats[images].float(), images)
         loss.backward()
         t1 = time.perf_counter()
         model.zero_grad(set_to_none=True)
@@ -98,9 +98,9 @@ def main() -> None:
             continue  # warm-up
         total = t1 - t0
         rows["scst"].append(total)
-        rows["sample"].append(scst.timings["sample"])
-        rows["reward"].append(scst.timings["reward"])
-        rows["pass"].append(total - scst.timings["sample"] - scst.timings["reward"])
+        rows["sample"].append(parts["sample_seconds"])
+        rows["reward"].append(parts["reward_seconds"])
+        rows["pass"].append(total - parts["sample_seconds"] - parts["reward_seconds"])
         rows["xe"].append(t3 - t2)
     med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
     print(f"model: {what}; {args.images} images x {args.samples} samples per step, baseline {args.baseline}, "

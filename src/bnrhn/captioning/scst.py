@@ -36,7 +36,8 @@ what ``bnrhn.metrics.score`` reports for it on the training set and does not dep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,7 +81,6 @@ class SelfCritical:
     temperature: float = 1.0
     max_len: int = 20
     policy: str = "train"
-    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
@@ -100,8 +100,6 @@ class SelfCritical:
 
     def loss(self, model, features: Tensor, images: Tensor) -> tuple[Tensor, int, dict[str, float]]:
         """(policy-gradient loss, sampled words, logged parts) for ``features`` of the split's ``images``."""
-        import time
-
         k = self.samples
         t0 = time.perf_counter()
         feats = features.repeat_interleave(k, 0)  # image i's samples are rows i·k .. i·k + k − 1
@@ -136,7 +134,6 @@ class SelfCritical:
         with torch.no_grad():
             plogp = torch.where(banned, 0.0, logp.exp() * logp)
             entropy = float(-plogp.sum(-1).mul(mask).sum() / n_words)
-        self.timings = {"sample": t1 - t0, "reward": t2 - t1}
         return loss, n_words, {
             "reward": float(rewards.mean()), "baseline": float(base.mean()), "entropy": round(entropy, 5),
             "sample_words": float(lengths.float().mean()) - 2.0,
