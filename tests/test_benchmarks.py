@@ -112,3 +112,16 @@ def test_features_benchmark_times_every_row(tmp_path):
     assert [r["what"][:2] for r in rows[:3]] == ["1.", "2.", "3."] and "end to end, eager CNN" in rows[3]["what"]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert all(r["max_abs_diff"] < 1e-3 for r in rows[:3])  # folding and layout change no number beyond rounding
+
+
+def test_scst_benchmark_prints_its_parts():
+    data = ROOT.parent / "shared" / "data" / "flickr8k" / "Flickr8k.token.txt"
+    if not data.is_file():
+        pytest.skip(f"benchmarks/scst.py rewards against Flickr8k's captions; not found at {data}")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scst.py"), "--steps", "1", "--images", "2", "--samples", "2",
+           "--max-len", "5", "--threads", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    for part in ("sampling (no gradient)", "reward: tokenize + CIDEr-D", "teacher-forced log p + backward",
+                 "**SCST step** | ", "cross-entropy step, 4 reference captions"):
+        assert part in run.stdout, part
