@@ -20,9 +20,10 @@ that a noisy shared machine affects all of them alike.
     python benchmarks/cells.py --products       # also the products-only ceiling of each cell
     python benchmarks/cells.py --cells bn_rhn bn_rhn:stats=momentum   # a cell with options: NAME:KEY=VALUE,...
     python benchmarks/cells.py --compiled bn_rhn rhn    # also torch.compile of those cells' composed steps
+    python benchmarks/cells.py --reference bn_rhn bn_lstm   # also their reference steps, eager (fused=False)
 
 ``--compiled`` adds, for each cell named, a row for ``torch.compile`` of the whole layer with the cell's
-composed reference step (``cell.fused = False``, no hand-written autograd nodes): Inductor fuses the
+composed reference step (``Recurrent(..., fused=False)``, no hand-written autograd nodes): Inductor fuses the
 elementwise work of the unrolled time loop itself. Its compilation time (warm-up) is printed, not timed.
 """
 
@@ -143,6 +144,9 @@ def main() -> None:
                     help="also time each cell's matrix products alone (the ceiling its GFLOP/s can reach)")
     ap.add_argument("--compiled", nargs="*", default=[], metavar="CELL",
                     help="also torch.compile of these cells' composed steps (rows 'compiled NAME')")
+    ap.add_argument("--reference", nargs="*", default=[], metavar="CELL",
+                    help="also these cells' reference steps, eager (rows 'NAME, reference': Recurrent(..., "
+                         "fused=False), no hand-written autograd node, kernel or deferred weight gradient)")
     ap.add_argument("--composed", nargs="*", default=[], metavar="CELL",
                     help="also these cells with the fused CPU gate kernels bypassed (rows 'NAME, composed': "
                          "PyTorch's kernels for tanh, σ and the state update, as where the kernels cannot be built)")
@@ -166,11 +170,11 @@ def main() -> None:
         models[spec] = layer_of(spec)
     compiled: dict[str, nn.Module] = {}
     for spec in args.compiled:
-        layer = layer_of(spec, use_vendor_kernel=False)
-        for cell in layer.cells:
-            cell.fused = False  # the composed reference step: Inductor gets plain PyTorch operations
+        layer = layer_of(spec, use_vendor_kernel=False, fused=False)  # Inductor gets plain PyTorch operations
         models[f"compiled {spec}"] = layer
         compiled[f"compiled {spec}"] = torch.compile(layer)
+    for spec in args.reference:
+        models[f"{spec}, reference"] = layer_of(spec, use_vendor_kernel=False, fused=False)
     for spec in args.composed:
         models[f"{spec}, composed"] = layer_of(spec)
     steps = {name: make_step(compiled.get(name, m).train(), x, target) for name, m in models.items()}

@@ -22,7 +22,7 @@ FUSED_CASES = [
     ("rhn", {"carry": "free", "input_at": "every"}),
     ("bn_lstm", {"stats": "momentum"}),
     ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}),
-    ("bn_lstm", {}),  # batch renormalization, the default: the composition on both sides (no fused BN-LSTM yet)
+    ("bn_lstm", {}),  # batch renormalization, the default
     ("bn_lstm", {"stats": "cumulative", "max_steps": 3}),
 ]
 
@@ -44,10 +44,8 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, padded,
     extra = {"depth": 3} if "rhn" in name else {}
     kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **extra, **opts)
     fused = Recurrent(name, 5, 6, **kw).double()
-    reference = Recurrent(name, 5, 6, **kw).double()
+    reference = Recurrent(name, 5, 6, fused=False, **kw).double()
     reference.load_state_dict(fused.state_dict())
-    for cell in reference.cells:
-        cell.fused = False
     x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([7, 4, 6, 2]) if padded else None
     for model in (fused, reference):  # population statistics to renormalise against (and to update)
@@ -80,21 +78,28 @@ def test_the_fast_paths_are_taken(monkeypatch):
     Recurrent("bn_rhn", 3, 4, depth=2)(torch.randn(5, 3, 3))  # batch renormalization (the default)
     Recurrent("bn_rhn", 3, 4, depth=2, stats="momentum")(torch.randn(5, 3, 3))
     Recurrent("bn_lstm", 3, 4, stats="momentum")(torch.randn(5, 3, 3))
-    assert calls == {"highway": 2 * 5 * 2, "lstm": 5}
-    Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))  # BN-LSTM renormalises through the composition only
-    Recurrent("bn_rhn", 3, 4, depth=2, min_rows=4)(torch.randn(5, 3, 3))  # 3 rows < min_rows: population path
-    assert calls == {"highway": 2 * 5 * 2, "lstm": 5}
+    Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))  # batch renormalization, the default
+    assert calls == {"highway": 2 * 5 * 2, "lstm": 2 * 5}
+    Recurrent("bn_lstm", 3, 4, min_rows=4)(torch.randn(5, 3, 3))  # 3 rows < min_rows: population path
+    Recurrent("bn_rhn", 3, 4, depth=2, min_rows=4)(torch.randn(5, 3, 3))
+    assert calls == {"highway": 2 * 5 * 2, "lstm": 2 * 5}
 
 
-@pytest.mark.parametrize("G,normed", [(2, (0,)), (2, (0, 1)), (3, (0,)), (3, (1, 2)), (2, ()), (3, ())])
-def test_highway_step_gradcheck(G, normed, gate_kernels):
+@pytest.mark.parametrize("G,normed,renormalised", [(2, (0,), False), (2, (0, 1), False), (3, (0,), False),
+                                                   (3, (1, 2), False), (2, (), False), (3, (), False),
+                                                   (2, (0,), True), (3, (1, 2), True)])
+def test_highway_step_gradcheck(G, normed, renormalised, gate_kernels):
+    """Batch renormalization's r and d are fixed functions of the statistics here (constants of the backward
+    pass, as in the cell), so that finite differences and the hand-written backward see the same ones."""
     torch.manual_seed(0)
     B, H = 5, 3
     a = torch.randn(B, G * H, dtype=torch.float64, requires_grad=True)
     s = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(G * H, dtype=torch.float64, requires_grad=True)
     gammas = [(torch.rand(H, dtype=torch.float64) + 0.5).requires_grad_() for _ in normed]
-    spec = (H, G, tuple(normed), 1e-5)
+    constants = lambda mean, var: (torch.linspace(0.5, 2.0, H, dtype=torch.float64),  # noqa: E731
+                                   torch.linspace(-1.0, 1.0, H, dtype=torch.float64))
+    spec = (H, G, tuple(normed), 1e-5, tuple(constants for _ in normed) if renormalised else None)
     if not normed:  # the bias is in a already (rhn): the node gets None
         f = lambda a, s: HighwayStep.apply(spec, a, s, None)[0]  # noqa: E731
         assert torch.autograd.gradcheck(f, (a, s))
@@ -104,13 +109,18 @@ def test_highway_step_gradcheck(G, normed, gate_kernels):
 
 
 @pytest.mark.parametrize("carry_normed", [False, True])
-def test_bn_lstm_step_gradcheck(carry_normed, gate_kernels):
+@pytest.mark.parametrize("renormalised", [False, True])
+def test_bn_lstm_step_gradcheck(carry_normed, renormalised, gate_kernels):
+    """With batch renormalization r and d are constants of the backward pass (Ioffe 2017): fixed functions of
+    the statistics here, so that finite differences see the same constants as the hand-written backward."""
     torch.manual_seed(0)
     B, H = 5, 3
     d = dict(dtype=torch.float64, requires_grad=True)
     r, xp, c = torch.randn(B, 4 * H, **d), torch.randn(B, 4 * H, **d), torch.randn(B, H, **d)
     gh, gc, bc = (torch.rand(4 * H, **d)), torch.rand(H, **d), torch.randn(H, **d)
-    spec = (H, 1e-5, carry_normed)
+    constants = lambda n: (lambda mean, var: (torch.linspace(0.5, 2.0, n, dtype=torch.float64),  # noqa: E731
+                                               torch.linspace(-1.0, 1.0, n, dtype=torch.float64)))
+    spec = (H, 1e-5, carry_normed, (constants(4 * H), constants(H)) if renormalised else None)
     assert torch.autograd.gradcheck(lambda *a: BNLSTMStep.apply(spec, *a)[:2], (r, xp, c, gh, gc, bc))
 
 

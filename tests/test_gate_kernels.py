@@ -265,8 +265,7 @@ def test_the_cells_call_the_kernels_where_they_should(counting):
         with torch.no_grad():
             rnn(x)
         assert counting.calls == {"highway_forward": T * 2}, (name, "inference")
-        for cell in rnn.cells:
-            cell.fused = False
+        rnn.fused = False
         counting.calls.clear()
         with torch.no_grad():
             rnn(x)
@@ -314,7 +313,7 @@ def test_a_column_major_pre_activation_gives_the_composed_result(ops):
     torch.manual_seed(0)
     a = torch.randn(9, 4, dtype=torch.float64).t()  # [4, 9] column-major: G = 3, H = 3
     s = torch.randn(4, 3, dtype=torch.float64)
-    out = HighwayStep.apply((3, 3, (), 1e-5), a, s, None)[0]
+    out = HighwayStep.apply((3, 3, (), 1e-5, None), a, s, None)[0]
     h, t, c = torch.tanh(a[:, :3]), torch.sigmoid(a[:, 3:6]), torch.sigmoid(a[:, 6:])
     assert torch.allclose(out, h * t + s * c, atol=1e-14, rtol=0)
 

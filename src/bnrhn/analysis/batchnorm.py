@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnrhn.cells.base import RecurrentCell
-from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, uses_batch_statistics
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, estimating_population_statistics, uses_batch_statistics
 
 __all__ = ["ModeLoss", "LeakReport", "batch_statistics_model", "caption_leak", "lm_leak",
            "recompute_population_statistics", "leak_summary"]
@@ -88,11 +88,16 @@ def leak_summary(report: LeakReport) -> dict[str, float]:
 def batch_statistics_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode (no dropout) whose cells and batch norms run in training mode."""
     m = copy.deepcopy(model)
-    m.eval()
-    for mod in m.modules():
+    _batch_statistics_only(m)
+    return m
+
+
+def _batch_statistics_only(model: nn.Module) -> None:
+    """Eval mode (no dropout) except the cells and their batch norms, which use batch statistics."""
+    model.eval()
+    for mod in model.modules():
         if isinstance(mod, (RecurrentCell, SequenceBatchNorm)):
             mod.train()
-    return m
 
 
 @contextmanager
@@ -113,26 +118,15 @@ def recompute_population_statistics(model: nn.Module, run_batch, batches) -> int
     of the batch statistics of ``batches`` (``run_batch(model, batch)`` runs one forward pass), with the
     weights frozen and no dropout. Returns the number of batches used. ``model`` is changed in place and
     left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, SequenceBatchNorm)]
-    saved = [(bn.stats, bn.min_rows) for bn in norms]
     was = model.training
-    model.eval()
-    cells = [m for m in model.modules() if isinstance(m, (RecurrentCell, SequenceBatchNorm))]
-    for bn in norms:
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
-        bn.num_batches_tracked.zero_()
-        bn.stats, bn.min_rows = "cumulative", 0  # plain statistics of every batch, averaged with equal weights
-    for mod in cells:
-        mod.train()
+    _batch_statistics_only(model)
     n = 0
     try:
-        for batch in batches:
-            run_batch(model, batch)
-            n += 1
+        with estimating_population_statistics(model):
+            for batch in batches:
+                run_batch(model, batch)
+                n += 1
     finally:
-        for bn, (stats, min_rows) in zip(norms, saved):
-            bn.stats, bn.min_rows = stats, min_rows
         model.eval()
         if was:
             model.train()

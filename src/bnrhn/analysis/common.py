@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bnrhn.data.text import CharVocab, apply_transform, check_seq_len, read_text
 from bnrhn.models.char_lm import CharLM
-from bnrhn.nn import SequenceBatchNorm
+from bnrhn.layers.seq_batchnorm import estimating_population_statistics, uses_batch_statistics
 
 __all__ = [
     "AnalysisModel", "parse_cell_spec", "fresh_model", "load_models", "text_windows",
@@ -140,10 +140,6 @@ def text_windows(ids: Tensor, length: int, count: int, seed: int = 0) -> Tensor:
     return ids[idx]
 
 
-def has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, SequenceBatchNorm) for m in model.modules())
-
-
 @torch.no_grad()
 def calibrate_batchnorm(model: CharLM, ids: Tensor, length: int, batches: int = 20, batch_size: int = 32,
                         seed: int = 0) -> bool:
@@ -151,28 +147,19 @@ def calibrate_batchnorm(model: CharLM, ids: Tensor, length: int, batches: int = 
 
     Fresh batch-norm cells hold placeholder statistics (mean 0, variance 1), which would make the
     eval-mode analysis meaningless; this sets every slot to the exact average of ``batches`` batches
-    of text (Ioffe & Szegedy, Alg. 2) by running the model in training mode without gradients. The
-    estimator is switched to "cumulative" for the calibration and restored afterwards. Returns
-    whether the model had batch norm.
+    of text (Ioffe & Szegedy, Alg. 2; :func:`bnrhn.layers.seq_batchnorm.estimating_population_statistics`)
+    by running the model in training mode without gradients. Returns whether the model had batch norm.
     """
-    bns = [m for m in model.modules() if isinstance(m, SequenceBatchNorm)]
-    if not bns:
+    if not uses_batch_statistics(model):
         return False
-    saved = [m.stats for m in bns]
-    for m in bns:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-        m.num_batches_tracked.zero_()
-        m.stats = "cumulative"
     was_training = model.training
     model.train()
     try:
-        for i in range(batches):
-            win = text_windows(ids, length, batch_size, seed=seed + 1000 + i)
-            model(win[:-1], step=0)
+        with estimating_population_statistics(model):
+            for i in range(batches):
+                win = text_windows(ids, length, batch_size, seed=seed + 1000 + i)
+                model(win[:-1], step=0)
     finally:
-        for m, s in zip(bns, saved):
-            m.stats = s
         model.train(was_training)
     return True
 

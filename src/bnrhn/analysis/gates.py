@@ -6,8 +6,8 @@ c_l how much of the previous layer's state is kept (c = 1 − t for the coupled 
 that trained RHNs open the transform gates mostly in the first layers of a step and carry in the
 deeper ones; a carry gate near 1 is what keeps the temporal Jacobian near the identity.
 
-The means come from :attr:`bnrhn.cells.RHNCell.gate_log` (mean over the batch and the units of each
-layer at each step), recorded while the model reads real text in eval mode.
+The means (over the batch and the units of each layer at each step) are recorded through
+:meth:`bnrhn.cells.RHNCell.register_gate_hook` while the model reads real text in eval mode.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["GateActivity", "gate_activity", "is_highway"]
 
 
 def is_highway(model) -> bool:
-    return all(hasattr(c, "gate_log") and hasattr(c, "depth") for c in model.cells)
+    return all(hasattr(c, "register_gate_hook") for c in model.cells)
 
 
 @dataclass
@@ -59,8 +59,11 @@ def gate_activity(model, inputs: Tensor, window: int | None = None) -> GateActiv
     device = next(model.parameters()).device
     cells = list(model.cells)
     logs: list[list] = [[] for _ in cells]
-    for c, log in zip(cells, logs):
-        c.gate_log = log
+
+    def recorder(log: list):
+        return lambda layer, t, c: log.append((layer, t.mean().item(), c.mean().item()))
+
+    handles = [c.register_gate_hook(recorder(log)) for c, log in zip(cells, logs)]
     try:
         x = model.embedding(inputs.to(device))
         state = model.init_state(inputs.shape[1])
@@ -68,8 +71,8 @@ def gate_activity(model, inputs: Tensor, window: int | None = None) -> GateActiv
             step = t if window is None else t % window
             _, state = model.rnn.step(x[t], state, step)
     finally:
-        for c in cells:
-            c.gate_log = None
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     tm, ts, cm, cs, per_step = [], [], [], [], []
     for c, log in zip(cells, logs):

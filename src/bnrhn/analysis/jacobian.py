@@ -50,20 +50,13 @@ def step_jacobian(cell, xp_t: Tensor, state: tuple[Tensor, ...], step: int = 0, 
     parts = [s.reshape(1, -1).detach() for s in state]
     sizes = [p.shape[1] for p in parts]
     s0 = torch.cat(parts, dim=1).reshape(-1)
-    log = getattr(cell, "gate_log", None)
-    if log is not None:
-        cell.gate_log = None  # recording calls .item(), which autodiff transforms do not allow
-    try:
 
-        def f(s_flat: Tensor) -> Tensor:
-            new = cell.recur(xp_t, _split(s_flat.reshape(1, -1), sizes, (1,)), step)
-            return torch.cat([x.reshape(1, -1) for x in new], dim=1).reshape(-1)
+    def f(s_flat: Tensor) -> Tensor:  # the reference step (cell.recur's default mode): what jacrev can trace
+        new = cell.recur(xp_t, _split(s_flat.reshape(1, -1), sizes, (1,)), step)
+        return torch.cat([x.reshape(1, -1) for x in new], dim=1).reshape(-1)
 
-        with torch.enable_grad():
-            A = torch.func.jacrev(f)(s0)
-    finally:
-        if log is not None:
-            cell.gate_log = log
+    with torch.enable_grad():
+        A = torch.func.jacrev(f)(s0)
     if part == "h":
         H = sizes[0]
         A = A[:H, :H]

@@ -15,11 +15,12 @@ from typing import Any, Callable
 import torch
 
 from bnrhn.analysis.common import (
-    AnalysisModel, calibrate_batchnorm, encode_for, fresh_model, has_batchnorm, load_models, text_windows,
+    AnalysisModel, calibrate_batchnorm, encode_for, fresh_model, load_models, text_windows,
 )
 from bnrhn.analysis.gates import gate_activity, is_highway
 from bnrhn.analysis.gradients import gradient_norms
 from bnrhn.analysis.jacobian import gershgorin_discs, jacobian_along_sequence, spectrum
+from bnrhn.layers.seq_batchnorm import uses_batch_statistics
 from bnrhn.reports import analysis_figures as plots
 from bnrhn.data.text import CharVocab, apply_transform
 
@@ -54,7 +55,7 @@ def prepare_models(text: str, source: str, cells: list[str], checkpoints: list[s
         ids = vocab.encode(fresh_text)
         for spec in cells:
             am = fresh_model(spec, vocab, hidden, length, seed)
-            if calibrate and has_batchnorm(am.model):
+            if calibrate and uses_batch_statistics(am.model):
                 calibrate_batchnorm(am.model, ids, length, batches=calibrate, seed=seed)
                 am.origin += f", batch-norm statistics from {calibrate} batches of the text"
             out.append((am, ids))

@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from bnrhn.cells.base import RecurrentCell, State, check_size
+from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode, check_size
 from bnrhn.cells.bn_lstm import BNLSTMCell
 from bnrhn.cells.gru import GRUCell
 from bnrhn.cells.lstm import LSTMCell
@@ -22,7 +22,7 @@ from bnrhn.cells.rhn import RHNCell
 from bnrhn.cells.rnn import RNNCell
 
 __all__ = [
-    "RecurrentCell", "State", "RNNCell", "LSTMCell", "GRUCell", "MUT1Cell", "MUT2Cell", "MUT3Cell", "RHNCell",
+    "RecurrentCell", "State", "StepMode", "REFERENCE", "RNNCell", "LSTMCell", "GRUCell", "MUT1Cell", "MUT2Cell", "MUT3Cell", "RHNCell",
     "BNLSTMCell",
     "CELLS", "CellSpec", "build_cell", "cell_options", "pin_statistics", "legacy_statistics", "STATISTICS_OPTIONS",
 ]

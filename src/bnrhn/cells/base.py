@@ -5,10 +5,17 @@ calls, for a sequence x_1..x_T:
 
 1. ``xp = cell.project_input(x, step=0, mask=mask)`` once: every state-independent term (W x_t + b for
    all t) in one matrix product over the whole ``[T, B, I]`` input;
-2. ``state = cell.recur(xp[t], state, step=t, mask=mask[t], h_mask=...)`` for t = 0..T−1.
+2. ``state = cell.recur(xp[t], state, step=t, mask=mask[t], h_mask=..., mode=mode)`` for t = 0..T−1.
 
 Decoding one token at a time calls the same two methods with a single step (``[B, I]`` input), so the
 sequence path and the step path share every parameter and every batch-norm convention.
+
+How a step may run is the caller's decision, passed as a :class:`StepMode`: whether the cell may take
+its fast paths (hand-written autograd nodes, the fused CPU kernels), the weight-gradient taps of the
+current time loop, and whether this is inference with ``xp`` as scratch space. A cell reads nothing
+else (no global grad mode, no transform detection, no attribute set from outside); called without a
+mode it computes the reference composition of PyTorch operations. The runner builds the modes
+(:meth:`bnrhn.nn.Recurrent.step_mode`).
 
 The state is a tuple of ``[B, H]`` tensors whose first element is the cell's output h_t (for the LSTM
 family the second is the memory c_t).
@@ -17,15 +24,39 @@ family the second is the memory c_t).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from bnrhn.autodiff import plain_autograd
 from bnrhn.cells.deferred import WeightTaps
 
 State = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class StepMode:
+    """How one call of :meth:`RecurrentCell.recur` may run — decided by the caller, read by the cell.
+
+    Attributes:
+        fused: the cell may take its fast paths where they serve the tensors — the single-node highway and
+            BN-LSTM steps (:mod:`bnrhn.cells.highway`, :class:`bnrhn.cells.bn_lstm.BNLSTMStep`) and the fused
+            CPU kernels (:mod:`bnrhn.kernels`). False: the reference composition of PyTorch operations, the
+            only path that ``torch.func`` transforms can differentiate.
+        taps: the deferred weight-gradient taps of the current time loop (:mod:`bnrhn.cells.deferred`): a
+            dict the caller creates empty for one sequence of one layer and passes to each of its steps;
+            None = every recurrent product is an ordinary operation.
+        inference: no gradient will be taken through this step and ``xp`` is scratch space the cell may
+            overwrite (the caller computed it for this one call) — it saves a copy per step.
+    """
+
+    fused: bool = False
+    taps: dict | None = None
+    inference: bool = False
+
+
+#: The mode of a direct ``cell.recur(...)`` call: the reference equations, nothing written in place.
+REFERENCE = StepMode()
 
 
 def check_size(name: str, value: object) -> int:
@@ -52,35 +83,25 @@ class RecurrentCell(nn.Module):
         super().__init__()
         self.input_size = check_size("input_size", input_size)
         self.hidden_size = check_size("hidden_size", hidden_size)
-        self._taps: dict | None = None
 
-    @contextmanager
-    def sequence(self):
-        """Within this block the recurrent products of :meth:`recur` defer their weight gradients to one
-        product per sequence (see :mod:`bnrhn.cells.deferred`). The runner wraps its time loop in it.
-        Under ``torch.func`` transforms the products stay ordinary operations."""
-        previous, self._taps = self._taps, ({} if plain_autograd() else None)
-        try:
-            yield self
-        finally:
-            self._taps = previous
-
-    def recurrent_mm(self, key, base: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """base + h Wᵀ + b, the state-dependent product of one step (``key`` names the weight). Under
-        ``torch.autocast`` the product runs in 16 bits and comes back in the state's dtype, so that the
-        gates and the state update stay in float32 (mixed precision keeps the recurrence in full precision)."""
-        if self._taps is not None:
-            taps = self._taps.get(key)
+    def recurrent_mm(self, mode: StepMode, key, base: Tensor | None, h: Tensor, weight: Tensor,
+                     bias: Tensor | None = None) -> Tensor:
+        """base + h Wᵀ + b, the state-dependent product of one step (``key`` names the weight among the
+        step's products, for ``mode.taps``). Under ``torch.autocast`` the product runs in 16 bits and comes
+        back in the state's dtype, so that the gates and the state update stay in float32 (mixed precision
+        keeps the recurrence in full precision)."""
+        if mode.taps is not None:
+            taps = mode.taps.get(key)
             if taps is None:
-                taps = self._taps[key] = WeightTaps(weight, bias)
+                taps = mode.taps[key] = WeightTaps(weight, bias)
             return taps.addmm(base, h).to(h.dtype)
         if torch.is_autocast_enabled(h.device.type):
             out = h @ weight.t()
             out = out if bias is None else out + bias
             return (out if base is None else out + base).to(h.dtype)
-        if base is not None and not torch.is_grad_enabled():
-            # Inference: base (this step's projected input, used once) becomes the output, which saves
-            # a copy of it per step — the runner's and the decoders' xp are never read again.
+        if base is not None and mode.inference:
+            # Inference: base (this step's projected input, scratch by mode.inference) becomes the
+            # output, which saves a copy of it per step.
             base = base.addmm_(h, weight.t())
             return base if bias is None else base.add_(bias)
         if bias is not None:
@@ -103,15 +124,15 @@ class RecurrentCell(nn.Module):
         step: int = 0,
         mask: Tensor | None = None,
         h_mask: Tensor | None = None,
+        mode: StepMode = REFERENCE,
     ) -> State:
         """One time step: the new state from the projected input ``xp`` (``[B, P]``) and ``state``.
 
         ``step`` is the time index (batch-norm cells pick their statistics with it), ``mask`` (``[B]``,
-        True at valid positions) keeps padded positions out of batch statistics, and ``h_mask`` is a
-        variational-dropout mask multiplied into h_{t−1} where it enters the recurrent matrix product.
-
-        Under ``torch.no_grad()`` a cell may overwrite ``xp`` (it is scratch space: the runner computes
-        it for this one call); pass a copy to keep it.
+        True at valid positions) keeps padded positions out of batch statistics, ``h_mask`` is a
+        variational-dropout mask multiplied into h_{t−1} where it enters the recurrent matrix product, and
+        ``mode`` (:class:`StepMode`) says which paths the step may take; only with ``mode.inference`` may
+        the cell overwrite ``xp``.
         """
         raise NotImplementedError
 

@@ -16,6 +16,8 @@ reproducible negative result, not a default.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
@@ -23,9 +25,9 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.cells.base import RecurrentCell, State
-from bnrhn.autodiff import autocast_backward, autocast_forward, plain_autograd
-from bnrhn.layers.seq_batchnorm import SequenceBatchNorm
+from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
+from bnrhn.autodiff import autocast_backward, autocast_forward
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, batch_norm_rows, renorm_parameter_grads
 
 _CARRY_NORM = ("output", "recurrence")
 
@@ -69,9 +71,6 @@ class BNLSTMCell(RecurrentCell):
         self.bn_x = SequenceBatchNorm(4 * H, center=False, gamma_init=gamma_init, **bn)
         self.bn_h = SequenceBatchNorm(4 * H, center=False, gamma_init=gamma_init, **bn)
         self.bn_c = SequenceBatchNorm(H, center=True, gamma_init=gamma_init, **bn)
-        # Training steps of full batches run as one autograd node (BNLSTMStep); False: always the
-        # composition of autograd operations (the reference path).
-        self.fused = True
 
     def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         self.check_input(x)
@@ -82,14 +81,18 @@ class BNLSTMCell(RecurrentCell):
         z = F.linear(x.transpose(0, 1), self.weight_ih).transpose(0, 1)
         return self.bn_x(z, step, mask) + self.bias
 
-    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None, mode: StepMode = REFERENCE) -> State:
+        """With ``mode.fused``, a training step of a full batch normalised with its batch statistics (plain or
+        renormalised) runs as one autograd node (:class:`BNLSTMStep`); every other step is the composition of
+        autograd operations."""
         h, c = state
         h_in = h if h_mask is None else h * h_mask
-        rec = self.recurrent_mm("hh", None, h_in, self.weight_hh)
-        if (self.fused and self.training and mask is None and plain_autograd()
-                and self.bn_h.plain_batch_statistics(h.shape[0]) and self.bn_c.plain_batch_statistics(h.shape[0])
-                and not self.bn_h.synchronized):  # synchronised statistics: SequenceBatchNorm's reductions
-            spec = (self.hidden_size, self.bn_h.eps, self.carry_norm == "recurrence")
+        rec = self.recurrent_mm(mode, "hh", None, h_in, self.weight_hh)
+        if self._can_fuse(h.shape[0], mask, mode):
+            renorm = None
+            if self.bn_h.stats == "renorm":  # r, d of this step's slots, from statistics the node computes
+                renorm = (partial(self.bn_h.renorm_corrections, step), partial(self.bn_c.renorm_corrections, step))
+            spec = (self.hidden_size, self.bn_h.eps, self.carry_norm == "recurrence", renorm)
             h, c, *stats = BNLSTMStep.apply(spec, rec, xp, c, self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
             self.bn_h.track(step, stats[0], stats[1], h.shape[0])
             self.bn_c.track(step, stats[2], stats[3], h.shape[0])
@@ -102,6 +105,16 @@ class BNLSTMCell(RecurrentCell):
             c = c_n
         return torch.sigmoid(o) * torch.tanh(c_n), c
 
+    def _can_fuse(self, rows: int, mask, mode: StepMode) -> bool:
+        """A fused mode, a training step of a full batch whose two recurrent norms use batch statistics of the
+        same kind (both plain or both renormalised), not synchronised over processes (that needs
+        SequenceBatchNorm's reductions)."""
+        if not (mode.fused and self.training and mask is None) or self.bn_h.synchronized:
+            return False
+        norms = (self.bn_h, self.bn_c)
+        return (all(bn.batch_statistics_apply(rows) for bn in norms)
+                and len({bn.stats == "renorm" for bn in norms}) == 1)
+
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * 4 * self.hidden_size * (self.input_size + self.hidden_size)
 
@@ -109,9 +122,11 @@ class BNLSTMCell(RecurrentCell):
 class BNLSTMStep(Function):
     """One BN-LSTM step in training mode (batch statistics of a full batch) as a single autograd node.
 
-    ``BNLSTMStep.apply((H, ε, carry_in_recurrence), r, xp, c_{t−1}, γ_h, γ_c, β_c)`` with the recurrent
+    ``BNLSTMStep.apply((H, ε, carry_in_recurrence, renorm), r, xp, c_{t−1}, γ_h, γ_c, β_c)`` with the recurrent
     product r = W_h h_{t−1} and the normalised input term xp = BN(W_x x_t) + b returns
-    ``(h_t, c_t, μ_h, σ²_h, μ_c, σ²_c)`` (the batch statistics carry no gradient). Forward:
+    ``(h_t, c_t, μ_h, σ²_h, μ_c, σ²_c)`` (the batch statistics carry no gradient). ``renorm`` is None (plain
+    batch statistics) or a pair of functions (mean, biased var) → (r, d) for the two norms: batch
+    renormalization, each BN(x; γ, β) below then being γ(x̂ r + d) + β with r, d constants. Forward:
 
         [i, f, g, o] = BN(r; γ_h) + xp,   c = σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g),
         ĉ = BN(c; γ_c, β_c),   h_t = σ(o) ⊙ tanh(ĉ),   c_t = c (or ĉ when the carry is normalised)
@@ -130,16 +145,17 @@ class BNLSTMStep(Function):
     @staticmethod
     @autocast_forward(float32=True)
     def forward(ctx, spec, r, xp, c_prev, gamma_h, gamma_c, beta_c):
-        H, eps, carry_normed = spec
-        act, mean_h, invstd_h = torch.native_batch_norm(r, gamma_h, None, None, None, True, 0.0, eps)
+        H, eps, carry_normed, renorm = spec
+        renorm_h, renorm_c = renorm if renorm is not None else (None, None)
+        act, mean_h, invstd_h, scale_h, r_h, d_h = batch_norm_rows(r, gamma_h, None, eps, renorm_h)
         act += xp
         ops = kernels.step_ops(act, c_prev)
         c_prev = c_prev.contiguous()
         c = ops.lstm_gates_forward(act, c_prev)
-        c_n, mean_c, invstd_c = torch.native_batch_norm(c, gamma_c, beta_c, None, None, True, 0.0, eps)
+        c_n, mean_c, invstd_c, scale_c, r_c, d_c = batch_norm_rows(c, gamma_c, beta_c, eps, renorm_c)
         h, tc = ops.lstm_output_forward(act, c_n)
-        ctx.spec, ctx.ops = spec, ops
-        ctx.save_for_backward(r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, gamma_h, gamma_c)
+        ctx.spec, ctx.ops, ctx.renorm = spec, ops, (r_h, d_h, r_c, d_c)
+        ctx.save_for_backward(r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, scale_h, scale_c)
         stats = (mean_h, invstd_h.pow(-2).sub_(eps).clamp_min_(0.0), mean_c, invstd_c.pow(-2).sub_(eps).clamp_min_(0.0))
         ctx.mark_non_differentiable(*stats)
         return (h, c_n if carry_normed else c, *stats)
@@ -148,8 +164,9 @@ class BNLSTMStep(Function):
     @once_differentiable
     @autocast_backward
     def backward(ctx, dh, dc_out, *_):
-        H, eps, carry_normed = ctx.spec
-        r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, gamma_h, gamma_c = ctx.saved_tensors
+        H, eps, carry_normed, _ = ctx.spec
+        r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, scale_h, scale_c = ctx.saved_tensors
+        r_h, d_h, r_c, d_c = ctx.renorm
         ops = ctx.ops
         if dh is None:
             dh = torch.zeros_like(tc)
@@ -157,14 +174,16 @@ class BNLSTMStep(Function):
         dc_n = ops.lstm_output_backward(dh, act, tc)
         if carry_normed and dc_out is not None:
             dc_n += dc_out
-        dc, dgamma_c, dbeta_c = torch.ops.aten.native_batch_norm_backward(
-            dc_n, c, gamma_c, None, None, mean_c, invstd_c, True, eps, [True, True, True]
+        dc, dscale_c, dbeta_c = torch.ops.aten.native_batch_norm_backward(
+            dc_n, c, scale_c, None, None, mean_c, invstd_c, True, eps, [True, True, True]
         )
+        dgamma_c, dbeta_c = renorm_parameter_grads(dscale_c, dbeta_c, r_c, d_c)
         if not carry_normed and dc_out is not None:
             dc += dc_out
         dgates, dc_prev = ops.lstm_gates_backward(dc.contiguous(), dh, act, c_prev, tc)
-        dr, dgamma_h, _ = torch.ops.aten.native_batch_norm_backward(
-            dgates, r, gamma_h, None, None, mean_h, invstd_h, True, eps, [True, True, False]
+        dr, dscale_h, dshift_h = torch.ops.aten.native_batch_norm_backward(
+            dgates, r, scale_h, None, None, mean_h, invstd_h, True, eps, [True, True, r_h is not None]
         )
+        dgamma_h, _ = renorm_parameter_grads(dscale_h, dshift_h, r_h, d_h)
         return None, dr, dgates, dc_prev, dgamma_h, dgamma_c, dbeta_c
 

@@ -11,8 +11,9 @@ computed when the backward pass reaches the weight itself — the same arithmeti
 dimension T·B, as fused RNN kernels (cuDNN, oneDNN) do. Gradients are exact (only the order of the
 floating-point summation differs).
 
-Use: ``taps = WeightTaps(weight, bias)`` once per sequence (the runner does this through
-:meth:`RecurrentCell.sequence`), then ``taps.addmm(x_t, h)`` at each step.
+Use: ``taps = WeightTaps(weight, bias)`` once per sequence, then ``taps.addmm(x_t, h)`` at each step. The
+runner passes the cells an empty dict of taps for each layer's time loop when it records gradients
+(``StepMode.taps``); :meth:`RecurrentCell.recurrent_mm` creates one ``WeightTaps`` per weight in it.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class WeightTaps:
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         self.records: dict[int, list] = {}
-        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
             self.weight, self.bias = _Tap.apply(self.records, weight, bias)
             self.deferred = True
         else:

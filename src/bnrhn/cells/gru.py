@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from bnrhn.cells.base import RecurrentCell, State
+from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 
 class GRUCell(RecurrentCell):
@@ -35,10 +35,10 @@ class GRUCell(RecurrentCell):
         self.check_input(x)
         return F.linear(x, self.weight_ih, self.bias_ih)
 
-    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None, mode: StepMode = REFERENCE) -> State:
         h = state[0]
         h_in = h if h_mask is None else h * h_mask
-        hp = self.recurrent_mm("hh", None, h_in, self.weight_hh, self.bias_hh)
+        hp = self.recurrent_mm(mode, "hh", None, h_in, self.weight_hh, self.bias_hh)
         x_r, x_z, x_n = xp.chunk(3, dim=1)
         h_r, h_z, h_n = hp.chunk(3, dim=1)
         r = torch.sigmoid(x_r + h_r)

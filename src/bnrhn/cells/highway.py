@@ -4,6 +4,8 @@ Given the pre-activations a = [a_h, a_t(, a_c)] of one highway layer (input term
 ``[B, G·H]``) and the layer's input state s_{l−1}:
 
     p_g = BN(a_g; γ_g) + b_g   for the batch-normalised gates g (batch statistics, PyTorch's kernel)
+    p_g = γ_g(â_g r_g + d_g) + b_g   the same with batch renormalization (r, d constants of the backward
+                               pass, from this batch's statistics and the population's: Ioffe 2017)
     p_g = a_g + b_g            for the others
     h = tanh(p_h),  t = σ(p_t),  c = σ(p_c) (free carry) or 1 − t (coupled)
     s_l = h ⊙ t + s_{l−1} ⊙ c
@@ -13,6 +15,7 @@ and its gradient, written by hand:
     coupled:  dh = ds ⊙ t,  dt = ds ⊙ (h − s_{l−1}),  ds_{l−1} = ds ⊙ (1 − t)
     free:     dh = ds ⊙ t,  dt = ds ⊙ h,  dc = ds ⊙ s_{l−1},  ds_{l−1} = ds ⊙ c
     dp_h = dh ⊙ (1 − h²),  dp_{t,c} = d{t,c} ⊙ σ'(·),  da_g = BN-backward(dp_g) or dp_g,  db_g = Σ_b dp_g
+    renormalised: da_g = BN-backward with scale γ_g r_g,  dγ_g = r_g Σ_b dp_g ⊙ â_g + d_g Σ_b dp_g
 
 Where the fused CPU kernels of :mod:`bnrhn.kernels` serve the tensors, the activations and the state
 update are one pass over memory (``highway_forward``) and so is everything before the batch-norm
@@ -36,13 +39,15 @@ from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
 from bnrhn.autodiff import autocast_backward, autocast_forward
+from bnrhn.layers.seq_batchnorm import batch_norm_rows, renorm_parameter_grads
 
 
 class HighwayStep(Function):
     """``HighwayStep.apply(spec, a, s, bias, *gammas)`` → ``(s_l, mean_1, var_1, mean_2, var_2, …)``.
 
     ``spec`` = (hidden size H, number of gates G (2 coupled, 3 free), indices of the batch-normalised
-    gates, ε). ``bias`` is ``[G·H]`` (not yet in ``a``); ``gammas`` are the scales of the normalised
+    gates, ε, renorm): ``renorm`` is None (plain batch statistics) or one function (batch mean, biased
+    variance) → (r, d) per normalised gate, for batch renormalization. ``bias`` is ``[G·H]`` (not yet in ``a``); ``gammas`` are the scales of the normalised
     gates, in order; ``bias=None`` when ``a`` has its bias already (no normalised gate). The returned means and biased variances (one pair per normalised gate,
     no gradient) are the batch statistics, for the caller's running averages.
     """
@@ -50,22 +55,25 @@ class HighwayStep(Function):
     @staticmethod
     @autocast_forward(float32=True)
     def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor, *gammas: Tensor):
-        H, G, normed, eps = spec
+        H, G, normed, eps, renorm = spec
         act = a.clone(memory_format=torch.contiguous_format) if bias is None else (a + bias).contiguous()
-        bn_inputs, saved_stats, stats = [], [], []
+        bn_inputs, saved_stats, stats, scales, corrections = [], [], [], [], []
         for k, g in enumerate(normed):
             cols = slice(g * H, (g + 1) * H)
             x = a[:, cols].contiguous()
-            y, mean, invstd = torch.native_batch_norm(x, gammas[k], bias[cols], None, None, True, 0.0, eps)
+            y, mean, invstd, scale, r, d = batch_norm_rows(x, gammas[k], bias[cols], eps,
+                                                           renorm[k] if renorm is not None else None)
+            corrections.append((r, d))
             act[:, cols] = y
             bn_inputs.append(x)
+            scales.append(scale)
             saved_stats += [mean, invstd]
             stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
         ops = kernels.step_ops(act, s)
         s = s.contiguous()
         s_new = ops.highway_forward(act, s, G)
-        ctx.spec, ctx.ops = spec, ops
-        ctx.save_for_backward(act, s, *bn_inputs, *saved_stats, *gammas)
+        ctx.spec, ctx.ops, ctx.corrections = spec, ops, corrections
+        ctx.save_for_backward(act, s, *bn_inputs, *saved_stats, *scales)
         ctx.mark_non_differentiable(*stats)
         return (s_new, *stats)
 
@@ -73,20 +81,23 @@ class HighwayStep(Function):
     @once_differentiable
     @autocast_backward
     def backward(ctx, ds: Tensor, *_):
-        H, G, normed, eps = ctx.spec
+        H, G, normed, eps, _ = ctx.spec
         act, s, *rest = ctx.saved_tensors
         n = len(normed)
-        bn_inputs, saved_stats, gammas = rest[:n], rest[n : 3 * n], rest[3 * n :]
+        bn_inputs, saved_stats, scales = rest[:n], rest[n : 3 * n], rest[3 * n :]
         da, ds_prev = ctx.ops.highway_backward(ds.contiguous(), act, s, G)
         db = da.sum(0) if ctx.needs_input_grad[3] else None  # before the normalised slices are replaced
         dgammas = []
         for k, g in enumerate(normed):
             cols = slice(g * H, (g + 1) * H)
-            dx, dgamma, _ = torch.ops.aten.native_batch_norm_backward(
-                da[:, cols].contiguous(), bn_inputs[k], gammas[k], None, None,
+            dx, dscale, _ = torch.ops.aten.native_batch_norm_backward(
+                da[:, cols].contiguous(), bn_inputs[k], scales[k], None, None,
                 saved_stats[2 * k], saved_stats[2 * k + 1], True, eps, [True, ctx.needs_input_grad[4 + k], False],
             )
+            r, d = ctx.corrections[k]
+            if r is not None and dscale is not None:  # renormalised: dγ needs Σ dp, this gate's db
+                dscale, _ = renorm_parameter_grads(dscale, da[:, cols].sum(0), r, d)
             da[:, cols] = dx
-            dgammas.append(dgamma)
+            dgammas.append(dscale)
         return (None, da, ds_prev, db, *dgammas)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnrhn.cells.base import RecurrentCell, State
+from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 __all__ = ["MUT1Cell", "MUT2Cell", "MUT3Cell"]
 
@@ -75,15 +75,15 @@ class _MUTCell(RecurrentCell):
     def _project(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _gates(self, x_z: Tensor, x_r: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def _gates(self, mode: StepMode, x_z: Tensor, x_r: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None, mode: StepMode = REFERENCE) -> State:
         h = state[0]
         h_in = h if h_mask is None else h * h_mask
         x_z, x_r, x_h = xp.chunk(3, dim=-1)
-        z, r = self._gates(x_z, x_r, h_in)
-        candidate = torch.tanh(self.recurrent_mm("hh", x_h, r * h_in, self.weight_hh))
+        z, r = self._gates(mode, x_z, x_r, h_in)
+        candidate = torch.tanh(self.recurrent_mm(mode, "hh", x_h, r * h_in, self.weight_hh))
         return (torch.lerp(h, candidate, z),)  # tanh(a) ⊙ z + h ⊙ (1 − z)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
@@ -104,8 +104,8 @@ class MUT1Cell(_MUTCell):
         zr = F.linear(x, self.weight_ih, torch.cat([b_z, b_r]))
         return torch.cat([zr, torch.tanh(x) + b_h], dim=-1)
 
-    def _gates(self, x_z, x_r, h):
-        return torch.sigmoid(x_z), torch.sigmoid(self.recurrent_mm("hr", x_r, h, self.weight_hr))
+    def _gates(self, mode, x_z, x_r, h):
+        return torch.sigmoid(x_z), torch.sigmoid(self.recurrent_mm(mode, "hr", x_r, h, self.weight_hr))
 
 
 class MUT2Cell(_MUTCell):
@@ -122,8 +122,8 @@ class MUT2Cell(_MUTCell):
         x_z, x_h = zh.chunk(2, dim=-1)
         return torch.cat([x_z, torch.sigmoid(x + b_r), x_h], dim=-1)  # r depends on the input only
 
-    def _gates(self, x_z, x_r, h):
-        return torch.sigmoid(self.recurrent_mm("hz", x_z, h, self.weight_hz)), x_r
+    def _gates(self, mode, x_z, x_r, h):
+        return torch.sigmoid(self.recurrent_mm(mode, "hz", x_z, h, self.weight_hz)), x_r
 
 
 class MUT3Cell(_MUTCell):
@@ -136,6 +136,6 @@ class MUT3Cell(_MUTCell):
     def _project(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight_ih, self.bias)
 
-    def _gates(self, x_z, x_r, h):
-        z = torch.sigmoid(self.recurrent_mm("hz", x_z, torch.tanh(h), self.weight_hz))
-        return z, torch.sigmoid(self.recurrent_mm("hr", x_r, h, self.weight_hr))
+    def _gates(self, mode, x_z, x_r, h):
+        z = torch.sigmoid(self.recurrent_mm(mode, "hz", x_z, torch.tanh(h), self.weight_hz))
+        return z, torch.sigmoid(self.recurrent_mm(mode, "hr", x_r, h, self.weight_hr))

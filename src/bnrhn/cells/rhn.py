@@ -28,13 +28,17 @@ Named presets (see :mod:`bnrhn.cells`):
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from bnrhn import kernels
-from bnrhn.cells.base import RecurrentCell, State, check_size
+from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode, check_size
 from bnrhn.cells.highway import HighwayStep
-from bnrhn.autodiff import plain_autograd
 from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, check_statistics_options
 
 _NORMS = ("none", "batch", "layer")
@@ -129,10 +133,16 @@ class RHNCell(RecurrentCell):
         for l in range(L):
             for g in self.normalize:
                 self.norms[f"{g}{l}"] = self._make_norm(norm, H, statistics, gamma_init)
-        # When a list, recur() appends (layer, mean t_l, mean c_l) for analysis; None = off.
-        self.gate_log: list | None = None
-        # False: always compose the highway layers from autograd operations (the reference path).
-        self.fused = True
+        self._gate_hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle keeps a weak reference
+
+    def register_gate_hook(self, hook: Callable[[int, Tensor, Tensor], None]) -> RemovableHandle:
+        """Call ``hook(l, t_l, c_l)`` with the transform and carry gates (``[B, H]``, c = 1 − t when coupled)
+        of highway layer l at every step from now on, until ``handle.remove()`` (as ``torch.nn.Module``'s
+        hooks). While a hook is registered the steps take the reference composition: the fast paths never
+        hold the gates as tensors."""
+        handle = RemovableHandle(self._gate_hooks)
+        self._gate_hooks[handle.id] = hook
+        return handle
 
     @staticmethod
     def _make_norm(norm, H, statistics: dict, gamma_init) -> nn.Module:
@@ -151,66 +161,50 @@ class RHNCell(RecurrentCell):
         layers = range(self.depth) if self.input_at == "every" else range(1)
         return torch.nn.functional.linear(x, self.weight_ih, torch.cat([self.bias[l] for l in layers]))
 
-    def _can_fuse(self, state: Tensor, mask) -> bool:
-        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`: ordinary
-        autograd, no gate log, and either batch norm with the plain batch statistics of a full (unpadded)
-        batch in training, or no normaliser where the fused CPU kernels serve the state (without them the
-        composition is as fast there: measured 73 vs 78 ms per training step)."""
-        if not self.fused or self.gate_log is not None or not plain_autograd():
+    def _can_fuse(self, state: Tensor, mask, mode: StepMode) -> bool:
+        """Whether :meth:`recur` may use the one-node highway layers of :mod:`bnrhn.cells.highway`: a fused
+        mode, no gate hook, and either batch norm with the plain batch statistics of a full (unpadded) batch
+        in training, or no normaliser where the fused CPU kernels serve the state and gradients are wanted
+        (without the kernels the composition is as fast there: measured 73 vs 78 ms per training step)."""
+        if not mode.fused or self._gate_hooks:
             return False
         if self.norm == "none" or not self.normalize:
-            return torch.is_grad_enabled() and kernels.ops_for(state) is not None
+            return not mode.inference and kernels.ops_for(state) is not None
         if not (self.norm == "batch" and self.training and mask is None):
             return False
         # synchronised statistics (data-parallel training) need the reductions over processes of SequenceBatchNorm
         return all(bn.batch_statistics_apply(state.shape[0]) and not bn.synchronized for bn in self.norms.values())
 
-    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
-        if self._can_fuse(state[0], mask):
-            return self._recur_fused(xp, state, step, h_mask)
-        return self._recur_reference(xp, state, step, mask, h_mask)
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None, mode: StepMode = REFERENCE) -> State:
+        if self._can_fuse(state[0], mask, mode):
+            return self._recur_fused(xp, state, step, h_mask, mode)
+        return self._recur_reference(xp, state, step, mask, h_mask, mode)
 
-    def _recur_fused(self, xp, state: State, step: int, h_mask) -> State:
+    def _recur_fused(self, xp, state: State, step: int, h_mask, mode: StepMode) -> State:
         s = state[0]
         every = self.input_at == "every"
         xs = xp.chunk(self.depth, dim=1) if every else (xp,)
         norms = [self.norms[f"{g}{l}"] for l in range(self.depth) for g in self.normalize]
         normed = tuple(self.gate_names.index(g) for g in self.normalize)
         eps = norms[0].eps if norms else 0.0
-        spec = (self.hidden_size, len(self.gate_names), normed, eps)
+        plain_spec = (self.hidden_size, len(self.gate_names), normed, eps, None)
         n = s.shape[0]
         for l in range(self.depth):
             s_in = s if h_mask is None else s * h_mask
             if not normed:  # no normaliser: the bias is in xp (layers that read x_t) or joins the product
-                a = self.recurrent_mm(l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l],
+                a = self.recurrent_mm(mode, l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l],
                                       None if l == 0 or every else self.bias[l])
-                s, = HighwayStep.apply(spec, a, s, None)
+                s, = HighwayStep.apply(plain_spec, a, s, None)
                 continue
-            a = self.recurrent_mm(l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l])
+            a = self.recurrent_mm(mode, l, xs[l] if l == 0 or every else None, s_in, self.weight_hh[l])
             layer_norms = norms[l * len(normed) : (l + 1) * len(normed)]
-            bias, gammas = self.bias[l], [bn.weight for bn in layer_norms]
-            if layer_norms and layer_norms[0].stats == "renorm":
-                bias, gammas = self._renorm_affine(l, a, step, layer_norms)
-            s, *stats = HighwayStep.apply(spec, a, s, bias, *gammas)
+            spec = plain_spec
+            if layer_norms[0].stats == "renorm":  # r, d of this step's slots, from statistics the node computes
+                spec = plain_spec[:4] + (tuple(partial(bn.renorm_corrections, step) for bn in layer_norms),)
+            s, *stats = HighwayStep.apply(spec, a, s, self.bias[l], *[bn.weight for bn in layer_norms])
             for k, bn in enumerate(layer_norms):
                 bn.track(step, stats[2 * k], stats[2 * k + 1], n)
         return (s,)
-
-    def _renorm_affine(self, l: int, a: Tensor, step: int, layer_norms) -> tuple[Tensor, list[Tensor]]:
-        """Batch renormalization through the plain batch-norm kernel: γ(x̂ r + d) + b = (γ r) x̂ + (γ d + b),
-        with r, d from this batch's statistics of the normalised gates (computed here, constants)."""
-        H = self.hidden_size
-        shifts, gammas = [], []
-        for gi, g in enumerate(self.gate_names):
-            if g not in self.normalize:
-                shifts.append(self.bias[l].new_zeros(H))
-                continue
-            bn = layer_norms[len(gammas)]
-            var, mean = torch.var_mean(a[:, gi * H : (gi + 1) * H].detach(), dim=0, unbiased=False)
-            r, d = bn.renorm_corrections(step, mean, var)
-            gammas.append(bn.weight * r)
-            shifts.append(bn.weight * d)
-        return self.bias[l] + torch.cat(shifts), gammas
 
     def _eval_affine(self, l: int, step: int) -> tuple[Tensor, Tensor]:
         """Highway layer l's batch norms (population statistics) and bias as one affine map of a."""
@@ -224,8 +218,9 @@ class RHNCell(RecurrentCell):
                 shift[gi * H : (gi + 1) * H] += sh
         return scale, shift
 
-    def _recur_reference(self, xp, state: State, step: int, mask, h_mask) -> State:
-        """The highway layers composed from autograd operations (every configuration; see recur)."""
+    def _recur_reference(self, xp, state: State, step: int, mask, h_mask, mode: StepMode) -> State:
+        """The highway layers composed from autograd operations (every configuration; see recur); in a fused
+        inference mode the state update of each layer is the fused kernel's where it serves the tensors."""
         s = state[0]
         H = self.hidden_size
         every = self.input_at == "every"
@@ -233,11 +228,11 @@ class RHNCell(RecurrentCell):
         for l in range(self.depth):
             s_in = s if h_mask is None else s * h_mask
             if l == 0 or every:  # x_l holds b_l already when there is no normaliser
-                a = self.recurrent_mm(l, xs[l], s_in, self.weight_hh[l])
+                a = self.recurrent_mm(mode, l, xs[l], s_in, self.weight_hh[l])
             else:
                 bias = None if self.normalize else self.bias[l]
-                a = self.recurrent_mm(l, None, s_in, self.weight_hh[l], bias)
-            if self.normalize and self.norm == "batch" and not self.training and not torch.is_grad_enabled():
+                a = self.recurrent_mm(mode, l, None, s_in, self.weight_hh[l], bias)
+            if self.normalize and self.norm == "batch" and not self.training and mode.inference:
                 # Inference: the population-statistics batch norm is affine, so it and the bias are one
                 # in-place pass over a (a is this step's scratch product), not a split, a cat and an add
                 scale, shift = self._eval_affine(l, step)
@@ -249,8 +244,8 @@ class RHNCell(RecurrentCell):
                         norm = self.norms[f"{g}{l}"]
                         parts[gi] = norm(parts[gi], step, mask) if self.norm == "batch" else norm(parts[gi])
                 a = torch.cat(parts, dim=1) + self.bias[l]
-            inference = self.fused and not torch.is_grad_enabled() and self.gate_log is None and plain_autograd()
-            ops = kernels.ops_for(a, s) if inference and a.is_contiguous() else None
+            fused_update = mode.fused and mode.inference and not self._gate_hooks and a.is_contiguous()
+            ops = kernels.ops_for(a, s) if fused_update else None
             if ops is not None:
                 s = ops.highway_forward(a, s.contiguous(), len(self.gate_names))  # inference: a is scratch
                 torch.autograd.graph.increment_version(a)  # written in place (the op does not count it)
@@ -263,8 +258,8 @@ class RHNCell(RecurrentCell):
                 a_h, a_t, a_c = a.chunk(3, dim=1)
                 h, t, c = torch.tanh(a_h), torch.sigmoid(a_t), torch.sigmoid(a_c)
                 s = torch.addcmul(h * t, s, c)  # h ⊙ t + s ⊙ c
-            if self.gate_log is not None:
-                self.gate_log.append((l, t.detach().mean().item(), (1 - t if c is None else c).detach().mean().item()))
+            for hook in self._gate_hooks.values():
+                hook(l, t, 1 - t if c is None else c)
         return (s,)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:

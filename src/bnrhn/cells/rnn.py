@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from bnrhn.cells.base import RecurrentCell, State
+from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 
 class RNNCell(RecurrentCell):
@@ -33,10 +33,10 @@ class RNNCell(RecurrentCell):
         bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
         return F.linear(x, self.weight_ih, bias)
 
-    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None) -> State:
+    def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None, mode: StepMode = REFERENCE) -> State:
         h = state[0]
         h_in = h if h_mask is None else h * h_mask
-        return (torch.tanh(self.recurrent_mm("hh", xp, h_in, self.weight_hh)),)
+        return (torch.tanh(self.recurrent_mm(mode, "hh", xp, h_in, self.weight_hh)),)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * self.hidden_size * (self.input_size + self.hidden_size)

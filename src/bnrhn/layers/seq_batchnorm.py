@@ -54,6 +54,8 @@ it knows neither time steps nor masks.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -63,7 +65,8 @@ from torch.autograd.function import once_differentiable
 from bnrhn.autodiff import autocast_backward, autocast_forward, plain_autograd
 
 __all__ = ["SequenceBatchNorm", "check_statistics_options", "synchronize_batch_norm", "uses_batch_statistics",
-           "uses_synchronized_statistics"]
+           "uses_synchronized_statistics", "estimating_population_statistics", "batch_norm_rows",
+           "renorm_parameter_grads"]
 
 _STATS = ("momentum", "cumulative", "renorm")
 
@@ -109,6 +112,58 @@ def synchronize_batch_norm(model: nn.Module, group=None) -> int:
     for m in found:
         m.synchronize(group)
     return len(found)
+
+
+def batch_norm_rows(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, corrections=None):
+    """Training-mode batch norm of the rows of ``x`` ``[N, F]`` with PyTorch's kernel, for hand-written autograd
+    nodes → (y, batch mean, 1/√(σ²+ε), effective scale, r, d).
+
+    Plain (``corrections`` None): y = γ x̂ + β, effective scale γ, r = d = None. Batch renormalization
+    (Ioffe 2017): ``corrections(mean, biased var)`` → (r, d), and y = γ(x̂ r + d) + β = (γ r) x̂ + (γ d + β)
+    with r, d constants of the backward pass — so ``native_batch_norm_backward`` with the effective scale γ r
+    gives dx, and :func:`renorm_parameter_grads` dγ. The statistics come from the kernel's own pass (the
+    normalisation without affine, then one in-place affine pass): ``torch.var_mean`` over the rows is 6–12×
+    slower than the whole batch-norm kernel on [64, 128–512] float32 (measured on an AVX-512 AMD EPYC)."""
+    if corrections is None:
+        y, mean, invstd = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, eps)
+        return y, mean, invstd, gamma, None, None
+    y, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    r, d = corrections(mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0))
+    scale = gamma * r
+    shift = gamma * d if beta is None else torch.addcmul(beta, gamma, d)
+    return y.mul_(scale).add_(shift), mean, invstd, scale, r, d
+
+
+def renorm_parameter_grads(dscale: Tensor | None, dshift: Tensor | None, r: Tensor | None, d: Tensor | None):
+    """(dγ, dβ) from the gradients of :func:`batch_norm_rows`'s effective scale and shift (Σ dy ⊙ x̂ and Σ dy):
+    dγ = r Σ dy ⊙ x̂ + d Σ dy and dβ = Σ dy with batch renormalization, unchanged without."""
+    if r is None or dscale is None:
+        return dscale, dshift
+    return torch.addcmul(dscale * r, dshift, d), dshift
+
+
+@contextmanager
+def estimating_population_statistics(model: nn.Module):
+    """"Precise BN" for every :class:`SequenceBatchNorm` of ``model``: within the block each starts from empty
+    population statistics and, on every forward pass it makes in training mode, adds that batch's plain
+    statistics to an average with equal weights (``stats="cumulative"``, Ioffe & Szegedy 2015, Alg. 2; no
+    ``min_rows`` fallback). On leaving, each has its own estimator back and keeps the statistics estimated.
+    Which modules run in training mode, and with which batches, is the caller's choice (as with
+    ``torch.optim.swa_utils.update_bn``, which does the same for ``torch.nn`` batch norms). Yields the
+    modules."""
+    norms = [m for m in model.modules() if isinstance(m, SequenceBatchNorm)]
+    saved = [(bn.stats, bn.min_rows) for bn in norms]
+    with torch.no_grad():
+        for bn in norms:
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0)
+            bn.num_batches_tracked.zero_()
+            bn.stats, bn.min_rows = "cumulative", 0
+    try:
+        yield norms
+    finally:
+        for bn, (stats, min_rows) in zip(norms, saved):
+            bn.stats, bn.min_rows = stats, min_rows
 
 
 class SequenceBatchNorm(nn.Module):

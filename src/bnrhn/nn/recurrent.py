@@ -20,6 +20,11 @@ state of each sequence is the one at its own last step (as with packed sequences
 Layers of the cells whose equations are PyTorch's (LSTM, GRU, tanh RNN) run whole sequences through
 ``torch.nn.LSTM/GRU/RNN``'s kernels instead of the step loop when no recurrent dropout mask is in use
 (:mod:`bnrhn.nn.vendor`); ``use_vendor_kernel=False`` keeps them on the step loop.
+
+The runner decides how every step may run and passes it to the cell (:class:`bnrhn.cells.StepMode`,
+built by :meth:`Recurrent.step_mode` once per call): the fast paths unless ``fused=False`` or a
+``torch.func`` transform is running, deferred weight gradients for the time loop of a sequence when
+gradients are recorded, and in-place inference when they are not.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bnrhn.autodiff import plain_autograd
 from bnrhn.cells import build_cell
-from bnrhn.cells.base import State, check_size
+from bnrhn.cells.base import State, StepMode, check_size
 from bnrhn.layers.dropout import check_probability, variational_mask
 from bnrhn.nn.vendor import vendor_layer, vendor_usable
 
@@ -57,6 +63,9 @@ class Recurrent(nn.Module):
         batch_first: inputs and outputs are ``[B, T, ·]`` instead of ``[T, B, ·]``.
         use_vendor_kernel: let PyTorch's own kernel run whole sequences of the cells that have one
             (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use; False = always the step loop.
+        fused: let the cells take their fast paths (hand-written autograd nodes, fused CPU kernels,
+            deferred weight gradients); False = every step is the reference composition of PyTorch
+            operations (for tests and for ``torch.compile`` of the plain equations).
         **cell_options: passed to :func:`bnrhn.cells.build_cell` (e.g. ``depth=3``, ``norm="batch"``).
     """
 
@@ -71,6 +80,7 @@ class Recurrent(nn.Module):
         recurrent_dropout: float = 0.0,
         batch_first: bool = False,
         use_vendor_kernel: bool = True,
+        fused: bool = True,
         **cell_options,
     ) -> None:
         super().__init__()
@@ -84,6 +94,7 @@ class Recurrent(nn.Module):
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.batch_first = batch_first
         self.use_vendor_kernel = bool(use_vendor_kernel)
+        self.fused = bool(fused)
         self.cells = nn.ModuleList(
             build_cell(cell, input_size if k == 0 else hidden_size, hidden_size, **cell_options)
             for k in range(num_layers)
@@ -93,8 +104,18 @@ class Recurrent(nn.Module):
         return (
             f"cell={self.cell_name!r}, num_layers={self.num_layers}, input_dropout={self.input_dropout}, "
             f"dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout}, batch_first={self.batch_first}, "
-            f"use_vendor_kernel={self.use_vendor_kernel}"
+            f"use_vendor_kernel={self.use_vendor_kernel}" + ("" if self.fused else ", fused=False")
         )
+
+    def step_mode(self, sequence: bool) -> StepMode:
+        """How the cells' steps may run in this call (see :class:`bnrhn.cells.StepMode`): fused unless
+        ``fused=False`` or a ``torch.func`` transform is running (the hand-written nodes support ordinary
+        autograd only); deferred weight-gradient taps (fresh, one set per layer) for the time loop of a
+        whole ``sequence`` when gradients are recorded; inference, with the projected inputs as scratch,
+        when they are not."""
+        fused = self.fused and plain_autograd()
+        grad = torch.is_grad_enabled()
+        return StepMode(fused=fused, taps={} if fused and sequence and grad else None, inference=not grad)
 
     # ----------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> list[State]:
@@ -193,10 +214,10 @@ class Recurrent(nn.Module):
             xp = cell.project_input(layer_in, step, None)
             s = state[k]
             outs = []
-            with cell.sequence():
-                for t, xp_t in enumerate(xp.unbind(0)):
-                    s = cell.recur(xp_t, s, step + t, None, h_mask)
-                    outs.append(s[0])
+            mode = self.step_mode(sequence=True)
+            for t, xp_t in enumerate(xp.unbind(0)):
+                s = cell.recur(xp_t, s, step + t, None, h_mask, mode=mode)
+                outs.append(s[0])
             out = torch.stack(outs)
             if masks is not None and masks.outputs[k] is not None:
                 out = out * masks.outputs[k]
@@ -229,16 +250,17 @@ class Recurrent(nn.Module):
             s = tuple(sort(a) for a in state[k])
             finished: list[State] = []  # the rows that dropped out, latest (lowest rows) last
             outs = []
-            with cell.sequence():
-                n_prev = B
-                for t in range(T):
-                    n = active[t]
-                    if n < n_prev:
-                        finished.append(tuple(a[n:] for a in s))
-                        s = tuple(a[:n] for a in s)
-                    s = cell.recur(xp[t, :n], s, step + t, None, h_mask[:n] if h_mask is not None else None)
-                    outs.append(s[0] if n == B else torch.nn.functional.pad(s[0], (0, 0, 0, B - n)))
-                    n_prev = n
+            mode = self.step_mode(sequence=True)
+            n_prev = B
+            for t in range(T):
+                n = active[t]
+                if n < n_prev:
+                    finished.append(tuple(a[n:] for a in s))
+                    s = tuple(a[:n] for a in s)
+                s = cell.recur(xp[t, :n], s, step + t, None, h_mask[:n] if h_mask is not None else None,
+                               mode=mode)
+                outs.append(s[0] if n == B else torch.nn.functional.pad(s[0], (0, 0, 0, B - n)))
+                n_prev = n
             out = torch.stack(outs)
             if masks is not None and masks.outputs[k] is not None:
                 out = out * sort(masks.outputs[k])
@@ -298,13 +320,14 @@ class Recurrent(nn.Module):
             state = self.init_state(batch, x.device, x.dtype)
         new_state = []
         h = x
+        mode = self.step_mode(sequence=False)
         for k, cell in enumerate(self.cells):
             if dropout_masks is not None and dropout_masks.inputs[k] is not None:
                 h = h * dropout_masks.inputs[k]
             h_mask = dropout_masks.recurrent[k] if dropout_masks is not None else None
             xp = projected if k == 0 and projected is not None else cell.project_input(h, step, mask)
             projected = None
-            s = cell.recur(xp, state[k], step, mask, h_mask)
+            s = cell.recur(xp, state[k], step, mask, h_mask, mode=mode)
             if mask is not None:
                 keep = mask.unsqueeze(1)
                 s = tuple(torch.where(keep, a, b) for a, b in zip(s, state[k]))
