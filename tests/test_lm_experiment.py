@@ -101,3 +101,25 @@ def test_unknown_variant(mini_ptb, tmp_path, capsys):
     assert main(["lm", "experiment", "seed-report", "--ptb", str(mini_ptb), "--out", str(tmp_path / "x"),
                  "--variants", "lstm,gru"]) == 2
     assert "unknown variant(s) gru" in capsys.readouterr().err
+
+
+def test_a_variant_is_kept_only_while_its_settings_are_unchanged(mini_ptb, tmp_path):
+    """The seed report's rule for reusing a finished variant (the runner asks it before training the variant)."""
+    from dataclasses import asdict
+
+    from bnrhn.cli import build_parser
+    from bnrhn.lm.experiment import SeedReport
+
+    def variant(*more):
+        args = build_parser().parse_args(["lm", "experiment", "seed-report", "--out", str(tmp_path), "--hidden", "8",
+                                          *more])
+        (run,) = SeedReport(args, ["lstm"], "cpu", mini_ptb, tmp_path).runs()
+        return SeedReport(args, ["lstm"], "cpu", mini_ptb, tmp_path), run
+
+    spec, run = variant()
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / spec.result_file).write_text(json.dumps({"outcome": "trained", "config": asdict(run.config)}))
+    assert spec.finished(run)["outcome"] == "trained"
+    other, other_run = variant("--lr", "0.01")
+    assert other.finished(other_run) is None
+    assert not spec.can_continue(run)  # a cut-off variant starts again: its checkpoint may be of other settings

@@ -52,7 +52,8 @@ def settings_from_args(args, base_defaults: dict | None = None):
 
     from bnrhn.captioning import CaptionConfig
     from bnrhn.commands._caption_args import config_from_args
-    from bnrhn.experiments.compare import CompareSettings, command_line, parse_budget
+    from bnrhn.experiments.compare import CompareSettings, parse_budget
+    from bnrhn.experiments.runner import command_line
 
     base = dict(base_defaults or {})
     if getattr(args, "config", None):

@@ -45,7 +45,8 @@ def run(args) -> int:
 
     from bnrhn.captioning import demo_config
     from bnrhn.commands.compare import run_settings
-    from bnrhn.experiments.compare import CompareSettings, command_line, parse_budget
+    from bnrhn.experiments.compare import CompareSettings, parse_budget
+    from bnrhn.experiments.runner import command_line
 
     from bnrhn.commands.lm import set_threads
 

@@ -13,8 +13,13 @@ test split with beam search and is scored on the seven metrics. The experiment f
 - ``gallery.html`` (+ ``images/``): test images with every model's caption and the human captions, and for
   Show, Attend and Tell each model's attention figure of the image (``attention/<cell>/``, Xu et al. 2015:
   one panel per word with its attention map over the image);
-- ``runs/<cell>-seed<N>/``: each run's checkpoints, logs, test captions (``results_test.json``) and scores;
+- ``runs/<cell>-seed<N>/``: each run's checkpoints, logs, test captions (``results_test.json``), scores, and
+  ``compare_run.json`` (what the report needs of the run, so that ``--resume`` keeps it);
 - ``command.txt`` and ``compare.json``: the exact command and the resolved settings to reproduce it.
+
+The comparison is a specification (:class:`CaptionComparison`) of the one experiment runner,
+:mod:`bnrhn.experiments.runner`: the folder checks, ``--resume`` (only ``--seeds`` may grow), the lock, the
+loop over the runs and divergence as a result are the runner's; training, scoring and the report are here.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from bnrhn.experiments.runner import ExperimentSpec, Run, follow_experiment, run_experiment
 from bnrhn.reports import METRIC_ORDER, metrics_table, plot_training_curves, write_gallery
 
 Log = Callable[[str], None]
@@ -77,7 +82,7 @@ class CompareSettings:
     command: str = ""
 
     def to_dict(self) -> dict:
-        """What defines the experiment (``command`` aside): a resumed run must match it."""
+        """The settings saved in ``compare.json`` (what a resume must match: :meth:`CaptionComparison.must_match`)."""
         return {
             "cells": self.cells, "seeds": self.seeds, "budget_steps": self.budget_steps,
             "budget_minutes": self.budget_minutes, "beam": self.beam, "gallery_size": self.gallery_size,
@@ -86,7 +91,8 @@ class CompareSettings:
 
 
 def check_settings(s: CompareSettings, log: Log = _stderr) -> None:
-    """Every check that can fail before training starts: cells, budget, seeds, data set, output folder."""
+    """Every check of the settings that can fail before training starts: device, cells, budget, seeds, data set
+    (the output folder is the runner's: :func:`bnrhn.experiments.runner.check_folder`)."""
     from bnrhn.captioning.api import dataset_for_config
     from bnrhn.cells import CELLS, build_cell, cell_options
 
@@ -114,51 +120,11 @@ def check_settings(s: CompareSettings, log: Log = _stderr) -> None:
     for cell in s.cells:  # a bad option value or size fails here, not after the first cell has trained
         build_cell(cell, 8, 8, **options_for(cell, s.base.cell_options))
         replace(s.base, cell=cell)  # the config's own checks for this cell (MUT1/MUT2: embedding = hidden size)
-    out = Path(s.out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output path {out} exists and is not a folder")
-    if s.resume:
-        _check_resume(s, out)
-    elif out.exists() and any(out.iterdir()) and not s.overwrite:
-        raise FileExistsError(
-            f"output folder {out} already exists; choose another --out, pass --resume to finish an interrupted "
-            "comparison there, or --overwrite to write a new report into it (bnrhn replaces only its own report "
-            "files and runs; nothing else there is deleted)"
-        )
     ds = dataset_for_config(replace(s.base, progress=False), lambda m: None)  # raises for a missing data set
     counts = ds.counts()
     if counts["test"] == 0:
         raise ValueError(f"{ds.name} has no test images to compare the models on")
     log(f"compare: {ds.summary()}")
-
-
-def _check_resume(s: CompareSettings, out: Path) -> None:
-    saved_path = out / "compare.json"
-    if not saved_path.is_file():
-        raise FileNotFoundError(f"--resume: {saved_path} not found; {out} holds no comparison to resume")
-    saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    now = json.loads(json.dumps(s.to_dict()))  # the same JSON types as the saved file
-    if isinstance(saved.get("base_config"), dict):
-        # settings added since the comparison was saved take their defaults (what its runs trained with)
-        config = type(s.base)  # CaptionConfig
-        filled = config.from_dict({k: v for k, v in saved["base_config"].items()
-                                   if k in config.__dataclass_fields__}).to_dict()
-        saved["base_config"] = json.loads(json.dumps({**filled, **saved["base_config"]}))
-    for d in (saved, now):  # what may change between invocations without changing the experiment:
-        # the progress bar, --overwrite, and the divergence watchdog (it only stops a run that has already
-        # diverged; comparisons saved before it existed have no such key)
-        for key in ("progress", "overwrite", "diverge_factor"):
-            d.get("base_config", {}).pop(key, None)
-    ignore = {"command", "out_dir", "gallery_size"}  # the gallery is only the report
-    differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
-    if differ == ["seeds"] and now["seeds"][: len(saved["seeds"])] == saved["seeds"]:
-        return  # more seeds for the same experiment: the finished runs are kept, the new seeds are trained
-    if differ:
-        raise ValueError(
-            f"--resume: the settings differ from those of the comparison in {out} ({', '.join(differ)}); "
-            f"repeat its command (see {out / 'command.txt'}) with --resume (only --seeds may grow, "
-            "to add seeds to a finished comparison)"
-        )
 
 
 def options_for(cell: str, options: dict) -> dict:
@@ -172,6 +138,8 @@ def options_for(cell: str, options: dict) -> dict:
 # -- running ---------------------------------------------------------------------------------------------
 @dataclass
 class CellRun:
+    """One trained and scored decoder: what the report needs of it."""
+
     cell: str
     seed: int
     run_dir: Path
@@ -196,16 +164,13 @@ class CellRun:
             "batching": self.batching, "batchnorm": self.batchnorm,
         }
 
-    def save(self, path: Path) -> None:
-        """Everything the report needs, so that a resumed comparison does not redo a finished run."""
-        d = {**self.to_dict(), "losses": self.losses, "validation": self.validation, "captions": self.captions}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(d) + "\n", encoding="utf-8")
-        tmp.replace(path)
+    def record(self) -> dict:
+        """Everything the report needs (what ``compare_run.json`` holds), so that a resumed comparison does not
+        redo a finished run."""
+        return {**self.to_dict(), "losses": self.losses, "validation": self.validation, "captions": self.captions}
 
     @classmethod
-    def load(cls, path: Path) -> "CellRun":
-        d = json.loads(path.read_text(encoding="utf-8"))
+    def from_record(cls, d: dict) -> "CellRun":
         return cls(
             cell=d["cell"], seed=d["seed"], run_dir=Path(d["run_dir"]), scores=d["scores"], steps=d["steps"],
             train_seconds=d["train_seconds"], seconds=d["seconds"], tokens_per_s=d["tokens_per_s"],
@@ -218,37 +183,134 @@ class CellRun:
 RUN_SUMMARY = "compare_run.json"  # written into each run's folder once it is trained and evaluated
 
 
+@dataclass
+class _Trained:
+    """What the training of one run left: its best checkpoint (None: none was saved) and its numbers."""
+
+    best: Path | None
+    steps: int
+    stopped: str
+    train_seconds: float
+    tokens_per_s: float
+    n_params: int
+
+
+class CaptionComparison(ExperimentSpec):
+    """The decoder comparison as a specification of :func:`bnrhn.experiments.runner.run_experiment`: one run
+    per (seed, cell), trained under the shared budget, then captioning the test split with beam search and
+    scored. A run whose loss becomes NaN is a result, not a crash: its best checkpoint so far (if any) is
+    evaluated and the table says it diverged. (``train`` notes when the run started, for ``diverged``.)"""
+
+    noun = "comparison"
+    log_name = "compare"
+    settings_file = "compare.json"
+    result_file = RUN_SUMMARY
+    may_grow = ("seeds",)
+    resume_note = "only --seeds may grow, to add seeds to a finished comparison"
+
+    def __init__(self, s: CompareSettings) -> None:
+        self.s = s
+        self._started = 0.0
+
+    def settings(self) -> dict:
+        return self.s.to_dict()
+
+    def must_match(self, settings: dict) -> dict:
+        """All but the command, the folder and the gallery size (only the report); of the base config, settings
+        added since the comparison was saved take their defaults (what its runs trained with), and the progress
+        bar, --overwrite and the divergence watchdog (it only stops a run that has already diverged;
+        comparisons saved before it existed have no such key) may change."""
+        kept = {k: v for k, v in settings.items() if k not in ("command", "out_dir", "gallery_size")}
+        if isinstance(kept.get("base_config"), dict):
+            config = type(self.s.base)  # CaptionConfig
+            saved = kept["base_config"]
+            filled = config.from_dict({k: v for k, v in saved.items() if k in config.__dataclass_fields__}).to_dict()
+            base = json.loads(json.dumps({**filled, **saved}))
+            for key in ("progress", "overwrite", "diverge_factor"):
+                base.pop(key, None)
+            kept["base_config"] = base
+        return kept
+
+    def check(self, log: Log) -> None:
+        check_settings(self.s, log)
+
+    def runs(self) -> list[Run]:
+        out = Path(self.s.out_dir)
+        runs = []
+        for seed in self.s.seeds:
+            for cell in self.s.cells:
+                run_dir = out / "runs" / f"{cell}-seed{seed}"
+                runs.append(Run(f"{cell} seed {seed}", run_dir, _run_config(self.s, cell, seed, run_dir)))
+        return runs
+
+    def train(self, run: Run, resume: bool, log: Log) -> dict:
+        from bnrhn.captioning import train  # looked up at each call (the tests replace it)
+
+        self._started = time.perf_counter()
+        result = train(run.config, resume=resume, log=log)
+        trained = _Trained(result.best_checkpoint, result.steps, result.stopped, result.train_seconds,
+                           result.tokens_per_s, result.n_params)
+        return self._scored(run, trained, log)
+
+    def diverged(self, run: Run, exc: Exception, log: Log) -> dict:
+        best = run.run_dir / "best.pt" if (run.run_dir / "best.pt").is_file() else None
+        steps = max((r["step"] for r in _log_rows(run.run_dir) if r.get("kind") == "train"), default=0)
+        trained = _Trained(best, steps, "diverged (NaN loss)", time.perf_counter() - self._started, float("nan"),
+                           _count_parameters(run.config))
+        return self._scored(run, trained, log)
+
+    def follow(self, run: Run, resume: bool) -> None:
+        from bnrhn.captioning import train
+
+        train(run.config, resume=resume, log=lambda m: None)
+
+    def _scored(self, run: Run, trained: _Trained, log: Log) -> dict:
+        """Caption the test split with the run's best checkpoint, score it, and the batch-norm diagnostic."""
+        from bnrhn.captioning import evaluate
+        from bnrhn.captioning.scoring import ALL_METRICS
+
+        cfg = run.config
+        rows = _log_rows(run.run_dir)
+        losses = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+        validation = [(r["step"], r["CIDEr"]) for r in rows if r.get("kind") == "validation" and "CIDEr" in r]
+        if trained.best is None:
+            scores, captions = {m: float("nan") for m in METRIC_ORDER}, {}
+        else:
+            log(f"evaluating {cfg.cell} on the test split (beam {self.s.beam})")
+            results, scores = evaluate(trained.best, split="test", beam=self.s.beam, metrics=ALL_METRICS,
+                                       out_dir=run.run_dir, progress=self.s.base.progress, device=self.s.base.device,
+                                       log=log)
+            captions = {str(r["image_id"]): r["caption"] for r in results}
+        leak = _batchnorm_diagnostic(trained.best, log, self.s.base.device) if trained.best is not None else {}
+        scored = CellRun(
+            cell=cfg.cell, seed=cfg.seed, run_dir=run.run_dir, scores=scores, steps=trained.steps,
+            train_seconds=trained.train_seconds, seconds=time.perf_counter() - self._started,
+            tokens_per_s=trained.tokens_per_s, n_params=trained.n_params, stopped=trained.stopped, losses=losses,
+            validation=validation, captions=captions, batchnorm=leak, batching=_batching_of(cfg),
+        )
+        log(f"{cfg.cell} seed {cfg.seed}: "
+            + ", ".join(f"{m} {scores[m]:.3f}" for m in METRIC_ORDER if m in scores))
+        return scored.record()
+
+    def report(self, results: dict[str, dict], out_dir: Path, log: Log) -> dict:
+        runs = [CellRun.from_record(r) for r in results.values()]
+        summary = write_report(self.s, runs, sum(r.seconds for r in runs), log)
+        log(f"compare: report written to {out_dir / 'results.md'} (gallery: {out_dir / 'gallery.html'})")
+        return summary
+
+
 def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
     """Check, train every cell for every seed, evaluate on the test split, write the report; returns the summary.
 
     Under ``torchrun`` every rank trains every run (data-parallel, :func:`bnrhn.captioning.train`); rank 0
     alone checks, evaluates and writes the experiment folder, and the other ranks return ``{}``."""
-    from bnrhn.training import FolderLock
     from bnrhn.training.distributed import environment_rank
 
+    spec = CaptionComparison(s)
     if environment_rank() != 0:
-        return _follow_compare(s)
-    check_settings(s, log)
-    with FolderLock(s.out_dir, "experiment folder"):
-        return _run_compare(s, log)
-
-
-def _follow_compare(s: CompareSettings) -> dict:
-    """A data-parallel rank other than 0: the training of every run that rank 0 trains, nothing written."""
-    from bnrhn.captioning import train
-    from bnrhn.training import TrainingDiverged
-
-    for seed in s.seeds:
-        for cell in s.cells:
-            run_dir = Path(s.out_dir) / "runs" / f"{cell}-seed{seed}"
-            if s.resume and (run_dir / RUN_SUMMARY).is_file():
-                continue
-            try:
-                train(_run_config(s, cell, seed, run_dir), resume=s.resume and (run_dir / "last.pt").is_file(),
-                      log=lambda m: None)
-            except TrainingDiverged:
-                pass  # rank 0 records it
-    return {}
+        follow_experiment(spec, resume=s.resume)
+        return {}
+    return run_experiment(spec, s.out_dir, resume=s.resume, overwrite=s.overwrite, command=s.command, log=log)
 
 
 def _run_config(s: CompareSettings, cell: str, seed: int, run_dir: Path):
@@ -258,79 +320,7 @@ def _run_config(s: CompareSettings, cell: str, seed: int, run_dir: Path):
     )
 
 
-def _run_compare(s: CompareSettings, log: Log) -> dict:
-    out = Path(s.out_dir)
-    if s.resume:
-        done = (out / "command.txt").read_text(encoding="utf-8").splitlines() if (out / "command.txt").is_file() else []
-        if s.command not in done:  # the commands that made the folder, each once
-            with open(out / "command.txt", "a", encoding="utf-8") as f:
-                f.write(s.command + "\n")
-    else:
-        (out / "command.txt").write_text(s.command + "\n", encoding="utf-8")
-    if not s.resume or len(s.seeds) > len(json.loads((out / "compare.json").read_text(encoding="utf-8"))["seeds"]):
-        (out / "compare.json").write_text(json.dumps(s.to_dict(), indent=2) + "\n", encoding="utf-8")
-    runs: list[CellRun] = []
-    total = len(s.cells) * len(s.seeds)
-    for seed in s.seeds:
-        for cell in s.cells:
-            k = len(runs) + 1
-            run_dir = out / "runs" / f"{cell}-seed{seed}"
-            if s.resume and (run_dir / RUN_SUMMARY).is_file():
-                runs.append(CellRun.load(run_dir / RUN_SUMMARY))
-                log(f"compare [{k}/{total}]: {cell} seed {seed} already done ({run_dir})")
-                continue
-            runs.append(_train_and_evaluate(s, cell, seed, run_dir, f"compare [{k}/{total}]", log))
-    summary = write_report(s, runs, sum(r.seconds for r in runs), log)
-    log(f"compare: report written to {out / 'results.md'} (gallery: {out / 'gallery.html'})")
-    return summary
-
-
-def _train_and_evaluate(s: CompareSettings, cell: str, seed: int, run_dir: Path, tag: str, log: Log) -> CellRun:
-    """Train one decoder (resuming its run when asked and possible), caption the test split, score it.
-
-    A run whose loss becomes NaN is a result, not a crash: its best checkpoint so far (if any) is evaluated
-    and the table says it diverged."""
-    from bnrhn.captioning import evaluate, train
-    from bnrhn.captioning.scoring import ALL_METRICS
-    from bnrhn.training import TrainingDiverged
-
-    t0 = time.perf_counter()
-    cfg = _run_config(s, cell, seed, run_dir)
-    resume = s.resume and (run_dir / "last.pt").is_file()
-    log(f"{tag}: {'resuming' if resume else 'training'} {cell} (seed {seed}) -> {run_dir}")
-    try:
-        result = train(cfg, resume=resume, log=log)
-        best, steps, stopped = result.best_checkpoint, result.steps, result.stopped
-        train_seconds, tokens_per_s, n_params = result.train_seconds, result.tokens_per_s, result.n_params
-    except TrainingDiverged as exc:
-        log(f"{tag}: {cell} diverged ({exc})")
-        best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else None
-        steps = max((r["step"] for r in _log_rows(run_dir) if r.get("kind") == "train"), default=0)
-        stopped, train_seconds, tokens_per_s = "diverged (NaN loss)", time.perf_counter() - t0, float("nan")
-        n_params = _count_parameters(cfg)
-    rows = _log_rows(run_dir)
-    losses = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
-    validation = [(r["step"], r["CIDEr"]) for r in rows if r.get("kind") == "validation" and "CIDEr" in r]
-    if best is None:
-        scores, captions = {m: float("nan") for m in METRIC_ORDER}, {}
-    else:
-        log(f"{tag}: evaluating {cell} on the test split (beam {s.beam})")
-        results, scores = evaluate(best, split="test", beam=s.beam, metrics=ALL_METRICS, out_dir=run_dir,
-                                   progress=s.base.progress, device=s.base.device, log=log)
-        captions = {str(r["image_id"]): r["caption"] for r in results}
-    leak = _batchnorm_diagnostic(best, tag, log, s.base.device) if best is not None else {}
-    run = CellRun(
-        cell=cell, seed=seed, run_dir=run_dir, scores=scores, steps=steps, train_seconds=train_seconds,
-        seconds=time.perf_counter() - t0, tokens_per_s=tokens_per_s, n_params=n_params, stopped=stopped,
-        losses=losses, validation=validation, captions=captions, batchnorm=leak, batching=_batching_of(cfg),
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run.save(run_dir / RUN_SUMMARY)
-    log(f"{tag}: {cell} seed {seed}: " + ", ".join(f"{m} {scores[m]:.3f}" for m in METRIC_ORDER if m in scores))
-    return run
-
-
-def _batchnorm_diagnostic(best: Path, tag: str, log: Log, device: str = "cpu") -> dict[str, float]:
+def _batchnorm_diagnostic(best: Path, log: Log, device: str = "cpu") -> dict[str, float]:
     """The batch-norm leak numbers of the best checkpoint (validation split), {} without validation captions."""
     from bnrhn.analysis.batchnorm import leak_summary
     from bnrhn.captioning.api import batchnorm_leak
@@ -338,10 +328,10 @@ def _batchnorm_diagnostic(best: Path, tag: str, log: Log, device: str = "cpu") -
     try:
         report = batchnorm_leak(best, split="val", progress=False, device=device, log=lambda m: None)
     except Exception as exc:  # e.g. no validation captions: the trained and scored run stays a result
-        log(f"{tag}: no batch-norm diagnostic ({type(exc).__name__}: {exc})")
+        log(f"no batch-norm diagnostic ({type(exc).__name__}: {exc})")
         return {}
     summary = leak_summary(report)
-    log(f"{tag}: validation loss " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in summary.items() if k.startswith("loss_"))
+    log("validation loss " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in summary.items() if k.startswith("loss_"))
         + (f"; generalisation gap {summary['generalisation_gap']:.3f}" if "generalisation_gap" in summary else ""))
     return summary
 
@@ -556,8 +546,3 @@ def _attention_figures(s: CompareSettings, first: dict[str, CellRun], records, o
 
 def _coco_key(image_id: str):
     return int(image_id) if str(image_id).isdigit() else image_id
-
-
-def command_line(argv: list[str]) -> str:
-    """The shell command that runs ``bnrhn`` with ``argv`` (arguments after the program name), quoted."""
-    return " ".join(["bnrhn", *(shlex.quote(a) for a in argv)])

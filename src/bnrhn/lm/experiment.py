@@ -17,7 +17,10 @@ normalisation statistics are kept. The variants here:
 The BN-LSTM variants name ``stats`` explicitly (the report's estimators), although the cell's own
 default is batch renormalization. Every variant trains with the same data, seed, size, optimiser and budget. A variant whose loss
 becomes NaN/inf stops with :class:`bnrhn.training.TrainingDiverged`; that is recorded as its outcome.
-The results go to ``results.json``, ``results.md`` (a table) and ``loss_curves.png``.
+The results go to ``results.json``, ``results.md`` (a table) and ``loss_curves.png``; each variant's row also
+to ``<variant>/seed_report_run.json``, so that a later call keeps it while its settings are unchanged.
+The report is a specification (:class:`SeedReport`) of the one experiment runner,
+:mod:`bnrhn.experiments.runner`.
 
 At the published size (Cooijmans et al.: 1000 hidden units, windows of 100 characters) on a GPU::
 
@@ -36,6 +39,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from bnrhn.experiments.runner import ExperimentSpec, Run, command_line, run_experiment
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "lstm": {"cell": "lstm", "options": {"forget_bias": 1.0}, "label": "LSTM",
@@ -95,12 +100,130 @@ def _fmt(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
+SETTINGS = ("hidden", "seq_len", "batch_size", "lr", "epochs", "max_steps", "max_minutes", "validate_every",
+            "eval_batch_size", "valid_chars", "seed", "device")  # the arguments every variant shares (in the report)
+
+
+class SeedReport(ExperimentSpec):
+    """The seed report as a specification of :func:`bnrhn.experiments.runner.run_experiment`: one run per
+    variant, in ``OUT/<variant>/``. An output folder gathers the variants of several calls, so the report has
+    no settings file of its own and no resume is refused: a finished variant is kept while its own settings
+    are unchanged (``--overwrite`` runs it again), and the report also shows the variants that earlier calls
+    measured and this one did not ask for. (``train`` notes when the variant started, for ``diverged``.)"""
+
+    noun = "seed report"
+    log_name = "lm experiment"
+    settings_file = None
+    result_file = "seed_report_run.json"
+
+    def __init__(self, args, names: list[str], device: str, ptb: Path, out: Path) -> None:
+        self.args, self.names, self.device, self.ptb, self.out = args, names, device, ptb, out
+        self.corpus = None
+        self.earlier: dict[str, dict[str, Any]] = {}  # the variants of the report already in the folder
+        self._started: tuple[float, dict[str, Any]] = (0.0, {})
+
+    def settings(self) -> dict:
+        return {k: getattr(self.args, k) for k in SETTINGS}
+
+    def check(self, log) -> None:
+        from bnrhn.data.text import CharCorpus
+
+        self.corpus = CharCorpus.ptb_chars(self.ptb)
+        report_path = self.out / "results.json"
+        if report_path.is_file():
+            self.earlier = json.loads(report_path.read_text(encoding="utf-8")).get("variants", {})
+
+    def runs(self) -> list[Run]:
+        from bnrhn.lm.train import LMTrainConfig
+
+        args, progress = self.args, not self.args.quiet and sys.stderr.isatty()
+        return [Run(name, self.out / name, LMTrainConfig(
+            run_dir=str(self.out / name), ptb=str(self.ptb), cell=VARIANTS[name]["cell"], hidden=args.hidden,
+            cell_options=dict(VARIANTS[name]["options"]), batch_size=args.batch_size, seq_len=args.seq_len,
+            eval_batch_size=args.eval_batch_size, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps or None,
+            max_minutes=args.max_minutes or None, validate_every=args.validate_every,
+            valid_chars=args.valid_chars or None, seed=args.seed, device=self.device, progress=progress,
+            overwrite=True,
+        )) for name in self.names]
+
+    def finished(self, run: Run) -> dict | None:
+        """The variant's result when it was trained with the same settings (its result file, or its row in a
+        report written before the result files existed)."""
+        saved = super().finished(run) or self.earlier.get(run.name)
+        if saved is None or _cfg_key(saved.get("config", {})) != _cfg_key(asdict(run.config)):
+            return None
+        return saved
+
+    def can_continue(self, run: Run) -> bool:
+        """Never: the settings may change between calls, so a cut-off variant's checkpoint may be of other
+        settings; the variant starts again."""
+        return False
+
+    def train(self, run: Run, resume: bool, log) -> dict[str, Any]:
+        from bnrhn.lm.train import train_char_lm
+
+        variant = VARIANTS[run.name]
+        log(f"{variant['label']}: {variant['what']}")
+        row: dict[str, Any] = {"label": variant["label"], "what": variant["what"], "config": asdict(run.config),
+                               "load_average_start": _load_average()}
+        self._started = (time.perf_counter(), row)
+        res = train_char_lm(run.config, corpus=self.corpus, log=log)
+        row.update(res)
+        bad_valid = [v for v in res["validations"] if not math.isfinite(v.get("loss", math.nan))]
+        if res["stopped"] == "max_minutes":
+            row["outcome"] = f"trained; stopped by the {self.args.max_minutes:g}-minute budget"
+        elif res["stopped"] == "max_steps":
+            row["outcome"] = f"trained {res['steps']} windows (budget)"
+        else:
+            row["outcome"] = f"trained; {res['stopped'].replace('_', ' ')}"
+        if bad_valid:
+            row["outcome"] += f"; {len(bad_valid)} validation(s) non-finite"
+        row["diverged_step"] = None
+        return self._finished_row(row, log)
+
+    def diverged(self, run: Run, exc: Exception, log) -> dict[str, Any]:
+        from bnrhn.training import load_checkpoint
+
+        _, row = self._started
+        msg = str(exc)
+        row["outcome"] = f"diverged: {msg.split(';')[0]}"
+        row["diverged_step"] = _step_from_message(msg)
+        row.update(_scores_after_divergence(run.run_dir, run.config, self.corpus, load_checkpoint))
+        log(row["outcome"])
+        return self._finished_row(row, log)
+
+    def _finished_row(self, row: dict[str, Any], log) -> dict[str, Any]:
+        row["wall_seconds"] = time.perf_counter() - self._started[0]
+        row["load_average_end"] = _load_average()
+        log(f"{row['outcome']}; valid BPC {_fmt((row.get('valid') or {}).get('bpc'))} ({row['wall_seconds']:.0f} s)")
+        return row
+
+    def report(self, results: dict[str, dict], out_dir: Path, log) -> dict[str, Any]:
+        """``results.json``, ``results.md`` and ``loss_curves.png`` of this call's variants and of those that
+        earlier calls measured in the folder (table order: :data:`VARIANTS`)."""
+        from bnrhn.reports.analysis_figures import plot_loss_curves
+
+        args = self.args
+        rows = {name: row for name, row in self.earlier.items() if name in VARIANTS and name not in self.names}
+        rows.update(results)
+        rows = {k: rows[k] for k in VARIANTS if k in rows}
+        report = _write_report(out_dir, args, self.ptb, self.corpus, rows)
+        curves = {VARIANTS[k]["label"]: {**_train_curve(out_dir / k), "diverged_step": row.get("diverged_step")}
+                  for k, row in rows.items()}
+        smoothed = {k: {**c, "train_loss": _smooth(c["train_loss"])} for k, c in curves.items()}
+        plot_loss_curves(
+            smoothed, out_dir / "loss_curves.png",
+            title=f"PTB characters, hidden {args.hidden}, windows of {args.seq_len}, batch {args.batch_size}: "
+                  f"training loss (25-step mean) and validation loss"
+                  + (f" (first {args.valid_chars:,} validation characters)" if args.valid_chars else ""),
+            ylabel="loss (nats per character)",
+        )
+        return report
+
+
 def run_seed_report(args) -> dict[str, Any]:
-    """Run every requested variant (skipping those with results unless ``--overwrite``) and write the report."""
-    from bnrhn.reports.analysis_figures import plot_loss_curves
-    from bnrhn.data.text import CharCorpus
-    from bnrhn.lm.train import LMTrainConfig, train_char_lm
-    from bnrhn.training import TrainingDiverged, load_checkpoint
+    """Run every requested variant (keeping those with results from the same settings unless ``--overwrite``),
+    write the report and print its table."""
     from bnrhn.devices import resolve_device
     from bnrhn.training.distributed import refuse_data_parallel
 
@@ -112,88 +235,19 @@ def run_seed_report(args) -> dict[str, Any]:
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-    ptb = Path(args.ptb) if args.ptb else default_ptb_dir()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    spec = SeedReport(args, names, device, Path(args.ptb) if args.ptb else default_ptb_dir(), out)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    corpus = CharCorpus.ptb_chars(ptb)
-    progress = not args.quiet and sys.stderr.isatty()
-    rows: dict[str, dict[str, Any]] = {}
-    curves: dict[str, dict[str, list]] = {}
-    report_path = out / "results.json"
-    previous = json.loads(report_path.read_text()) if report_path.exists() else {}
-    # Variants measured by earlier calls with the same output folder stay in the report.
-    for name, old in previous.get("variants", {}).items():
-        if name in VARIANTS and name not in names:
-            rows[name] = old
-            curves[VARIANTS[name]["label"]] = {**_train_curve(out / name), "diverged_step": old.get("diverged_step")}
-    for name in names:
-        spec = VARIANTS[name]
-        run_dir = out / name
-        cfg = LMTrainConfig(
-            run_dir=str(run_dir), ptb=str(ptb), cell=spec["cell"], hidden=args.hidden, cell_options=dict(spec["options"]),
-            batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=args.eval_batch_size, lr=args.lr,
-            epochs=args.epochs, max_steps=args.max_steps or None, max_minutes=args.max_minutes or None,
-            validate_every=args.validate_every,
-            valid_chars=args.valid_chars or None, seed=args.seed, device=device, progress=progress, overwrite=True,
-        )
-        old = previous.get("variants", {}).get(name)
-        if old and not args.overwrite and _cfg_key(old.get("config", {})) == _cfg_key(asdict(cfg)):
-            log(f"[{name}] kept from an earlier run (--overwrite to redo)")
-            rows[name] = old
-            rows = {k: rows[k] for k in VARIANTS if k in rows}
-            curves[spec["label"]] = _train_curve(run_dir)
-            if old.get("diverged_step") is not None:
-                curves[spec["label"]]["diverged_step"] = old["diverged_step"]
-            continue
-        log(f"[{name}] {spec['label']}: {spec['what']}")
-        load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"label": spec["label"], "what": spec["what"], "config": asdict(cfg),
-                               "load_average_start": load0}
-        try:
-            res = train_char_lm(cfg, corpus=corpus, log=log)
-            row.update(res)
-            bad_valid = [v for v in res["validations"] if not math.isfinite(v.get("loss", math.nan))]
-            if res["stopped"] == "max_minutes":
-                row["outcome"] = f"trained; stopped by the {args.max_minutes:g}-minute budget"
-            elif res["stopped"] == "max_steps":
-                row["outcome"] = f"trained {res['steps']} windows (budget)"
-            else:
-                row["outcome"] = f"trained; {res['stopped'].replace('_', ' ')}"
-            if bad_valid:
-                row["outcome"] += f"; {len(bad_valid)} validation(s) non-finite"
-            row["diverged_step"] = None
-        except TrainingDiverged as exc:
-            msg = str(exc)
-            step = _step_from_message(msg)
-            row["outcome"] = f"diverged: {msg.split(';')[0]}"
-            row["diverged_step"] = step
-            row.update(_scores_after_divergence(run_dir, cfg, corpus, load_checkpoint))
-            log(f"[{name}] {row['outcome']}")
-        row["wall_seconds"] = time.perf_counter() - t0
-        row["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        rows[name] = row
-        rows = {k: rows[k] for k in VARIANTS if k in rows}  # table order = VARIANTS order
-        curve = _train_curve(run_dir)
-        curve["diverged_step"] = row.get("diverged_step")
-        curves[spec["label"]] = curve
-        # Save after every variant so that an interrupted experiment keeps what it measured.
-        _write_report(out, args, ptb, corpus, rows)
-        log(f"[{name}] {row['outcome']}; valid BPC {_fmt((row.get('valid') or {}).get('bpc'))} "
-            f"({row['wall_seconds']:.0f} s)")
-    report = _write_report(out, args, ptb, corpus, rows)
-    order = [VARIANTS[k]["label"] for k in rows]
-    smoothed = {k: {**curves[k], "train_loss": _smooth(curves[k]["train_loss"])} for k in order if k in curves}
-    plot_loss_curves(
-        smoothed, out / "loss_curves.png",
-        title=f"PTB characters, hidden {args.hidden}, windows of {args.seq_len}, batch {args.batch_size}: training loss "
-              f"(25-step mean) and validation loss"
-              + (f" (first {args.valid_chars:,} validation characters)" if args.valid_chars else ""),
-        ylabel="loss (nats per character)",
-    )
+    command = command_line(args.argv) if hasattr(args, "argv") else ""
+    # the folder gathers the variants of every call: never refused (overwrite), finished variants are kept
+    # unless --overwrite (resume)
+    report = run_experiment(spec, out, resume=not args.overwrite, overwrite=True, command=command, log=log)
     print((out / "results.md").read_text())
     return report
+
+
+def _load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _cfg_key(cfg: dict[str, Any]) -> str:
@@ -246,8 +300,7 @@ def _write_report(out: Path, args, ptb: Path, corpus, rows: dict[str, dict[str, 
         "experiment": "seed-report",
         "ptb": str(ptb),
         "corpus": info,
-        "settings": {k: getattr(args, k) for k in ("hidden", "seq_len", "batch_size", "lr", "epochs", "max_steps", "max_minutes",
-                                                   "validate_every", "eval_batch_size", "valid_chars", "seed", "device")},
+        "settings": {k: getattr(args, k) for k in SETTINGS},
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "variants": rows,
     }

@@ -7,6 +7,10 @@ Every run is ``bnrhn tasks train`` with the shared settings and its own (cell, l
 settings may not change. A run that diverges is a result (its error is recorded as NaN, the table counts
 it), not the end of the comparison.
 
+The comparison is a specification (:class:`TaskComparison`) of the one experiment runner,
+:mod:`bnrhn.experiments.runner`, which checks the folder, holds its lock, writes ``compare.json`` and
+``command.txt``, and reuses, continues, trains or records as diverged each run in turn.
+
 Outputs: ``results.json`` (every run), ``results.md`` (test error per cell and length, mean ± standard
 deviation over seeds, beside the trivial baseline), ``error_vs_length.png``, and for the longest length
 ``gradients-T<L>/`` with ‖∂L/∂h_t‖ of every cell's seed-0 model at initialisation and after training
@@ -22,9 +26,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from bnrhn.experiments.runner import ExperimentSpec, Run, run_experiment
 from bnrhn.tasks.train import RESULTS_FILE, TaskTrainConfig, load_task_config, train_task
 
-__all__ = ["TaskCompareSettings", "run_task_compare", "check_compare_settings"]
+__all__ = ["TaskCompareSettings", "TaskComparison", "run_task_compare", "check_compare_settings"]
 
 SETTINGS_FILE = "compare.json"
 
@@ -64,7 +69,8 @@ def config_for(s: TaskCompareSettings, cell: str, length: int, seed: int) -> Tas
 
 
 def check_compare_settings(s: TaskCompareSettings) -> None:
-    """Every check that can fail before training: cells, lengths, seeds, the output folder."""
+    """Every check of the settings that can fail before training: cells, lengths, seeds, gradient batch (the
+    output folder is the runner's: :func:`bnrhn.experiments.runner.check_folder`)."""
     if not s.cells or not s.lengths or not s.seeds:
         raise ValueError("give at least one cell (--cells), one length (--lengths) and one seed (--seeds)")
     for name, values in (("--cells", s.cells), ("--lengths", s.lengths)):
@@ -75,74 +81,71 @@ def check_compare_settings(s: TaskCompareSettings) -> None:
             config_for(s, cell, length, 0)
     if s.gradient_batch < 1:
         raise ValueError(f"--gradient-batch must be ≥ 1, got {s.gradient_batch}")
-    out = Path(s.out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} exists and is not a folder")
-    saved = out / SETTINGS_FILE
-    if s.resume:
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; {out} holds no task comparison to resume")
-        before = json.loads(saved.read_text(encoding="utf-8"))["shared"]
-        now = json.loads(json.dumps(s.shared()))
-        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if differ:
-            raise ValueError(f"--resume: the shared settings differ from those of the comparison in {out} "
-                             f"({', '.join(differ)}); cells, lengths and seeds may change, the rest may not")
-    elif out.exists() and any(out.iterdir()) and not s.overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --resume to finish or extend that comparison, "
-                              "--overwrite to train every run again, or choose another folder")
 
 
-def run_task_compare(s: TaskCompareSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every (cell, length, seed), write the table and figures; returns what results.json holds."""
-    from bnrhn.training import FolderLock
+class TaskComparison(ExperimentSpec):
+    """``bnrhn tasks compare`` as a specification of :func:`bnrhn.experiments.runner.run_experiment`: one run
+    per (length, cell, seed), each ``bnrhn tasks train`` in its own folder, whose ``results.json`` is the run's
+    result; a resume must keep the shared settings (cells, lengths and seeds may change)."""
 
-    check_compare_settings(s)
-    out = Path(s.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out, "comparison folder"):
-        (out / SETTINGS_FILE).write_text(json.dumps({"task": s.base.task, "shared": s.shared(), "command": s.command},
-                                                    indent=2) + "\n", encoding="utf-8")
-        runs = []
-        jobs = [(length, cell, seed) for length in s.lengths for cell in s.cells for seed in s.seeds]
-        for k, (length, cell, seed) in enumerate(jobs, 1):
-            runs.append(_one_run(s, cell, length, seed, f"[{k}/{len(jobs)}]", log))
+    noun = "task comparison"
+    log_name = "tasks compare"
+    settings_file = SETTINGS_FILE
+    result_file = RESULTS_FILE
+    resume_note = "cells, lengths and seeds may change, the rest may not"
+
+    def __init__(self, s: TaskCompareSettings) -> None:
+        self.s = s
+
+    def settings(self) -> dict:
+        return {"task": self.s.base.task, "shared": self.s.shared(), "command": self.s.command}
+
+    def must_match(self, settings: dict) -> dict:
+        return settings["shared"]
+
+    def check(self, log) -> None:
+        check_compare_settings(self.s)
+
+    def runs(self) -> list[Run]:
+        s = self.s
+        return [Run(f"{cell} T={length} seed {seed}", _run_dir(s, cell, length, seed),
+                    config_for(s, cell, length, seed))
+                for length in s.lengths for cell in s.cells for seed in s.seeds]
+
+    def train(self, run: Run, resume: bool, log) -> dict[str, Any]:
+        cfg = replace(run.config, overwrite=True)
+        if resume:  # the interrupted run's own settings (its budget may have been extended since)
+            cfg = replace(load_task_config(run.run_dir), progress=self.s.base.progress)
+        return train_task(cfg, resume=resume, log=lambda m: None)
+
+    def diverged(self, run: Run, exc: Exception, log) -> dict[str, Any]:
+        cfg = run.config
+        return {"task": cfg.task, "length": cfg.length, "cell": cfg.cell, "seed": cfg.seed, "stopped": "diverged",
+                "test": {"loss": math.nan, "error": math.nan}, "valid": {"loss": math.nan, "error": math.nan},
+                "why": str(exc)}
+
+    def report(self, results: dict[str, dict], out_dir: Path, log) -> dict[str, Any]:
+        """``results.json``, ``results.md``, ``error_vs_length.png`` and the gradient norms at the longest length."""
+        from bnrhn.reports.plots import plot_error_vs_length
+
+        s, runs = self.s, list(results.values())
         summary = summarise(runs, s.cells, s.lengths)
         report = {"task": s.base.task, "command": s.command, "shared": s.shared(), "cells": s.cells,
                   "lengths": s.lengths, "seeds": s.seeds, "runs": runs, "summary": summary}
         longest = max(s.lengths)
-        report["gradients"] = _gradients(s, longest, out / f"gradients-T{longest}", log)
-        (out / "results.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n", encoding="utf-8")
-        (out / "results.md").write_text(results_markdown(report), encoding="utf-8")
-        from bnrhn.reports.plots import plot_error_vs_length
-
-        plot_error_vs_length(out / "error_vs_length.png", summary, {L: s.base.spec.baseline_error(L) for L in s.lengths},
+        report["gradients"] = _gradients(s, longest, out_dir / f"gradients-T{longest}", log)
+        (out_dir / "results.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+        (out_dir / "results.md").write_text(results_markdown(report), encoding="utf-8")
+        plot_error_vs_length(out_dir / "error_vs_length.png", summary,
+                             {L: s.base.spec.baseline_error(L) for L in s.lengths},
                              ylabel=f"test {s.base.spec.error_name}", title=s.base.spec.description)
-    return report
+        return report
 
 
-def _one_run(s: TaskCompareSettings, cell: str, length: int, seed: int, tag: str, log) -> dict[str, Any]:
-    from bnrhn.training import TrainingDiverged
-
-    run_dir = _run_dir(s, cell, length, seed)
-    done = run_dir / RESULTS_FILE
-    if s.resume and done.is_file():
-        log(f"tasks compare {tag}: {cell} T={length} seed {seed} already done ({run_dir})")
-        return json.loads(done.read_text(encoding="utf-8"))
-    cfg = replace(config_for(s, cell, length, seed), overwrite=True)
-    resume = s.resume and (run_dir / "last.pt").is_file()
-    if resume:
-        cfg = replace(load_task_config(run_dir), progress=s.base.progress)
-    log(f"tasks compare {tag}: {'resuming' if resume else 'training'} {cell} T={length} seed {seed} -> {run_dir}")
-    try:
-        return train_task(cfg, resume=resume, log=lambda m: None)
-    except TrainingDiverged as exc:
-        log(f"tasks compare {tag}: {cell} T={length} seed {seed} diverged: {exc}")
-        result = {"task": cfg.task, "length": length, "cell": cell, "seed": seed, "stopped": "diverged",
-                  "test": {"loss": math.nan, "error": math.nan}, "valid": {"loss": math.nan, "error": math.nan},
-                  "why": str(exc)}
-        done.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-        return result
+def run_task_compare(s: TaskCompareSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every (cell, length, seed), write the table and figures; returns what results.json holds."""
+    return run_experiment(TaskComparison(s), s.out_dir, resume=s.resume, overwrite=s.overwrite, command=s.command,
+                          log=log)
 
 
 def summarise(runs: list[dict], cells: list[str], lengths: list[int]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -1,0 +1,244 @@
+"""One runner for the experiments that train several runs and report on them.
+
+An experiment is an :class:`ExperimentSpec`: its runs (cells × seeds, variants, cells × lengths × seeds),
+the settings that define it, how one run is trained, what a run that diverged yields, and its report.
+:func:`run_experiment` does the rest, the same way for every experiment:
+
+- the output folder is checked before any work (:func:`check_folder`): it must be new or empty, unless
+  ``resume`` (continue the experiment saved there: its settings must match, see
+  :meth:`ExperimentSpec.must_match` and :attr:`ExperimentSpec.may_grow`) or ``overwrite`` (run every run
+  again there);
+- the folder is held with :class:`bnrhn.training.FolderLock` while the experiment runs;
+- the settings go to the spec's settings file, the command to ``command.txt`` (each command that worked on
+  the folder, once, in order);
+- the runs, one after the other, logged as ``[k/N]``: with ``resume`` a finished run (one with a result file)
+  is reused and an interrupted one continues from its ``last.pt``; every other run is trained from the start.
+  A run that raises :class:`bnrhn.training.TrainingDiverged` is a result too (:meth:`ExperimentSpec.diverged`),
+  and the experiment goes on;
+- each run's result is written into its folder atomically (a temporary file, then a rename), so that an
+  interruption never leaves half a result for a later resume to take for a finished run;
+- the spec writes the report (``results.md``, ``results.json``, figures) from every run's result.
+
+The specifications: :mod:`bnrhn.experiments.compare` (caption decoders, ``bnrhn compare`` / ``bnrhn demo``),
+:mod:`bnrhn.lm.experiment` (the seed report, ``bnrhn lm experiment``), :mod:`bnrhn.tasks.experiment`
+(long-range tasks, ``bnrhn tasks compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+Log = Callable[[str], None]
+
+COMMAND_FILE = "command.txt"
+LAST_CHECKPOINT = "last.pt"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """One run of an experiment."""
+
+    name: str  # how messages name it ("bn_rhn seed 1"); unique within its experiment
+    run_dir: Path  # its folder: checkpoints, training log, result file
+    config: Any  # the spec's settings of this run (a CaptionConfig, an LMTrainConfig, a TaskTrainConfig)
+
+
+class ExperimentSpec(ABC):
+    """What makes one experiment: its settings, its runs, how a run is trained, and its report.
+
+    The class attributes name the experiment's files and say what a resume may change; the methods without
+    a default are the experiment's own work."""
+
+    noun: str = "experiment"  # how messages name it: "the comparison in runs/cmp"
+    log_name: str = "experiment"  # the prefix of its log lines: "compare [2/6]: ..."
+    settings_file: str | None = "experiment.json"  # in the output folder; None: no settings of its own,
+    # every run is checked on its own (see finished) and no resume is refused
+    result_file: str = "result.json"  # in each run's folder: the result of the finished run
+    may_grow: tuple[str, ...] = ()  # list settings that a resume may extend (the saved list a prefix of the new)
+    resume_note: str = ""  # what a resume may change: the end of the message that refuses other changes
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """The experiment's settings, JSON-able: saved in :attr:`settings_file` for a resume to match."""
+
+    def must_match(self, settings: dict) -> dict:
+        """The part of ``settings`` (saved by this or an earlier version, or :meth:`settings` now) that a resume
+        must leave unchanged; all of it unless a spec says otherwise."""
+        return settings
+
+    def check(self, log: Log) -> None:
+        """Every check of the settings that can fail before any run; called after the folder is checked."""
+
+    @abstractmethod
+    def runs(self) -> list[Run]:
+        """Every run, in the order they are trained."""
+
+    def finished(self, run: Run) -> dict | None:
+        """The saved result of ``run`` when it has finished and may be reused, else None: its result file."""
+        path = run.run_dir / self.result_file
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def can_continue(self, run: Run) -> bool:
+        """Whether ``run.run_dir`` holds an interrupted run that :meth:`train` can continue: its ``last.pt``."""
+        return (run.run_dir / LAST_CHECKPOINT).is_file()
+
+    @abstractmethod
+    def train(self, run: Run, resume: bool, log: Log) -> dict:
+        """Train ``run`` (continue it from its ``last.pt`` when ``resume``) and score it; its JSON-able result."""
+
+    @abstractmethod
+    def diverged(self, run: Run, exc: Exception, log: Log) -> dict:
+        """The result of a run whose :meth:`train` raised :class:`bnrhn.training.TrainingDiverged` (``exc``)."""
+
+    def follow(self, run: Run, resume: bool) -> None:
+        """The training of ``run`` alone, on a data-parallel rank other than 0 (see :func:`follow_experiment`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train data-parallel")
+
+    @abstractmethod
+    def report(self, results: dict[str, dict], out_dir: Path, log: Log) -> dict:
+        """Write the report from every run's result ({run name: result}, in run order); returns its summary."""
+
+
+def run_experiment(spec: ExperimentSpec, out_dir: str | Path, *, resume: bool, overwrite: bool, command: str = "",
+                   log: Log = _stderr) -> dict:
+    """Check the folder and the settings, train (or reuse) every run, write the report; returns its summary.
+
+    ``resume``: continue the experiment saved in ``out_dir`` (finished runs reused, interrupted ones
+    continued); ``overwrite``: write into a folder that holds other files, every run from the start; neither:
+    the folder must be new or empty. ``command`` goes to ``command.txt``; ``log`` gets every message."""
+    from bnrhn.training import FolderLock
+
+    out = Path(out_dir)
+    check_folder(spec, out, resume=resume, overwrite=overwrite)
+    spec.check(log)
+    runs = spec.runs()
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{type(spec).__name__}: two runs share a name: {names}")
+    with FolderLock(out, "experiment folder"):
+        if spec.settings_file is not None:
+            write_json_atomically(out / spec.settings_file, spec.settings())
+        record_command(out, command, resume)
+        results = {}
+        for k, run in enumerate(runs, 1):
+            tag = f"{spec.log_name} [{k}/{len(runs)}]"
+            results[run.name] = result_of_run(spec, run, resume, lambda msg, tag=tag: log(f"{tag}: {msg}"))
+        return spec.report(results, out, log)
+
+
+def follow_experiment(spec: ExperimentSpec, *, resume: bool) -> None:
+    """A data-parallel rank other than 0: trains every run that rank 0 trains, in the same order (their
+    training is collective), and writes nothing; rank 0 checks, scores, records divergence and reports."""
+    from bnrhn.training import TrainingDiverged
+
+    for run in spec.runs():
+        if resume and spec.finished(run) is not None:
+            continue
+        try:
+            spec.follow(run, resume and spec.can_continue(run))
+        except TrainingDiverged:
+            pass  # rank 0 records it
+
+
+def result_of_run(spec: ExperimentSpec, run: Run, resume: bool, log: Log) -> dict:
+    """The result of one run: reused when it has finished (``resume``), else trained (continued when it was
+    interrupted) and saved in its folder; a divergence is a result."""
+    from bnrhn.training import TrainingDiverged
+
+    saved = spec.finished(run) if resume else None
+    if saved is not None:
+        log(f"{run.name} already done ({run.run_dir})")
+        return saved
+    result_path = run.run_dir / spec.result_file
+    result_path.unlink(missing_ok=True)  # a run trained again: its old result is not the new run's
+    continuing = resume and spec.can_continue(run)
+    log(f"{'resuming' if continuing else 'training'} {run.name} -> {run.run_dir}")
+    try:
+        result = spec.train(run, continuing, log)
+    except TrainingDiverged as exc:
+        log(f"{run.name} diverged: {exc}")
+        result = spec.diverged(run, exc, log)
+    return json.loads(write_json_atomically(result_path, result))  # as a later resume will read it
+
+
+# -- the folder ----------------------------------------------------------------------------------------------
+def check_folder(spec: ExperimentSpec, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that the experiment may not write into."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out} exists and is not a folder")
+    if resume:
+        check_resume(spec, out)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output folder {out} already exists; choose another --out, pass --resume to finish or extend the "
+            f"{spec.noun} there, or --overwrite to run it again there (bnrhn replaces only its own report files "
+            "and runs; nothing else there is deleted)"
+        )
+
+
+def check_resume(spec: ExperimentSpec, out: Path) -> None:
+    """The experiment saved in ``out`` is this one: the settings it must match are unchanged, the lists in
+    ``spec.may_grow`` at most extended; a ``ValueError`` naming every other setting that changed."""
+    if spec.settings_file is None:
+        return
+    path = out / spec.settings_file
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found; {out} holds no {spec.noun} to resume")
+    saved = spec.must_match(json.loads(path.read_text(encoding="utf-8")))
+    now = spec.must_match(json.loads(json.dumps(spec.settings())))  # the JSON types of the saved file
+    refused = refused_changes(saved, now, spec.may_grow)
+    if refused:
+        raise ValueError(
+            f"--resume: the settings differ from those of the {spec.noun} in {out} ({', '.join(refused)}); "
+            f"repeat its command (see {out / COMMAND_FILE}) with --resume"
+            + (f" ({spec.resume_note})" if spec.resume_note else "")
+        )
+
+
+def refused_changes(saved: dict, now: dict, may_grow: tuple[str, ...] = ()) -> list[str]:
+    """The keys whose values differ between ``saved`` and ``now``, less the lists named in ``may_grow`` that
+    only grew (the saved list is the start of the new one); sorted."""
+
+    def grew(before: Any, after: Any) -> bool:
+        return isinstance(before, list) and isinstance(after, list) and after[: len(before)] == before
+
+    changed = (k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    return sorted(k for k in changed if not (k in may_grow and grew(saved.get(k), now.get(k))))
+
+
+def record_command(out: Path, command: str, resume: bool) -> None:
+    """``command.txt``: the commands that worked on the folder, each once, in order (a fresh start begins the
+    list, a resume adds its own). No command (a call from Python), no line."""
+    if not command:
+        return
+    path = out / COMMAND_FILE
+    earlier = path.read_text(encoding="utf-8").splitlines() if resume and path.is_file() else []
+    if command not in earlier:
+        path.write_text("\n".join([*earlier, command]) + "\n", encoding="utf-8")
+
+
+def write_json_atomically(path: Path, obj: Any) -> str:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename, so that readers see the old
+    file or the whole new one, never a torn one; returns the text written."""
+    text = json.dumps(obj, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return text
+
+
+def command_line(argv: list[str]) -> str:
+    """The shell command that runs ``bnrhn`` with ``argv`` (arguments after the program name), quoted."""
+    return " ".join(["bnrhn", *(shlex.quote(a) for a in argv)])

@@ -1,0 +1,268 @@
+"""The one experiment runner (bnrhn.experiments.runner) with a fake experiment that trains nothing: finished
+runs reused on a resume, interrupted ones continued, divergence as a result, settings that may not change
+refused before any run, the folder lock, results written atomically, the data-parallel follower."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnrhn.experiments import runner
+from bnrhn.experiments.runner import (ExperimentSpec, Run, follow_experiment, refused_changes, run_experiment)
+from bnrhn.training import FolderInUse, TrainingDiverged
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C in the middle of a run (the runner lets it through, as it does KeyboardInterrupt)."""
+
+
+class FakeExperiment(ExperimentSpec):
+    """Runs "seed 0", "seed 1", ...: each "trains" by writing a last.pt and returns a score; records every call."""
+
+    noun = "fake experiment"
+    log_name = "fake"
+    settings_file = "fake.json"
+    result_file = "fake_run.json"
+    may_grow = ("seeds",)
+    resume_note = "only the seeds may grow"
+
+    def __init__(self, seeds=(0, 1), lr=0.1, note="", diverge=(), interrupt=None):
+        self.seeds, self.lr, self.note = list(seeds), lr, note
+        self.diverge, self.interrupt = set(diverge), interrupt
+        self.out = None  # set by run()
+        self.trained: list[tuple[str, bool]] = []  # (run name, resume) of every train() call
+        self.followed: list[tuple[str, bool]] = []
+        self.reported: dict | None = None
+
+    def settings(self) -> dict:
+        return {"seeds": self.seeds, "lr": self.lr, "note": self.note}
+
+    def must_match(self, settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k != "note"}  # the note is only for the reader
+
+    def runs(self) -> list[Run]:
+        return [Run(f"seed {s}", self.out / "runs" / f"seed{s}", {"seed": s}) for s in self.seeds]
+
+    def train(self, run: Run, resume: bool, log) -> dict:
+        self.trained.append((run.name, resume))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "last.pt").write_text("a checkpoint")
+        if run.name == self.interrupt:
+            raise Interrupted
+        if run.name in self.diverge:
+            raise TrainingDiverged("loss is nan at step 3")
+        return {"seed": run.config["seed"], "score": 10 + run.config["seed"], "continued": resume}
+
+    def diverged(self, run: Run, exc: Exception, log) -> dict:
+        return {"seed": run.config["seed"], "score": float("nan"), "why": str(exc)}
+
+    def follow(self, run: Run, resume: bool) -> None:
+        self.followed.append((run.name, resume))
+        if run.name in self.diverge:
+            raise TrainingDiverged("loss is nan at step 3")
+
+    def report(self, results: dict, out_dir: Path, log) -> dict:
+        self.reported = results
+        (out_dir / "results.json").write_text(json.dumps(results))
+        return {"runs": len(results)}
+
+
+def run(spec: FakeExperiment, out: Path, *, resume=False, overwrite=False, command="bnrhn fake", log=None) -> dict:
+    spec.out = out
+    return run_experiment(spec, out, resume=resume, overwrite=overwrite, command=command,
+                          log=log if log is not None else (lambda m: None))
+
+
+def test_a_new_experiment_trains_every_run_then_reports(tmp_path):
+    out, lines = tmp_path / "exp", []
+    spec = FakeExperiment()
+    assert run(spec, out, log=lines.append) == {"runs": 2}
+    assert spec.trained == [("seed 0", False), ("seed 1", False)]
+    assert spec.reported == {"seed 0": {"seed": 0, "score": 10, "continued": False},
+                             "seed 1": {"seed": 1, "score": 11, "continued": False}}
+    assert json.loads((out / "fake.json").read_text()) == spec.settings()
+    assert (out / "command.txt").read_text() == "bnrhn fake\n"
+    assert json.loads((out / "runs" / "seed1" / "fake_run.json").read_text())["score"] == 11
+    assert f"fake [1/2]: training seed 0 -> {out / 'runs' / 'seed0'}" in lines
+    assert any(line.startswith("fake [2/2]: training seed 1") for line in lines)
+
+
+def test_resume_reuses_finished_runs_without_training_them(tmp_path):
+    out = tmp_path / "exp"
+    run(FakeExperiment(), out)
+    again, lines = FakeExperiment(), []
+    run(again, out, resume=True, command="bnrhn fake --resume", log=lines.append)
+    assert again.trained == []
+    assert again.reported["seed 1"] == {"seed": 1, "score": 11, "continued": False}
+    assert f"fake [2/2]: seed 1 already done ({out / 'runs' / 'seed1'})" in lines
+    assert (out / "command.txt").read_text() == "bnrhn fake\nbnrhn fake --resume\n"  # each command once
+    run(FakeExperiment(), out, resume=True, command="bnrhn fake --resume")
+    assert (out / "command.txt").read_text() == "bnrhn fake\nbnrhn fake --resume\n"
+
+
+def test_an_interrupted_run_continues_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "exp"
+    cut = FakeExperiment(interrupt="seed 1")
+    with pytest.raises(Interrupted):
+        run(cut, out)
+    assert cut.trained == [("seed 0", False), ("seed 1", False)]
+    assert (out / "runs" / "seed1" / "last.pt").is_file() and not (out / "runs" / "seed1" / "fake_run.json").exists()
+    more = FakeExperiment(seeds=(0, 1, 2))  # and a seed added: it has no checkpoint, so it starts afresh
+    run(more, out, resume=True)
+    assert more.trained == [("seed 1", True), ("seed 2", False)]
+    assert more.reported["seed 1"]["continued"] is True
+
+
+def test_without_resume_every_run_starts_afresh(tmp_path):
+    out = tmp_path / "exp"
+    with pytest.raises(Interrupted):
+        run(FakeExperiment(interrupt="seed 1"), out)
+    spec = FakeExperiment()
+    run(spec, out, overwrite=True)
+    assert spec.trained == [("seed 0", False), ("seed 1", False)]
+
+
+def test_a_diverging_run_is_a_result_and_the_others_still_run(tmp_path):
+    out, lines = tmp_path / "exp", []
+    spec = FakeExperiment(seeds=(0, 1, 2), diverge={"seed 1"})
+    run(spec, out, log=lines.append)
+    assert spec.trained == [("seed 0", False), ("seed 1", False), ("seed 2", False)]
+    assert spec.reported["seed 1"]["why"] == "loss is nan at step 3" and spec.reported["seed 2"]["score"] == 12
+    assert "fake [2/3]: seed 1 diverged: loss is nan at step 3" in lines
+    saved = json.loads((out / "runs" / "seed1" / "fake_run.json").read_text())
+    assert saved["why"] == "loss is nan at step 3"
+    again = FakeExperiment(seeds=(0, 1, 2))
+    run(again, out, resume=True)
+    assert again.trained == []  # the divergence is the run's result: a resume keeps it
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"lr": 0.2}, "lr"),
+    ({"seeds": (1, 0)}, "seeds"),  # reordered, not grown
+    ({"seeds": (0,)}, "seeds"),  # shrunk
+    ({"lr": 0.2, "seeds": (0, 1, 2)}, "lr"),  # a seed added, and the lr changed
+])
+def test_settings_that_may_not_change_are_refused_before_any_run(tmp_path, change, refused):
+    out = tmp_path / "exp"
+    run(FakeExperiment(), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = FakeExperiment(**change)
+    with pytest.raises(ValueError) as exc:
+        run(other, out, resume=True, command="bnrhn fake --other")
+    message = str(exc.value)
+    assert f"({refused})" in message and str(out) in message and "only the seeds may grow" in message
+    assert other.trained == [] and other.reported is None
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_settings_that_may_change_are_accepted_and_saved(tmp_path):
+    out = tmp_path / "exp"
+    run(FakeExperiment(), out)
+    grown = FakeExperiment(seeds=(0, 1, 2), note="three seeds now")
+    run(grown, out, resume=True)
+    assert grown.trained == [("seed 2", False)]
+    assert json.loads((out / "fake.json").read_text()) == {"seeds": [0, 1, 2], "lr": 0.1, "note": "three seeds now"}
+
+
+def test_refused_changes():
+    assert refused_changes({"a": 1, "s": [0]}, {"a": 1, "s": [0, 1]}, ("s",)) == []
+    assert refused_changes({"a": 1, "s": [0, 1]}, {"a": 1, "s": [0]}, ("s",)) == ["s"]
+    assert refused_changes({"a": 1, "s": [0]}, {"a": 1, "s": [0, 1]}) == ["s"]  # not named: may not grow
+    assert refused_changes({"b": 1, "a": 1}, {"a": 2, "c": 3}) == ["a", "b", "c"]  # keys gone and added count
+
+
+def test_the_folder_is_checked_before_any_work(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    spec = FakeExperiment()
+    with pytest.raises(FileExistsError, match="already exists.*--resume.*--overwrite"):
+        run(spec, out)
+    with pytest.raises(FileNotFoundError, match=r"--resume: .*fake\.json not found; .* holds no fake experiment"):
+        run(spec, out, resume=True)
+    assert spec.trained == [] and [p.name for p in out.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        run(spec, tmp_path / "file", overwrite=True)
+    run(spec, out, overwrite=True)  # --overwrite: the experiment's own files are written, the user's kept
+    assert (out / "notes.txt").read_text() == "my notes" and spec.trained == [("seed 0", False), ("seed 1", False)]
+
+
+HOLD = """
+import sys
+from bnrhn.folder_lock import FolderLock
+with FolderLock(sys.argv[1], "experiment folder"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_lock_refuses_a_second_runner_on_the_same_folder(tmp_path):
+    out = tmp_path / "exp"
+    run(FakeExperiment(), out)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = FakeExperiment()
+        with pytest.raises(FolderInUse, match=re.escape(f"experiment folder {out} is in use by process {holder.pid} ")):
+            run(second, out, overwrite=True)
+        assert second.trained == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    run(second, out, overwrite=True)  # free again once the other process has finished
+    assert len(second.trained) == 2
+
+
+def test_a_result_is_written_atomically(tmp_path, monkeypatch):
+    """The process stopped after writing a result's temporary file, before its rename: no result file, so
+    a resume trains that run again instead of trusting half a result."""
+    out = tmp_path / "exp"
+    real_replace = runner.os.replace
+
+    def cut_before_the_rename(src, dst):
+        if Path(dst).name == "fake_run.json" and Path(dst).parent.name == "seed1":
+            assert json.loads(Path(src).read_text())["score"] == 11  # the whole result, in the temporary file
+            raise Interrupted
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runner.os, "replace", cut_before_the_rename)
+    with pytest.raises(Interrupted):
+        run(FakeExperiment(), out)
+    monkeypatch.undo()
+    assert (out / "runs" / "seed0" / "fake_run.json").is_file()
+    assert not (out / "runs" / "seed1" / "fake_run.json").exists()
+    again = FakeExperiment()
+    run(again, out, resume=True)
+    assert again.trained == [("seed 1", True)]
+
+
+def test_a_stale_result_goes_before_its_run_is_trained_again(tmp_path):
+    """--overwrite trains a finished run again: cut off, it must not leave the old result for a resume."""
+    out = tmp_path / "exp"
+    run(FakeExperiment(), out)
+    with pytest.raises(Interrupted):
+        run(FakeExperiment(interrupt="seed 1"), out, overwrite=True)
+    assert not (out / "runs" / "seed1" / "fake_run.json").exists()
+
+
+def test_a_follower_trains_the_runs_rank_0_trains_and_writes_nothing(tmp_path):
+    out = tmp_path / "exp"
+    spec = FakeExperiment(seeds=(0, 1, 2), diverge={"seed 0"})
+    spec.out = out
+    follow_experiment(spec, resume=False)
+    assert spec.followed == [("seed 0", False), ("seed 1", False), ("seed 2", False)]  # divergence: rank 0's to record
+    assert not out.exists()
+    with pytest.raises(Interrupted):
+        run(FakeExperiment(seeds=(0, 1, 2), interrupt="seed 1"), out)
+    follower = FakeExperiment(seeds=(0, 1, 2))
+    follower.out = out
+    follow_experiment(follower, resume=True)
+    assert follower.followed == [("seed 1", True), ("seed 2", False)]  # as rank 0 will: seed 0 is done
+    assert follower.trained == [] and follower.reported is None
