@@ -302,3 +302,28 @@ def test_a_diverged_cell_is_reported_not_fatal(report, cache, tmp_path, monkeypa
     assert table["diverged (NaN loss)"] == {"lstm": "0 of 1", "bn_rhn": "1 of 1"}
     assert table["CIDEr"]["bn_rhn"] == "–" and float(table["CIDEr"]["lstm"]) >= 0
     assert json.loads((out / "results.json").read_text())["table"]["bn_rhn"]["CIDEr"] is None
+
+
+@pytest.mark.slow  # two comparisons (about 30 s here): CI runs it (make test-slow)
+def test_jobs_give_the_same_table_as_one_run_at_a_time(cache, tmp_path):
+    """--jobs 2 trains the two runs side by side in worker processes (1 thread each, as the run alone here):
+    the same table, each run's messages in its output.log."""
+    _need_weights()
+    _need_java()  # the workers are fresh processes: they score METEOR too (no monkeypatch reaches them)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert main(tiny_args(cache, tmp_path / "alone")) == 0
+        torch.set_num_threads(2)
+        assert main(tiny_args(cache, tmp_path / "side", "--jobs", "2")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    side = json.loads((tmp_path / "side" / "results.json").read_text())
+    assert side["table"] == alone["table"]
+    assert [r["steps"] for r in side["runs"]] == [r["steps"] for r in alone["runs"]]
+    for cell in ("lstm", "bn_rhn"):
+        assert "evaluating" in (tmp_path / "side" / "runs" / f"{cell}-seed0" / "output.log").read_text()
+    assert "2 trained at a time" in (tmp_path / "side" / "results.md").read_text()

@@ -266,3 +266,80 @@ def test_a_follower_trains_the_runs_rank_0_trains_and_writes_nothing(tmp_path):
     follow_experiment(follower, resume=True)
     assert follower.followed == [("seed 1", True), ("seed 2", False)]  # as rank 0 will: seed 0 is done
     assert follower.trained == [] and follower.reported is None
+
+
+class SideBySide(FakeExperiment):
+    """The fake experiment, saying which process trained each run and with how many threads."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.prepared = 0
+
+    def prepare(self, log) -> None:
+        self.prepared += 1
+
+    def train(self, run: Run, resume: bool, log) -> dict:
+        import os
+
+        import torch
+
+        log(f"training {run.name} here")
+        print("a progress line on stderr", file=sys.stderr)
+        result = super().train(run, resume, log)
+        return {**result, "pid": os.getpid(), "threads": torch.get_num_threads(),
+                "tqdm_disabled": os.environ.get("TQDM_DISABLE")}
+
+
+def test_jobs_train_runs_in_worker_processes_with_the_same_results(tmp_path):
+    """jobs=2: every run trains in a process of its own (not the runner's), with its share of the threads and no
+    progress bars, its messages in output.log; prepare() once before; results in run order as with jobs=1;
+    a run that diverges is a result; a resume reuses the finished runs without starting a worker."""
+    import os
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spec = SideBySide(seeds=(0, 1, 2), diverge={"seed 2"})
+        spec.out = tmp_path / "exp"
+        lines: list[str] = []
+        run_experiment(spec, spec.out, resume=False, overwrite=False, command="bnrhn fake", log=lines.append, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert spec.prepared == 1 and spec.trained == []  # the parent trained nothing itself
+    assert list(spec.reported) == ["seed 0", "seed 1", "seed 2"]
+    for name in ("seed 0", "seed 1"):
+        r = spec.reported[name]
+        assert r["pid"] != os.getpid() and r["threads"] == 1 and r["tqdm_disabled"] == "1"
+        assert r["score"] == 10 + r["seed"]
+    assert spec.reported["seed 2"]["why"] == "loss is nan at step 3"
+    log_text = (spec.out / "runs" / "seed1" / runner.OUTPUT_FILE).read_text()
+    assert "training seed 1 here" in log_text and "a progress line on stderr" in log_text
+    assert any("3 run(s), 2 at a time with 1 thread(s) each" in line for line in lines)
+    again = SideBySide(seeds=(0, 1, 2))
+    again.out = spec.out
+    run_experiment(again, spec.out, resume=True, overwrite=False, command="bnrhn fake", log=lambda m: None, jobs=2)
+    assert again.prepared == 0 and again.reported == spec.reported
+
+
+def test_jobs_must_be_a_positive_whole_number(tmp_path):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="--jobs must be a whole number"):
+            run_experiment(FakeExperiment(), tmp_path / "x", resume=False, overwrite=False, jobs=bad)
+    assert not (tmp_path / "x").exists()
+
+
+class Costly(SideBySide):
+    def cost(self, run: Run) -> float:
+        return {"seed 0": 1.0, "seed 1": 5.0, "seed 2": 5.0, "seed 3": 3.0}[run.name]
+
+
+def test_jobs_start_the_costliest_runs_first_and_report_in_run_order(tmp_path):
+    spec = Costly(seeds=(0, 1, 2, 3))
+    spec.out = tmp_path / "exp"
+    lines: list[str] = []
+    run_experiment(spec, spec.out, resume=False, overwrite=False, log=lines.append, jobs=2)
+    started = [line.split("training ")[1].split(" ->")[0] for line in lines if ": training seed" in line]
+    assert started == ["seed 1", "seed 2", "seed 3", "seed 0"]  # ties keep the run order
+    assert list(spec.reported) == ["seed 0", "seed 1", "seed 2", "seed 3"]

@@ -269,3 +269,19 @@ def test_task_gradient_norms_for_per_step_and_mean_heads(task, head):
 
             g = torch.func.grad(rest)(hs[t])
             assert flow.h[t, b].item() == pytest.approx(g.norm().item(), rel=1e-9, abs=1e-15), (b, t)
+
+
+def test_tasks_compare_with_jobs_gives_the_results_of_one_run_at_a_time(tmp_path, capsys):
+    """--jobs 2: the runs train in two worker processes (1 thread each, as alone with --threads 1), longest first;
+    every run's test error is the one it has when the runs train one at a time."""
+    args = ["tasks", "compare", "adding", "--cells", "rnn", "rhn", "--lengths", "6", "--steps", "20",
+            "--validate-every", "10", "--hidden", "8", "--n-eval", "100", "--gradient-batch", "4",
+            "--cell-option", "depth=2", "--quiet", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    assert main([*args, "--out", str(tmp_path / "side"), "--jobs", "2"]) == 0
+    capsys.readouterr()
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    side = json.loads((tmp_path / "side" / "results.json").read_text())
+    assert [(r["cell"], r["test"]) for r in side["runs"]] == [(r["cell"], r["test"]) for r in alone["runs"]]
+    assert side["summary"] == alone["summary"]
+    assert (tmp_path / "side" / "runs" / "rhn-T6-seed0" / "output.log").is_file()

@@ -7,7 +7,7 @@ import argparse
 from bnrhn.commands._caption_args import add_compute_args, add_data_args, add_quiet, add_training_args
 
 
-def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str]) -> None:
+def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str], jobs_help: str = "1") -> None:
     p.add_argument("--cells", nargs="+", default=default_cells, metavar="CELL",
                    help=f"decoder cells to compare (default: {' '.join(default_cells)}); see 'bnrhn cells'")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -20,6 +20,10 @@ def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str]) -> No
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted comparison in --out: finished runs are kept, an interrupted one "
                         "continues from its last checkpoint (repeat the original command and add --resume)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="train N runs at a time, longest first, each in its own process with its share of the CPU "
+                        "threads; each run's messages then go to output.log in its folder, and its result is the one "
+                        f"it has alone with as many threads (default {jobs_help})")
 
 
 def register(subparsers) -> None:
@@ -62,10 +66,12 @@ def settings_from_args(args, base_defaults: dict | None = None):
     steps, minutes = parse_budget(args.budget)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
     return CompareSettings(
         cells=list(args.cells), base=cfg, out_dir=Path(args.out), budget_steps=steps, budget_minutes=minutes,
         seeds=[args.seed + k for k in range(args.seeds)], beam=args.beam, gallery_size=args.gallery,
-        overwrite=args.overwrite, resume=args.resume, command=command_line(args.argv),
+        overwrite=args.overwrite, resume=args.resume, command=command_line(args.argv), jobs=args.jobs or 1,
     )
 
 

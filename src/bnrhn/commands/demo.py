@@ -29,13 +29,21 @@ def register(subparsers) -> None:
                    help=f"training budget per cell: steps or time such as 2m (default {DEMO_BUDGET} steps)")
     p.add_argument("--cache-dir", metavar="DIR", help="scene and feature cache (default $BNRHN_CACHE or ~/.cache/bnrhn)")
     p.add_argument("--weights", metavar="PATH", help="MobileNetV2 weights file (default: found offline, see 'bnrhn features --help')")
-    add_compare_args(p, ["lstm", "rhn", "bn_rhn"])
+    add_compare_args(p, ["lstm", "rhn", "bn_rhn"], jobs_help="the CPU cores, at most one per run; 1 under torchrun")
     p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="CPU threads for PyTorch (default 1: the demo's small models lose more to thread "
-                        "synchronisation than they gain; measured 3.0 min with 1 thread, 5.7 min with 2 on 2 cores)")
+                   help="CPU threads for PyTorch, shared among the runs that train at a time (default 1 per run: "
+                        "the demo's small models lose more to thread synchronisation than they gain; measured 3.0 "
+                        "min with 1 thread, 5.7 min with 2 on 2 cores, one run at a time)")
     add_device(p, default="auto")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run(args) -> int:
@@ -50,10 +58,16 @@ def run(args) -> int:
 
     from bnrhn.commands.lm import set_threads
 
-    set_threads(args.threads)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    from bnrhn.training.distributed import environment_world_size
+
     if args.seeds < 1:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+    # by default one run per core (one at a time under torchrun, whose processes train each run together)
+    jobs = args.jobs or (1 if environment_world_size() > 1 else min(available_cores(), len(args.cells) * args.seeds))
+    set_threads(args.threads * jobs)  # the runner gives each of the runs side by side its share
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     steps, minutes = parse_budget(args.budget)
     extra = {k: v for k, v in (("cache_dir", args.cache_dir), ("weights", args.weights)) if v}
     base = demo_config(run_dir=out / "runs", synthetic_sizes=DEMO_SYNTHETIC_SIZES, progress=not args.quiet,
@@ -64,7 +78,7 @@ def run(args) -> int:
     settings = CompareSettings(
         cells=list(args.cells), base=base, out_dir=out, budget_steps=steps, budget_minutes=minutes,
         seeds=[args.seed + k for k in range(args.seeds)], beam=args.beam, gallery_size=args.gallery,
-        overwrite=args.overwrite, resume=args.resume, command=command,
+        overwrite=args.overwrite, resume=args.resume, command=command, jobs=jobs,
     )
     rc = run_settings(settings)
     if rc == 0 and int(os.environ.get("RANK", "0")) == 0:

@@ -27,8 +27,8 @@ def _add_shared_options(p) -> None:
     o.add_argument("--validate-every", type=int, help="validate every N steps (default 200)")
     o.add_argument("--n-eval", type=int, help="validation and test sequences of the generated tasks (default 1000)")
     o.add_argument("--max-minutes", type=float, help="stop each run after this much wall-clock time")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default 1; small recurrent "
-                                                              "models run fastest with one)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch, per run (default 1; small "
+                                                              "recurrent models run fastest with one)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     c.add_argument("--out", required=True, metavar="DIR", help="folder for the runs, tables and figures")
     c.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones, add new ones")
     c.add_argument("--overwrite", action="store_true", help="train every run again in an existing --out")
+    c.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at a time, each in its own process (longest first), its messages in output.log "
+                        "in its folder; results as one at a time (default 1; --threads is shared among them)")
     _add_shared_options(c)
     c.set_defaults(func=run_compare)
 
@@ -92,10 +95,11 @@ def _base_config(args, cell: str | None, cells: list[str]):
                            progress=not args.quiet and sys.stderr.isatty(), **given)
 
 
-def _threads(args) -> None:
+def _threads(args, per_run: int = 1) -> None:
+    """--threads for each of the ``per_run`` runs that train at a time (the runner shares them out)."""
     from bnrhn.commands.lm import set_threads
 
-    set_threads(1 if args.threads is None else args.threads)
+    set_threads((1 if args.threads is None else args.threads) * per_run)
 
 
 def run_train(args) -> int:
@@ -133,13 +137,15 @@ def run_compare(args) -> int:
 
     from bnrhn.tasks.experiment import TaskCompareSettings, run_task_compare
 
-    _threads(args)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+    _threads(args, per_run=args.jobs)
     base = _base_config(args, args.cells[0], args.cells)
     settings = TaskCompareSettings(base=base, cells=list(args.cells), lengths=list(args.lengths),
                                    seeds=list(range(args.seeds)), out_dir=args.out, gradient_batch=args.gradient_batch,
-                                   resume=args.resume, overwrite=args.overwrite,
+                                   resume=args.resume, overwrite=args.overwrite, jobs=args.jobs,
                                    command="bnrhn " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["tasks"] else "")
     run_task_compare(settings, log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))

@@ -80,6 +80,7 @@ class CompareSettings:
     overwrite: bool = False
     resume: bool = False
     command: str = ""
+    jobs: int = 1  # runs trained at a time (not a setting of the experiment: a resume may change it)
 
     def to_dict(self) -> dict:
         """The settings saved in ``compare.json`` (what a resume must match: :meth:`CaptionComparison.must_match`)."""
@@ -234,6 +235,17 @@ class CaptionComparison(ExperimentSpec):
     def check(self, log: Log) -> None:
         check_settings(self.s, log)
 
+    def cost(self, run: Run) -> float:
+        from bnrhn.cells import relative_step_cost
+
+        return relative_step_cost(run.config.cell, run.config.cell_options)
+
+    def prepare(self, log: Log) -> None:
+        """The data set and its features in the cache, once, before runs train side by side."""
+        from bnrhn.captioning.api import prepare_data
+
+        prepare_data(self.s.base, log)
+
     def runs(self) -> list[Run]:
         out = Path(self.s.out_dir)
         runs = []
@@ -306,11 +318,17 @@ def run_compare(s: CompareSettings, log: Log = _stderr) -> dict:
     alone checks, evaluates and writes the experiment folder, and the other ranks return ``{}``."""
     from bnrhn.training.distributed import environment_rank
 
+    from bnrhn.training.distributed import environment_world_size
+
     spec = CaptionComparison(s)
+    if s.jobs > 1 and environment_world_size() > 1:
+        raise ValueError("--jobs N trains runs side by side in processes of one machine; under torchrun every "
+                         "process already trains each run data-parallel: leave --jobs at 1")
     if environment_rank() != 0:
         follow_experiment(spec, resume=s.resume)
         return {}
-    return run_experiment(spec, s.out_dir, resume=s.resume, overwrite=s.overwrite, command=s.command, log=log)
+    return run_experiment(spec, s.out_dir, resume=s.resume, overwrite=s.overwrite, command=s.command, log=log,
+                          jobs=s.jobs)
 
 
 def _run_config(s: CompareSettings, cell: str, seed: int, run_dir: Path):
@@ -463,7 +481,8 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         "(bnrhn.metrics; CIDEr is CIDEr-D).",
         "",
         table,
-        f"Total wall-clock time (training, validation and test captioning of every run): {_fmt_seconds(seconds)}. "
+        f"Time of the runs (training, validation and test captioning), summed: {_fmt_seconds(seconds)}"
+        + (f" ({s.jobs} trained at a time, so less wall-clock time). " if s.jobs > 1 else ". ")
         + (f"Reproduce with `{commands[0]}`." if len(commands) <= 1 else
            "Commands run, in order: " + "; ".join(f"`{c}`" for c in commands) + "."),
         "",

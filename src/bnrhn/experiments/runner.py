@@ -19,6 +19,14 @@ the settings that define it, how one run is trained, what a run that diverged yi
   interruption never leaves half a result for a later resume to take for a finished run;
 - the spec writes the report (``results.md``, ``results.json``, figures) from every run's result.
 
+With ``jobs`` > 1 the runs that need training run that many at a time, each in a process of its own
+(``concurrent.futures.ProcessPoolExecutor``, started with "spawn": no forked copy of a parent's threads),
+with the parent's CPU threads shared among them; the spec first does once what every run needs
+(:meth:`ExperimentSpec.prepare`: e.g. extracting the features) so the runs do not race for it. A run's
+messages then go to ``output.log`` in its folder, and its result is the one it has alone with as many
+threads (the same seed, data and code; tested). The longest runs (:meth:`ExperimentSpec.cost`) start first. Small recurrent models gain most: at one thread a step of the
+demo's captioners uses one core, so two at a time use both.
+
 The specifications: :mod:`bnrhn.experiments.compare` (caption decoders, ``bnrhn compare`` / ``bnrhn demo``),
 :mod:`bnrhn.lm.experiment` (the seed report, ``bnrhn lm experiment``), :mod:`bnrhn.tasks.experiment`
 (long-range tasks, ``bnrhn tasks compare``).
@@ -27,10 +35,13 @@ The specifications: :mod:`bnrhn.experiments.compare` (caption decoders, ``bnrhn 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 from abc import ABC, abstractmethod
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +50,7 @@ Log = Callable[[str], None]
 
 COMMAND_FILE = "command.txt"
 LAST_CHECKPOINT = "last.pt"
+OUTPUT_FILE = "output.log"  # a run's messages when it trains beside others (jobs > 1)
 
 
 def _stderr(msg: str) -> None:
@@ -80,6 +92,10 @@ class ExperimentSpec(ABC):
     def check(self, log: Log) -> None:
         """Every check of the settings that can fail before any run; called after the folder is checked."""
 
+    def prepare(self, log: Log) -> None:
+        """What every run needs and only one process should make (a feature cache): done once before runs
+        train side by side (``jobs`` > 1); runs alone do it themselves."""
+
     @abstractmethod
     def runs(self) -> list[Run]:
         """Every run, in the order they are trained."""
@@ -88,6 +104,11 @@ class ExperimentSpec(ABC):
         """The saved result of ``run`` when it has finished and may be reused, else None: its result file."""
         path = run.run_dir / self.result_file
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def cost(self, run: Run) -> float:
+        """A guess of how long ``run`` takes relative to the others: with ``jobs`` > 1 the longest are started
+        first, so the last to finish is not a long run started late (it orders the work, it changes no result)."""
+        return 1.0
 
     def can_continue(self, run: Run) -> bool:
         """Whether ``run.run_dir`` holds an interrupted run that :meth:`train` can continue: its ``last.pt``."""
@@ -111,14 +132,17 @@ class ExperimentSpec(ABC):
 
 
 def run_experiment(spec: ExperimentSpec, out_dir: str | Path, *, resume: bool, overwrite: bool, command: str = "",
-                   log: Log = _stderr) -> dict:
+                   log: Log = _stderr, jobs: int = 1) -> dict:
     """Check the folder and the settings, train (or reuse) every run, write the report; returns its summary.
 
     ``resume``: continue the experiment saved in ``out_dir`` (finished runs reused, interrupted ones
     continued); ``overwrite``: write into a folder that holds other files, every run from the start; neither:
-    the folder must be new or empty. ``command`` goes to ``command.txt``; ``log`` gets every message."""
+    the folder must be new or empty. ``command`` goes to ``command.txt``; ``log`` gets every message.
+    ``jobs``: how many runs train at a time, each in its own process (module docstring)."""
     from bnrhn.training import FolderLock
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a whole number ≥ 1, got {jobs!r}")
     out = Path(out_dir)
     check_folder(spec, out, resume=resume, overwrite=overwrite)
     spec.check(log)
@@ -130,11 +154,83 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | Path, *, resume: bool, o
         if spec.settings_file is not None:
             write_json_atomically(out / spec.settings_file, spec.settings())
         record_command(out, command, resume)
-        results = {}
-        for k, run in enumerate(runs, 1):
-            tag = f"{spec.log_name} [{k}/{len(runs)}]"
-            results[run.name] = result_of_run(spec, run, resume, lambda msg, tag=tag: log(f"{tag}: {msg}"))
+        if jobs > 1:
+            results = results_side_by_side(spec, runs, resume, jobs, log)
+        else:
+            results = {}
+            for k, run in enumerate(runs, 1):
+                tag = f"{spec.log_name} [{k}/{len(runs)}]"
+                results[run.name] = result_of_run(spec, run, resume, lambda msg, tag=tag: log(f"{tag}: {msg}"))
         return spec.report(results, out, log)
+
+
+def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jobs: int, log: Log) -> dict[str, dict]:
+    """:func:`result_of_run` for every run, up to ``jobs`` of them at a time in processes of their own; the
+    results in run order. Finished runs (``resume``) are reused here; the first error of a run is raised once
+    the runs already started have stopped (each leaves its ``last.pt`` to resume from)."""
+    import torch
+
+    tags = {run.name: f"{spec.log_name} [{k}/{len(runs)}]" for k, run in enumerate(runs, 1)}
+    results: dict[str, dict] = {}
+    pending = []
+    for run in runs:
+        saved = spec.finished(run) if resume else None
+        if saved is not None:
+            log(f"{tags[run.name]}: {run.name} already done ({run.run_dir})")
+            results[run.name] = saved
+        else:
+            pending.append(run)
+    if pending:
+        spec.prepare(log)
+        workers = min(jobs, len(pending))
+        threads = max(1, torch.get_num_threads() // workers)
+        log(f"{spec.log_name}: {len(pending)} run(s), {workers} at a time with {threads} thread(s) each; each run's "
+            f"messages go to {OUTPUT_FILE} in its folder")
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
+            futures = {}
+            for run in sorted(pending, key=spec.cost, reverse=True):  # longest first (stable: ties in run order)
+                (run.run_dir / spec.result_file).unlink(missing_ok=True)  # a run trained again: not its old result
+                continuing = resume and spec.can_continue(run)
+                log(f"{tags[run.name]}: {'resuming' if continuing else 'training'} {run.name} -> {run.run_dir}")
+                futures[pool.submit(_train_in_worker, spec, run, continuing)] = run
+            try:
+                for future in as_completed(futures):
+                    run = futures[future]
+                    result = future.result()  # a run's error, raised here
+                    results[run.name] = json.loads(write_json_atomically(run.run_dir / spec.result_file, result))
+                    log(f"{tags[run.name]}: {run.name} finished")
+            except BaseException:
+                for future in futures:  # the runs not started yet; the pool waits for the running ones
+                    future.cancel()
+                raise
+    return {run.name: results[run.name] for run in runs}
+
+
+def _start_worker(threads: int) -> None:
+    """A worker process of :func:`results_side_by_side`: its share of the CPU threads, no progress bars (their
+    lines would interleave; set before tqdm is imported, which reads its defaults from the environment then)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(spec: ExperimentSpec, run: Run, continuing: bool) -> dict:
+    """Train one run in a worker process, its messages in ``output.log`` in its folder; its result (a
+    divergence is one)."""
+    from bnrhn.training import TrainingDiverged
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.run_dir / OUTPUT_FILE, "a", encoding="utf-8") as out, redirect_stderr(out), redirect_stdout(out):
+        def log(msg: str) -> None:
+            print(msg, file=out, flush=True)
+
+        try:
+            return spec.train(run, continuing, log)
+        except TrainingDiverged as exc:
+            log(f"{run.name} diverged: {exc}")
+            return spec.diverged(run, exc, log)
 
 
 def follow_experiment(spec: ExperimentSpec, *, resume: bool) -> None:

@@ -45,6 +45,7 @@ class TaskCompareSettings:
     resume: bool = False
     overwrite: bool = False
     command: str = ""
+    jobs: int = 1  # runs trained at a time (a resume may change it)
 
     def shared(self) -> dict[str, Any]:
         """What every run shares (a resumed comparison must match it)."""
@@ -112,6 +113,11 @@ class TaskComparison(ExperimentSpec):
                     config_for(s, cell, length, seed))
                 for length in s.lengths for cell in s.cells for seed in s.seeds]
 
+    def cost(self, run: Run) -> float:
+        from bnrhn.cells import relative_step_cost
+
+        return run.config.length * relative_step_cost(run.config.cell, run.config.cell_options)
+
     def train(self, run: Run, resume: bool, log) -> dict[str, Any]:
         cfg = replace(run.config, overwrite=True)
         if resume:  # the interrupted run's own settings (its budget may have been extended since)
@@ -145,7 +151,7 @@ class TaskComparison(ExperimentSpec):
 def run_task_compare(s: TaskCompareSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every (cell, length, seed), write the table and figures; returns what results.json holds."""
     return run_experiment(TaskComparison(s), s.out_dir, resume=s.resume, overwrite=s.overwrite, command=s.command,
-                          log=log)
+                          log=log, jobs=s.jobs)
 
 
 def summarise(runs: list[dict], cells: list[str], lengths: list[int]) -> dict[str, dict[str, dict[str, Any]]]:
