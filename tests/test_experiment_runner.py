@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -268,12 +269,26 @@ def test_a_follower_trains_the_runs_rank_0_trains_and_writes_nothing(tmp_path):
     assert follower.trained == [] and follower.reported is None
 
 
-class SideBySide(FakeExperiment):
-    """The fake experiment, saying which process trained each run and with how many threads."""
+@dataclass
+class FakeConfig:
+    seed: int
+    progress: bool = True
 
-    def __init__(self, **kw):
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+class SideBySide(FakeExperiment):
+    """The fake experiment, saying which process trained each run, with how many threads, which kernel choice
+    and whether its progress bars were on; ``fail`` names runs that raise an ordinary error."""
+
+    def __init__(self, fail=(), slow=(), **kw):
         super().__init__(**kw)
         self.prepared = 0
+        self.fail, self.slow = set(fail), set(slow)
+
+    def runs(self) -> list[Run]:
+        return [Run(f"seed {s}", self.out / "runs" / f"seed{s}", FakeConfig(s)) for s in self.seeds]
 
     def prepare(self, log) -> None:
         self.prepared += 1
@@ -285,9 +300,15 @@ class SideBySide(FakeExperiment):
 
         log(f"training {run.name} here")
         print("a progress line on stderr", file=sys.stderr)
+        if run.name in self.fail:
+            raise OSError("the disk said no")
+        if run.name in self.slow:
+            import time
+
+            time.sleep(3.0)
         result = super().train(run, resume, log)
-        return {**result, "pid": os.getpid(), "threads": torch.get_num_threads(),
-                "tqdm_disabled": os.environ.get("TQDM_DISABLE")}
+        return {**result, "pid": os.getpid(), "threads": torch.get_num_threads(), "progress": run.config.progress,
+                "kernels": os.environ.get("BNRHN_GATE_KERNELS")}
 
 
 def test_jobs_train_runs_in_worker_processes_with_the_same_results(tmp_path):
@@ -309,14 +330,16 @@ def test_jobs_train_runs_in_worker_processes_with_the_same_results(tmp_path):
         torch.set_num_threads(threads)
     assert spec.prepared == 1 and spec.trained == []  # the parent trained nothing itself
     assert list(spec.reported) == ["seed 0", "seed 1", "seed 2"]
+    from bnrhn import kernels
+
     for name in ("seed 0", "seed 1"):
         r = spec.reported[name]
-        assert r["pid"] != os.getpid() and r["threads"] == 1 and r["tqdm_disabled"] == "1"
-        assert r["score"] == 10 + r["seed"]
+        assert r["pid"] != os.getpid() and r["threads"] == 1 and r["progress"] is False
+        assert r["kernels"] == kernels.settled_mode() and r["score"] == 10 + r["seed"]
     assert spec.reported["seed 2"]["why"] == "loss is nan at step 3"
     log_text = (spec.out / "runs" / "seed1" / runner.OUTPUT_FILE).read_text()
     assert "training seed 1 here" in log_text and "a progress line on stderr" in log_text
-    assert any("3 run(s), 2 at a time with 1 thread(s) each" in line for line in lines)
+    assert any("3 run(s), up to 2 at a time with 1 thread(s) each" in line for line in lines)
     again = SideBySide(seeds=(0, 1, 2))
     again.out = spec.out
     run_experiment(again, spec.out, resume=True, overwrite=False, command="bnrhn fake", log=lambda m: None, jobs=2)
@@ -335,6 +358,15 @@ class Costly(SideBySide):
         return {"seed 0": 1.0, "seed 1": 5.0, "seed 2": 5.0, "seed 3": 3.0}[run.name]
 
 
+class Ordered(SideBySide):
+    def __init__(self, costs, **kw):
+        super().__init__(**kw)
+        self.costs = costs
+
+    def cost(self, run: Run) -> float:
+        return self.costs[run.name]
+
+
 def test_jobs_start_the_costliest_runs_first_and_report_in_run_order(tmp_path):
     spec = Costly(seeds=(0, 1, 2, 3))
     spec.out = tmp_path / "exp"
@@ -343,3 +375,16 @@ def test_jobs_start_the_costliest_runs_first_and_report_in_run_order(tmp_path):
     started = [line.split("training ")[1].split(" ->")[0] for line in lines if ": training seed" in line]
     assert started == ["seed 1", "seed 2", "seed 3", "seed 0"]  # ties keep the run order
     assert list(spec.reported) == ["seed 0", "seed 1", "seed 2", "seed 3"]
+
+
+def test_a_failing_run_beside_others_stops_new_runs_and_names_its_log(tmp_path):
+    """jobs=2, runs costliest first: seed 0 fails while seed 1 trains (3 s); seed 1 finishes and keeps its result,
+    seed 2 is not started, and the error names seed 0's output.log, which holds the traceback."""
+    class_costs = {"seed 0": 3.0, "seed 1": 2.0, "seed 2": 1.0}
+    spec = Ordered(costs=class_costs, seeds=(0, 1, 2), fail={"seed 0"}, slow={"seed 1"})
+    spec.out = tmp_path / "exp"
+    with pytest.raises(RuntimeError, match=r"seed 0 \(see .*seed0/output.log\); 1 not started"):
+        run_experiment(spec, spec.out, resume=False, overwrite=False, log=lambda m: None, jobs=2)
+    assert "OSError: the disk said no" in (spec.out / "runs" / "seed0" / runner.OUTPUT_FILE).read_text()
+    assert json.loads((spec.out / "runs" / "seed1" / spec.result_file).read_text())["score"] == 11
+    assert not (spec.out / "runs" / "seed2").exists()

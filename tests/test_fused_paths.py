@@ -23,6 +23,7 @@ FUSED_CASES = [
     ("bn_lstm", {"stats": "momentum"}),
     ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}),
     ("bn_lstm", {}),  # batch renormalization, the default
+    ("bn_lstm", {"renorm_rmax": 1.05, "renorm_dmax": 0.01, "renorm_warmup": 0}),  # limits that bind
     ("bn_lstm", {"stats": "cumulative", "max_steps": 3}),
 ]
 

@@ -284,4 +284,3 @@ def test_tasks_compare_with_jobs_gives_the_results_of_one_run_at_a_time(tmp_path
     side = json.loads((tmp_path / "side" / "results.json").read_text())
     assert [(r["cell"], r["test"]) for r in side["runs"]] == [(r["cell"], r["test"]) for r in alone["runs"]]
     assert side["summary"] == alone["summary"]
-    assert (tmp_path / "side" / "runs" / "rhn-T6-seed0" / "output.log").is_file()

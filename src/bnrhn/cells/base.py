@@ -12,10 +12,11 @@ sequence path and the step path share every parameter and every batch-norm conve
 
 How a step may run is the caller's decision, passed as a :class:`StepMode`: whether the cell may take
 its fast paths (hand-written autograd nodes, the fused CPU kernels), the weight-gradient taps of the
-current time loop, and whether this is inference with ``xp`` as scratch space. A cell reads nothing
-else (no global grad mode, no transform detection, no attribute set from outside); called without a
-mode it computes the reference composition of PyTorch operations. The runner builds the modes
-(:meth:`bnrhn.nn.Recurrent.step_mode`).
+current time loop, and whether this is inference with ``xp`` as scratch space. A cell asks no global
+grad mode and no transform state, and no attribute is set on it from outside to change its path
+(besides its own modules' configuration and train/eval flags it reads only autocast and the
+process-wide choice of :mod:`bnrhn.kernels`); called without a mode it computes the reference
+composition of PyTorch operations. The runner builds the modes (:meth:`bnrhn.nn.Recurrent.step_mode`).
 
 The state is a tuple of ``[B, H]`` tensors whose first element is the cell's output h_t (for the LSTM
 family the second is the memory c_t).

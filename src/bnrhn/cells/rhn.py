@@ -139,7 +139,8 @@ class RHNCell(RecurrentCell):
         """Call ``hook(l, t_l, c_l)`` with the transform and carry gates (``[B, H]``, c = 1 − t when coupled)
         of highway layer l at every step from now on, until ``handle.remove()`` (as ``torch.nn.Module``'s
         hooks). While a hook is registered the steps take the reference composition: the fast paths never
-        hold the gates as tensors."""
+        hold the gates as tensors. Hooks also run inside ``torch.func`` transforms (e.g.
+        :func:`bnrhn.analysis.jacobian.step_jacobian`), where ``.item()`` is not allowed."""
         handle = RemovableHandle(self._gate_hooks)
         self._gate_hooks[handle.id] = hook
         return handle
@@ -244,7 +245,9 @@ class RHNCell(RecurrentCell):
                         norm = self.norms[f"{g}{l}"]
                         parts[gi] = norm(parts[gi], step, mask) if self.norm == "batch" else norm(parts[gi])
                 a = torch.cat(parts, dim=1) + self.bias[l]
-            fused_update = mode.fused and mode.inference and not self._gate_hooks and a.is_contiguous()
+            # the kernel writes into a outside autograd: never on a tensor that needs a gradient
+            fused_update = (mode.fused and mode.inference and not self._gate_hooks and a.is_contiguous()
+                            and not a.requires_grad)
             ops = kernels.ops_for(a, s) if fused_update else None
             if ops is not None:
                 s = ops.highway_forward(a, s.contiguous(), len(self.gate_names))  # inference: a is scratch

@@ -21,9 +21,10 @@ def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str], jobs_
                    help="finish an interrupted comparison in --out: finished runs are kept, an interrupted one "
                         "continues from its last checkpoint (repeat the original command and add --resume)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="train N runs at a time, longest first, each in its own process with its share of the CPU "
-                        "threads; each run's messages then go to output.log in its folder, and its result is the one "
-                        f"it has alone with as many threads (default {jobs_help})")
+                   help="train N runs at a time, longest first, each in its own process with 1/N of the CPU threads; "
+                        "each run's messages then go to output.log in its folder, and its result is the one it has "
+                        "alone with as many threads (with a time --budget, runs side by side do less in that time) "
+                        f"(default {jobs_help})")
 
 
 def register(subparsers) -> None:

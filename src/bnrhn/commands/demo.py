@@ -31,9 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--weights", metavar="PATH", help="MobileNetV2 weights file (default: found offline, see 'bnrhn features --help')")
     add_compare_args(p, ["lstm", "rhn", "bn_rhn"], jobs_help="the CPU cores, at most one per run; 1 under torchrun")
     p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="CPU threads for PyTorch, shared among the runs that train at a time (default 1 per run: "
-                        "the demo's small models lose more to thread synchronisation than they gain; measured 3.0 "
-                        "min with 1 thread, 5.7 min with 2 on 2 cores, one run at a time)")
+                   help="CPU threads for PyTorch, per run (default 1: the demo's small models lose more to thread "
+                        "synchronisation than they gain; measured 3.0 min with 1 thread, 5.7 min with 2 on 2 cores, "
+                        "one run at a time)")
     add_device(p, default="auto")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -71,8 +71,9 @@ def register(subparsers) -> None:
     c.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones, add new ones")
     c.add_argument("--overwrite", action="store_true", help="train every run again in an existing --out")
     c.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N runs at a time, each in its own process (longest first), its messages in output.log "
-                        "in its folder; results as one at a time (default 1; --threads is shared among them)")
+                   help="train N runs at a time, each in its own process with --threads threads (longest first), "
+                        "its messages in output.log in its folder; results as one at a time with those threads "
+                        "(default 1)")
     _add_shared_options(c)
     c.set_defaults(func=run_compare)
 

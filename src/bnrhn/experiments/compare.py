@@ -290,7 +290,7 @@ class CaptionComparison(ExperimentSpec):
         else:
             log(f"evaluating {cfg.cell} on the test split (beam {self.s.beam})")
             results, scores = evaluate(trained.best, split="test", beam=self.s.beam, metrics=ALL_METRICS,
-                                       out_dir=run.run_dir, progress=self.s.base.progress, device=self.s.base.device,
+                                       out_dir=run.run_dir, progress=cfg.progress, device=self.s.base.device,
                                        log=log)
             captions = {str(r["image_id"]): r["caption"] for r in results}
         leak = _batchnorm_diagnostic(trained.best, log, self.s.base.device) if trained.best is not None else {}
@@ -482,7 +482,7 @@ def write_report(s: CompareSettings, runs: list[CellRun], seconds: float, log: L
         "",
         table,
         f"Time of the runs (training, validation and test captioning), summed: {_fmt_seconds(seconds)}"
-        + (f" ({s.jobs} trained at a time, so less wall-clock time). " if s.jobs > 1 else ". ")
+        + (f" (up to {s.jobs} trained at a time, so less wall-clock time). " if s.jobs > 1 else ". ")
         + (f"Reproduce with `{commands[0]}`." if len(commands) <= 1 else
            "Commands run, in order: " + "; ".join(f"`{c}`" for c in commands) + "."),
         "",

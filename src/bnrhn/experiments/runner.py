@@ -20,8 +20,8 @@ the settings that define it, how one run is trained, what a run that diverged yi
 - the spec writes the report (``results.md``, ``results.json``, figures) from every run's result.
 
 With ``jobs`` > 1 the runs that need training run that many at a time, each in a process of its own
-(``concurrent.futures.ProcessPoolExecutor``, started with "spawn": no forked copy of a parent's threads),
-with the parent's CPU threads shared among them; the spec first does once what every run needs
+(started with "spawn": no forked copy of a parent's threads), with the parent's CPU threads shared out
+(its threads ÷ ``jobs`` each) and its choice of the fused gate kernels; the spec first does once what every run needs
 (:meth:`ExperimentSpec.prepare`: e.g. extracting the features) so the runs do not race for it. A run's
 messages then go to ``output.log`` in its folder, and its result is the one it has alone with as many
 threads (the same seed, data and code; tested). The longest runs (:meth:`ExperimentSpec.cost`) start first. Small recurrent models gain most: at one thread a step of the
@@ -40,9 +40,9 @@ import os
 import shlex
 import sys
 from abc import ABC, abstractmethod
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import multiprocessing.connection
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +105,12 @@ class ExperimentSpec(ABC):
         path = run.run_dir / self.result_file
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
+    def without_progress(self, run: Run) -> Run:
+        """``run`` as a worker process trains it: no progress bars. The default turns off a ``progress`` field of
+        a dataclass config."""
+        fields = getattr(run.config, "__dataclass_fields__", {})
+        return replace(run, config=replace(run.config, progress=False)) if "progress" in fields else run
+
     def cost(self, run: Run) -> float:
         """A guess of how long ``run`` takes relative to the others: with ``jobs`` > 1 the longest are started
         first, so the last to finish is not a long run started late (it orders the work, it changes no result)."""
@@ -153,7 +159,8 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | Path, *, resume: bool, o
     with FolderLock(out, "experiment folder"):
         if spec.settings_file is not None:
             write_json_atomically(out / spec.settings_file, spec.settings())
-        record_command(out, command, resume)
+        # an experiment without settings of its own keeps earlier runs across calls: its commands accumulate
+        record_command(out, command, resume or spec.settings_file is None)
         if jobs > 1:
             results = results_side_by_side(spec, runs, resume, jobs, log)
         else:
@@ -165,10 +172,17 @@ def run_experiment(spec: ExperimentSpec, out_dir: str | Path, *, resume: bool, o
 
 
 def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jobs: int, log: Log) -> dict[str, dict]:
-    """:func:`result_of_run` for every run, up to ``jobs`` of them at a time in processes of their own; the
-    results in run order. Finished runs (``resume``) are reused here; the first error of a run is raised once
-    the runs already started have stopped (each leaves its ``last.pt`` to resume from)."""
+    """:func:`result_of_run` for every run, up to ``jobs`` at a time, each in a process of its own (started with
+    "spawn", ending with its run); the results in run order. Finished runs (``resume``) are reused here.
+
+    A run that fails stops new runs from starting; the running ones finish and keep their results, then the
+    failure is raised, naming the run's ``output.log``. Ctrl-C reaches every worker (one process group), whose
+    trainer saves a resumable ``last.pt``; the runner waits for them and lets the ``KeyboardInterrupt`` through.
+    (``concurrent.futures``' pool is not used: its idle workers die on Ctrl-C and the pool then kills the busy
+    ones before they save.)"""
     import torch
+
+    from bnrhn import kernels
 
     tags = {run.name: f"{spec.log_name} [{k}/{len(runs)}]" for k, run in enumerate(runs, 1)}
     results: dict[str, dict] = {}
@@ -180,57 +194,87 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
             results[run.name] = saved
         else:
             pending.append(run)
-    if pending:
-        spec.prepare(log)
-        workers = min(jobs, len(pending))
-        threads = max(1, torch.get_num_threads() // workers)
-        log(f"{spec.log_name}: {len(pending)} run(s), {workers} at a time with {threads} thread(s) each; each run's "
-            f"messages go to {OUTPUT_FILE} in its folder")
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-            futures = {}
-            for run in sorted(pending, key=spec.cost, reverse=True):  # longest first (stable: ties in run order)
-                (run.run_dir / spec.result_file).unlink(missing_ok=True)  # a run trained again: not its old result
+    if not pending:
+        return results
+    spec.prepare(log)
+    threads = max(1, torch.get_num_threads() // jobs)
+    setup = {"threads": threads, "gate_kernels": kernels.settled_mode()}
+    log(f"{spec.log_name}: {len(pending)} run(s), up to {jobs} at a time with {threads} thread(s) each, longest "
+        f"first; each run's messages go to {OUTPUT_FILE} in its folder")
+    context = multiprocessing.get_context("spawn")
+    waiting = sorted(pending, key=spec.cost, reverse=True)  # longest first (stable: ties in run order)
+    running: dict[Any, Run] = {}
+    failed: list[Run] = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs and not failed:
+                run = waiting.pop(0)
+                (run.run_dir / spec.result_file).unlink(missing_ok=True)  # trained again: not its old result
                 continuing = resume and spec.can_continue(run)
                 log(f"{tags[run.name]}: {'resuming' if continuing else 'training'} {run.name} -> {run.run_dir}")
-                futures[pool.submit(_train_in_worker, spec, run, continuing)] = run
-            try:
-                for future in as_completed(futures):
-                    run = futures[future]
-                    result = future.result()  # a run's error, raised here
-                    results[run.name] = json.loads(write_json_atomically(run.run_dir / spec.result_file, result))
+                worker = context.Process(target=_train_in_worker, args=(spec, run, continuing, setup),
+                                         name=f"bnrhn {run.name}")
+                worker.start()
+                running[worker] = run
+            if not running:
+                break
+            multiprocessing.connection.wait([w.sentinel for w in running])
+            for worker in [w for w in running if not w.is_alive()]:
+                worker.join()
+                run = running.pop(worker)
+                result = spec.finished(run) if worker.exitcode == 0 else None
+                if result is None:
+                    failed.append(run)
+                    log(f"{tags[run.name]}: {run.name} failed (exit code {worker.exitcode}); see "
+                        f"{run.run_dir / OUTPUT_FILE}")
+                else:
+                    results[run.name] = result
                     log(f"{tags[run.name]}: {run.name} finished")
-            except BaseException:
-                for future in futures:  # the runs not started yet; the pool waits for the running ones
-                    future.cancel()
-                raise
-    return {run.name: results[run.name] for run in runs}
+    except KeyboardInterrupt:
+        for worker in running:  # they got the Ctrl-C too: each saves its last.pt and stops
+            worker.join()
+        raise
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: " + "; ".join(
+            f"{run.name} (see {run.run_dir / OUTPUT_FILE})" for run in failed)
+            + (f"; {len(waiting)} not started" if waiting else "") + ". Fix the cause and repeat the command "
+            "with --resume: finished runs are kept")
+    return {run.name: results[run.name] for run in runs if run.name in results}
 
 
-def _start_worker(threads: int) -> None:
-    """A worker process of :func:`results_side_by_side`: its share of the CPU threads, no progress bars (their
-    lines would interleave; set before tqdm is imported, which reads its defaults from the environment then)."""
-    os.environ["TQDM_DISABLE"] = "1"
+def _train_in_worker(spec: ExperimentSpec, run: Run, continuing: bool, setup: dict) -> None:
+    """A worker process: trains one run with the parent's kernel choice, its share of the threads and no
+    progress bars (their frames would fill the log), its messages in ``output.log`` in its folder, and writes
+    the run's result file (a divergence is a result). Exit code 0 when the result is written, 130 after
+    Ctrl-C, 1 after an error (its traceback in ``output.log``)."""
+    import traceback
+
+    os.environ["BNRHN_GATE_KERNELS"] = setup["gate_kernels"]
+    os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: bars that do not ask for themselves stay off
     import torch
 
-    torch.set_num_threads(threads)
-
-
-def _train_in_worker(spec: ExperimentSpec, run: Run, continuing: bool) -> dict:
-    """Train one run in a worker process, its messages in ``output.log`` in its folder; its result (a
-    divergence is one)."""
     from bnrhn.training import TrainingDiverged
 
+    torch.set_num_threads(setup["threads"])
+    run = spec.without_progress(run)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     with open(run.run_dir / OUTPUT_FILE, "a", encoding="utf-8") as out, redirect_stderr(out), redirect_stdout(out):
         def log(msg: str) -> None:
             print(msg, file=out, flush=True)
 
         try:
-            return spec.train(run, continuing, log)
-        except TrainingDiverged as exc:
-            log(f"{run.name} diverged: {exc}")
-            return spec.diverged(run, exc, log)
+            try:
+                result = spec.train(run, continuing, log)
+            except TrainingDiverged as exc:
+                log(f"{run.name} diverged: {exc}")
+                result = spec.diverged(run, exc, log)
+            write_json_atomically(run.run_dir / spec.result_file, result)
+        except KeyboardInterrupt:
+            log(f"{run.name} interrupted; its last checkpoint is kept")
+            sys.exit(130)
+        except BaseException:  # noqa: BLE001 — the parent names this log; the traceback is the message
+            traceback.print_exc(file=out)
+            sys.exit(1)
 
 
 def follow_experiment(spec: ExperimentSpec, *, resume: bool) -> None:
@@ -313,13 +357,14 @@ def refused_changes(saved: dict, now: dict, may_grow: tuple[str, ...] = ()) -> l
     return sorted(k for k in changed if not (k in may_grow and grew(saved.get(k), now.get(k))))
 
 
-def record_command(out: Path, command: str, resume: bool) -> None:
+def record_command(out: Path, command: str, keep_earlier: bool) -> None:
     """``command.txt``: the commands that worked on the folder, each once, in order (a fresh start begins the
-    list, a resume adds its own). No command (a call from Python), no line."""
+    list; with ``keep_earlier`` — a resume — the command is added to it). No command (a call from Python), no
+    line."""
     if not command:
         return
     path = out / COMMAND_FILE
-    earlier = path.read_text(encoding="utf-8").splitlines() if resume and path.is_file() else []
+    earlier = path.read_text(encoding="utf-8").splitlines() if keep_earlier and path.is_file() else []
     if command not in earlier:
         path.write_text("\n".join([*earlier, command]) + "\n", encoding="utf-8")
 

@@ -196,6 +196,14 @@ def step_ops(*tensors: Tensor):
     return composed if ops is None else ops
 
 
+def settled_mode() -> str:
+    """"on" or "off": this process's choice (made now if not yet), for worker processes to take as their
+    ``BNRHN_GATE_KERNELS`` so that they do not time both paths again, side by side, and maybe choose otherwise."""
+    if "ops" not in _state:
+        _load()
+    return "on" if _state["ops"] is not None else "off"
+
+
 def status() -> str:
     """One line on whether the kernels are in use, and why (for logs and benchmarks)."""
     if "ops" not in _state:

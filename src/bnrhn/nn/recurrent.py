@@ -64,8 +64,9 @@ class Recurrent(nn.Module):
         use_vendor_kernel: let PyTorch's own kernel run whole sequences of the cells that have one
             (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use; False = always the step loop.
         fused: let the cells take their fast paths (hand-written autograd nodes, fused CPU kernels,
-            deferred weight gradients); False = every step is the reference composition of PyTorch
-            operations (for tests and for ``torch.compile`` of the plain equations).
+            deferred weight gradients); False = every step is the composition of PyTorch operations, the
+            plain equations (for tests and for ``torch.compile``; under ``no_grad`` the products still
+            write into the runner's own projected inputs).
         **cell_options: passed to :func:`bnrhn.cells.build_cell` (e.g. ``depth=3``, ``norm="batch"``).
     """
 

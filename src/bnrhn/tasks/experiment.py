@@ -121,7 +121,7 @@ class TaskComparison(ExperimentSpec):
     def train(self, run: Run, resume: bool, log) -> dict[str, Any]:
         cfg = replace(run.config, overwrite=True)
         if resume:  # the interrupted run's own settings (its budget may have been extended since)
-            cfg = replace(load_task_config(run.run_dir), progress=self.s.base.progress)
+            cfg = replace(load_task_config(run.run_dir), progress=run.config.progress)
         return train_task(cfg, resume=resume, log=lambda m: None)
 
     def diverged(self, run: Run, exc: Exception, log) -> dict[str, Any]:
