@@ -282,10 +282,10 @@ class SideBySide(FakeExperiment):
     """The fake experiment, saying which process trained each run, with how many threads, which kernel choice
     and whether its progress bars were on; ``fail`` names runs that raise an ordinary error."""
 
-    def __init__(self, fail=(), slow=(), **kw):
+    def __init__(self, fail=(), slow=(), ctrl_c=(), **kw):
         super().__init__(**kw)
         self.prepared = 0
-        self.fail, self.slow = set(fail), set(slow)
+        self.fail, self.slow, self.ctrl_c = set(fail), set(slow), set(ctrl_c)
 
     def runs(self) -> list[Run]:
         return [Run(f"seed {s}", self.out / "runs" / f"seed{s}", FakeConfig(s)) for s in self.seeds]
@@ -302,6 +302,8 @@ class SideBySide(FakeExperiment):
         print("a progress line on stderr", file=sys.stderr)
         if run.name in self.fail:
             raise OSError("the disk said no")
+        if run.name in self.ctrl_c:
+            raise KeyboardInterrupt  # as the trainer does after saving last.pt
         if run.name in self.slow:
             import time
 
@@ -388,3 +390,17 @@ def test_a_failing_run_beside_others_stops_new_runs_and_names_its_log(tmp_path):
     assert "OSError: the disk said no" in (spec.out / "runs" / "seed0" / runner.OUTPUT_FILE).read_text()
     assert json.loads((spec.out / "runs" / "seed1" / spec.result_file).read_text())["score"] == 11
     assert not (spec.out / "runs" / "seed2").exists()
+
+
+def test_ctrl_c_in_a_worker_stops_the_experiment_as_a_keyboard_interrupt(tmp_path):
+    """A worker that stops on Ctrl-C (exit code 130) while its neighbour trains: the neighbour finishes, no new
+    run starts, and the runner raises KeyboardInterrupt (the commands then print how to resume), even though the
+    runner itself never saw the signal (a background job ignores SIGINT while its children take it)."""
+    spec = Ordered(costs={"seed 0": 3.0, "seed 1": 2.0, "seed 2": 1.0}, seeds=(0, 1, 2), ctrl_c={"seed 0"},
+                   slow={"seed 1"})
+    spec.out = tmp_path / "exp"
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(spec, spec.out, resume=False, overwrite=False, log=lines.append, jobs=2)
+    assert any("seed 0 interrupted" in line for line in lines)
+    assert (spec.out / "runs" / "seed1" / spec.result_file).is_file() and not (spec.out / "runs" / "seed2").exists()

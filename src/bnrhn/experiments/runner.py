@@ -51,6 +51,7 @@ Log = Callable[[str], None]
 COMMAND_FILE = "command.txt"
 LAST_CHECKPOINT = "last.pt"
 OUTPUT_FILE = "output.log"  # a run's messages when it trains beside others (jobs > 1)
+INTERRUPTED = 130  # a worker's exit code after Ctrl-C (128 + SIGINT, as shells report it)
 
 
 def _stderr(msg: str) -> None:
@@ -177,7 +178,8 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
 
     A run that fails stops new runs from starting; the running ones finish and keep their results, then the
     failure is raised, naming the run's ``output.log``. Ctrl-C reaches every worker (one process group), whose
-    trainer saves a resumable ``last.pt``; the runner waits for them and lets the ``KeyboardInterrupt`` through.
+    trainer saves a resumable ``last.pt``; the runner waits for them and raises ``KeyboardInterrupt`` (also when
+    only the workers got it: a background job may ignore SIGINT while its children take it).
     (``concurrent.futures``' pool is not used: its idle workers die on Ctrl-C and the pool then kills the busy
     ones before they save.)"""
     import torch
@@ -205,9 +207,10 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
     waiting = sorted(pending, key=spec.cost, reverse=True)  # longest first (stable: ties in run order)
     running: dict[Any, Run] = {}
     failed: list[Run] = []
+    interrupted: list[Run] = []
     try:
         while waiting or running:
-            while waiting and len(running) < jobs and not failed:
+            while waiting and len(running) < jobs and not failed and not interrupted:
                 run = waiting.pop(0)
                 (run.run_dir / spec.result_file).unlink(missing_ok=True)  # trained again: not its old result
                 continuing = resume and spec.can_continue(run)
@@ -223,7 +226,10 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
                 worker.join()
                 run = running.pop(worker)
                 result = spec.finished(run) if worker.exitcode == 0 else None
-                if result is None:
+                if worker.exitcode == INTERRUPTED:  # Ctrl-C reached it (and maybe not us: a job with SIGINT ignored)
+                    interrupted.append(run)
+                    log(f"{tags[run.name]}: {run.name} interrupted; its last checkpoint is kept")
+                elif result is None:
                     failed.append(run)
                     log(f"{tags[run.name]}: {run.name} failed (exit code {worker.exitcode}); see "
                         f"{run.run_dir / OUTPUT_FILE}")
@@ -234,6 +240,8 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
         for worker in running:  # they got the Ctrl-C too: each saves its last.pt and stops
             worker.join()
         raise
+    if interrupted:
+        raise KeyboardInterrupt
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: " + "; ".join(
             f"{run.name} (see {run.run_dir / OUTPUT_FILE})" for run in failed)
@@ -271,7 +279,7 @@ def _train_in_worker(spec: ExperimentSpec, run: Run, continuing: bool, setup: di
             write_json_atomically(run.run_dir / spec.result_file, result)
         except KeyboardInterrupt:
             log(f"{run.name} interrupted; its last checkpoint is kept")
-            sys.exit(130)
+            sys.exit(INTERRUPTED)
         except BaseException:  # noqa: BLE001 — the parent names this log; the traceback is the message
             traceback.print_exc(file=out)
             sys.exit(1)
