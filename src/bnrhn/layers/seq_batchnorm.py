@@ -281,7 +281,7 @@ class SequenceBatchNorm(nn.Module):
         with the limits of each step's own slot (a slot that has seen no batch is in its warm-up: r = 1,
         d = 0). Constants of the backward pass."""
         if isinstance(step, int):
-            idx = torch.tensor(self.slot(step), device=mean.device)
+            idx = self.slot(step)  # a view of the slot's statistics (no index tensor: this runs every step)
         else:
             idx = step.clamp(max=self.max_steps - 1) if self.per_step else torch.zeros_like(step)
         pop_mean = self.running_mean[idx].to(mean.dtype)
