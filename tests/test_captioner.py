@@ -161,3 +161,18 @@ def test_grad_clip_zero_means_off_as_for_language_models():
     from bnrhn.captioning import CaptionConfig
 
     assert CaptionConfig(grad_clip=0).grad_clip is None and CaptionConfig(grad_clip=2.5).grad_clip == 2.5
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+def test_real_token_logits_are_the_teacher_forced_logits_at_the_real_targets(kind):
+    """No logits for padding: the N rows are those of the full [B, L−1, V] logits where the mask is set, in
+    row-major order, with their targets; the number of rows is Σ (length − 1)."""
+    m = _model(kind, "bn_rhn").eval()
+    f, tok, lengths = _batch(kind)
+    with torch.no_grad():
+        full, targets, mask = m.teacher_forced_logits(f, tok, lengths)
+        logits, real_targets, valid = m.real_token_logits(f, tok, lengths)
+    assert torch.equal(valid, mask.bool()) and logits.shape[0] == int((lengths - 1).sum())
+    rows, cols = valid.nonzero(as_tuple=True)
+    assert torch.equal(real_targets, targets[rows, cols])
+    assert torch.allclose(logits, full[rows, cols], atol=1e-5)

@@ -119,21 +119,21 @@ class SelfCritical:
         tokens, lengths = caption_rows([h.tokens for h in hyps], v.start_id, v.end_id, v.pad_id)
         tokens, lengths = tokens.to(features.device), lengths.to(features.device)
         model.train(self.policy == "train")
-        logits, targets, mask = model.teacher_forced_logits(feats, tokens, lengths)
+        # the sampled captions' real words only (w_1 .. <end>; no logits for padding), row-major: sample of each
+        logits, targets, valid = model.real_token_logits(feats, tokens, lengths)
+        sample = valid.nonzero(as_tuple=True)[0]
         # the sampler's distribution: the tokens it never draws (<pad>, <start>, <unk>) removed, and no term
         # for an <end> it forced after max_len words (its probability was 1)
         banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         banned[[v.pad_id, v.start_id, v.unk_id]] = True
-        logp = F.log_softmax(logits.float().masked_fill(banned, float("-inf")), -1)
-        forced = (lengths - 2 == self.max_len).unsqueeze(1) & (targets == v.end_id)
-        mask = mask * ~forced
-        # (padding targets are <pad>, now at −inf: selected away, not multiplied by 0)
-        word_logp = torch.where(mask > 0, logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 0.0)
-        n_words = max(int(mask.sum()), 1)
-        loss = -(advantage.unsqueeze(1) * word_logp).sum() / n_words
+        logp = F.log_softmax(logits.float().masked_fill(banned, float("-inf")), -1)  # [words, V]
+        kept = ~((lengths[sample] - 2 == self.max_len) & (targets == v.end_id))
+        word_logp = torch.where(kept, logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), 0.0)
+        n_words = max(int(kept.sum()), 1)
+        loss = -(advantage[sample] * word_logp).sum() / n_words
         with torch.no_grad():
             plogp = torch.where(banned, 0.0, logp.exp() * logp)
-            entropy = float(-plogp.sum(-1).mul(mask).sum() / n_words)
+            entropy = float(-plogp.sum(-1).mul(kept).sum() / n_words)
         return loss, n_words, {
             "reward": float(rewards.mean()), "baseline": float(base.mean()), "entropy": round(entropy, 5),
             "sample_words": float(lengths.float().mean()) - 2.0,

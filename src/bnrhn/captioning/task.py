@@ -177,10 +177,9 @@ class CaptionTask:
         for s in range(0, len(caps), batch_size):
             idx = torch.arange(s, min(len(caps), s + batch_size))
             feats, tokens, lengths = self._inputs(caps, self.data.val, idx)
-            logits, targets, mask = self.model.teacher_forced_logits(feats, tokens, lengths)
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            total += float((ce * mask).sum())
-            count += int(mask.sum())
+            logits, targets, _ = self.model.real_token_logits(feats, tokens, lengths)  # no logits for padding
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += targets.numel()
         return total / max(count, 1)
 
     @torch.no_grad()

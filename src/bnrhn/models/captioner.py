@@ -176,6 +176,12 @@ class Captioner(nn.Module):
         """(logits ``[B, L−1, V]``, targets ``[B, L−1]``, float mask ``[B, L−1]``)."""
         raise NotImplementedError
 
+    def real_token_logits(self, features, tokens, lengths) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits ``[N, V]``, targets ``[N]``, bool mask ``[B, L−1]``) of the N real targets (w_1 .. <end> of every
+        caption, in row-major order of the mask): :meth:`teacher_forced_logits` at the mask's positions, with
+        nothing computed for padding (the output layer and anything after it see N rows, not B·(L−1))."""
+        raise NotImplementedError
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
@@ -216,16 +222,18 @@ class ShowTell(Captioner):
         h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
         return self.out(h), tokens[:, 1:], _target_mask(tokens, lengths).to(h.dtype)
 
-    def loss(self, features, tokens, lengths):
+    def real_token_logits(self, features, tokens, lengths):
         tokens, lengths = _check_tokens(tokens, lengths)
         h = self._hidden(features, tokens, lengths).transpose(0, 1)  # [B, L−1, H]
-        targets = tokens[:, 1:]
         valid = _target_mask(tokens, lengths)
-        # Only real tokens reach the output layer: no logits are computed for padding. h carries the
-        # runner's variational output dropout already: it is the one dropout on the decoder output.
-        logits = self.out(h[valid])
+        return self.out(h[valid]), tokens[:, 1:][valid], valid
+
+    def loss(self, features, tokens, lengths):
+        # Only real tokens reach the output layer: no logits are computed for padding. The hidden states
+        # carry the runner's variational output dropout already: it is the one dropout on the decoder output.
+        logits, targets, valid = self.real_token_logits(features, tokens, lengths)
         n = int(valid.sum())
-        ce = F.cross_entropy(logits, targets[valid], reduction="sum") / n
+        ce = F.cross_entropy(logits, targets, reduction="sum") / n
         return ce, n, {"ce": float(ce.detach())}
 
     def start(self, features: Tensor) -> DecodeState:
@@ -305,6 +313,10 @@ class ShowAttendTell(Captioner):
     def teacher_forced_logits(self, features, tokens, lengths):
         pre, _, valid = self._run(features, tokens, lengths)
         return self.out(pre), tokens[:, 1:], valid.to(pre.dtype)
+
+    def real_token_logits(self, features, tokens, lengths):
+        pre, _, valid = self._run(features, tokens, lengths)
+        return self.out(pre[valid]), tokens[:, 1:][valid], valid
 
     def loss(self, features, tokens, lengths):
         pre, alphas, valid = self._run(features, tokens, lengths)
