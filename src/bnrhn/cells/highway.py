@@ -90,13 +90,13 @@ class HighwayStep(Function):
         dgammas = []
         for k, g in enumerate(normed):
             cols = slice(g * H, (g + 1) * H)
-            dx, dscale, _ = torch.ops.aten.native_batch_norm_backward(
-                da[:, cols].contiguous(), bn_inputs[k], scales[k], None, None,
-                saved_stats[2 * k], saved_stats[2 * k + 1], True, eps, [True, ctx.needs_input_grad[4 + k], False],
-            )
             r, d = ctx.corrections[k]
-            if r is not None and dscale is not None:  # renormalised: dγ needs Σ dp, this gate's db
-                dscale, _ = renorm_parameter_grads(dscale, da[:, cols].sum(0), r, d)
+            renormalised = r is not None and ctx.needs_input_grad[4 + k]  # dγ needs Σ dp too (the kernel's dβ)
+            dx, dscale, dshift = torch.ops.aten.native_batch_norm_backward(
+                da[:, cols].contiguous(), bn_inputs[k], scales[k], None, None, saved_stats[2 * k],
+                saved_stats[2 * k + 1], True, eps, [True, ctx.needs_input_grad[4 + k], renormalised],
+            )
+            dscale, _ = renorm_parameter_grads(dscale, dshift, r, d)
             da[:, cols] = dx
             dgammas.append(dscale)
         return (None, da, ds_prev, db, *dgammas)
