@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnrhn.commands._caption_args import add_compute_args, add_data_args, add_quiet, add_training_args
+from bnrhn.commands._caption_args import add_compute_args, add_data_args, add_quiet, add_training_args, positive_int
 
 
 def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str], jobs_help: str = "1") -> None:
@@ -20,7 +20,7 @@ def add_compare_args(p: argparse.ArgumentParser, default_cells: list[str], jobs_
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted comparison in --out: finished runs are kept, an interrupted one "
                         "continues from its last checkpoint (repeat the original command and add --resume)")
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="train N runs at a time, longest first, each in its own process with 1/N of the CPU threads; "
                         "each run's messages then go to output.log in its folder, and its result is the one it has "
                         "alone with as many threads (with a time --budget, runs side by side do less in that time) "
@@ -67,8 +67,6 @@ def settings_from_args(args, base_defaults: dict | None = None):
     steps, minutes = parse_budget(args.budget)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
     return CompareSettings(
         cells=list(args.cells), base=cfg, out_dir=Path(args.out), budget_steps=steps, budget_minutes=minutes,
         seeds=[args.seed + k for k in range(args.seeds)], beam=args.beam, gallery_size=args.gallery,

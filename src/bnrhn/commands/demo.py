@@ -62,8 +62,6 @@ def run(args) -> int:
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
     # by default one run per core (one at a time under torchrun, whose processes train each run together)
     jobs = args.jobs or (1 if environment_world_size() > 1 else min(available_cores(), len(args.cells) * args.seeds))
     set_threads(args.threads * jobs)  # the runner gives each of the runs side by side its share

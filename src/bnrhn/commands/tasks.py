@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from bnrhn.commands._caption_args import positive_int
+
 TASK_NAMES = ("adding", "copy", "smnist")
 
 
@@ -70,7 +72,7 @@ def register(subparsers) -> None:
     c.add_argument("--out", required=True, metavar="DIR", help="folder for the runs, tables and figures")
     c.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones, add new ones")
     c.add_argument("--overwrite", action="store_true", help="train every run again in an existing --out")
-    c.add_argument("--jobs", type=int, default=1, metavar="N",
+    c.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="train N runs at a time, each in its own process with --threads threads (longest first), "
                         "its messages in output.log in its folder; results as one at a time with those threads "
                         "(default 1)")
@@ -140,8 +142,6 @@ def run_compare(args) -> int:
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be ≥ 1, got {args.seeds}")
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
     _threads(args, per_run=args.jobs)
     base = _base_config(args, args.cells[0], args.cells)
     settings = TaskCompareSettings(base=base, cells=list(args.cells), lengths=list(args.lengths),
