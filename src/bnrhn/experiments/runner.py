@@ -212,9 +212,7 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
         while waiting or running:
             while waiting and len(running) < jobs and not failed and not interrupted:
                 run = waiting.pop(0)
-                (run.run_dir / spec.result_file).unlink(missing_ok=True)  # trained again: not its old result
-                continuing = resume and spec.can_continue(run)
-                log(f"{tags[run.name]}: {'resuming' if continuing else 'training'} {run.name} -> {run.run_dir}")
+                continuing = start_run(spec, run, resume, lambda msg, tag=tags[run.name]: log(f"{tag}: {msg}"))
                 worker = context.Process(target=_train_in_worker, args=(spec, run, continuing, setup),
                                          name=f"bnrhn {run.name}")
                 worker.start()
@@ -261,8 +259,6 @@ def _train_in_worker(spec: ExperimentSpec, run: Run, continuing: bool, setup: di
     os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: bars that do not ask for themselves stay off
     import torch
 
-    from bnrhn.training import TrainingDiverged
-
     torch.set_num_threads(setup["threads"])
     run = spec.without_progress(run)
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,12 +267,7 @@ def _train_in_worker(spec: ExperimentSpec, run: Run, continuing: bool, setup: di
             print(msg, file=out, flush=True)
 
         try:
-            try:
-                result = spec.train(run, continuing, log)
-            except TrainingDiverged as exc:
-                log(f"{run.name} diverged: {exc}")
-                result = spec.diverged(run, exc, log)
-            write_json_atomically(run.run_dir / spec.result_file, result)
+            write_json_atomically(run.run_dir / spec.result_file, trained_result(spec, run, continuing, log))
         except KeyboardInterrupt:
             log(f"{run.name} interrupted; its last checkpoint is kept")
             sys.exit(INTERRUPTED)
@@ -302,22 +293,34 @@ def follow_experiment(spec: ExperimentSpec, *, resume: bool) -> None:
 def result_of_run(spec: ExperimentSpec, run: Run, resume: bool, log: Log) -> dict:
     """The result of one run: reused when it has finished (``resume``), else trained (continued when it was
     interrupted) and saved in its folder; a divergence is a result."""
-    from bnrhn.training import TrainingDiverged
-
     saved = spec.finished(run) if resume else None
     if saved is not None:
         log(f"{run.name} already done ({run.run_dir})")
         return saved
-    result_path = run.run_dir / spec.result_file
-    result_path.unlink(missing_ok=True)  # a run trained again: its old result is not the new run's
+    continuing = start_run(spec, run, resume, log)
+    result = trained_result(spec, run, continuing, log)
+    return json.loads(write_json_atomically(run.run_dir / spec.result_file, result))  # as a later resume reads it
+
+
+def start_run(spec: ExperimentSpec, run: Run, resume: bool, log: Log) -> bool:
+    """Before a run is trained: its old result removed (it is not the new run's), the start said; whether it
+    continues an interrupted run."""
+    (run.run_dir / spec.result_file).unlink(missing_ok=True)
     continuing = resume and spec.can_continue(run)
     log(f"{'resuming' if continuing else 'training'} {run.name} -> {run.run_dir}")
+    return continuing
+
+
+def trained_result(spec: ExperimentSpec, run: Run, continuing: bool, log: Log) -> dict:
+    """The result of training ``run``: :meth:`ExperimentSpec.train`'s, or :meth:`ExperimentSpec.diverged`'s when
+    its loss diverged."""
+    from bnrhn.training import TrainingDiverged
+
     try:
-        result = spec.train(run, continuing, log)
+        return spec.train(run, continuing, log)
     except TrainingDiverged as exc:
         log(f"{run.name} diverged: {exc}")
-        result = spec.diverged(run, exc, log)
-    return json.loads(write_json_atomically(result_path, result))  # as a later resume will read it
+        return spec.diverged(run, exc, log)
 
 
 # -- the folder ----------------------------------------------------------------------------------------------
