@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnrhn.cells.bn_lstm import BNLSTMStep
+from bnrhn.cells.bn_lstm import BNLSTMSequence, BNLSTMStep
 from bnrhn.cells.highway import HighwayStep
+from bnrhn.cells.highway_sequence import HighwaySequence
 from bnrhn.nn import Recurrent, SequenceBatchNorm
 
 FUSED_CASES = [
@@ -17,6 +18,8 @@ FUSED_CASES = [
     ("bn_rhn", {"normalize": "h,t,c", "stats": "cumulative"}),
     ("bn_rhn", {"normalize": "t", "per_step": False}),
     ("bn_rhn", {"carry": "coupled", "normalize": "h,t", "input_at": "every"}),
+    ("bn_rhn", {"max_steps": 3}),  # renormalised, later steps share the last slot (tracked step by step)
+    ("bn_rhn", {"stats": "cumulative", "max_steps": 3, "normalize": "h,t"}),
     ("bn_rhn", {"normalize": ""}),  # batch norm on no gate (bias in the projection): as rhn
     ("rhn", {}),  # no normaliser: the one-node layer where the gate kernels serve, else the composition
     ("rhn", {"carry": "free", "input_at": "every"}),
@@ -67,8 +70,9 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, padded,
 
 def test_the_fast_paths_are_taken(monkeypatch):
     """Guard against the equality test above passing because both models took the reference path."""
-    calls = {"highway": 0, "lstm": 0}
-    for key, fn in (("highway", HighwayStep), ("lstm", BNLSTMStep)):
+    calls = {"sequence": 0, "highway": 0, "lstm_sequence": 0, "lstm": 0}
+    for key, fn in (("sequence", HighwaySequence), ("highway", HighwayStep), ("lstm_sequence", BNLSTMSequence),
+                    ("lstm", BNLSTMStep)):
         original = fn.apply
 
         def counting(*args, _key=key, _original=original):
@@ -77,13 +81,20 @@ def test_the_fast_paths_are_taken(monkeypatch):
 
         monkeypatch.setattr(fn, "apply", counting)
     Recurrent("bn_rhn", 3, 4, depth=2)(torch.randn(5, 3, 3))  # batch renormalization (the default)
-    Recurrent("bn_rhn", 3, 4, depth=2, stats="momentum")(torch.randn(5, 3, 3))
+    Recurrent("bn_rhn", 3, 4, depth=2, stats="momentum")(torch.randn(5, 3, 3), lengths=[5, 5, 4])  # packed
     Recurrent("bn_lstm", 3, 4, stats="momentum")(torch.randn(5, 3, 3))
     Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))  # batch renormalization, the default
-    assert calls == {"highway": 2 * 5 * 2, "lstm": 2 * 5}
+    assert calls == {"sequence": 2, "highway": 0, "lstm_sequence": 2, "lstm": 0}  # one node per layer
+    Recurrent("bn_rhn", 3, 4, depth=2).step(torch.randn(3, 3), None, 0)  # one step at a time (decoding
+    Recurrent("bn_lstm", 3, 4).step(torch.randn(3, 3), None, 0)          # with attention): the step nodes
+    assert calls == {"sequence": 2, "highway": 2, "lstm_sequence": 2, "lstm": 1}
     Recurrent("bn_lstm", 3, 4, min_rows=4)(torch.randn(5, 3, 3))  # 3 rows < min_rows: population path
     Recurrent("bn_rhn", 3, 4, depth=2, min_rows=4)(torch.randn(5, 3, 3))
-    assert calls == {"highway": 2 * 5 * 2, "lstm": 2 * 5}
+    assert calls == {"sequence": 2, "highway": 2, "lstm_sequence": 2, "lstm": 1}
+    # 2 rows < min_rows at the last step only: step by step, the first four steps fused
+    Recurrent("bn_rhn", 3, 4, depth=2, min_rows=3)(torch.randn(5, 3, 3), lengths=[5, 5, 4])
+    Recurrent("bn_lstm", 3, 4, min_rows=3)(torch.randn(5, 3, 3), lengths=[5, 5, 4])
+    assert calls == {"sequence": 2, "highway": 2 + 4 * 2, "lstm_sequence": 2, "lstm": 1 + 4}
 
 
 @pytest.mark.parametrize("G,normed,renormalised", [(2, (0,), False), (2, (0, 1), False), (3, (0,), False),
@@ -107,6 +118,38 @@ def test_highway_step_gradcheck(G, normed, renormalised, gate_kernels):
         return
     f = lambda a, s, b, *gs: HighwayStep.apply(spec, a, s, b, *gs)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (a, s, bias, *gammas))
+
+
+@pytest.mark.parametrize("name,opts", [("rhn", {}), ("rhn", {"carry": "free", "input_at": "every"}),
+                                       ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}),
+                                       ("bn_lstm", {"stats": "momentum"}),
+                                       ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"})])
+def test_whole_sequence_node_gradcheck(name, opts, gate_kernels, monkeypatch):
+    """The whole-sequence nodes against finite differences: packed rows (lengths 5, 5, 3), recurrent dropout,
+    an initial state, two layers (RHN depth 2); every input and parameter."""
+    if name == "rhn" and gate_kernels == "composed":
+        pytest.skip("without the gate kernels rhn keeps the composed step path (nothing fused to check)")
+    calls = []
+    node = BNLSTMSequence if name == "bn_lstm" else HighwaySequence
+    original = node.apply
+    monkeypatch.setattr(node, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    extra = {"depth": 2} if "rhn" in name else {}
+    rnn = Recurrent(name, 3, 4, num_layers=2, recurrent_dropout=0.3, **extra, **opts).double()
+    names = [n for n, _ in rnn.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in rnn.parameters()]
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    s0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, s0, *ps):
+        torch.manual_seed(1)  # the same dropout masks at every evaluation
+        state = [(s0,), (s0,)] if "rhn" in name else [(s0, s0.flip(0)), (s0.flip(1), s0)]
+        out, final = torch.func.functional_call(rnn, dict(zip(names, ps)), (x,),
+                                                {"lengths": torch.tensor([5, 5, 3]), "state": state})
+        return out, *(a for layer in final for a in layer)
+
+    assert torch.autograd.gradcheck(f, (x, s0, *params), fast_mode=True)
+    assert calls  # the sequence node was used
 
 
 @pytest.mark.parametrize("carry_normed", [False, True])

@@ -137,6 +137,13 @@ class RecurrentCell(nn.Module):
         """
         raise NotImplementedError
 
+    def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
+                       mode: StepMode = REFERENCE, active: list[int] | None = None):
+        """All steps of ``xp`` ``[T, B, P]`` at once → (outputs ``[T, B, H]``, final state), for cells with a
+        whole-sequence fast path that applies to this call; None (the default) = run :meth:`recur` per step.
+        ``active``: for packed sequences, the rows computed at each step (see :class:`bnrhn.nn.Recurrent`)."""
+        return None
+
     # -- helpers ----------------------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:

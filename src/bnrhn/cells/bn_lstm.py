@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
+from bnrhn.cells.packed_rows import drop_finished, final_grads, final_state, grow_grads
 from bnrhn.autodiff import autocast_backward, autocast_forward
 from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, batch_norm_rows, renorm_parameter_grads
 
@@ -105,6 +106,56 @@ class BNLSTMCell(RecurrentCell):
             c = c_n
         return torch.sigmoid(o) * torch.tanh(c_n), c
 
+    def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
+                       mode: StepMode = REFERENCE, active: list[int] | None = None):
+        """All T steps of ``xp`` ``[T, B, 4H]`` as one autograd node (:class:`BNLSTMSequence`) when every step
+        would be a :class:`BNLSTMStep` and gradients are recorded for a whole sequence (``mode.taps``); else
+        None. Returns the outputs ``[T, B, H]`` and the final (h, c)."""
+        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
+            return None
+        T, B = xp.shape[0], xp.shape[1]
+        rows = active if active is not None else [B] * T
+        if not all(self._can_fuse(n, None, mode) for n in set(rows)):
+            return None
+        norms = (self.bn_h, self.bn_c)
+        renorm = self.bn_h.stats == "renorm"
+        # every step in a slot of its own: population terms read once, statistics folded in once (as RHNCell)
+        own_slots = len({self.bn_h.slot(step + t) for t in range(T)}) == T
+        bounds = None
+        if renorm and own_slots:
+            steps = torch.arange(step, step + T, device=xp.device)
+            bounds = [list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, xp.dtype)))) for bn in norms]
+        carry = self.carry_norm == "recurrence"
+
+        def spec(t: int) -> tuple:
+            if not renorm:
+                corrections = None
+            elif bounds is not None:
+                corrections = tuple(partial(bn.renorm_from_bounds, b[t]) for bn, b in zip(norms, bounds))
+            else:
+                corrections = tuple(partial(bn.renorm_corrections, step + t) for bn in norms)
+            return (self.hidden_size, self.bn_h.eps, carry, corrections)
+
+        deferred = ([], [], [], [])
+
+        def track(t: int, stats, n: int) -> None:
+            if own_slots or not renorm:
+                for kept, value in zip(deferred, stats):
+                    kept.append(value)
+            else:
+                self.bn_h.track(step + t, stats[0], stats[1], n)
+                self.bn_c.track(step + t, stats[2], stats[3], n)
+
+        h, c = state
+        out, h, c = BNLSTMSequence.apply((spec, track, active), xp, h, c, h_mask, self.weight_hh,
+                                         self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
+        if deferred[0]:
+            counts = torch.tensor(rows, dtype=xp.dtype, device=xp.device)
+            means_h, vars_h, means_c, vars_c = (torch.stack(kept) for kept in deferred)
+            self.bn_h.track_steps(step, means_h, vars_h, counts)
+            self.bn_c.track_steps(step, means_c, vars_c, counts)
+        return out, (h, c)
+
     def _can_fuse(self, rows: int, mask, mode: StepMode) -> bool:
         """A fused mode, a training step of a full batch whose two recurrent norms use batch statistics of the
         same kind (both plain or both renormalised), not synchronised over processes (that needs
@@ -145,45 +196,119 @@ class BNLSTMStep(Function):
     @staticmethod
     @autocast_forward(float32=True)
     def forward(ctx, spec, r, xp, c_prev, gamma_h, gamma_c, beta_c):
-        H, eps, carry_normed, renorm = spec
-        renorm_h, renorm_c = renorm if renorm is not None else (None, None)
-        act, mean_h, invstd_h, scale_h, r_h, d_h = batch_norm_rows(r, gamma_h, None, eps, renorm_h)
-        act += xp
-        ops = kernels.step_ops(act, c_prev)
-        c_prev = c_prev.contiguous()
-        c = ops.lstm_gates_forward(act, c_prev)
-        c_n, mean_c, invstd_c, scale_c, r_c, d_c = batch_norm_rows(c, gamma_c, beta_c, eps, renorm_c)
-        h, tc = ops.lstm_output_forward(act, c_n)
-        ctx.spec, ctx.ops, ctx.renorm = spec, ops, (r_h, d_h, r_c, d_c)
-        ctx.save_for_backward(r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, scale_h, scale_c)
-        stats = (mean_h, invstd_h.pow(-2).sub_(eps).clamp_min_(0.0), mean_c, invstd_c.pow(-2).sub_(eps).clamp_min_(0.0))
+        h, c_out, stats, saved = bn_lstm_step_forward(spec, r, xp, c_prev, gamma_h, gamma_c, beta_c)
+        ops, corrections, tensors = saved
+        ctx.spec, ctx.ops, ctx.renorm = spec, ops, corrections
+        ctx.save_for_backward(*tensors)
         ctx.mark_non_differentiable(*stats)
-        return (h, c_n if carry_normed else c, *stats)
+        return (h, c_out, *stats)
 
     @staticmethod
     @once_differentiable
     @autocast_backward
     def backward(ctx, dh, dc_out, *_):
-        H, eps, carry_normed, _ = ctx.spec
-        r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, scale_h, scale_c = ctx.saved_tensors
-        r_h, d_h, r_c, d_c = ctx.renorm
-        ops = ctx.ops
-        if dh is None:
-            dh = torch.zeros_like(tc)
-        dh = dh.contiguous()
-        dc_n = ops.lstm_output_backward(dh, act, tc)
-        if carry_normed and dc_out is not None:
-            dc_n += dc_out
-        dc, dscale_c, dbeta_c = torch.ops.aten.native_batch_norm_backward(
-            dc_n, c, scale_c, None, None, mean_c, invstd_c, True, eps, [True, True, True]
-        )
-        dgamma_c, dbeta_c = renorm_parameter_grads(dscale_c, dbeta_c, r_c, d_c)
-        if not carry_normed and dc_out is not None:
-            dc += dc_out
-        dgates, dc_prev = ops.lstm_gates_backward(dc.contiguous(), dh, act, c_prev, tc)
-        dr, dscale_h, dshift_h = torch.ops.aten.native_batch_norm_backward(
-            dgates, r, scale_h, None, None, mean_h, invstd_h, True, eps, [True, True, r_h is not None]
-        )
-        dgamma_h, _ = renorm_parameter_grads(dscale_h, dshift_h, r_h, d_h)
-        return None, dr, dgates, dc_prev, dgamma_h, dgamma_c, dbeta_c
+        return (None, *bn_lstm_step_backward(ctx.spec, (ctx.ops, ctx.renorm, ctx.saved_tensors), dh, dc_out))
 
+
+def bn_lstm_step_forward(spec, r, xp, c_prev, gamma_h, gamma_c, beta_c):
+    """:class:`BNLSTMStep`'s forward outside autograd → ``(h_t, c_t, (μ_h, σ²_h, μ_c, σ²_c), saved)``."""
+    H, eps, carry_normed, renorm = spec
+    renorm_h, renorm_c = renorm if renorm is not None else (None, None)
+    act, mean_h, invstd_h, scale_h, r_h, d_h = batch_norm_rows(r, gamma_h, None, eps, renorm_h)
+    act += xp
+    ops = kernels.step_ops(act, c_prev)
+    c_prev = c_prev.contiguous()
+    c = ops.lstm_gates_forward(act, c_prev)
+    c_n, mean_c, invstd_c, scale_c, r_c, d_c = batch_norm_rows(c, gamma_c, beta_c, eps, renorm_c)
+    h, tc = ops.lstm_output_forward(act, c_n)
+    stats = (mean_h, invstd_h.pow(-2).sub_(eps).clamp_min_(0.0), mean_c, invstd_c.pow(-2).sub_(eps).clamp_min_(0.0))
+    saved = (ops, (r_h, d_h, r_c, d_c), (r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, scale_h, scale_c))
+    return h, (c_n if carry_normed else c), stats, saved
+
+
+def bn_lstm_step_backward(spec, saved, dh, dc_out):
+    """The gradient of :func:`bn_lstm_step_forward` from dh = ∂L/∂h_t and dc_out = ∂L/∂c_t (either may be None)
+    → ``(dr, dxp, dc_{t−1}, dγ_h, dγ_c, dβ_c)``."""
+    H, eps, carry_normed, _ = spec
+    ops, (r_h, d_h, r_c, d_c), tensors = saved
+    r, act, c_prev, c, tc, mean_h, invstd_h, mean_c, invstd_c, scale_h, scale_c = tensors
+    if dh is None:
+        dh = torch.zeros_like(tc)
+    dh = dh.contiguous()
+    dc_n = ops.lstm_output_backward(dh, act, tc)
+    if carry_normed and dc_out is not None:
+        dc_n += dc_out
+    dc, dscale_c, dbeta_c = torch.ops.aten.native_batch_norm_backward(
+        dc_n, c, scale_c, None, None, mean_c, invstd_c, True, eps, [True, True, True]
+    )
+    dgamma_c, dbeta_c = renorm_parameter_grads(dscale_c, dbeta_c, r_c, d_c)
+    if not carry_normed and dc_out is not None:
+        dc += dc_out
+    dgates, dc_prev = ops.lstm_gates_backward(dc.contiguous(), dh, act, c_prev, tc)
+    dr, dscale_h, dshift_h = torch.ops.aten.native_batch_norm_backward(
+        dgates, r, scale_h, None, None, mean_h, invstd_h, True, eps, [True, True, r_h is not None]
+    )
+    dgamma_h, _ = renorm_parameter_grads(dscale_h, dshift_h, r_h, d_h)
+    return dr, dgates, dc_prev, dgamma_h, dgamma_c, dbeta_c
+
+
+class BNLSTMSequence(Function):
+    """A whole sequence of :class:`BNLSTMStep` s as one autograd node, for the reason and with the conventions
+    of :mod:`bnrhn.cells.highway_sequence` (packed rows, recurrent dropout mask m, statistics tracked in step
+    order, dW_h as one product over the sequence):
+
+        forward, t = 0..T−1:   r_t = (h_{t−1} ⊙ m) W_hᵀ,   (h_t, c_t) = BNLSTMStep(r_t, xp_t, c_{t−1})
+        backward, in reverse:  (dr_t, dxp_t, dc_{t−1}, …) = BNLSTMStep′(dh_t, dc_t),   dh_{t−1} += (dr_t W_h) ⊙ m
+
+    ``BNLSTMSequence.apply(plan, xp, h0, c0, h_mask, W_h, γ_h, γ_c, β_c)`` → ``(outputs [T, B, H], h_T, c_T)``;
+    ``plan`` = (spec(t) → the step's spec, track(t, stats, rows), active rows per step or None)."""
+
+    @staticmethod
+    def forward(ctx, plan, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c):
+        spec_of, track, active = plan
+        T, B, H = xp.shape[0], xp.shape[1], h0.shape[1]
+        active = active or [B] * T
+        out = xp.new_zeros(T, B, H) if active[-1] < B else xp.new_empty(T, B, H)
+        state, finished, steps = (h0, c0), [], []
+        with torch.no_grad():
+            for t in range(T):
+                n = active[t]
+                h, c = state = drop_finished(state, n, finished)
+                h_in = h if h_mask is None else h * h_mask[:n]
+                spec = spec_of(t)
+                h, c, stats, saved = bn_lstm_step_forward(spec, h_in @ weight.t(), xp[t, :n], c,
+                                                          gamma_h, gamma_c, beta_c)
+                track(t, stats, n)
+                state = (h, c)
+                out[t, :n] = h
+                steps.append((spec, saved, h_in))
+        h_final, c_final = final_state(state, finished)
+        ctx.steps, ctx.active = steps, active
+        ctx.save_for_backward(h_mask, weight)
+        return out, h_final, c_final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_c):
+        steps, active = ctx.steps, ctx.active
+        h_mask, weight = ctx.saved_tensors
+        T = len(steps)
+        like = steps[0][2]
+        dxp = like.new_zeros(T, like.shape[0], 4 * like.shape[1]) if ctx.needs_input_grad[1] else None
+        drs, h_ins, dparams = [], [], [None, None, None]
+        dh, dc = final_grads((grad_h, grad_c), active[-1], (like, like))
+        for t in range(T - 1, -1, -1):
+            n = active[t]
+            dh, dc = grow_grads([dh, dc], (grad_h, grad_c), n)
+            if grad_out is not None:
+                dh = dh + grad_out[t, :n]
+            spec, saved, h_in = steps[t]
+            dr, dgates, dc, *dp = bn_lstm_step_backward(spec, saved, dh, dc)
+            if dxp is not None:
+                dxp[t, :n] = dgates
+            dparams = [g if acc is None else acc.add_(g) for acc, g in zip(dparams, dp)]
+            drs.append(dr)
+            h_ins.append(h_in)
+            dh = dr @ weight if h_mask is None else (dr @ weight).mul_(h_mask[:n])
+        dweight = torch.cat(drs).t() @ torch.cat(h_ins) if ctx.needs_input_grad[5] else None
+        return (None, dxp, dh, dc, None, dweight, *dparams)

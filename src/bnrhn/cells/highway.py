@@ -42,36 +42,73 @@ from bnrhn.autodiff import autocast_backward, autocast_forward
 from bnrhn.layers.seq_batchnorm import batch_norm_rows, renorm_parameter_grads
 
 
+def highway_layer_forward(spec, a: Tensor, s: Tensor, bias: Tensor | None, gammas, a_is_scratch: bool = False):
+    """One highway layer's forward (the module docstring's equations) outside autograd →
+    ``(s_l, stats, saved)``: ``stats`` the batch mean and biased variance of each normalised gate (for the
+    caller's running averages), ``saved`` what :func:`highway_layer_backward` needs. ``spec``, ``bias`` and
+    ``gammas`` as in :class:`HighwayStep`; ``a_is_scratch``: ``a`` is the caller's own product and may be
+    overwritten (no copy of it is made when ``bias`` is None)."""
+    H, G, normed, eps, renorm = spec
+    if bias is None:
+        act = a if a_is_scratch and a.is_contiguous() else a.clone(memory_format=torch.contiguous_format)
+    else:
+        act = (a + bias).contiguous()
+    bn_inputs, saved_stats, stats, scales, corrections = [], [], [], [], []
+    for k, g in enumerate(normed):
+        cols = slice(g * H, (g + 1) * H)
+        x = a[:, cols].contiguous()
+        y, mean, invstd, scale, r, d = batch_norm_rows(x, gammas[k], bias[cols], eps,
+                                                       renorm[k] if renorm is not None else None)
+        corrections.append((r, d))
+        act[:, cols] = y
+        bn_inputs.append(x)
+        scales.append(scale)
+        saved_stats += [mean, invstd]
+        stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
+    ops = kernels.step_ops(act, s)
+    s = s.contiguous()
+    s_new = ops.highway_forward(act, s, G)
+    return s_new, stats, (ops, corrections, act, s, bn_inputs, saved_stats, scales)
+
+
+def highway_layer_backward(spec, saved, ds: Tensor, need_bias: bool, need_gammas):
+    """The gradient of :func:`highway_layer_forward` → ``(da, ds_{l−1}, db or None, [dγ or None, …])`` from
+    ``ds`` = ∂L/∂s_l; ``need_gammas`` says, per normalised gate, whether its dγ is wanted."""
+    H, G, normed, eps, _ = spec
+    ops, corrections, act, s, bn_inputs, saved_stats, scales = saved
+    da, ds_prev = ops.highway_backward(ds.contiguous(), act, s, G)
+    db = da.sum(0) if need_bias else None  # before the normalised slices are replaced
+    dgammas = []
+    for k, g in enumerate(normed):
+        cols = slice(g * H, (g + 1) * H)
+        r, d = corrections[k]
+        renormalised = r is not None and need_gammas[k]  # dγ needs Σ dp too (the kernel's dβ)
+        dx, dscale, dshift = torch.ops.aten.native_batch_norm_backward(
+            da[:, cols].contiguous(), bn_inputs[k], scales[k], None, None, saved_stats[2 * k],
+            saved_stats[2 * k + 1], True, eps, [True, need_gammas[k], renormalised],
+        )
+        dscale, _ = renorm_parameter_grads(dscale, dshift, r, d)
+        da[:, cols] = dx
+        dgammas.append(dscale)
+    return da, ds_prev, db, dgammas
+
+
 class HighwayStep(Function):
     """``HighwayStep.apply(spec, a, s, bias, *gammas)`` → ``(s_l, mean_1, var_1, mean_2, var_2, …)``.
 
     ``spec`` = (hidden size H, number of gates G (2 coupled, 3 free), indices of the batch-normalised
     gates, ε, renorm): ``renorm`` is None (plain batch statistics) or one function (batch mean, biased
-    variance) → (r, d) per normalised gate, for batch renormalization. ``bias`` is ``[G·H]`` (not yet in ``a``); ``gammas`` are the scales of the normalised
-    gates, in order; ``bias=None`` when ``a`` has its bias already (no normalised gate). The returned means and biased variances (one pair per normalised gate,
-    no gradient) are the batch statistics, for the caller's running averages.
+    variance) → (r, d) per normalised gate, for batch renormalization. ``bias`` is ``[G·H]`` (not yet in
+    ``a``); ``gammas`` are the scales of the normalised gates, in order; ``bias=None`` when ``a`` has its
+    bias already (no normalised gate). The returned means and biased variances (one pair per normalised
+    gate, no gradient) are the batch statistics, for the caller's running averages.
     """
 
     @staticmethod
     @autocast_forward(float32=True)
     def forward(ctx, spec, a: Tensor, s: Tensor, bias: Tensor, *gammas: Tensor):
-        H, G, normed, eps, renorm = spec
-        act = a.clone(memory_format=torch.contiguous_format) if bias is None else (a + bias).contiguous()
-        bn_inputs, saved_stats, stats, scales, corrections = [], [], [], [], []
-        for k, g in enumerate(normed):
-            cols = slice(g * H, (g + 1) * H)
-            x = a[:, cols].contiguous()
-            y, mean, invstd, scale, r, d = batch_norm_rows(x, gammas[k], bias[cols], eps,
-                                                           renorm[k] if renorm is not None else None)
-            corrections.append((r, d))
-            act[:, cols] = y
-            bn_inputs.append(x)
-            scales.append(scale)
-            saved_stats += [mean, invstd]
-            stats += [mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)]
-        ops = kernels.step_ops(act, s)
-        s = s.contiguous()
-        s_new = ops.highway_forward(act, s, G)
+        s_new, stats, saved = highway_layer_forward(spec, a, s, bias, gammas)
+        ops, corrections, act, s, bn_inputs, saved_stats, scales = saved
         ctx.spec, ctx.ops, ctx.corrections = spec, ops, corrections
         ctx.save_for_backward(act, s, *bn_inputs, *saved_stats, *scales)
         ctx.mark_non_differentiable(*stats)
@@ -81,23 +118,9 @@ class HighwayStep(Function):
     @once_differentiable
     @autocast_backward
     def backward(ctx, ds: Tensor, *_):
-        H, G, normed, eps, _ = ctx.spec
+        n = len(ctx.spec[2])
         act, s, *rest = ctx.saved_tensors
-        n = len(normed)
-        bn_inputs, saved_stats, scales = rest[:n], rest[n : 3 * n], rest[3 * n :]
-        da, ds_prev = ctx.ops.highway_backward(ds.contiguous(), act, s, G)
-        db = da.sum(0) if ctx.needs_input_grad[3] else None  # before the normalised slices are replaced
-        dgammas = []
-        for k, g in enumerate(normed):
-            cols = slice(g * H, (g + 1) * H)
-            r, d = ctx.corrections[k]
-            renormalised = r is not None and ctx.needs_input_grad[4 + k]  # dγ needs Σ dp too (the kernel's dβ)
-            dx, dscale, dshift = torch.ops.aten.native_batch_norm_backward(
-                da[:, cols].contiguous(), bn_inputs[k], scales[k], None, None, saved_stats[2 * k],
-                saved_stats[2 * k + 1], True, eps, [True, ctx.needs_input_grad[4 + k], renormalised],
-            )
-            dscale, _ = renorm_parameter_grads(dscale, dshift, r, d)
-            da[:, cols] = dx
-            dgammas.append(dscale)
+        saved = (ctx.ops, ctx.corrections, act, s, list(rest[:n]), list(rest[n : 3 * n]), list(rest[3 * n :]))
+        da, ds_prev, db, dgammas = highway_layer_backward(ctx.spec, saved, ds, ctx.needs_input_grad[3],
+                                                          ctx.needs_input_grad[4:])
         return (None, da, ds_prev, db, *dgammas)
-

@@ -39,6 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode, check_size
 from bnrhn.cells.highway import HighwayStep
+from bnrhn.cells.highway_sequence import HighwaySequence, SequencePlan
 from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, check_statistics_options
 
 _NORMS = ("none", "batch", "layer")
@@ -206,6 +207,66 @@ class RHNCell(RecurrentCell):
             for k, bn in enumerate(layer_norms):
                 bn.track(step, stats[2 * k], stats[2 * k + 1], n)
         return (s,)
+
+    def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
+                       mode: StepMode = REFERENCE, active: list[int] | None = None):
+        """All T steps of ``xp`` ``[T, B, P]`` as one autograd node (:mod:`bnrhn.cells.highway_sequence`) when
+        the step path would fuse every step and gradients are recorded for a whole sequence (``mode.taps``);
+        else None (the caller runs :meth:`recur` step by step). ``active``: rows computed at each step
+        (packed sequences, non-increasing). Returns the outputs ``[T, B, H]`` and the final state."""
+        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
+            return None
+        T, B = xp.shape[0], xp.shape[1]
+        rows = active if active is not None else [B]
+        if not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
+            return None
+        L, G = self.depth, len(self.gate_names)
+        every = self.input_at == "every"
+        normed = tuple(self.gate_names.index(g) for g in self.normalize)
+        norms = [[self.norms[f"{g}{l}"] for g in self.normalize] for l in range(L)]
+        eps = norms[0][0].eps if normed else 0.0
+        plain_spec = (self.hidden_size, G, normed, eps, None)
+        renorm = bool(normed) and norms[0][0].stats == "renorm"
+        # Every step in a slot of its own: renormalization's population terms can be read once, before the
+        # loop, and the statistics folded in once, after it (nothing in between reads what a step changes)
+        own_slots = bool(normed) and len({norms[0][0].slot(step + t) for t in range(T)}) == T
+        bounds = None
+        if renorm and own_slots:
+            steps = torch.arange(step, step + T, device=xp.device)
+            bounds = [[list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, xp.dtype)))) for bn in layer]
+                      for layer in norms]
+
+        def spec(l: int, t: int) -> tuple:
+            if not renorm:
+                return plain_spec
+            if bounds is not None:
+                return plain_spec[:4] + (tuple(partial(bn.renorm_from_bounds, bounds[l][k][t])
+                                               for k, bn in enumerate(norms[l])),)
+            return plain_spec[:4] + (tuple(partial(bn.renorm_corrections, step + t) for bn in norms[l]),)
+
+        deferred = [[([], []) for _ in layer] for layer in norms]
+
+        def track(l: int, t: int, stats: list, n: int) -> None:
+            for k, bn in enumerate(norms[l]):
+                if own_slots or not renorm:
+                    deferred[l][k][0].append(stats[2 * k])
+                    deferred[l][k][1].append(stats[2 * k + 1])
+                else:
+                    bn.track(step + t, stats[2 * k], stats[2 * k + 1], n)
+
+        plan = SequencePlan(
+            depth=L, hidden=self.hidden_size, reads_input=tuple(l == 0 or every for l in range(L)),
+            bias_in_product=tuple(not normed and not (l == 0 or every) for l in range(L)),
+            spec=spec, track=track, active=active, step0=step, n_gammas=len(normed),
+        )
+        gammas = [bn.weight for layer in norms for bn in layer]
+        out, final = HighwaySequence.apply(plan, xp, state[0], h_mask, *self.weight_hh, *self.bias, *gammas)
+        counts = torch.tensor(rows if active is not None else [B] * T, dtype=xp.dtype, device=xp.device)
+        for layer, collected in zip(norms, deferred):
+            for bn, (means, variances) in zip(layer, collected):
+                if means:
+                    bn.track_steps(step, torch.stack(means), torch.stack(variances), counts)
+        return out, (final,)
 
     def _eval_affine(self, l: int, step: int) -> tuple[Tensor, Tensor]:
         """Highway layer l's batch norms (population statistics) and bias as one affine map of a."""

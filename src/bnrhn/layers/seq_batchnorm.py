@@ -280,18 +280,31 @@ class SequenceBatchNorm(nn.Module):
         ``var`` of time step(s) ``step`` (an int, or a ``[T]`` tensor of steps for ``[T, F]`` statistics),
         with the limits of each step's own slot (a slot that has seen no batch is in its warm-up: r = 1,
         d = 0). Constants of the backward pass."""
+        return self.renorm_from_bounds(self.renorm_bounds(step, mean.dtype), mean, var)
+
+    @torch.no_grad()
+    def renorm_bounds(self, step: int | Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What r and d of step(s) ``step`` take from the population, read now: (μ, √(σ² + ε), 1/rmax, rmax,
+        dmax) of the slot(s), ``[F]`` / ``[1]`` for an int step, ``[T, F]`` / ``[T, 1]`` for a ``[T]`` tensor.
+        A whole sequence reads them once when no two of its steps share a slot (a slot changes only when its
+        own step is tracked)."""
         if isinstance(step, int):
             idx = self.slot(step)  # a view of the slot's statistics (no index tensor: this runs every step)
         else:
             idx = step.clamp(max=self.max_steps - 1) if self.per_step else torch.zeros_like(step)
-        pop_mean = self.running_mean[idx].to(mean.dtype)
-        pop_std = torch.sqrt(self.running_var[idx].to(mean.dtype) + self.eps)
-        seen = self.num_batches_tracked[idx].to(mean.dtype)
-        ramp = (seen / self.renorm_warmup).clamp(max=1.0) if self.renorm_warmup else (seen > 0).to(mean.dtype)
+        pop_mean = self.running_mean[idx].to(dtype)
+        pop_std = torch.sqrt(self.running_var[idx].to(dtype) + self.eps)
+        seen = self.num_batches_tracked[idx].to(dtype)
+        ramp = (seen / self.renorm_warmup).clamp(max=1.0) if self.renorm_warmup else (seen > 0).to(dtype)
         rmax = (1.0 + (self.renorm_rmax - 1.0) * ramp).unsqueeze(-1)
         dmax = (self.renorm_dmax * ramp).unsqueeze(-1)
-        r = torch.minimum(torch.maximum(torch.sqrt(var + self.eps) / pop_std, 1.0 / rmax), rmax)
-        d = torch.minimum(torch.maximum((mean - pop_mean) / pop_std, -dmax), dmax)
+        return pop_mean, pop_std, rmax.reciprocal(), rmax, dmax
+
+    def renorm_from_bounds(self, bounds, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """r = clip(√(σ²_B + ε) / √(σ² + ε), 1/rmax, rmax),  d = clip((μ_B − μ) / √(σ² + ε), −dmax, dmax)."""
+        pop_mean, pop_std, rmin, rmax, dmax = bounds
+        r = torch.clamp(torch.sqrt(var + self.eps).div_(pop_std), rmin, rmax)
+        d = torch.clamp((mean - pop_mean).div_(pop_std), -dmax, dmax)
         return r, d
 
     # ----------------------------------------------------------------------------------------------
@@ -519,6 +532,12 @@ class SequenceBatchNorm(nn.Module):
         for callers that fuse the normalisation into a kernel of their own (the RHN's highway layers)."""
         if count >= 2:
             self._update_running(self.slot(step), mean, var * (count / (count - 1)))
+
+    def track_steps(self, step0: int, mean: Tensor, var: Tensor, counts: Tensor) -> None:
+        """:meth:`track` for the consecutive steps step0, step0 + 1, … at once: ``mean`` and biased ``var``
+        ``[T, F]``, ``counts`` ``[T]`` (each ≥ 2); the same result as tracking them one by one in order."""
+        factor = (counts / (counts - 1)).to(var.dtype).unsqueeze(1)
+        self._update_running_steps(step0, mean, var * factor)
 
     @torch.no_grad()
     def _update_running(self, slot: int, mean: Tensor, unbiased_var: Tensor) -> None:

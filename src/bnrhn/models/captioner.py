@@ -325,6 +325,9 @@ class ShowAttendTell(Captioner):
         n = int(valid.sum())
         ce = F.cross_entropy(logits, targets[valid], reduction="sum") / n
         coverage = (alphas * valid.unsqueeze(-1).to(alphas.dtype)).sum(1)  # Σ_t α_{t,i}: [B, N]
+        # per image beside a per-word cross-entropy: ≈ T× heavier relative to the likelihood than in Xu et al.'s
+        # eq. 14 (whose −log p is summed over the caption). Kept by measurement: dividing the penalty by the word
+        # count instead gave validation CIDEr 0.381 against 0.426 after 300 steps (Flickr8k, Lite2 9×9 grid, LSTM)
         reg = self.cfg.alpha_c * (1.0 - coverage).square().sum(1).mean()
         return ce + reg, n, {"ce": float(ce.detach()), "attention_reg": float(reg.detach())}
 

@@ -214,12 +214,16 @@ class Recurrent(nn.Module):
             h_mask = masks.recurrent[k] if masks is not None else None
             xp = cell.project_input(layer_in, step, None)
             s = state[k]
-            outs = []
             mode = self.step_mode(sequence=True)
-            for t, xp_t in enumerate(xp.unbind(0)):
-                s = cell.recur(xp_t, s, step + t, None, h_mask, mode=mode)
-                outs.append(s[0])
-            out = torch.stack(outs)
+            whole = cell.recur_sequence(xp, s, step, h_mask, mode)
+            if whole is not None:
+                out, s = whole
+            else:
+                outs = []
+                for t, xp_t in enumerate(xp.unbind(0)):
+                    s = cell.recur(xp_t, s, step + t, None, h_mask, mode=mode)
+                    outs.append(s[0])
+                out = torch.stack(outs)
             if masks is not None and masks.outputs[k] is not None:
                 out = out * masks.outputs[k]
             final.append(s)
@@ -249,9 +253,17 @@ class Recurrent(nn.Module):
             h_mask = sort(masks.recurrent[k]) if masks is not None else None
             xp = cell.project_input(layer_in, step, sorted_mask)
             s = tuple(sort(a) for a in state[k])
+            mode = self.step_mode(sequence=True)
+            whole = cell.recur_sequence(xp, s, step, h_mask, mode, active)
+            if whole is not None:
+                out, s = whole
+                if masks is not None and masks.outputs[k] is not None:
+                    out = out * sort(masks.outputs[k])
+                final.append(tuple(a.index_select(0, inverse) for a in s))
+                layer_in = out
+                continue
             finished: list[State] = []  # the rows that dropped out, latest (lowest rows) last
             outs = []
-            mode = self.step_mode(sequence=True)
             n_prev = B
             for t in range(T):
                 n = active[t]
