@@ -125,3 +125,15 @@ def test_scst_benchmark_prints_its_parts():
     for part in ("sampling (no gradient)", "reward: tokenize + CIDEr-D", "teacher-forced log p + backward",
                  "**SCST step** | ", "cross-entropy step, 4 reference captions"):
         assert part in run.stdout, part
+
+
+def test_train_step_benchmark():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--models", "show_tell", "show_attend_tell",
+           "--cells", "lstm", "bn_rhn", "--batch", "4", "--hidden", "8", "--grid", "4", "--features", "6",
+           "--vocab", "20", "--steps", "1", "--rounds", "1", "--threads", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| show")]
+    assert [r.split("|")[1].strip() for r in rows] == ["show_tell lstm", "show_tell bn_rhn", "show_attend_tell lstm",
+                                                       "show_attend_tell bn_rhn"]
+    assert all(float(r.split("|")[2]) > 0 for r in rows)

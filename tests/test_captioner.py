@@ -176,3 +176,67 @@ def test_real_token_logits_are_the_teacher_forced_logits_at_the_real_targets(kin
     rows, cols = valid.nonzero(as_tuple=True)
     assert torch.equal(real_targets, targets[rows, cols])
     assert torch.allclose(logits, full[rows, cols], atol=1e-5)
+
+
+def _masked_teacher_forcing(m, grid, tokens, lengths):
+    """Show, Attend and Tell's teacher-forced pass as one masked step over the whole batch at every t (the
+    formulation the packed pass replaced; an independent path): finished captions keep their state and stay
+    out of batch-norm statistics through the runner's ``mask``."""
+    from bnrhn.models.captioner import _target_mask
+
+    grid = m.normalize(grid)
+    state, keys = m._init(m.drop(grid))
+    B, L = tokens.shape
+    masks = m.rnn.sample_dropout_masks(B)
+    emb = m.embed(tokens[:, :-1])
+    valid = _target_mask(tokens, lengths)
+    h = state[-1][0]
+    outs, alphas = [], []
+    for t in range(L - 1):
+        z, alpha = m._attend(grid, keys, h)
+        _, state = m.rnn.step(torch.cat([emb[:, t], z], 1), state, step=t, dropout_masks=masks, mask=valid[:, t])
+        h = torch.where(valid[:, t : t + 1], state[-1][0], h)
+        outs.append(emb[:, t] + m.out_h(state[-1][0]) + m.out_z(z))
+        alphas.append(alpha)
+    return torch.stack(outs, 1), torch.stack(alphas, 1), valid
+
+
+@pytest.mark.parametrize("cell,options", [("lstm", {}), ("rhn", {"depth": 2}), ("bn_rhn", {"depth": 2}),
+                                          ("bn_rhn", {"depth": 2, "stats": "momentum"}), ("bn_lstm", {})])
+def test_packed_attention_pass_equals_the_masked_one(cell, options):
+    """The packed teacher-forced pass of Show, Attend and Tell (training mode: dropout, batch statistics)
+    equals the masked one at every real position, with zeros past each caption's end; so do the gradients
+    of every parameter and the batch norms' running statistics (float64). Lengths 7, 7, 6, 5, 5, 3 leave
+    one caption at the last steps: batch norm's fallback for too few rows is met too."""
+    f, tok, _ = _batch("show_attend_tell")
+    lengths = torch.tensor([5, 7, 3, 6, 7, 5])
+    for i, n in enumerate(lengths.tolist()):
+        tok[i, n:] = 0
+        tok[i, n - 1] = 2
+    cfg = CaptionerConfig(model="show_attend_tell", vocab_size=11, feature_size=6, grid_size=4, embed_size=8,
+                          hidden_size=9, cell=cell, cell_options=options, attention_size=5, dropout=0.2)
+    torch.manual_seed(0)
+    packed = build_captioner(cfg).double().train()
+    masked = build_captioner(cfg).double().train()
+    masked.load_state_dict(packed.state_dict())
+    f = f.double()
+    results = []
+    for model, run in ((packed, lambda m: m._run(f, tok, lengths)), (masked, lambda m: _masked_teacher_forcing(m, f, tok, lengths))):
+        for _ in range(2):  # twice: the second pass renormalises against the first one's running statistics
+            torch.manual_seed(1)  # the same dropout masks
+            pre, alphas, valid = run(model)
+        w = torch.linspace(-1, 1, pre.numel(), dtype=pre.dtype).view_as(pre)
+        loss = (pre * w * valid.unsqueeze(-1)).sum() + (alphas * valid.unsqueeze(-1)).square().sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        results.append((pre, alphas, valid, grads, dict(model.named_buffers())))
+    (pre_p, al_p, valid, grads_p, buf_p), (pre_m, al_m, _, grads_m, buf_m) = results
+    real = valid.unsqueeze(-1)
+    assert torch.allclose(pre_p * real, pre_m * real, atol=1e-12, rtol=0)
+    assert torch.allclose(al_p * real, al_m * real, atol=1e-12, rtol=0)
+    assert not (pre_p * ~real).any() and not (al_p * ~real).any()  # nothing computed past the ends
+    for (name, _), gp, gm in zip(packed.named_parameters(), grads_p, grads_m):
+        assert (gp is None) == (gm is None), name
+        if gp is not None:
+            assert torch.allclose(gp, gm, atol=1e-11, rtol=0), name
+    for name, b in buf_p.items():
+        assert torch.allclose(b.double(), buf_m[name].double(), atol=1e-12), name

@@ -288,7 +288,11 @@ class ShowAttendTell(Captioner):
         return self.out(self.drop(emb + self.out_h(h) + self.out_z(z)))
 
     def _run(self, grid, tokens, lengths):
-        """Teacher-forced pass: (deep-output pre-activations [B, L−1, E], attention [B, L−1, N], mask)."""
+        """Teacher-forced pass: (deep-output pre-activations [B, L−1, E], attention [B, L−1, N], mask); zeros
+        past each caption's end. Run as packed sequences are (:meth:`bnrhn.nn.Recurrent.forward`): the batch
+        sorted by length, step t computes only the n_t captions that still have a target, as a full batch of
+        n_t rows — nothing is computed for padding, batch-norm statistics are those of the n_t real positions
+        (as masked statistics would be), and the cells can take their full-batch fast paths."""
         tokens, lengths = _check_tokens(tokens, lengths)
         grid = self.normalize(grid)
         state, keys = self._init(self.drop(grid))
@@ -296,19 +300,29 @@ class ShowAttendTell(Captioner):
         masks = self.rnn.sample_dropout_masks(B)
         emb = self.embed(tokens[:, :-1])  # [B, L−1, E]
         valid = _target_mask(tokens, lengths)  # [B, L−1]
-        h = state[-1][0]
+        order = torch.argsort(valid.sum(1), descending=True, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B, device=order.device)
+        active = valid.sum(0).tolist()  # n_t: non-increasing once sorted
+        grid, keys, emb = grid[order], keys[order], emb[order]
+        state = [tuple(a[order] for a in layer) for layer in state]
+        masks = masks.rows(order) if masks is not None else None
         outs, alphas = [], []
         for t in range(L - 1):
-            z, alpha = self._attend(grid, keys, h)
-            _, state = self.rnn.step(torch.cat([emb[:, t], z], 1), state, step=t, dropout_masks=masks,
-                                     mask=valid[:, t])
-            # keep h_{t−1} for finished captions (their later outputs are masked out anyway)
-            h = torch.where(valid[:, t : t + 1], state[-1][0], h)
+            n = active[t]
+            if n == 0:  # no caption reaches this far (tokens padded past the longest)
+                outs.append(emb.new_zeros(B, emb.shape[2]))
+                alphas.append(keys.new_zeros(B, keys.shape[1]))
+                continue
+            state = [tuple(a[:n] for a in layer) for layer in state]  # finished captions drop out
+            z, alpha = self._attend(grid[:n], keys[:n], state[-1][0])
+            _, state = self.rnn.step(torch.cat([emb[:n, t], z], 1), state, step=t,
+                                     dropout_masks=masks.rows(slice(n)) if masks is not None else None)
             # the deep output reads the state before the runner's output dropout: its own dropout (in
             # loss()) is the one on the decoder output, as in Xu et al.
-            outs.append(emb[:, t] + self.out_h(state[-1][0]) + self.out_z(z))
-            alphas.append(alpha)
-        return torch.stack(outs, 1), torch.stack(alphas, 1), valid
+            outs.append(F.pad(emb[:n, t] + self.out_h(state[-1][0]) + self.out_z(z), (0, 0, 0, B - n)))
+            alphas.append(F.pad(alpha, (0, 0, 0, B - n)))
+        return torch.stack(outs, 1)[inverse], torch.stack(alphas, 1)[inverse], valid
 
     def teacher_forced_logits(self, features, tokens, lengths):
         pre, _, valid = self._run(features, tokens, lengths)

@@ -49,6 +49,11 @@ class DropoutMasks:
     outputs: list[Tensor | None]
     recurrent: list[Tensor | None]
 
+    def rows(self, index) -> "DropoutMasks":
+        """The masks of the sequences ``index`` (a slice or a ``[B']`` index tensor), in that order."""
+        pick = lambda masks: [m[index] if m is not None else None for m in masks]  # noqa: E731
+        return DropoutMasks(pick(self.inputs), pick(self.outputs), pick(self.recurrent))
+
 
 class Recurrent(nn.Module):
     """A stack of ``num_layers`` recurrent layers built from the cell registered as ``cell``.
