@@ -240,3 +240,25 @@ def test_packed_attention_pass_equals_the_masked_one(cell, options):
             assert torch.allclose(gp, gm, atol=1e-11, rtol=0), name
     for name, b in buf_p.items():
         assert torch.allclose(b.double(), buf_m[name].double(), atol=1e-12), name
+
+
+def test_packed_attention_pass_runs_every_step_when_batch_norm_is_synchronised(monkeypatch):
+    """With statistics over several processes, a process whose captions all end early must still run the
+    steps past them (with no rows), or the processes' reductions would no longer pair up. Here batch norm
+    is made to report itself synchronised and each of its calls is recorded (computing with the local
+    statistics): with tokens padded two steps past the longest caption, every step is still run."""
+    from bnrhn.nn import SequenceBatchNorm
+
+    f, tok, lengths = _batch("show_attend_tell", B=4, L=7)
+    tok = torch.nn.functional.pad(tok, (0, 2))  # two steps that no caption reaches
+    m = build_captioner(CaptionerConfig(model="show_attend_tell", vocab_size=11, feature_size=6, grid_size=4,
+                                        embed_size=8, hidden_size=9, cell="bn_rhn", cell_options={"depth": 2},
+                                        attention_size=5, dropout=0.0)).train()
+    steps = []
+    monkeypatch.setattr(SequenceBatchNorm, "synchronized", property(lambda self: True))
+    monkeypatch.setattr(SequenceBatchNorm, "_forward_synchronized",
+                        lambda self, x, step0, mask: steps.append((step0, x.shape[1])) or self._forward_step(x[0], step0, None)[None])
+    pre, alphas, valid = m._run(f, tok, lengths)
+    assert sorted({t for t, _ in steps}) == list(range(tok.shape[1] - 1))
+    assert {rows for t, rows in steps if t >= 6} == {0}  # past the longest caption: no rows, still there
+    assert not pre[:, 6:].any() and not alphas[:, 6:].any()

@@ -124,7 +124,8 @@ class BNLSTMCell(RecurrentCell):
         bounds = None
         if renorm and own_slots:
             steps = torch.arange(step, step + T, device=xp.device)
-            bounds = [list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, xp.dtype)))) for bn in norms]
+            dtype = torch.promote_types(xp.dtype, torch.float32)  # that of the batch statistics
+            bounds = [list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, dtype)))) for bn in norms]
         carry = self.carry_norm == "recurrence"
 
         def spec(t: int) -> tuple:
@@ -150,7 +151,7 @@ class BNLSTMCell(RecurrentCell):
         out, h, c = BNLSTMSequence.apply((spec, track, active), xp, h, c, h_mask, self.weight_hh,
                                          self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
         if deferred[0]:
-            counts = torch.tensor(rows, dtype=xp.dtype, device=xp.device)
+            counts = torch.tensor(rows, dtype=torch.float64, device=xp.device)
             means_h, vars_h, means_c, vars_c = (torch.stack(kept) for kept in deferred)
             self.bn_h.track_steps(step, means_h, vars_h, counts)
             self.bn_c.track_steps(step, means_c, vars_c, counts)
@@ -282,16 +283,20 @@ class BNLSTMSequence(Function):
                 state = (h, c)
                 out[t, :n] = h
                 steps.append((spec, saved, h_in))
-        h_final, c_final = final_state(state, finished)
+        # copies: c_T (and h_T) may be tensors of the last step's record on ctx, and an output that ctx holds
+        # would make a reference cycle through its grad_fn (the graph then waits for the garbage collector)
+        h_final, c_final = (a.clone() for a in final_state(state, finished))
         ctx.steps, ctx.active = steps, active
-        ctx.save_for_backward(h_mask, weight)
+        # inputs the records read go through save_for_backward (changing them in place before backward is an
+        # error, as with the step nodes); the per-step intermediates stay on ctx
+        ctx.save_for_backward(h_mask, weight, h0, c0, gamma_h, gamma_c, beta_c)
         return out, h_final, c_final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
         steps, active = ctx.steps, ctx.active
-        h_mask, weight = ctx.saved_tensors
+        h_mask, weight = ctx.saved_tensors[:2]
         T = len(steps)
         like = steps[0][2]
         dxp = like.new_zeros(T, like.shape[0], 4 * like.shape[1]) if ctx.needs_input_grad[1] else None

@@ -18,9 +18,10 @@ whole sequence, dR_l = [da_{0,l}; …; da_{T−1,l}]ᵀ [s_{0,l−1} ⊙ m; …]
 
 Packed sequences (padded batches sorted by length, :meth:`bnrhn.nn.Recurrent.forward`) are supported as the
 step loop does them: step t computes the first n_t rows only, a row that drops out keeps its state as its
-final state, and outputs past a sequence's end are zeros. Batch-norm statistics are folded into the
-population statistics step by step in the same order as the step path (so batch renormalization's r and d
-see the same history).
+final state, and outputs past a sequence's end are zeros. Each step hands its batch statistics to the plan's
+``track``; the cell folds them into the population statistics with the same result as the step path — once
+after the node where every step has a slot of its own, else step by step in time order (batch
+renormalization's r and d then see the same history).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class SequencePlan:
     ``depth`` highway layers of hidden size ``hidden``; ``reads_input[l]``: layer l adds the projected
     input (``xp`` holds one chunk per such layer, in order); ``bias_in_product[l]``: layer l has no
     normaliser and does not read x_t, so its bias is added to its product; ``spec(l, t)``: the
-    :func:`highway_layer_forward` spec of layer l at time index t; ``track(l, t, stats, rows)``: folds the
-    batch statistics of layer l at time index t into the population statistics; ``active``: rows computed
+    :func:`highway_layer_forward` spec of layer l at time index t; ``track(l, t, stats, rows)``: receives the
+    batch statistics of layer l at time index t (to fold into the population statistics, now or later); ``active``: rows computed
     at each step (non-increasing; None = all rows at every step); ``step0``: time index of the first step.
     """
 
@@ -108,14 +109,17 @@ class HighwaySequence(Function):
         final, = final_state((s,), finished)
         ctx.plan, ctx.steps, ctx.active = plan, steps, active
         ctx.shapes = (T, B, xp.shape[2])
-        ctx.save_for_backward(h_mask, *weights)
+        # The per-step intermediates stay on ctx (nothing outside the node holds them); the inputs the backward
+        # reads go through save_for_backward, so that changing them in place before backward is an error, as it is
+        # with the step nodes (s0 and the γs are read inside the per-step records)
+        ctx.save_for_backward(h_mask, s0, *weights, *gammas)
         return out, final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor | None, grad_final: Tensor | None):
         plan, steps, active = ctx.plan, ctx.steps, ctx.active
-        h_mask, *weights = ctx.saved_tensors
+        h_mask, _, *weights = ctx.saved_tensors[: 2 + plan.depth]
         L, k = plan.depth, plan.n_gammas
         T, B, P = ctx.shapes
         need = ctx.needs_input_grad  # (plan, xp, s0, h_mask, *weights, *biases, *gammas)

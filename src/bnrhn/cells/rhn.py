@@ -233,7 +233,8 @@ class RHNCell(RecurrentCell):
         bounds = None
         if renorm and own_slots:
             steps = torch.arange(step, step + T, device=xp.device)
-            bounds = [[list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, xp.dtype)))) for bn in layer]
+            dtype = torch.promote_types(xp.dtype, torch.float32)  # that of the batch statistics
+            bounds = [[list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, dtype)))) for bn in layer]
                       for layer in norms]
 
         def spec(l: int, t: int) -> tuple:
@@ -261,7 +262,7 @@ class RHNCell(RecurrentCell):
         )
         gammas = [bn.weight for layer in norms for bn in layer]
         out, final = HighwaySequence.apply(plan, xp, state[0], h_mask, *self.weight_hh, *self.bias, *gammas)
-        counts = torch.tensor(rows if active is not None else [B] * T, dtype=xp.dtype, device=xp.device)
+        counts = torch.tensor(rows if active is not None else [B] * T, dtype=torch.float64, device=xp.device)
         for layer, collected in zip(norms, deferred):
             for bn, (means, variances) in zip(layer, collected):
                 if means:

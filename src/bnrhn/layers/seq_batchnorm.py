@@ -283,7 +283,7 @@ class SequenceBatchNorm(nn.Module):
         return self.renorm_from_bounds(self.renorm_bounds(step, mean.dtype), mean, var)
 
     @torch.no_grad()
-    def renorm_bounds(self, step: int | Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def renorm_bounds(self, step: int | Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """What r and d of step(s) ``step`` take from the population, read now: (μ, √(σ² + ε), 1/rmax, rmax,
         dmax) of the slot(s), ``[F]`` / ``[1]`` for an int step, ``[T, F]`` / ``[T, 1]`` for a ``[T]`` tensor.
         A whole sequence reads them once when no two of its steps share a slot (a slot changes only when its
@@ -536,7 +536,7 @@ class SequenceBatchNorm(nn.Module):
     def track_steps(self, step0: int, mean: Tensor, var: Tensor, counts: Tensor) -> None:
         """:meth:`track` for the consecutive steps step0, step0 + 1, … at once: ``mean`` and biased ``var``
         ``[T, F]``, ``counts`` ``[T]`` (each ≥ 2); the same result as tracking them one by one in order."""
-        factor = (counts / (counts - 1)).to(var.dtype).unsqueeze(1)
+        factor = (counts.double() / (counts.double() - 1)).to(var.dtype).unsqueeze(1)  # n/(n−1) exact, as track's
         self._update_running_steps(step0, mean, var * factor)
 
     @torch.no_grad()

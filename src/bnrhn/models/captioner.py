@@ -34,7 +34,8 @@ a_1..a_N (F-d each) and h_{t−1} the top layer's output:
 
 with time index t = 0 for the ``<start>`` input. The loss adds the doubly stochastic regulariser
 λ Σ_i (1 − Σ_t α_{t,i})² (eq. 14). Because the input at t depends on h_{t−1}, training runs the step
-API too, with a mask per step so that padded positions stay out of batch-norm statistics.
+API too, packed: step t runs only the captions that still have a target, so padded positions cost nothing
+and stay out of batch-norm statistics.
 
 Loss: cross-entropy summed over real tokens only (padding masked), divided by their number.
 """
@@ -307,10 +308,13 @@ class ShowAttendTell(Captioner):
         grid, keys, emb = grid[order], keys[order], emb[order]
         state = [tuple(a[order] for a in layer) for layer in state]
         masks = masks.rows(order) if masks is not None else None
+        # batch norm with statistics over several processes: every process must run every step (with no rows
+        # if none of its captions reaches it), or their reductions would no longer pair up
+        synchronized = any(getattr(m, "synchronized", False) for m in self.rnn.modules())
         outs, alphas = [], []
         for t in range(L - 1):
             n = active[t]
-            if n == 0:  # no caption reaches this far (tokens padded past the longest)
+            if n == 0 and not synchronized:  # no caption reaches this far (tokens padded past the longest)
                 outs.append(emb.new_zeros(B, emb.shape[2]))
                 alphas.append(keys.new_zeros(B, keys.shape[1]))
                 continue
