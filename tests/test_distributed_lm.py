@@ -15,7 +15,7 @@ import torch
 from bnrhn.lm.train import LMTrainConfig, load_lm_config, train_char_lm
 from bnrhn.training import load_checkpoint, read_log
 
-from test_distributed_training import torchrun
+from test_distributed_training import failure, torchrun
 
 # about 30 s of torchrun processes: in the slow set (CI runs it); the captioner's data-parallel tests stay
 # in the default run
@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
     script = root / "runs.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     out = torchrun(str(text), str(root / "two"), script=str(script))
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     for name in ("lstm", "bn_rhn"):
         train_char_lm(config(text, root / "one" / name, name), log=lambda m: None)
     shutil.copytree(root / "two" / "bn_rhn-half", root / "two" / "bn_rhn-half-copy")
@@ -105,7 +105,7 @@ def test_local_batch_norm_statistics_differ_from_one_process(runs):
 def test_resumed_data_parallel_lm_equals_an_uninterrupted_one(runs):
     resumed = runs / "two" / "bn_rhn-half"
     out = torchrun("lm", "train", "--resume", "--run-dir", str(resumed), "--max-steps", "4", "--quiet")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert out.stdout.count("best validation:") == 1  # rank 0 alone reports
     assert_same_training(runs / "two" / "bn_rhn", resumed, tol=1e-10)
 

@@ -36,6 +36,18 @@ def torchrun(*args, script: str | None = None, timeout: float = 120) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
+def failure(out: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun said: each rank's first Python traceback (the launcher's summary at the end only
+    names the signal) and the end of its output."""
+    err = out.stderr
+    heads = []
+    start = err.find("Traceback (most recent call last)")
+    while start >= 0 and len(heads) < 2:
+        heads.append(err[start : start + 2500])
+        start = err.find("Traceback (most recent call last)", start + 2500)
+    return "\n...\n".join([*heads, err[-2000:]])
+
+
 def one_process(run_dir: Path, cache: Path, cell: str, steps: int) -> None:
     cfg = CaptionConfig(dataset="synthetic:100,10,10", embed_size=16, hidden_size=16, batch_size=20,
                         validate_every=2, dropout=0.0, precision="fp64", min_count=1, progress=False, cell=cell,
@@ -64,7 +76,7 @@ def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
 def ddp(cache, run_dir, cell, steps, *extra) -> subprocess.CompletedProcess:
     out = torchrun("train", *TINY, "--cell", cell, "--max-steps", str(steps), "--run-dir", str(run_dir),
                    "--cache-dir", str(cache), "--device", "cpu", *extra)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     return out
 
 
@@ -90,7 +102,7 @@ def runs(cache, tmp_path_factory):
     script = root / "runs.py"
     script.write_text(RUNS)
     out = torchrun(str(root / "two"), str(cache), script=str(script))
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     for cell in ("lstm", "bn_rhn"):
         one_process(root / "one" / cell, cache, cell, 4)
     return root
@@ -116,7 +128,7 @@ def test_resumed_data_parallel_run_equals_an_uninterrupted_one(runs):
     """The command line, resuming in new processes the 2-step run until step 4."""
     resumed = runs / "two" / "bn_rhn-half"
     out = torchrun("train", "--resume", "--run-dir", str(resumed), "--max-steps", "4", "--quiet")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out)
     assert out.stdout.count("trained 4 steps") == 1  # rank 0 alone reports
     assert_same_training(runs / "two" / "bn_rhn", resumed, tol=1e-10)
 
