@@ -28,7 +28,7 @@ from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 from bnrhn.cells.packed_rows import drop_finished, final_grads, final_state, grow_grads
 from bnrhn.autodiff import autocast_backward, autocast_forward
-from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, batch_norm_rows, renorm_parameter_grads
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, SequenceStatistics, batch_norm_rows, renorm_parameter_grads
 
 _CARRY_NORM = ("output", "recurrence")
 
@@ -117,44 +117,13 @@ class BNLSTMCell(RecurrentCell):
         rows = active if active is not None else [B] * T
         if not all(self._can_fuse(n, None, mode) for n in set(rows)):
             return None
-        norms = (self.bn_h, self.bn_c)
-        renorm = self.bn_h.stats == "renorm"
-        # every step in a slot of its own: population terms read once, statistics folded in once (as RHNCell)
-        own_slots = len({self.bn_h.slot(step + t) for t in range(T)}) == T
-        bounds = None
-        if renorm and own_slots:
-            steps = torch.arange(step, step + T, device=xp.device)
-            dtype = torch.promote_types(xp.dtype, torch.float32)  # that of the batch statistics
-            bounds = [list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, dtype)))) for bn in norms]
+        stats = SequenceStatistics((self.bn_h, self.bn_c), step, rows, xp)
         carry = self.carry_norm == "recurrence"
-
-        def spec(t: int) -> tuple:
-            if not renorm:
-                corrections = None
-            elif bounds is not None:
-                corrections = tuple(partial(bn.renorm_from_bounds, b[t]) for bn, b in zip(norms, bounds))
-            else:
-                corrections = tuple(partial(bn.renorm_corrections, step + t) for bn in norms)
-            return (self.hidden_size, self.bn_h.eps, carry, corrections)
-
-        deferred = ([], [], [], [])
-
-        def track(t: int, stats, n: int) -> None:
-            if own_slots or not renorm:
-                for kept, value in zip(deferred, stats):
-                    kept.append(value)
-            else:
-                self.bn_h.track(step + t, stats[0], stats[1], n)
-                self.bn_c.track(step + t, stats[2], stats[3], n)
-
+        spec = lambda t: (self.hidden_size, self.bn_h.eps, carry, stats.corrections(t))  # noqa: E731
         h, c = state
-        out, h, c = BNLSTMSequence.apply((spec, track, active), xp, h, c, h_mask, self.weight_hh,
+        out, h, c = BNLSTMSequence.apply((spec, stats.track, active), xp, h, c, h_mask, self.weight_hh,
                                          self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
-        if deferred[0]:
-            counts = torch.tensor(rows, dtype=torch.float64, device=xp.device)
-            means_h, vars_h, means_c, vars_c = (torch.stack(kept) for kept in deferred)
-            self.bn_h.track_steps(step, means_h, vars_h, counts)
-            self.bn_c.track_steps(step, means_c, vars_c, counts)
+        stats.finish()
         return out, (h, c)
 
     def _can_fuse(self, rows: int, mask, mode: StepMode) -> bool:

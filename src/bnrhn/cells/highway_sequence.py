@@ -47,7 +47,7 @@ class SequencePlan:
     normaliser and does not read x_t, so its bias is added to its product; ``spec(l, t)``: the
     :func:`highway_layer_forward` spec of layer l at time index t; ``track(l, t, stats, rows)``: receives the
     batch statistics of layer l at time index t (to fold into the population statistics, now or later); ``active``: rows computed
-    at each step (non-increasing; None = all rows at every step); ``step0``: time index of the first step.
+    at each step (non-increasing; None = all rows at every step).
     """
 
     depth: int
@@ -57,7 +57,6 @@ class SequencePlan:
     spec: Callable[[int, int], tuple]
     track: Callable[[int, int, list, int], None]
     active: list[int] | None
-    step0: int
     n_gammas: int  # normalised gates per layer
 
 

@@ -1,7 +1,7 @@
 """The rows of a packed batch inside the whole-sequence nodes (:mod:`bnrhn.cells.highway_sequence`,
 :class:`bnrhn.cells.bn_lstm.BNLSTMSequence`), as :meth:`bnrhn.nn.Recurrent.forward` packs them: the batch is
-sorted by length, step t computes its first n_t rows (non-increasing in t), and a row that drops out keeps
-its state as its final state. Forward: :func:`drop_finished` at each step, :func:`final_state` at the end.
+sorted by length (:func:`pack_order`), step t computes its first n_t rows (non-increasing in t), and a row
+that drops out keeps its state as its final state. Forward: :func:`drop_finished` at each step, :func:`final_state` at the end.
 Backward (reverse time): :func:`final_grads` starts the state gradients from the final state's, and
 :func:`grow_grads` adds the rows whose last step is the current one."""
 
@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def pack_order(valid: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    """For a ``[B, T]`` mask of each sequence's valid steps (a prefix of each row): the order that sorts the
+    sequences by length, longest first (stable), its inverse, and n_t, the number of sequences valid at step t."""
+    order = torch.argsort(valid.sum(1), descending=True, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse, valid.sum(0).tolist()
 
 
 def drop_finished(state: tuple[Tensor, ...], n: int, finished: list) -> tuple[Tensor, ...]:

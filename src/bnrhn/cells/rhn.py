@@ -40,7 +40,7 @@ from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode, check_size
 from bnrhn.cells.highway import HighwayStep
 from bnrhn.cells.highway_sequence import HighwaySequence, SequencePlan
-from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, check_statistics_options
+from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, SequenceStatistics, check_statistics_options
 
 _NORMS = ("none", "batch", "layer")
 _CARRIES = ("coupled", "free")
@@ -226,47 +226,22 @@ class RHNCell(RecurrentCell):
         norms = [[self.norms[f"{g}{l}"] for g in self.normalize] for l in range(L)]
         eps = norms[0][0].eps if normed else 0.0
         plain_spec = (self.hidden_size, G, normed, eps, None)
-        renorm = bool(normed) and norms[0][0].stats == "renorm"
-        # Every step in a slot of its own: renormalization's population terms can be read once, before the
-        # loop, and the statistics folded in once, after it (nothing in between reads what a step changes)
-        own_slots = bool(normed) and len({norms[0][0].slot(step + t) for t in range(T)}) == T
-        bounds = None
-        if renorm and own_slots:
-            steps = torch.arange(step, step + T, device=xp.device)
-            dtype = torch.promote_types(xp.dtype, torch.float32)  # that of the batch statistics
-            bounds = [[list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, dtype)))) for bn in layer]
-                      for layer in norms]
+        stats = [SequenceStatistics(layer, step, active or [B] * T, xp) for layer in norms] if normed else None
 
         def spec(l: int, t: int) -> tuple:
-            if not renorm:
-                return plain_spec
-            if bounds is not None:
-                return plain_spec[:4] + (tuple(partial(bn.renorm_from_bounds, bounds[l][k][t])
-                                               for k, bn in enumerate(norms[l])),)
-            return plain_spec[:4] + (tuple(partial(bn.renorm_corrections, step + t) for bn in norms[l]),)
-
-        deferred = [[([], []) for _ in layer] for layer in norms]
-
-        def track(l: int, t: int, stats: list, n: int) -> None:
-            for k, bn in enumerate(norms[l]):
-                if own_slots or not renorm:
-                    deferred[l][k][0].append(stats[2 * k])
-                    deferred[l][k][1].append(stats[2 * k + 1])
-                else:
-                    bn.track(step + t, stats[2 * k], stats[2 * k + 1], n)
+            corrections = stats[l].corrections(t) if stats is not None else None
+            return plain_spec if corrections is None else plain_spec[:4] + (corrections,)
 
         plan = SequencePlan(
             depth=L, hidden=self.hidden_size, reads_input=tuple(l == 0 or every for l in range(L)),
             bias_in_product=tuple(not normed and not (l == 0 or every) for l in range(L)),
-            spec=spec, track=track, active=active, step0=step, n_gammas=len(normed),
+            spec=spec, track=lambda l, t, batch, n: stats[l].track(t, batch, n), active=active,
+            n_gammas=len(normed),
         )
         gammas = [bn.weight for layer in norms for bn in layer]
         out, final = HighwaySequence.apply(plan, xp, state[0], h_mask, *self.weight_hh, *self.bias, *gammas)
-        counts = torch.tensor(rows if active is not None else [B] * T, dtype=torch.float64, device=xp.device)
-        for layer, collected in zip(norms, deferred):
-            for bn, (means, variances) in zip(layer, collected):
-                if means:
-                    bn.track_steps(step, torch.stack(means), torch.stack(variances), counts)
+        for layer_stats in stats or ():
+            layer_stats.finish()
         return out, (final,)
 
     def _eval_affine(self, l: int, step: int) -> tuple[Tensor, Tensor]:

@@ -55,6 +55,7 @@ it knows neither time steps nor masks.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,54 @@ def renorm_parameter_grads(dscale: Tensor | None, dshift: Tensor | None, r: Tens
     if r is None or dscale is None:
         return dscale, dshift
     return torch.addcmul(dscale * r, dshift, d), dshift
+
+
+class SequenceStatistics:
+    """The batch-norm bookkeeping of a node that runs the steps ``step``, ``step`` + 1, … of a whole sequence
+    (``rows[t]`` rows at step t) with :class:`SequenceBatchNorm` s ``norms`` in training mode, each step
+    normalised with its batch statistics: batch renormalization's r and d of each step (:meth:`corrections`)
+    and the folding of each step's statistics into the population statistics (:meth:`track`, then
+    :meth:`finish`), with the results the step-by-step path gives. When every step has a slot of its own,
+    nothing a step writes is read by a later step, so renormalization's population terms are read once, before
+    the loop, and the statistics are folded in once, after it; when steps share a slot, renormalization reads
+    and tracks step by step, in time order (plain statistics are still folded in after the loop, in order)."""
+
+    def __init__(self, norms, step: int, rows: list[int], like: Tensor) -> None:
+        self.norms, self.step, self.rows, self.device = tuple(norms), step, rows, like.device
+        self.renorm = self.norms[0].stats == "renorm"
+        own_slots = len({self.norms[0].slot(step + t) for t in range(len(rows))}) == len(rows)
+        self.deferred = own_slots or not self.renorm
+        self.bounds = None
+        if self.renorm and own_slots:
+            steps = torch.arange(step, step + len(rows), device=like.device)
+            dtype = torch.promote_types(like.dtype, torch.float32)  # that of the batch statistics
+            self.bounds = [list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, dtype)))) for bn in self.norms]
+        self.kept = [([], []) for _ in self.norms]
+
+    def corrections(self, t: int):
+        """Step t's (mean, biased var) → (r, d) function per norm, or None without renormalization."""
+        if not self.renorm:
+            return None
+        if self.bounds is not None:
+            return tuple(partial(bn.renorm_from_bounds, b[t]) for bn, b in zip(self.norms, self.bounds))
+        return tuple(partial(bn.renorm_corrections, self.step + t) for bn in self.norms)
+
+    def track(self, t: int, stats, n: int) -> None:
+        """Step t's batch statistics (mean, biased var) per norm, flattened, over ``n`` rows."""
+        for k, bn in enumerate(self.norms):
+            if self.deferred:
+                self.kept[k][0].append(stats[2 * k])
+                self.kept[k][1].append(stats[2 * k + 1])
+            else:
+                bn.track(self.step + t, stats[2 * k], stats[2 * k + 1], n)
+
+    def finish(self) -> None:
+        """Fold the statistics kept by :meth:`track` into the population statistics."""
+        if not self.kept[0][0]:
+            return
+        counts = torch.tensor(self.rows, dtype=torch.float64, device=self.device)
+        for bn, (means, variances) in zip(self.norms, self.kept):
+            bn.track_steps(self.step, torch.stack(means), torch.stack(variances), counts)
 
 
 @contextmanager

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from bnrhn import kernels
 from bnrhn.cells import pin_statistics
+from bnrhn.cells.packed_rows import pack_order
 from bnrhn.nn import Recurrent
 
 MODELS = ("show_tell", "show_attend_tell")
@@ -301,10 +302,7 @@ class ShowAttendTell(Captioner):
         masks = self.rnn.sample_dropout_masks(B)
         emb = self.embed(tokens[:, :-1])  # [B, L−1, E]
         valid = _target_mask(tokens, lengths)  # [B, L−1]
-        order = torch.argsort(valid.sum(1), descending=True, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=order.device)
-        active = valid.sum(0).tolist()  # n_t: non-increasing once sorted
+        order, inverse, active = pack_order(valid)  # n_t: non-increasing once sorted
         grid, keys, emb = grid[order], keys[order], emb[order]
         state = [tuple(a[order] for a in layer) for layer in state]
         masks = masks.rows(order) if masks is not None else None

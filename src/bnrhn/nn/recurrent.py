@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from bnrhn.autodiff import plain_autograd
 from bnrhn.cells import build_cell
 from bnrhn.cells.base import State, StepMode, check_size
+from bnrhn.cells.packed_rows import drop_finished, final_state, pack_order
 from bnrhn.layers.dropout import check_probability, variational_mask
 from bnrhn.nn.vendor import vendor_layer, vendor_usable
 
@@ -244,10 +245,7 @@ class Recurrent(nn.Module):
         outputs at padded positions are zeros. Hand-written rather than PackedSequence because the cells
         are ours (PyTorch packs only for its own nn.RNN/LSTM/GRU)."""
         T, B, _ = x.shape
-        order = torch.argsort(mask.sum(0), descending=True, stable=True)  # by length ([T, B] mask of valid steps)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=order.device)
-        active = mask.sum(1).tolist()  # n_t, non-increasing after sorting; n_0 = B (every length ≥ 1)
+        order, inverse, active = pack_order(mask.t())  # n_t: n_0 = B (every length ≥ 1)
         sort = lambda t: t.index_select(0, order) if t is not None else None  # noqa: E731 (rows = sequences)
         layer_in = x.index_select(1, order)
         sorted_mask = mask.index_select(1, order)
@@ -262,28 +260,20 @@ class Recurrent(nn.Module):
             whole = cell.recur_sequence(xp, s, step, h_mask, mode, active)
             if whole is not None:
                 out, s = whole
-                if masks is not None and masks.outputs[k] is not None:
-                    out = out * sort(masks.outputs[k])
-                final.append(tuple(a.index_select(0, inverse) for a in s))
-                layer_in = out
-                continue
-            finished: list[State] = []  # the rows that dropped out, latest (lowest rows) last
-            outs = []
-            n_prev = B
-            for t in range(T):
-                n = active[t]
-                if n < n_prev:
-                    finished.append(tuple(a[n:] for a in s))
-                    s = tuple(a[:n] for a in s)
-                s = cell.recur(xp[t, :n], s, step + t, None, h_mask[:n] if h_mask is not None else None,
-                               mode=mode)
-                outs.append(s[0] if n == B else torch.nn.functional.pad(s[0], (0, 0, 0, B - n)))
-                n_prev = n
-            out = torch.stack(outs)
+            else:
+                finished: list[State] = []  # the rows that dropped out, latest (lowest rows) last
+                outs = []
+                for t in range(T):
+                    n = active[t]
+                    s = drop_finished(s, n, finished)
+                    s = cell.recur(xp[t, :n], s, step + t, None, h_mask[:n] if h_mask is not None else None,
+                                   mode=mode)
+                    outs.append(s[0] if n == B else torch.nn.functional.pad(s[0], (0, 0, 0, B - n)))
+                out = torch.stack(outs)
+                s = final_state(s, finished)
             if masks is not None and masks.outputs[k] is not None:
                 out = out * sort(masks.outputs[k])
-            parts = [s] + finished[::-1]
-            final.append(tuple(torch.cat([p[i] for p in parts]).index_select(0, inverse) for i in range(len(s))))
+            final.append(tuple(a.index_select(0, inverse) for a in s))
             layer_in = out
         return layer_in.index_select(1, inverse), final
 
