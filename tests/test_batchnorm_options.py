@@ -140,6 +140,43 @@ def test_renorm_backward_treats_r_and_d_as_constants():
     assert torch.allclose(got, expect, atol=1e-10)
 
 
+@pytest.mark.parametrize("opts", [{}, {"max_steps": 2}, {"affine": False},
+                                  {"per_step": False, "renorm_rmax": 1.2, "renorm_dmax": 0.1}])
+def test_renorm_of_full_batches_in_one_kernel_equals_the_composition(opts, monkeypatch):
+    """A full batch ([T, B, F], no mask) is renormalised by PyTorch's batch-norm kernel with the (step, feature)
+    pairs as channels; an all-True mask takes the composition of autograd operations. Same outputs, gradients
+    and population statistics (float64), over successive batches (later ones read what earlier ones wrote)."""
+    from bnrhn.layers import seq_batchnorm
+
+    calls = []
+    original = seq_batchnorm._RenormalisedRows.apply
+    monkeypatch.setattr(seq_batchnorm._RenormalisedRows, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(11)
+    kw = {"stats": "renorm", "renorm_warmup": 2, "max_steps": 4, **opts}
+    fast, composed = SequenceBatchNorm(5, **kw).double(), SequenceBatchNorm(5, **kw).double()
+    if fast.weight is not None:
+        with torch.no_grad():
+            fast.weight.uniform_(0.5, 1.5)
+            fast.bias.normal_()
+    composed.load_state_dict(fast.state_dict())
+    T, B = 4, 6
+    for i in range(3):
+        z = (torch.randn(B, T, 5, dtype=torch.float64) * 3 + i).requires_grad_()  # batch-major, as BN-LSTM's
+        upstream = torch.randn(T, B, 5, dtype=torch.float64)
+        results = []
+        for bn, mask in ((fast, None), (composed, torch.ones(T, B, dtype=torch.bool))):
+            y = bn(z.transpose(0, 1), mask=mask)
+            params = [q for q in (bn.weight, bn.bias) if q is not None]
+            results.append((y, torch.autograd.grad((y * upstream).sum(), [z, *params])))
+        (yf, gf), (yc, gc) = results
+        assert torch.allclose(yf, yc, atol=1e-12, rtol=0)
+        for a, b in zip(gf, gc):
+            assert torch.allclose(a, b, atol=1e-11, rtol=0)
+        for a, b in zip(fast.buffers(), composed.buffers()):
+            assert torch.allclose(a.double(), b.double(), atol=1e-12, rtol=0)
+    assert len(calls) == 3  # the fast path ran
+
+
 def _call(bn, x, w, b, mask):
     """bn(x) as a function of γ and β too (functional_call keeps the module's buffers)."""
     return torch.func.functional_call(bn, {"weight": w, "bias": b}, (x,), {"mask": mask})

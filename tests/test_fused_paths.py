@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnrhn.cells.bn_lstm import BNLSTMSequence, BNLSTMStep
+from bnrhn.cells.bn_lstm import BNLSTMSequence, BNLSTMStep, NativeBNLSTMSequence
 from bnrhn.cells.highway import HighwayStep
-from bnrhn.cells.highway_sequence import HighwaySequence
+from bnrhn.cells.highway_sequence import HighwaySequence, NativeHighwaySequence
 from bnrhn.nn import Recurrent, SequenceBatchNorm
 
 FUSED_CASES = [
@@ -31,6 +31,9 @@ FUSED_CASES = [
 ]
 
 
+RENORM_BINDING = {"stats": "renorm", "renorm_rmax": 1.05, "renorm_dmax": 0.01, "renorm_warmup": 0, "normalize": "h,c"}
+
+
 def _run(rnn, x, lengths, seed):
     torch.manual_seed(seed)  # the same dropout masks for both paths
     out, final = rnn(x, lengths=lengths)
@@ -42,8 +45,10 @@ def _run(rnn, x, lengths, seed):
 
 
 @pytest.mark.parametrize("name,opts", FUSED_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_CASES)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_fused_training_path_equals_the_autograd_composition(name, opts, padded, gate_kernels):
+# None: full batches; (7, 4, 6, 7): packed, every step with ≥ 2 rows (batch-norm cells run the whole-sequence
+# nodes); (7, 4, 6, 2): the last step has one row, whose batch statistics cannot apply (they run step by step)
+@pytest.mark.parametrize("lengths", [None, (7, 4, 6, 7), (7, 4, 6, 2)], ids=["full", "packed", "one-row-step"])
+def test_fused_training_path_equals_the_autograd_composition(name, opts, lengths, gate_kernels):
     torch.manual_seed(0)
     extra = {"depth": 3} if "rhn" in name else {}
     kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **extra, **opts)
@@ -51,7 +56,7 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, padded,
     reference = Recurrent(name, 5, 6, fused=False, **kw).double()
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([7, 4, 6, 2]) if padded else None
+    lengths = torch.tensor(lengths) if lengths is not None else None
     for model in (fused, reference):  # population statistics to renormalise against (and to update)
         torch.manual_seed(5)  # the same dropout masks
         with torch.no_grad():
@@ -68,15 +73,40 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, padded,
         assert torch.equal(bf, br) if not bf.dtype.is_floating_point else torch.allclose(bf, br, atol=1e-12), bname
 
 
-def test_the_fast_paths_are_taken(monkeypatch):
-    """Guard against the equality test above passing because both models took the reference path."""
+@pytest.mark.parametrize("name,opts", [("bn_rhn", {}), ("bn_rhn", {"stats": "momentum", "normalize": "h,t,c"}),
+                                       ("rhn", {})])
+def test_float32_training_path_is_float64s_to_float32_precision(name, opts, gate_kernels):
+    """The float32 kernels (activations on exp_u20, batch norm written out) against the float64 reference
+    composition: outputs, final states and every gradient, on packed rows with recurrent dropout."""
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, recurrent_dropout=0.25, depth=3, **opts)
+    fast = Recurrent(name, 5, 16, **kw)
+    reference = Recurrent(name, 5, 16, fused=False, **kw).double()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(7, 6, 5)
+    lengths = torch.tensor([7, 4, 6, 7, 3, 5])
+    out32, final32, grads32 = _run(fast, x.clone().requires_grad_(), lengths, seed=3)
+    out64, final64, grads64 = _run(reference, x.double().requires_grad_(), lengths, seed=3)
+    assert torch.allclose(out32.double(), out64, atol=2e-5, rtol=0)
+    assert torch.allclose(final32[-1][0].double(), final64[-1][0], atol=2e-5, rtol=0)
+    for g32, g64, (pname, _) in zip(grads32, grads64, [("x", None), *fast.named_parameters()]):
+        assert torch.allclose(g32.double(), g64, atol=1e-4, rtol=1e-4), pname
+
+
+def test_the_fast_paths_are_taken(monkeypatch, gate_kernels):
+    """Guard against the equality test above passing because both models took the reference path. Where the
+    gate kernels serve, the RHN family's sequences run the C++ loop; without them, the Python one."""
     calls = {"sequence": 0, "highway": 0, "lstm_sequence": 0, "lstm": 0}
-    for key, fn in (("sequence", HighwaySequence), ("highway", HighwayStep), ("lstm_sequence", BNLSTMSequence),
-                    ("lstm", BNLSTMStep)):
+    loops = {"C++": 0, "Python": 0}  # which whole-sequence nodes ran ("sequence", "lstm_sequence" count both)
+    native = (NativeHighwaySequence, NativeBNLSTMSequence)
+    for key, fn in (("sequence", NativeHighwaySequence), ("sequence", HighwaySequence), ("highway", HighwayStep),
+                    ("lstm_sequence", NativeBNLSTMSequence), ("lstm_sequence", BNLSTMSequence), ("lstm", BNLSTMStep)):
         original = fn.apply
 
-        def counting(*args, _key=key, _original=original):
+        def counting(*args, _key=key, _original=original, _fn=fn):
             calls[_key] += 1
+            if _key.endswith("sequence"):
+                loops["C++" if _fn in native else "Python"] += 1
             return _original(*args)
 
         monkeypatch.setattr(fn, "apply", counting)
@@ -85,6 +115,7 @@ def test_the_fast_paths_are_taken(monkeypatch):
     Recurrent("bn_lstm", 3, 4, stats="momentum")(torch.randn(5, 3, 3))
     Recurrent("bn_lstm", 3, 4)(torch.randn(5, 3, 3))  # batch renormalization, the default
     assert calls == {"sequence": 2, "highway": 0, "lstm_sequence": 2, "lstm": 0}  # one node per layer
+    assert loops == ({"C++": 4, "Python": 0} if gate_kernels == "kernels" else {"C++": 0, "Python": 4})
     Recurrent("bn_rhn", 3, 4, depth=2).step(torch.randn(3, 3), None, 0)  # one step at a time (decoding
     Recurrent("bn_lstm", 3, 4).step(torch.randn(3, 3), None, 0)          # with attention): the step nodes
     assert calls == {"sequence": 2, "highway": 2, "lstm_sequence": 2, "lstm": 1}
@@ -95,6 +126,10 @@ def test_the_fast_paths_are_taken(monkeypatch):
     Recurrent("bn_rhn", 3, 4, depth=2, min_rows=3)(torch.randn(5, 3, 3), lengths=[5, 5, 4])
     Recurrent("bn_lstm", 3, 4, min_rows=3)(torch.randn(5, 3, 3), lengths=[5, 5, 4])
     assert calls == {"sequence": 2, "highway": 2 + 4 * 2, "lstm_sequence": 2, "lstm": 1 + 4}
+    # batch renormalization with steps sharing a slot (T = 5 > max_steps = 3): the Python loop either way
+    Recurrent("bn_rhn", 3, 4, depth=2, max_steps=3)(torch.randn(5, 3, 3))
+    Recurrent("bn_lstm", 3, 4, max_steps=3)(torch.randn(5, 3, 3))
+    assert loops == ({"C++": 4, "Python": 2} if gate_kernels == "kernels" else {"C++": 0, "Python": 6})
 
 
 @pytest.mark.parametrize("G,normed,renormalised", [(2, (0,), False), (2, (0, 1), False), (3, (0,), False),
@@ -122,15 +157,21 @@ def test_highway_step_gradcheck(G, normed, renormalised, gate_kernels):
 
 @pytest.mark.parametrize("name,opts", [("rhn", {}), ("rhn", {"carry": "free", "input_at": "every"}),
                                        ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}),
+                                       ("bn_rhn", RENORM_BINDING),
                                        ("bn_lstm", {"stats": "momentum"}),
+                                       ("bn_lstm", {k: v for k, v in RENORM_BINDING.items() if k != "normalize"}),
                                        ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"})])
 def test_whole_sequence_node_gradcheck(name, opts, gate_kernels, monkeypatch):
     """The whole-sequence nodes against finite differences: packed rows (lengths 5, 5, 3), recurrent dropout,
-    an initial state, two layers (RHN depth 2); every input and parameter."""
+    an initial state, two layers (RHN depth 2); every input and parameter. With the gate kernels the RHN family
+    runs the C++ loop, without them the Python one. Batch renormalization is checked where its r and d are
+    constants for finite differences too: population statistics far from the batch's, with limits that bind."""
     if name == "rhn" and gate_kernels == "composed":
         pytest.skip("without the gate kernels rhn keeps the composed step path (nothing fused to check)")
     calls = []
-    node = BNLSTMSequence if name == "bn_lstm" else HighwaySequence
+    python_node, native_node = (BNLSTMSequence, NativeBNLSTMSequence) if name == "bn_lstm" else (HighwaySequence,
+                                                                                                NativeHighwaySequence)
+    node = native_node if gate_kernels == "kernels" else python_node
     original = node.apply
     monkeypatch.setattr(node, "apply", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
@@ -141,8 +182,14 @@ def test_whole_sequence_node_gradcheck(name, opts, gate_kernels, monkeypatch):
     x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
     s0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
 
+    norms = [m for m in rnn.modules() if isinstance(m, SequenceBatchNorm)]
+
     def f(x, s0, *ps):
         torch.manual_seed(1)  # the same dropout masks at every evaluation
+        for bn in norms:  # the same population statistics at every evaluation (each tracks the batch's)
+            bn.running_mean.fill_(50.0)
+            bn.running_var.fill_(100.0)
+            bn.num_batches_tracked.fill_(1)
         state = [(s0,), (s0,)] if "rhn" in name else [(s0, s0.flip(0)), (s0.flip(1), s0)]
         out, final = torch.func.functional_call(rnn, dict(zip(names, ps)), (x,),
                                                 {"lengths": torch.tensor([5, 5, 3]), "state": state})

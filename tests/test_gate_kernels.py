@@ -237,9 +237,9 @@ class _Counting:
     def __getattr__(self, name):
         fn = getattr(self.ops, name)
 
-        def counted(*args):
+        def counted(*args, **kwargs):
             self.calls[name] = self.calls.get(name, 0) + 1
-            return fn(*args)
+            return fn(*args, **kwargs)
 
         return counted
 
@@ -258,8 +258,8 @@ def test_the_cells_call_the_kernels_where_they_should(counting):
     for name, opts in (("rhn", {}), ("bn_rhn", {}), ("bn_rhn", {"stats": "momentum"})):
         rnn = Recurrent(name, 4, 6, depth=2, **opts)
         counting.calls.clear()
-        rnn(x)[0].sum().backward()
-        assert counting.calls == {"highway_forward": T * 2, "highway_backward": T * 2}, (name, opts)
+        rnn(x)[0].sum().backward()  # training on whole sequences: the C++ time loop, once per layer
+        assert counting.calls == {"highway_sequence_forward": 1, "highway_sequence_backward": 1}, (name, opts)
         rnn.eval()
         counting.calls.clear()
         with torch.no_grad():
@@ -271,7 +271,14 @@ def test_the_cells_call_the_kernels_where_they_should(counting):
             rnn(x)
         assert counting.calls == {}, (name, "fused=False keeps the composition")
     counting.calls.clear()
-    Recurrent("bn_lstm", 4, 6, stats="momentum")(x)[0].sum().backward()
+    Recurrent("bn_lstm", 4, 6, stats="momentum")(x)[0].sum().backward()  # whole sequences: the C++ time loop
+    assert counting.calls == {"bn_lstm_sequence_forward": 1, "bn_lstm_sequence_backward": 1}
+    counting.calls.clear()
+    rnn = Recurrent("bn_lstm", 4, 6, stats="momentum")
+    state = rnn.init_state(B)
+    for t in range(T):  # one step at a time (decoding, attention): the step kernels
+        out, state = rnn.step(x[t], state, t)
+    out.sum().backward()
     assert counting.calls == {name: T for name in ("lstm_gates_forward", "lstm_output_forward",
                                                    "lstm_output_backward", "lstm_gates_backward")}
     counting.calls.clear()
@@ -304,6 +311,33 @@ def test_the_kernels_refuse_what_they_cannot_compute(ops):
         ops.highway_forward(torch.randn(4, 10), s, 3)
     with pytest.raises(RuntimeError, match="G must be 2 or 3"):
         ops.highway_forward(torch.randn(4, 20), s, 4)
+
+
+def test_the_sequence_loop_refuses_what_it_cannot_compute(ops):
+    """The C++ time loop checks its arguments before any work (the cells always pass valid ones)."""
+    T, B, H = 4, 3, 5
+    xp, s0 = torch.randn(T, B, 3 * H), torch.randn(B, H)
+    weights, biases, gammas = [torch.randn(3 * H, H)], [torch.zeros(3 * H)], [torch.ones(H)]
+    flags = dict(reads_input=[1], bias_in_product=[0], normed=[0], eps=1e-5, renorm=None)
+
+    def call(**changes):
+        args = dict(xp=xp, s0=s0, h_mask=None, weights=weights, biases=biases, gammas=gammas, active=[], **flags)
+        args.update(changes)
+        return ops.highway_sequence_forward(**args)
+
+    assert call()[0].shape == (T, B, H)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        call(xp=xp.half(), s0=s0.half())
+    with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
+        call(s0=torch.randn(H, B).t())
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        call(active=[3, 2, 3, 2])
+    with pytest.raises(RuntimeError, match="≥ 2 rows"):
+        call(active=[3, 2, 2, 1])
+    with pytest.raises(RuntimeError, match="last dimension"):
+        call(xp=torch.randn(T, B, 2 * H))
+    with pytest.raises(RuntimeError, match=r"renorm must be \[L, K, 5, T, H\]"):
+        call(renorm=torch.ones(1, 1, 5, T, H + 1))
 
 
 def test_a_column_major_pre_activation_gives_the_composed_result(ops):

@@ -16,7 +16,9 @@ reproducible negative result, not a default.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -119,8 +121,18 @@ class BNLSTMCell(RecurrentCell):
             return None
         stats = SequenceStatistics((self.bn_h, self.bn_c), step, rows, xp)
         carry = self.carry_norm == "recurrence"
-        spec = lambda t: (self.hidden_size, self.bn_h.eps, carry, stats.corrections(t))  # noqa: E731
         h, c = state
+        ops = kernels.ops_for(xp, h, c)
+        if ops is not None and not (stats.renorm and stats.bound_tensors is None):  # the loop in C++
+            renorm = None
+            if stats.renorm:  # per norm [5, T, F]: (μ, √(σ² + ε), 1/rmax, rmax, dmax) of every step
+                renorm = [torch.stack([b.expand_as(bounds[0]) for b in bounds]) for bounds in stats.bound_tensors]
+            plan = NativeLSTMPlan(ops=ops, eps=self.bn_h.eps, carry_normed=carry, active=active, renorm=renorm,
+                                  track=stats.track_all)
+            out, h, c = NativeBNLSTMSequence.apply(plan, xp, h, c, h_mask, self.weight_hh, self.bn_h.weight,
+                                                   self.bn_c.weight, self.bn_c.bias)
+            return out, (h, c)
+        spec = lambda t: (self.hidden_size, self.bn_h.eps, carry, stats.corrections(t))  # noqa: E731
         out, h, c = BNLSTMSequence.apply((spec, stats.track, active), xp, h, c, h_mask, self.weight_hh,
                                          self.bn_h.weight, self.bn_c.weight, self.bn_c.bias)
         stats.finish()
@@ -286,3 +298,56 @@ class BNLSTMSequence(Function):
             dh = dr @ weight if h_mask is None else (dr @ weight).mul_(h_mask[:n])
         dweight = torch.cat(drs).t() @ torch.cat(h_ins) if ctx.needs_input_grad[5] else None
         return (None, dxp, dh, dc, None, dweight, *dparams)
+
+
+@dataclass
+class NativeLSTMPlan:
+    """What one call of :class:`NativeBNLSTMSequence` computes besides its tensor inputs: the kernels' op
+    namespace, ε, whether the carry is normalised, the rows of each step (None: all), batch renormalization's
+    population terms per norm (``[5, T, 4H]`` for the recurrent norm, ``[5, T, H]`` for the cell norm: μ,
+    √(σ² + ε), 1/rmax, rmax, dmax, read once) or None, and ``track(means, variances)``, which receives every
+    step's batch statistics of both norms once the loop has run."""
+
+    ops: object
+    eps: float
+    carry_normed: bool
+    active: list[int] | None
+    renorm: list[Tensor] | None
+    track: Callable[[list[Tensor], list[Tensor]], None]
+
+
+class NativeBNLSTMSequence(Function):
+    """:class:`BNLSTMSequence` with its time loop in C++ (``bnrhn/kernels/bn_lstm_sequence.cpp``), where the fused
+    kernels serve the tensors and no step reads population statistics that an earlier step updates. Same
+    equations and results: ``NativeBNLSTMSequence.apply(plan, xp, h0, c0, h_mask, W_h, γ_h, γ_c, β_c)`` →
+    ``(outputs [T, B, H], h_T, c_T)``. Why: as :class:`bnrhn.cells.highway_sequence.NativeHighwaySequence`."""
+
+    @staticmethod
+    def forward(ctx, plan: NativeLSTMPlan, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c):
+        if xp.stride(2) != 1:
+            xp = xp.contiguous()
+        h0, c0 = h0.contiguous(), c0.contiguous()
+        h_mask = h_mask.contiguous() if h_mask is not None else None
+        renorm_h, renorm_c = plan.renorm if plan.renorm is not None else (None, None)
+        results = plan.ops.bn_lstm_sequence_forward(xp, h0, c0, h_mask, weight.contiguous(), gamma_h, gamma_c, beta_c,
+                                                    plan.carry_normed, plan.eps, list(plan.active or []),
+                                                    renorm_h, renorm_c)
+        out, h, c = results[:3]
+        h_in, act, xhat_h, c_prev, xhat_c, tanh_c, mean_h, var_h, invstd_h, mean_c, var_c, invstd_c = results[3:15]
+        plan.track([mean_h, mean_c], [var_h, var_c])
+        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+        ctx.save_for_backward(h_mask, weight, gamma_h, gamma_c, h_in, act, xhat_h, c_prev, xhat_c, tanh_c, invstd_h,
+                              invstd_c, *results[15:])
+        return out, h, c
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_c):
+        plan = ctx.plan
+        h_mask, weight, gamma_h, gamma_c, *records = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (plan, xp, h0, c0, h_mask, W_h, γ_h, γ_c, β_c)
+        dxp, dh0, dc0, dweight, dgamma_h, dgamma_c, dbeta_c = plan.ops.bn_lstm_sequence_backward(
+            grad_out, grad_h, grad_c, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), gamma_h, gamma_c,
+            records, plan.carry_normed, list(plan.active or []), need[1])
+        grads = (dh0, dc0, None, dweight, dgamma_h, dgamma_c, dbeta_c)
+        return (None, dxp, *(g if n else None for g, n in zip(grads, need[2:])))

@@ -169,3 +169,67 @@ class HighwaySequence(Function):
                 db[l] = da_all.sum(0)
         ds0 = ds if need[2] else None
         return (None, dxp, ds0, None, *dweights, *db, *dgammas)
+
+
+@dataclass
+class NativePlan:
+    """What one call of :class:`NativeHighwaySequence` computes: the layer structure of :class:`SequencePlan`,
+    the indices of the batch-normalised gates, their ε, ``renorm``: None (plain batch statistics) or, for batch
+    renormalization, the population terms of every normalised gate and step ``[L, K, 5, T, H]`` (μ, √(σ² + ε),
+    1/rmax, rmax, dmax, read once: no step shares a slot), the rows of each step, the fused kernels' op
+    namespace, and ``track(means, variances)``, which receives the batch statistics of every step,
+    ``[L, K, T, H]`` each (biased variances), once the loop has run."""
+
+    depth: int
+    reads_input: tuple[bool, ...]
+    bias_in_product: tuple[bool, ...]
+    normed: tuple[int, ...]
+    eps: float
+    renorm: Tensor | None
+    active: list[int] | None
+    ops: object
+    track: Callable[[Tensor, Tensor], None]
+
+
+class NativeHighwaySequence(Function):
+    """:class:`HighwaySequence` with its time loop in C++ (``bnrhn/kernels/highway_sequence.cpp``), where the fused
+    kernels serve the tensors and no step reads population statistics that an earlier step updates (batch
+    renormalization with steps sharing a slot stays with :class:`HighwaySequence`). Same arguments and results:
+    ``NativeHighwaySequence.apply(plan, xp, s0, h_mask, *weights, *biases, *gammas)`` → ``(out, s_T)``.
+
+    Why: at hidden size 128 the Python loop body (a dozen tensor calls per highway layer and step, each through
+    the dispatcher from Python) costs about as much as the layer's arithmetic."""
+
+    @staticmethod
+    def forward(ctx, plan: NativePlan, xp: Tensor, s0: Tensor, h_mask: Tensor | None, *params: Tensor):
+        L = plan.depth
+        weights, biases, gammas = params[:L], params[L : 2 * L], params[2 * L :]
+        flags = dict(reads_input=[int(r) for r in plan.reads_input], bias_in_product=[int(b) for b in plan.bias_in_product],
+                     normed=list(plan.normed), eps=plan.eps, active=list(plan.active or []))
+        s0 = s0.contiguous()
+        h_mask = h_mask.contiguous() if h_mask is not None else None
+        results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, [w.contiguous() for w in weights],
+                                                    biases, gammas, renorm=plan.renorm, **flags)
+        out, final, acts, s_prev, s_in, xhat, mean, var, invstd, r, d = (x if x.numel() else None for x in results)
+        if plan.normed:
+            plan.track(mean, var)
+        ctx.plan, ctx.flags, ctx.xp_size = plan, flags, list(xp.shape)
+        ctx.save_for_backward(s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d, *weights, *gammas)
+        return out, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor | None, grad_final: Tensor | None):
+        plan, L = ctx.plan, ctx.plan.depth
+        s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d, *params = ctx.saved_tensors
+        weights, gammas = params[:L], params[L:]
+        need = ctx.needs_input_grad  # (plan, xp, s0, h_mask, *weights, *biases, *gammas)
+        dxp, ds0, dweights, dbiases, dgammas = plan.ops.highway_sequence_backward(
+            grad_out, grad_final, ctx.xp_size, s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d,
+            [w.contiguous() for w in weights], gammas,
+            need_xp=need[1], **ctx.flags)
+        need_w, need_b, need_g = need[4 : 4 + L], need[4 + L : 4 + 2 * L], need[4 + 2 * L :]
+        dweights = [d if n else None for d, n in zip(dweights, need_w)]
+        dbiases = [d if n and d.numel() else None for d, n in zip(dbiases, need_b)]
+        dgammas = [d if n else None for d, n in zip(dgammas, need_g)]
+        return (None, dxp, ds0 if need[2] else None, None, *dweights, *dbiases, *dgammas)

@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode, check_size
 from bnrhn.cells.highway import HighwayStep
-from bnrhn.cells.highway_sequence import HighwaySequence, SequencePlan
+from bnrhn.cells.highway_sequence import HighwaySequence, NativeHighwaySequence, NativePlan, SequencePlan
 from bnrhn.layers.seq_batchnorm import SequenceBatchNorm, SequenceStatistics, check_statistics_options
 
 _NORMS = ("none", "batch", "layer")
@@ -227,18 +227,34 @@ class RHNCell(RecurrentCell):
         eps = norms[0][0].eps if normed else 0.0
         plain_spec = (self.hidden_size, G, normed, eps, None)
         stats = [SequenceStatistics(layer, step, active or [B] * T, xp) for layer in norms] if normed else None
+        reads_input = tuple(l == 0 or every for l in range(L))
+        bias_in_product = tuple(not normed and not (l == 0 or every) for l in range(L))
+        gammas = [bn.weight for layer in norms for bn in layer]
+        ops = kernels.ops_for(xp, state[0])
+        if ops is not None and not (stats and stats[0].renorm and stats[0].bound_tensors is None):  # loop in C++
+            def track(means: Tensor, variances: Tensor) -> None:  # [L, K, T, H]
+                for layer_stats, m, v in zip(stats, means, variances):
+                    layer_stats.track_all(m, v)
+
+            renorm = None
+            if stats and stats[0].renorm:  # [L, K, 5, T, H]: (μ, √(σ² + ε), 1/rmax, rmax, dmax) per gate and step
+                renorm = torch.stack([torch.stack([b.expand(T, self.hidden_size) for b in bounds])
+                                      for layer_stats in stats for bounds in layer_stats.bound_tensors])
+                renorm = renorm.view(L, len(normed), 5, T, self.hidden_size)
+            native = NativePlan(depth=L, reads_input=reads_input, bias_in_product=bias_in_product, normed=normed,
+                                eps=eps, renorm=renorm, active=active, ops=ops, track=track)
+            out, final = NativeHighwaySequence.apply(native, xp, state[0], h_mask, *self.weight_hh, *self.bias,
+                                                     *gammas)
+            return out, (final,)
 
         def spec(l: int, t: int) -> tuple:
             corrections = stats[l].corrections(t) if stats is not None else None
             return plain_spec if corrections is None else plain_spec[:4] + (corrections,)
 
         plan = SequencePlan(
-            depth=L, hidden=self.hidden_size, reads_input=tuple(l == 0 or every for l in range(L)),
-            bias_in_product=tuple(not normed and not (l == 0 or every) for l in range(L)),
-            spec=spec, track=lambda l, t, batch, n: stats[l].track(t, batch, n), active=active,
-            n_gammas=len(normed),
+            depth=L, hidden=self.hidden_size, reads_input=reads_input, bias_in_product=bias_in_product, spec=spec,
+            track=lambda l, t, batch, n: stats[l].track(t, batch, n), active=active, n_gammas=len(normed),
         )
-        gammas = [bn.weight for layer in norms for bn in layer]
         out, final = HighwaySequence.apply(plan, xp, state[0], h_mask, *self.weight_hh, *self.bias, *gammas)
         for layer_stats in stats or ():
             layer_stats.finish()

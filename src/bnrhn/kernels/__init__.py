@@ -37,7 +37,8 @@ from torch import Tensor
 from bnrhn.autodiff import plain_autograd
 from bnrhn.kernels import composed
 
-_SOURCE = Path(__file__).with_name("gates.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gates.cpp", "highway_sequence.cpp", "bn_lstm_sequence.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("vec_math.h", "row_kernels.h", "sequence.h")]
 _MODES = ("auto", "on", "off")
 _FLAGS = {  # compiler flags per ATen CPU capability: the extension's Vectorized<T> matches PyTorch's own
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
@@ -74,7 +75,8 @@ def _build_name() -> tuple[str, list[str]]:
     checkouts and virtual environments sharing PyTorch's extension cache never rebuild each other's."""
     cap = capability()
     flags = ["-O3", "-DNDEBUG", *_FLAGS.get(cap, [])]
-    key = "\0".join([_SOURCE.read_text(encoding="utf-8"), *flags, torch.__version__, sys.prefix])
+    sources = [f.read_text(encoding="utf-8") for f in (*_SOURCES, *_HEADERS)]
+    key = "\0".join([*sources, *flags, torch.__version__, sys.prefix])
     return f"bnrhn_gates_{cap.lower()}_{hashlib.sha256(key.encode()).hexdigest()[:10]}", flags
 
 
@@ -107,7 +109,7 @@ def build(verbose: bool = False):
         lock.unlink(missing_ok=True)
     if not (folder / f"{name}.so").exists():
         _say(f"building the fused CPU gate kernels in {folder} (once per machine, about 20 s)")
-    load(name, [str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=verbose, build_directory=str(folder))
+    load(name, [str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False, verbose=verbose, build_directory=str(folder))
     _loaded["name"] = name
     return torch.ops.bnrhn_gates
 

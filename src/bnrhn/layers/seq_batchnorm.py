@@ -158,19 +158,21 @@ class SequenceStatistics:
         self.renorm = self.norms[0].stats == "renorm"
         own_slots = len({self.norms[0].slot(step + t) for t in range(len(rows))}) == len(rows)
         self.deferred = own_slots or not self.renorm
-        self.bounds = None
+        self.bound_tensors = self._bounds = None  # read once: (μ, √(σ² + ε), 1/rmax, rmax, dmax) [T, F] or [T, 1]
         if self.renorm and own_slots:
             steps = torch.arange(step, step + len(rows), device=like.device)
             dtype = torch.promote_types(like.dtype, torch.float32)  # that of the batch statistics
-            self.bounds = [list(zip(*(b.unbind(0) for b in bn.renorm_bounds(steps, dtype)))) for bn in self.norms]
+            self.bound_tensors = [bn.renorm_bounds(steps, dtype) for bn in self.norms]
         self.kept = [([], []) for _ in self.norms]
 
     def corrections(self, t: int):
         """Step t's (mean, biased var) → (r, d) function per norm, or None without renormalization."""
         if not self.renorm:
             return None
-        if self.bounds is not None:
-            return tuple(partial(bn.renorm_from_bounds, b[t]) for bn, b in zip(self.norms, self.bounds))
+        if self.bound_tensors is not None:
+            if self._bounds is None:  # per step, split once
+                self._bounds = [list(zip(*(b.unbind(0) for b in bounds))) for bounds in self.bound_tensors]
+            return tuple(partial(bn.renorm_from_bounds, b[t]) for bn, b in zip(self.norms, self._bounds))
         return tuple(partial(bn.renorm_corrections, self.step + t) for bn in self.norms)
 
     def track(self, t: int, stats, n: int) -> None:
@@ -186,9 +188,15 @@ class SequenceStatistics:
         """Fold the statistics kept by :meth:`track` into the population statistics."""
         if not self.kept[0][0]:
             return
+        self.track_all([torch.stack(m) for m, _ in self.kept], [torch.stack(v) for _, v in self.kept])
+
+    def track_all(self, means, variances) -> None:
+        """Fold every step's batch statistics into the population statistics at once: per norm, the means and
+        biased variances ``[T, F]`` of all the steps (plain statistics, or renormalization with a slot per step)."""
+        assert self.deferred, "steps sharing a renormalised slot are tracked one by one (track)"
         counts = torch.tensor(self.rows, dtype=torch.float64, device=self.device)
-        for bn, (means, variances) in zip(self.norms, self.kept):
-            bn.track_steps(self.step, torch.stack(means), torch.stack(variances), counts)
+        for bn, mean, var in zip(self.norms, means, variances):
+            bn.track_steps(self.step, mean, var, counts)
 
 
 @contextmanager
@@ -425,6 +433,8 @@ class SequenceBatchNorm(nn.Module):
             raise ValueError(f"expected {self.num_features} features, got {Fdim}")
         if not self.training:
             return self._population(x, step0)
+        if mask is None and self.stats == "renorm" and B >= max(2, self.min_rows) and plain_autograd():
+            return self._forward_renorm_rows(x, step0)
         if self._needs_general_path(B, mask):
             return self._forward_masked(x, step0, mask)
         if B < 2:  # a lone sequence has no batch variance
@@ -438,6 +448,25 @@ class SequenceBatchNorm(nn.Module):
         y, mean, var = self._fused_batch_norm(flat, weight, bias)
         self._update_running_steps(step0, mean.view(T, Fdim), var.view(T, Fdim) * (B / (B - 1)))
         return y.view(B, T, Fdim).transpose(0, 1)
+
+    def _forward_renorm_rows(self, x: Tensor, step0: int) -> Tensor:
+        """Batch renormalization of a full batch [T, B, F] in one pass of PyTorch's kernel, the (step, feature)
+        pairs as channels (as the plain fused path), r and d per pair from each step's slot as it was before this
+        call (as :meth:`_forward_renorm`, whose composition of autograd operations is several times slower)."""
+        T, B, Fdim = x.shape
+        flat = x.transpose(0, 1).reshape(B, T * Fdim)
+        steps = torch.arange(step0, step0 + T, device=x.device)
+
+        def corrections(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+            r, d = self.renorm_corrections(steps, mean.view(T, Fdim), var.view(T, Fdim))
+            return r.reshape(-1), d.reshape(-1)
+
+        weight = self.weight.repeat(T) if self.weight is not None else flat.new_ones(T * Fdim)
+        bias = self.bias.repeat(T) if self.bias is not None else None
+        y, mean, var = _RenormalisedRows.apply(flat, weight, bias, self.eps, corrections)
+        y = y.view(B, T, Fdim).transpose(0, 1)
+        return self._finish_training_steps(y, x, step0, flat.new_full((T,), B), mean.view(T, Fdim),
+                                           var.view(T, Fdim), [B] * T)
 
     def _needs_general_path(self, rows: int, mask: Tensor | None) -> bool:
         """Padded positions, renormalization or too few rows: not the fused full-batch kernel."""
@@ -614,6 +643,31 @@ class SequenceBatchNorm(nn.Module):
             m = self.momentum
         self.running_mean[idx].lerp_(mean.to(self.running_mean.dtype), m)
         self.running_var[idx].lerp_(unbiased_var.to(self.running_var.dtype), m)
+
+
+class _RenormalisedRows(torch.autograd.Function):
+    """Batch renormalization (Ioffe 2017) of the rows of x ``[N, C]``, per column: y = γ(x̂ r + d) + β with x̂ the
+    batch-normalised x, r and d = ``corrections(μ_B, σ²_B)`` constants of the backward pass. Forward
+    :func:`batch_norm_rows` (PyTorch's kernel), backward PyTorch's batch-norm backward with the effective scale
+    γ r and :func:`renorm_parameter_grads`. Returns (y, μ_B, biased σ²_B); the statistics carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps, corrections):
+        y, mean, invstd, scale, r, d = batch_norm_rows(x, gamma, beta, eps, corrections)
+        ctx.save_for_backward(x, mean, invstd, scale, r, d)
+        ctx.eps, ctx.has_beta = eps, beta is not None
+        var = invstd.pow(-2).sub_(eps).clamp_min_(0.0)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmean, _dvar):
+        x, mean, invstd, scale, r, d = ctx.saved_tensors
+        dx, dscale, dshift = torch.ops.aten.native_batch_norm_backward(
+            dy.contiguous(), x, scale, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        dgamma, dbeta = renorm_parameter_grads(dscale, dshift, r, d)
+        return dx, dgamma, dbeta if ctx.has_beta else None, None, None
 
 
 class _MaskedBatchNorm(torch.autograd.Function):

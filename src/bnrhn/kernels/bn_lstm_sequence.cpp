@@ -1,0 +1,303 @@
+// A whole sequence of BN-LSTM steps (Cooijmans et al. 2016), forward and backward, as one C++ loop: what
+// bnrhn/cells/bn_lstm.py's BNLSTMSequence does in Python, for every configuration in which no step reads
+// population statistics that an earlier step of the same sequence updates. Same equations (row_kernels.h has
+// the gates' and the batch norm's):
+//
+//   forward, t = 0..T−1:   r = (h_{t−1} ⊙ m) W_hᵀ                                           (PyTorch's mm)
+//                          [i, f, g, o] = BN(r; γ_h) + xp_t,   c = σ(f) c_{t−1} + σ(i) tanh(g)
+//                          ĉ = BN(c; γ_c, β_c),   h_t = σ(o) tanh(ĉ),   c_t = c (or ĉ: carry_norm="recurrence")
+//   backward, in reverse:  dĉ = dh σ(o)(1 − tanh² ĉ) (+ dc_t),  dc = BN′(dĉ) (+ dc_t),  dc_{t−1} = dc σ(f)
+//                          d[i, f, g, o] = the gates' derivatives,  dxp_t = d[i, f, g, o],  dr = BN′(d[i, f, g, o])
+//                          dh_{t−1} = (dr W_h) ⊙ m                                          (PyTorch's mm)
+//   once:                  dW_h = [dr_0; …; dr_{T−1}]ᵀ [h_{−1} ⊙ m; …]
+// with batch renormalization's r and d (Ioffe 2017) inside each BN where the population terms are given.
+// Why in C++: as highway_sequence.cpp (one product and a few passes of row kernels per step, no tensor
+// operations around them).
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "row_kernels.h"
+#include "sequence.h"
+
+namespace bnrhn_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kOp = "bn_lstm_sequence";
+
+// What the forward keeps for the backward, and the batch statistics it hands back. Per step t (rows at offset
+// Σ n_u): h_in = h_{t−1} ⊙ m, the activations [σi, σf, tanh g, σo], x̂ of r and of c, c_{t−1}, tanh ĉ;
+// per step: the statistics of both norms (and r, d with renormalization).
+struct Records {
+  Tensor h_in, act, xhat_h, c_prev, xhat_c, tanh_c;                 // [N, H] or [N, 4H]
+  Tensor mean_h, var_h, invstd_h, mean_c, var_c, invstd_c, r_h, d_h, r_c, d_c;  // [T, 4H] or [T, H]
+};
+
+template <typename T>
+ColumnNorm<T> norm_of(const Records& rec, bool recurrent, const Tensor& gamma, const T* beta,
+                      const c10::optional<Tensor>& bounds, int64_t t, int64_t off, int64_t steps) {
+  const Tensor& invstd = recurrent ? rec.invstd_h : rec.invstd_c;
+  const int64_t W = invstd.size(1);
+  auto at_step = [&](const Tensor& x) { return x.defined() ? x.data_ptr<T>() + t * W : nullptr; };
+  ColumnNorm<T> g;
+  g.width = W;
+  g.gamma = gamma.data_ptr<T>();
+  g.beta = beta;
+  g.xhat = (recurrent ? rec.xhat_h : rec.xhat_c).data_ptr<T>() + off * W;
+  g.mean = at_step(recurrent ? rec.mean_h : rec.mean_c);
+  g.var = at_step(recurrent ? rec.var_h : rec.var_c);
+  g.invstd = at_step(invstd);
+  g.stride = steps * W;
+  g.bounds = bounds.has_value() ? bounds->data_ptr<T>() + t * W : nullptr;
+  g.r = at_step(recurrent ? rec.r_h : rec.r_c);
+  g.d = at_step(recurrent ? rec.d_h : rec.d_c);
+  return g;
+}
+
+template <typename T>
+void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const Tensor& c0,
+                  const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h,
+                  const Tensor& gamma_c, const Tensor& beta_c, bool carry_normed, double eps,
+                  const c10::optional<Tensor>& renorm_h, const c10::optional<Tensor>& renorm_c, const Tensor& out,
+                  const Tensor& h_final, const Tensor& c_final, Records& rec) {
+  const int64_t steps = pk.T, B = pk.B, H4 = 4 * H;
+  const Tensor weight_t = weight.t();
+  const Tensor r = at::empty({B, H4}, xp.options());                     // the step's product
+  const Tensor c_buf = at::empty({B, H}, xp.options());                   // c
+  const Tensor c_hat = at::empty({B, H}, xp.options());                   // ĉ
+  const T* xp_p = xp.data_ptr<T>();
+  const int64_t xs0 = xp.stride(0), xs1 = xp.stride(1);
+  const T* mask_p = ptr_or_null<T>(h_mask);
+  T* out_p = out.data_ptr<T>();
+  T* hf = h_final.data_ptr<T>();
+  T* cf = c_final.data_ptr<T>();
+  T* h_in_p = rec.h_in.data_ptr<T>();
+  const T* h = h0.data_ptr<T>();  // the state entering step t, ≥ n_t rows
+  const T* c = c0.data_ptr<T>();
+  int64_t rows_in = B;
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t n = pk.rows[t], off = pk.offset[t];
+    if (n < rows_in) {  // rows n.. end here: their state is final
+      std::memcpy(hf + n * H, h + n * H, (rows_in - n) * H * sizeof(T));
+      std::memcpy(cf + n * H, c + n * H, (rows_in - n) * H * sizeof(T));
+    }
+    rows_in = n;
+    T* h_in = h_in_p + off * H;
+    if (mask_p != nullptr) {
+      for (int64_t e = 0; e < n * H; ++e) h_in[e] = h[e] * mask_p[e];
+    } else {
+      std::memcpy(h_in, h, n * H * sizeof(T));
+    }
+    Tensor r_t = r.narrow(0, 0, n);
+    at::mm_out(r_t, rec.h_in.narrow(0, off, n), weight_t);
+    T* act = rec.act.data_ptr<T>() + off * H4;
+    normalise_forward<T>(n, r_t.data_ptr<T>(), H4, act, H4,
+                         norm_of<T>(rec, true, gamma_h, nullptr, renorm_h, t, off, steps), eps);
+    T* c_prev = rec.c_prev.data_ptr<T>() + off * H;
+    std::memcpy(c_prev, c, n * H * sizeof(T));
+    T* c_new = c_buf.data_ptr<T>();
+    lstm_gates_rows_forward<T>(n, H, act, c_prev, c_new, xp_p + t * xs0, xs1);
+    T* ch = c_hat.data_ptr<T>();
+    normalise_forward<T>(n, c_new, H, ch, H,
+                         norm_of<T>(rec, false, gamma_c, beta_c.data_ptr<T>(), renorm_c, t, off, steps), eps);
+    T* h_out = out_p + t * B * H;
+    lstm_output_rows_forward<T>(n, H, act, ch, h_out, rec.tanh_c.data_ptr<T>() + off * H);
+    h = h_out;
+    c = carry_normed ? ch : c_new;
+  }
+  std::memcpy(hf, h, rows_in * H * sizeof(T));
+  std::memcpy(cf, c, rows_in * H * sizeof(T));
+}
+
+template <typename T>
+void add_rows(T* dst, const T* src, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) dst[e] += src[e];
+}
+
+template <typename T>
+void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_h, const Tensor& grad_c,
+                   const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h,
+                   const Tensor& gamma_c, bool carry_normed, const Records& rec, const Tensor& dxp,
+                   const Tensor& drs, const Tensor& dh, const Tensor& dc, const Tensor& dgamma_h,
+                   const Tensor& dgamma_c, const Tensor& dbeta_c) {
+  const int64_t steps = pk.T, B = pk.B, H4 = 4 * H;
+  const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
+  const T* gh = grad_h.defined() ? grad_h.data_ptr<T>() : nullptr;
+  const T* gc = grad_c.defined() ? grad_c.data_ptr<T>() : nullptr;
+  const T* mask_p = ptr_or_null<T>(h_mask);
+  Tensor dc_other = at::empty({B, H}, dc.options());
+  Tensor dc_hat = at::empty({B, H}, dc.options());
+  Tensor dc_cur = dc;  // ∂L/∂c_t; the step writes ∂L/∂c_{t−1} into the other buffer
+  T* dh_p = dh.data_ptr<T>();
+  T* dch = dc_hat.data_ptr<T>();
+  T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
+  const c10::optional<Tensor> no_bounds;
+  int64_t m = 0;  // rows of dh and dc in use
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t n = pk.rows[t], off = pk.offset[t];
+    if (n > m) {  // rows whose last step is t: their final state's gradients
+      final_rows(dh_p, gh, m, n, H);
+      final_rows(dc_cur.data_ptr<T>(), gc, m, n, H);
+      m = n;
+    }
+    if (go != nullptr) add_rows(dh_p, go + t * B * H, n * H);
+    const T* act = rec.act.data_ptr<T>() + off * H4;
+    const T* tc = rec.tanh_c.data_ptr<T>() + off * H;
+    const T* dcv = dc_cur.data_ptr<T>();
+    lstm_output_rows_backward<T>(n, H, dh_p, act, tc, dch);
+    if (carry_normed) add_rows(dch, dcv, n * H);
+    normalise_backward<T>(n, dch, H, norm_of<T>(rec, false, gamma_c, nullptr, no_bounds, t, off, steps),
+                          dgamma_c.data_ptr<T>(), dbeta_c.data_ptr<T>());
+    if (!carry_normed) add_rows(dch, dcv, n * H);
+    T* dgates = drs.data_ptr<T>() + off * H4;
+    lstm_gates_rows_backward<T>(n, H, dch, dh_p, act, rec.c_prev.data_ptr<T>() + off * H, tc, dgates,
+                                dc_other.data_ptr<T>());
+    if (dxp_p != nullptr) std::memcpy(dxp_p + t * B * H4, dgates, n * H4 * sizeof(T));
+    normalise_backward<T>(n, dgates, H4, norm_of<T>(rec, true, gamma_h, nullptr, no_bounds, t, off, steps),
+                          dgamma_h.data_ptr<T>(), nullptr);
+    Tensor dh_t = dh.narrow(0, 0, n);
+    at::mm_out(dh_t, drs.narrow(0, off, n), weight);  // dh_{t−1} = dr W_h (⊙ m)
+    if (mask_p != nullptr) {
+      for (int64_t e = 0; e < n * H; ++e) dh_p[e] *= mask_p[e];
+    }
+    std::swap(dc_cur, dc_other);
+  }
+  final_rows(dh_p, gh, m, B, H);  // rows that never ran (no step): the initial state is their final state
+  final_rows(dc_cur.data_ptr<T>(), gc, m, B, H);
+  if (dc_cur.data_ptr() != dc.data_ptr()) dc.copy_(dc_cur);  // the caller reads dc0 from dc
+}
+
+// → [out [T, B, H], h_T, c_T [B, H], then the records: h_in, act, xhat_h, c_prev, xhat_c, tanh_c [N, ·],
+//    mean_h, var_h, invstd_h [T, 4H], mean_c, var_c, invstd_c [T, H], r_h, d_h, r_c, d_c (empty without renorm)]
+std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0, const Tensor& c0,
+                                             const c10::optional<Tensor>& h_mask, const Tensor& weight,
+                                             const Tensor& gamma_h, const Tensor& gamma_c, const Tensor& beta_c,
+                                             bool carry_normed, double eps, at::IntArrayRef active,
+                                             const c10::optional<Tensor>& renorm_h,
+                                             const c10::optional<Tensor>& renorm_c) {
+  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, kOp, ": float32 or float64 only");
+  TORCH_CHECK(xp.dim() == 3 && h0.dim() == 2 && h0.size(0) == xp.size(1) && xp.size(2) == 4 * h0.size(1),
+              kOp, ": xp [T, B, 4H], h0 [B, H]");
+  TORCH_CHECK(xp.device().is_cpu() && xp.stride(2) == 1, kOp, ": xp must be a CPU tensor with contiguous rows");
+  const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
+  check_tensor(kOp, "h0", h0, xp);
+  check_tensor(kOp, "c0", c0, xp);
+  check_tensor(kOp, "weight", weight, xp);
+  check_tensor(kOp, "gamma_h", gamma_h, xp);
+  check_tensor(kOp, "gamma_c", gamma_c, xp);
+  check_tensor(kOp, "beta_c", beta_c, xp);
+  TORCH_CHECK(c0.sizes() == h0.sizes() && weight.sizes() == at::IntArrayRef({4 * H, H}) && gamma_h.numel() == 4 * H &&
+                  gamma_c.numel() == H && beta_c.numel() == H,
+              kOp, ": expected c0 [B, H], weight [4H, H], γ_h [4H], γ_c and β_c [H]");
+  if (h_mask.has_value()) {
+    check_tensor(kOp, "h_mask", *h_mask, xp);
+    TORCH_CHECK(h_mask->sizes() == h0.sizes(), kOp, ": h_mask must be shaped as h0");
+  }
+  TORCH_CHECK(renorm_h.has_value() == renorm_c.has_value(), kOp, ": both norms renormalise or neither");
+  if (renorm_h.has_value()) {
+    check_tensor(kOp, "renorm_h", *renorm_h, xp);
+    check_tensor(kOp, "renorm_c", *renorm_c, xp);
+    TORCH_CHECK(renorm_h->sizes() == at::IntArrayRef({5, T, 4 * H}) && renorm_c->sizes() == at::IntArrayRef({5, T, H}),
+                kOp, ": renorm_h must be [5, T, 4H] and renorm_c [5, T, H]");
+  }
+  const Packing pk = packing(kOp, T, B, active, 2);
+  const auto opts = xp.options();
+  Tensor out = pk.rows.back() < B ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);
+  Tensor h_final = at::empty({B, H}, opts), c_final = at::empty({B, H}, opts);
+  Records rec;
+  rec.h_in = at::empty({pk.N, H}, opts);
+  rec.act = at::empty({pk.N, 4 * H}, opts);
+  rec.xhat_h = at::empty({pk.N, 4 * H}, opts);
+  rec.c_prev = at::empty({pk.N, H}, opts);
+  rec.xhat_c = at::empty({pk.N, H}, opts);
+  rec.tanh_c = at::empty({pk.N, H}, opts);
+  for (Tensor* x : {&rec.mean_h, &rec.var_h, &rec.invstd_h}) *x = at::empty({T, 4 * H}, opts);
+  for (Tensor* x : {&rec.mean_c, &rec.var_c, &rec.invstd_c}) *x = at::empty({T, H}, opts);
+  if (renorm_h.has_value()) {
+    rec.r_h = at::empty({T, 4 * H}, opts);
+    rec.d_h = at::empty({T, 4 * H}, opts);
+    rec.r_c = at::empty({T, H}, opts);
+    rec.d_c = at::empty({T, H}, opts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "bn_lstm_sequence_forward", [&] {
+    forward_loop<scalar_t>(pk, H, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c, carry_normed, eps, renorm_h,
+                           renorm_c, out, h_final, c_final, rec);
+  });
+  std::vector<Tensor> results = {out, h_final, c_final, rec.h_in, rec.act, rec.xhat_h, rec.c_prev, rec.xhat_c,
+                                 rec.tanh_c, rec.mean_h, rec.var_h, rec.invstd_h, rec.mean_c, rec.var_c,
+                                 rec.invstd_c, rec.r_h, rec.d_h, rec.r_c, rec.d_c};
+  for (Tensor& x : results) {
+    if (!x.defined()) x = at::empty({0}, opts);  // a Tensor[] holds no None: empty stands for "not computed"
+  }
+  return results;
+}
+
+// records = [h_in, act, xhat_h, c_prev, xhat_c, tanh_c, invstd_h, invstd_c, r_h, d_h, r_c, d_c] (the last four
+// empty without renorm) → (dxp [T, B, 4H] or None, dh0, dc0 [B, H], dW_h [4H, H], dγ_h [4H], dγ_c, dβ_c [H])
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_sequence_backward(
+    const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c,
+    int64_t T, int64_t B, const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h, const Tensor& gamma_c,
+    at::TensorList records, bool carry_normed, at::IntArrayRef active, bool need_xp) {
+  TORCH_CHECK(records.size() == 12, kOp, ": expected 12 records");
+  Records rec;
+  rec.h_in = records[0];
+  rec.act = records[1];
+  rec.xhat_h = records[2];
+  rec.c_prev = records[3];
+  rec.xhat_c = records[4];
+  rec.tanh_c = records[5];
+  rec.invstd_h = records[6];
+  rec.invstd_c = records[7];
+  if (records[8].numel() > 0) {
+    rec.r_h = records[8];
+    rec.d_h = records[9];
+    rec.r_c = records[10];
+    rec.d_c = records[11];
+  }
+  const int64_t H = weight.size(1);
+  const Packing pk = packing(kOp, T, B, active, 2);
+  TORCH_CHECK(rec.h_in.size(0) == pk.N, kOp, ": the records do not match the packing");
+  const auto opts = rec.act.options();
+  const Tensor go = grad_out.has_value() ? grad_out->contiguous() : Tensor();
+  const Tensor gh = grad_h.has_value() ? grad_h->contiguous() : Tensor();
+  const Tensor gc = grad_c.has_value() ? grad_c->contiguous() : Tensor();
+  Tensor dxp;
+  if (need_xp) dxp = pk.rows.back() < B ? at::zeros({T, B, 4 * H}, opts) : at::empty({T, B, 4 * H}, opts);
+  Tensor drs = at::empty({pk.N, 4 * H}, opts);
+  Tensor dh = at::empty({B, H}, opts), dc = at::empty({B, H}, opts);
+  Tensor dgamma_h = at::zeros({4 * H}, opts), dgamma_c = at::zeros({H}, opts), dbeta_c = at::zeros({H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "bn_lstm_sequence_backward", [&] {
+    backward_loop<scalar_t>(pk, H, go, gh, gc, h_mask, weight, gamma_h, gamma_c, carry_normed, rec, dxp, drs, dh, dc,
+                            dgamma_h, dgamma_c, dbeta_c);
+  });
+  Tensor dweight = at::mm(drs.t(), rec.h_in);
+  return {dxp, dh, dc, dweight, dgamma_h, dgamma_c, dbeta_c};
+}
+
+}  // namespace
+}  // namespace bnrhn_kernels
+
+TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
+  m.def("bn_lstm_sequence_forward(Tensor xp, Tensor h0, Tensor c0, Tensor? h_mask, Tensor weight, Tensor gamma_h, "
+        "Tensor gamma_c, Tensor beta_c, bool carry_normed, float eps, int[] active, Tensor? renorm_h, "
+        "Tensor? renorm_c) -> Tensor[]");
+  m.def("bn_lstm_sequence_backward(Tensor? grad_out, Tensor? grad_h, Tensor? grad_c, int T, int B, Tensor? h_mask, "
+        "Tensor weight, Tensor gamma_h, Tensor gamma_c, Tensor[] records, bool carry_normed, int[] active, "
+        "bool need_xp) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {
+  m.impl("bn_lstm_sequence_forward", bnrhn_kernels::bn_lstm_sequence_forward);
+  m.impl("bn_lstm_sequence_backward", bnrhn_kernels::bn_lstm_sequence_backward);
+}

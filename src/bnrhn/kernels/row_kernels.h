@@ -1,0 +1,275 @@
+// The elementwise phases of a recurrent step on raw row-major rows, shared by the per-step ops (gates.cpp) and
+// the whole-sequence loops (highway_sequence.cpp, bn_lstm_sequence.cpp). Gate layouts are the cells': highway
+// rows [h | t | c] (c only with a free carry gate), LSTM rows [i | f | g | o]; n rows of H units per gate.
+// Callers check shapes, dtypes and contiguity; every pointer here addresses contiguous rows.
+#pragma once
+
+#include "vec_math.h"
+
+namespace bnrhn_kernels {
+
+// Highway layer, forward: act [n, G·H] holds the pre-activations (the bias b still to add on the gates whose
+// add_bias is set, when bias is given) and is overwritten with [tanh p_h | σ p_t | σ p_c]; s_out ← s_l =
+// h ⊙ t + s ⊙ c (c = 1 − t when G = 2); and s_in_next ← s_l ⊙ mask when s_in_next is given (the next
+// layer's input under a recurrent-dropout mask).
+template <typename T>
+void highway_rows_forward(int64_t n, int64_t H, int64_t G, T* act, const T* bias, const bool* add_bias, const T* s,
+                          T* s_out, const T* mask = nullptr, T* s_in_next = nullptr) {
+  using V = Vectorized<T>;
+  using A = Act<T>;
+  const bool biased[3] = {bias && add_bias[0], bias && add_bias[1], bias && G == 3 && add_bias[2]};
+  rows(n, G * H, [&](int64_t i) {
+    T* a = act + i * G * H;
+    const T* sp = s + i * H;
+    T* op = s_out + i * H;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      V ph = V::loadu(a + j, w), pt = V::loadu(a + H + j, w);
+      if (biased[0]) ph = ph + V::loadu(bias + j, w);
+      if (biased[1]) pt = pt + V::loadu(bias + H + j, w);
+      const V h = A::tanh(ph), t = A::sigmoid(pt), sv = V::loadu(sp + j, w);
+      h.store(a + j, w);
+      t.store(a + H + j, w);
+      V r;
+      if (G == 2) {
+        r = at::vec::fmadd(t, h - sv, sv);
+      } else {
+        V pc = V::loadu(a + 2 * H + j, w);
+        if (biased[2]) pc = pc + V::loadu(bias + 2 * H + j, w);
+        const V c = A::sigmoid(pc);
+        c.store(a + 2 * H + j, w);
+        r = at::vec::fmadd(h, t, sv * c);
+      }
+      r.store(op + j, w);
+      if (s_in_next != nullptr) (r * V::loadu(mask + i * H + j, w)).store(s_in_next + i * H + j, w);
+    });
+  });
+}
+
+// Highway layer, backward: from ds = ∂L/∂s_l and the activations left by the forward, dp [n, G·H] ← ∂L/∂p and
+// ds_prev [n, H] ← ∂L/∂s_{l−1}:
+//   dp_h = ds t (1 − h²);  coupled: dp_t = ds (h − s) t (1 − t), ds_{l−1} = ds (1 − t);
+//   free: dp_t = ds h t (1 − t), dp_c = ds s c (1 − c), ds_{l−1} = ds c.
+template <typename T>
+void highway_rows_backward(int64_t n, int64_t H, int64_t G, const T* ds, const T* act, const T* s, T* dp, T* ds_prev) {
+  using V = Vectorized<T>;
+  const V one(1);
+  rows(n, G * H, [&](int64_t i) {
+    const T* a = act + i * G * H;
+    const T* sp = s + i * H;
+    const T* gp = ds + i * H;
+    T* d = dp + i * G * H;
+    T* dsp = ds_prev + i * H;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V h = V::loadu(a + j, w), t = V::loadu(a + H + j, w);
+      const V gv = V::loadu(gp + j, w), sv = V::loadu(sp + j, w);
+      const V gt = gv * t;
+      (gt * (one - h * h)).store(d + j, w);
+      const V dsig_t = t * (one - t);
+      if (G == 2) {
+        (gv * (h - sv) * dsig_t).store(d + H + j, w);
+        (gv - gt).store(dsp + j, w);
+      } else {
+        const V c = V::loadu(a + 2 * H + j, w);
+        (gv * h * dsig_t).store(d + H + j, w);
+        (gv * sv * c * (one - c)).store(d + 2 * H + j, w);
+        (gv * c).store(dsp + j, w);
+      }
+    });
+  });
+}
+
+// LSTM gates, forward: act [n, 4H] holds the pre-activations (plus add [n, 4H] with row stride ld_add, when
+// given) and is overwritten with [σ i | σ f | tanh g | σ o]; c ← σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g).
+template <typename T>
+void lstm_gates_rows_forward(int64_t n, int64_t H, T* act, const T* c_prev, T* c, const T* add = nullptr,
+                             int64_t ld_add = 0) {
+  using V = Vectorized<T>;
+  using A = Act<T>;
+  rows(n, 4 * H, [&](int64_t b) {
+    T* a = act + b * 4 * H;
+    const T* x = add != nullptr ? add + b * ld_add : nullptr;
+    const T* cp = c_prev + b * H;
+    T* co = c + b * H;
+    auto pre = [&](int64_t col, int64_t w) {
+      V p = V::loadu(a + col, w);
+      return x != nullptr ? p + V::loadu(x + col, w) : p;
+    };
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V i = A::sigmoid(pre(j, w));
+      const V f = A::sigmoid(pre(H + j, w));
+      const V gg = A::tanh(pre(2 * H + j, w));
+      const V o = A::sigmoid(pre(3 * H + j, w));
+      i.store(a + j, w);
+      f.store(a + H + j, w);
+      gg.store(a + 2 * H + j, w);
+      o.store(a + 3 * H + j, w);
+      at::vec::fmadd(f, V::loadu(cp + j, w), i * gg).store(co + j, w);
+    });
+  });
+}
+
+// LSTM output, forward: tc ← tanh ĉ, h ← σ(o) ⊙ tanh ĉ (act as left by lstm_gates_rows_forward).
+template <typename T>
+void lstm_output_rows_forward(int64_t n, int64_t H, const T* act, const T* c_hat, T* h, T* tc) {
+  using V = Vectorized<T>;
+  using A = Act<T>;
+  rows(n, H, [&](int64_t b) {
+    const T* o = act + b * 4 * H + 3 * H;
+    const T* cp = c_hat + b * H;
+    T* hp = h + b * H;
+    T* tp = tc + b * H;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V t = A::tanh(V::loadu(cp + j, w));
+      t.store(tp + j, w);
+      (V::loadu(o + j, w) * t).store(hp + j, w);
+    });
+  });
+}
+
+// LSTM output, backward: dc_hat ← ∂L/∂ĉ = dh ⊙ σ(o) ⊙ (1 − tanh² ĉ).
+template <typename T>
+void lstm_output_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, const T* tc, T* dc_hat) {
+  using V = Vectorized<T>;
+  const V one(1);
+  rows(n, H, [&](int64_t b) {
+    const T* o = act + b * 4 * H + 3 * H;
+    const T* g = dh + b * H;
+    const T* tp = tc + b * H;
+    T* d = dc_hat + b * H;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V t = V::loadu(tp + j, w);
+      (V::loadu(g + j, w) * V::loadu(o + j, w) * (one - t * t)).store(d + j, w);
+    });
+  });
+}
+
+// LSTM gates, backward: from dc = ∂L/∂c and dh = ∂L/∂h (for the o gate), dgates [n, 4H] ← ∂L/∂[i, f, g, o]
+// pre-activations and dc_prev [n, H] ← ∂L/∂c_{t−1} = dc ⊙ σ(f):
+//   di = dc g i(1 − i),  df = dc c_{t−1} f(1 − f),  dg = dc i (1 − g²),  do = dh tanh(ĉ) o(1 − o).
+template <typename T>
+void lstm_gates_rows_backward(int64_t n, int64_t H, const T* dc, const T* dh, const T* act, const T* c_prev,
+                              const T* tc, T* dgates, T* dc_prev) {
+  using V = Vectorized<T>;
+  const V one(1);
+  rows(n, 4 * H, [&](int64_t b) {
+    const T* a = act + b * 4 * H;
+    const T* dcp = dc + b * H;
+    const T* dhp = dh + b * H;
+    const T* cp = c_prev + b * H;
+    const T* tp = tc + b * H;
+    T* d = dgates + b * 4 * H;
+    T* dprev = dc_prev + b * H;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V i = V::loadu(a + j, w), f = V::loadu(a + H + j, w);
+      const V gg = V::loadu(a + 2 * H + j, w), o = V::loadu(a + 3 * H + j, w);
+      const V dcv = V::loadu(dcp + j, w);
+      (dcv * gg * i * (one - i)).store(d + j, w);
+      (dcv * V::loadu(cp + j, w) * f * (one - f)).store(d + H + j, w);
+      (dcv * i * (one - gg * gg)).store(d + 2 * H + j, w);
+      (V::loadu(dhp + j, w) * V::loadu(tp + j, w) * o * (one - o)).store(d + 3 * H + j, w);
+      (dcv * f).store(dprev + j, w);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Training-mode batch norm of W columns over n rows (one step's batch statistics), written out so that a layer
+// step needs no tensor operation around its kernels:
+//   forward    x̂ = (x − μ_B) / √(σ²_B + ε)  (μ_B, σ²_B the batch mean and biased variance of each column),
+//              y = x̂ (γ r) + (γ d + β), with batch renormalization (Ioffe 2017)
+//              r = clip(√(σ²_B + ε) / σ_pop, 1/rmax, rmax), d = clip((μ_B − μ_pop) / σ_pop, −dmax, dmax),
+//              r = 1, d = 0 without it; β = 0 where there is none
+//   backward   dx = γ r / √(σ²_B + ε) · (dy − mean(dy) − x̂ mean(dy x̂)),  dγ += r Σ dy x̂ + d Σ dy,  dβ += Σ dy
+//              (r and d constants of the backward pass, as in the paper)
+// Column pieces of one vector each; the row passes read strided rows of the caller's buffers.
+template <typename T>
+struct ColumnNorm {
+  int64_t width;    // W
+  const T* gamma;   // [W]
+  const T* beta;    // [W] or nullptr
+  T* xhat;          // [n, W]: written by the forward, read by the backward
+  T* mean;          // [W] μ_B (forward)
+  T* var;           // [W] σ²_B (forward)
+  T* invstd;        // [W] 1 / √(σ²_B + ε)
+  const T* bounds;  // renormalization: μ_pop, σ_pop, 1/rmax, rmax, dmax at bounds + k·stride, k = 0..4; or nullptr
+  int64_t stride;
+  T* r;             // [W] (renormalization only)
+  T* d;             // [W]
+};
+
+// y [n, W] (row stride ld_y; may be x itself) ← the normalised x [n, W] (row stride ld_x)
+template <typename T>
+void normalise_forward(int64_t n, const T* x, int64_t ld_x, T* y, int64_t ld_y, const ColumnNorm<T>& g, double eps) {
+  using V = Vectorized<T>;
+  const int64_t W = g.width;
+  const V count(static_cast<T>(n)), veps(static_cast<T>(eps)), one(1), zero(0);
+  pieces<T>(W, [&](int64_t j, int64_t w) {
+    V sum(0);
+    for (int64_t i = 0; i < n; ++i) sum = sum + V::loadu(x + i * ld_x + j, w);
+    const V mean = sum / count;
+    V sq(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const V c = V::loadu(x + i * ld_x + j, w) - mean;
+      sq = at::vec::fmadd(c, c, sq);
+    }
+    const V var = sq / count;
+    const V std = (var + veps).sqrt();
+    const V invstd = one / std;
+    mean.store(g.mean + j, w);
+    var.store(g.var + j, w);
+    invstd.store(g.invstd + j, w);
+    const V gamma = V::loadu(g.gamma + j, w);
+    const V beta = g.beta != nullptr ? V::loadu(g.beta + j, w) : zero;
+    V scale = gamma, shift = beta;
+    if (g.bounds != nullptr) {
+      const T* b = g.bounds + j;
+      const V pop_mean = V::loadu(b, w), pop_std = V::loadu(b + g.stride, w);
+      const V rmin = V::loadu(b + 2 * g.stride, w), rmax = V::loadu(b + 3 * g.stride, w);
+      const V dmax = V::loadu(b + 4 * g.stride, w);
+      const V r = at::vec::minimum(at::vec::maximum(std / pop_std, rmin), rmax);
+      const V d = at::vec::minimum(at::vec::maximum((mean - pop_mean) / pop_std, zero - dmax), dmax);
+      r.store(g.r + j, w);
+      d.store(g.d + j, w);
+      scale = gamma * r;
+      shift = at::vec::fmadd(gamma, d, beta);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const V xh = (V::loadu(x + i * ld_x + j, w) - mean) * invstd;
+      xh.store(g.xhat + i * W + j, w);
+      at::vec::fmadd(xh, scale, shift).store(y + i * ld_y + j, w);
+    }
+  });
+}
+
+// dy [n, W] (row stride ld) → dx in place; dγ and dβ (when given) accumulate
+template <typename T>
+void normalise_backward(int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T* dgamma, T* dbeta) {
+  using V = Vectorized<T>;
+  const int64_t W = g.width;
+  const V count(static_cast<T>(n));
+  pieces<T>(W, [&](int64_t j, int64_t w) {
+    V sdy(0), sdyx(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const V v = V::loadu(dy + i * ld + j, w);
+      sdy = sdy + v;
+      sdyx = at::vec::fmadd(v, V::loadu(g.xhat + i * W + j, w), sdyx);
+    }
+    V scale = V::loadu(g.gamma + j, w);
+    V dg = sdyx;
+    if (g.r != nullptr) {
+      const V r = V::loadu(g.r + j, w);
+      scale = scale * r;
+      dg = at::vec::fmadd(V::loadu(g.d + j, w), sdy, r * sdyx);
+    }
+    (V::loadu(dgamma + j, w) + dg).store(dgamma + j, w);
+    if (dbeta != nullptr) (V::loadu(dbeta + j, w) + sdy).store(dbeta + j, w);
+    const V k = scale * V::loadu(g.invstd + j, w);
+    const V mean_dy = sdy / count, mean_dyx = sdyx / count;
+    for (int64_t i = 0; i < n; ++i) {
+      const V v = V::loadu(dy + i * ld + j, w), xh = V::loadu(g.xhat + i * W + j, w);
+      (k * (v - mean_dy - xh * mean_dyx)).store(dy + i * ld + j, w);
+    }
+  });
+}
+
+}  // namespace bnrhn_kernels

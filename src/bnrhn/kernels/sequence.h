@@ -1,0 +1,60 @@
+// What the whole-sequence loops (highway_sequence.cpp, bn_lstm_sequence.cpp) share: the layout of packed rows
+// and the checks of their arguments.
+//
+// Packed rows (sorted by length, n_t rows at step t, non-increasing): every per-step record is stored in one
+// buffer [N, ·] with N = Σ n_t, step t's rows at offset Σ_{u<t} n_u, so a weight gradient is one product over
+// the buffer; a row that drops out keeps its state as its final state.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstring>
+#include <vector>
+
+namespace bnrhn_kernels {
+
+struct Packing {
+  int64_t T = 0, B = 0, N = 0;
+  std::vector<int64_t> rows, offset;  // n_t and Σ_{u<t} n_u
+};
+
+// The packing of `active` (n_t per step; empty: B at every step); batch statistics need min_rows ≥ 2 rows
+inline Packing packing(const char* op, int64_t T, int64_t B, at::IntArrayRef active, int64_t min_rows) {
+  TORCH_CHECK(active.empty() || static_cast<int64_t>(active.size()) == T, op, ": active needs T entries");
+  Packing p;
+  p.T = T;
+  p.B = B;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = active.empty() ? B : active[t];
+    TORCH_CHECK(n >= min_rows, op, ": batch statistics need ≥ 2 rows at every step");
+    TORCH_CHECK(n >= 1 && n <= B && (t == 0 || n <= p.rows.back()), op, ": active must be non-increasing in [1, B]");
+    p.offset.push_back(p.N);
+    p.rows.push_back(n);
+    p.N += n;
+  }
+  return p;
+}
+
+inline void check_tensor(const char* op, const char* what, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(), op, ": ", what,
+              " must be a contiguous CPU tensor of dtype ", like.scalar_type());
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// rows [m, n) of a final-state gradient into dst (zeros where none came)
+template <typename T>
+void final_rows(T* dst, const T* grad, int64_t m, int64_t n, int64_t H) {
+  if (n <= m) return;
+  if (grad != nullptr) {
+    std::memcpy(dst + m * H, grad + m * H, (n - m) * H * sizeof(T));
+  } else {
+    std::memset(dst + m * H, 0, (n - m) * H * sizeof(T));
+  }
+}
+
+}  // namespace bnrhn_kernels
