@@ -23,6 +23,8 @@ FUSED_CASES = [
     ("bn_rhn", {"normalize": ""}),  # batch norm on no gate (bias in the projection): as rhn
     ("rhn", {}),  # no normaliser: the one-node layer where the gate kernels serve, else the composition
     ("rhn", {"carry": "free", "input_at": "every"}),
+    ("bn_rhn_tf", {}),  # layer norm: the C++ loop where the gate kernels serve, else the composition
+    ("bn_rhn_tf", {"normalize": "h,t,c", "input_at": "first"}),
     ("bn_lstm", {"stats": "momentum"}),
     ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}),
     ("bn_lstm", {}),  # batch renormalization, the default
@@ -130,6 +132,9 @@ def test_the_fast_paths_are_taken(monkeypatch, gate_kernels):
     Recurrent("bn_rhn", 3, 4, depth=2, max_steps=3)(torch.randn(5, 3, 3))
     Recurrent("bn_lstm", 3, 4, max_steps=3)(torch.randn(5, 3, 3))
     assert loops == ({"C++": 4, "Python": 2} if gate_kernels == "kernels" else {"C++": 0, "Python": 6})
+    # layer norm (bn_rhn_tf): the C++ loop, even with a one-row step; without the kernels the composed steps
+    Recurrent("bn_rhn_tf", 3, 4, depth=2)(torch.randn(5, 3, 3), lengths=[5, 4, 1])
+    assert loops == ({"C++": 5, "Python": 2} if gate_kernels == "kernels" else {"C++": 0, "Python": 6})
 
 
 @pytest.mark.parametrize("G,normed,renormalised", [(2, (0,), False), (2, (0, 1), False), (3, (0,), False),
@@ -158,6 +163,7 @@ def test_highway_step_gradcheck(G, normed, renormalised, gate_kernels):
 @pytest.mark.parametrize("name,opts", [("rhn", {}), ("rhn", {"carry": "free", "input_at": "every"}),
                                        ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}),
                                        ("bn_rhn", RENORM_BINDING),
+                                       ("bn_rhn_tf", {"normalize": "h,c"}),
                                        ("bn_lstm", {"stats": "momentum"}),
                                        ("bn_lstm", {k: v for k, v in RENORM_BINDING.items() if k != "normalize"}),
                                        ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"})])
@@ -166,8 +172,8 @@ def test_whole_sequence_node_gradcheck(name, opts, gate_kernels, monkeypatch):
     an initial state, two layers (RHN depth 2); every input and parameter. With the gate kernels the RHN family
     runs the C++ loop, without them the Python one. Batch renormalization is checked where its r and d are
     constants for finite differences too: population statistics far from the batch's, with limits that bind."""
-    if name == "rhn" and gate_kernels == "composed":
-        pytest.skip("without the gate kernels rhn keeps the composed step path (nothing fused to check)")
+    if name in ("rhn", "bn_rhn_tf") and gate_kernels == "composed":
+        pytest.skip(f"without the gate kernels {name} keeps the composed step path (nothing fused to check)")
     calls = []
     python_node, native_node = (BNLSTMSequence, NativeBNLSTMSequence) if name == "bn_lstm" else (HighwaySequence,
                                                                                                 NativeHighwaySequence)

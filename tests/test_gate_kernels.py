@@ -318,7 +318,7 @@ def test_the_sequence_loop_refuses_what_it_cannot_compute(ops):
     T, B, H = 4, 3, 5
     xp, s0 = torch.randn(T, B, 3 * H), torch.randn(B, H)
     weights, biases, gammas = [torch.randn(3 * H, H)], [torch.zeros(3 * H)], [torch.ones(H)]
-    flags = dict(reads_input=[1], bias_in_product=[0], normed=[0], eps=1e-5, renorm=None)
+    flags = dict(reads_input=[1], bias_in_product=[0], normed=[0], eps=1e-5, renorm=None, layer_norm=False)
 
     def call(**changes):
         args = dict(xp=xp, s0=s0, h_mask=None, weights=weights, biases=biases, gammas=gammas, active=[], **flags)
@@ -338,6 +338,8 @@ def test_the_sequence_loop_refuses_what_it_cannot_compute(ops):
         call(xp=torch.randn(T, B, 2 * H))
     with pytest.raises(RuntimeError, match=r"renorm must be \[L, K, 5, T, H\]"):
         call(renorm=torch.ones(1, 1, 5, T, H + 1))
+    with pytest.raises(RuntimeError, match="renorm applies to batch norm only"):
+        call(renorm=torch.ones(1, 1, 5, T, H), layer_norm=True)
 
 
 def test_a_column_major_pre_activation_gives_the_composed_result(ops):

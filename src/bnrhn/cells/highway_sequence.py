@@ -22,6 +22,10 @@ final state, and outputs past a sequence's end are zeros. Each step hands its ba
 ``track``; the cell folds them into the population statistics with the same result as the step path — once
 after the node where every step has a slot of its own, else step by step in time order (batch
 renormalization's r and d then see the same history).
+
+Where the fused CPU kernels serve the tensors, :class:`NativeHighwaySequence` runs the same loop in C++
+(``bnrhn/kernels/highway_sequence.cpp``); this Python node remains for CUDA, 16-bit tensors, machines without
+the extension, and batch renormalization with steps sharing a slot.
 """
 
 from __future__ import annotations
@@ -174,7 +178,8 @@ class HighwaySequence(Function):
 @dataclass
 class NativePlan:
     """What one call of :class:`NativeHighwaySequence` computes: the layer structure of :class:`SequencePlan`,
-    the indices of the batch-normalised gates, their ε, ``renorm``: None (plain batch statistics) or, for batch
+    the indices of the normalised gates, their ε, ``layer_norm`` (a layer norm of each row instead of batch
+    norm: ``norm="layer"``, no statistics to track), ``renorm``: None (plain batch statistics) or, for batch
     renormalization, the population terms of every normalised gate and step ``[L, K, 5, T, H]`` (μ, √(σ² + ε),
     1/rmax, rmax, dmax, read once: no step shares a slot), the rows of each step, the fused kernels' op
     namespace, and ``track(means, variances)``, which receives the batch statistics of every step,
@@ -185,6 +190,7 @@ class NativePlan:
     bias_in_product: tuple[bool, ...]
     normed: tuple[int, ...]
     eps: float
+    layer_norm: bool
     renorm: Tensor | None
     active: list[int] | None
     ops: object
@@ -205,13 +211,13 @@ class NativeHighwaySequence(Function):
         L = plan.depth
         weights, biases, gammas = params[:L], params[L : 2 * L], params[2 * L :]
         flags = dict(reads_input=[int(r) for r in plan.reads_input], bias_in_product=[int(b) for b in plan.bias_in_product],
-                     normed=list(plan.normed), eps=plan.eps, active=list(plan.active or []))
+                     normed=list(plan.normed), eps=plan.eps, active=list(plan.active or []), layer_norm=plan.layer_norm)
         s0 = s0.contiguous()
         h_mask = h_mask.contiguous() if h_mask is not None else None
         results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, [w.contiguous() for w in weights],
                                                     biases, gammas, renorm=plan.renorm, **flags)
         out, final, acts, s_prev, s_in, xhat, mean, var, invstd, r, d = (x if x.numel() else None for x in results)
-        if plan.normed:
+        if plan.normed and not plan.layer_norm:
             plan.track(mean, var)
         ctx.plan, ctx.flags, ctx.xp_size = plan, flags, list(xp.shape)
         ctx.save_for_backward(s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d, *weights, *gammas)

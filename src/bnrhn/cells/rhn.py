@@ -217,12 +217,14 @@ class RHNCell(RecurrentCell):
         if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
             return None
         T, B = xp.shape[0], xp.shape[1]
-        rows = active if active is not None else [B]
-        if not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
-            return None
         L, G = self.depth, len(self.gate_names)
         every = self.input_at == "every"
         normed = tuple(self.gate_names.index(g) for g in self.normalize)
+        if self.norm == "layer" and normed:  # the C++ loop only (the Python node has no layer norm)
+            return self._recur_sequence_layer_norm(xp, state, h_mask, mode, active, normed)
+        rows = active if active is not None else [B]
+        if not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
+            return None
         norms = [[self.norms[f"{g}{l}"] for g in self.normalize] for l in range(L)]
         eps = norms[0][0].eps if normed else 0.0
         plain_spec = (self.hidden_size, G, normed, eps, None)
@@ -242,7 +244,7 @@ class RHNCell(RecurrentCell):
                                       for layer_stats in stats for bounds in layer_stats.bound_tensors])
                 renorm = renorm.view(L, len(normed), 5, T, self.hidden_size)
             native = NativePlan(depth=L, reads_input=reads_input, bias_in_product=bias_in_product, normed=normed,
-                                eps=eps, renorm=renorm, active=active, ops=ops, track=track)
+                                eps=eps, layer_norm=False, renorm=renorm, active=active, ops=ops, track=track)
             out, final = NativeHighwaySequence.apply(native, xp, state[0], h_mask, *self.weight_hh, *self.bias,
                                                      *gammas)
             return out, (final,)
@@ -258,6 +260,22 @@ class RHNCell(RecurrentCell):
         out, final = HighwaySequence.apply(plan, xp, state[0], h_mask, *self.weight_hh, *self.bias, *gammas)
         for layer_stats in stats or ():
             layer_stats.finish()
+        return out, (final,)
+
+    def _recur_sequence_layer_norm(self, xp: Tensor, state: State, h_mask: Tensor | None, mode: StepMode,
+                                   active: list[int] | None, normed: tuple[int, ...]):
+        """:meth:`recur_sequence` with layer norm (``norm="layer"``): the C++ loop where the fused kernels serve the
+        tensors (layer norm has no batch statistics, so any rows and any mode qualify), else None."""
+        ops = kernels.ops_for(xp, state[0])
+        if ops is None or not mode.fused or self._gate_hooks:
+            return None
+        L, every = self.depth, self.input_at == "every"
+        norms = [self.norms[f"{g}{l}"] for l in range(L) for g in self.normalize]
+        plan = NativePlan(depth=L, reads_input=tuple(l == 0 or every for l in range(L)),
+                          bias_in_product=(False,) * L, normed=normed, eps=norms[0].eps, layer_norm=True,
+                          renorm=None, active=active, ops=ops, track=lambda means, variances: None)
+        out, final = NativeHighwaySequence.apply(plan, xp, state[0], h_mask, *self.weight_hh, *self.bias,
+                                                 *[ln.weight for ln in norms])
         return out, (final,)
 
     def _eval_affine(self, l: int, step: int) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the recurrent steps on the CPU (``gates.cpp``), built on first use.
+"""Fused elementwise kernels for the recurrent steps on the CPU (``gates.cpp``), and the training time loops of
+the RHN family and BN-LSTM in C++ (``highway_sequence.cpp``, ``bn_lstm_sequence.cpp``), built on first use.
 
 The highway layer, the BN-LSTM step and the attention scores spend most of their non-product time in
 tanh and σ, each a separate PyTorch kernel with its own pass over memory. How fast those are depends on

@@ -8,6 +8,8 @@
 //                                    biased variance),  p_g = γ_g (â_g r + d) + b_g,  with batch renormalization
 //                                    (Ioffe 2017) r = clip(√(σ²_B + ε) / σ_pop, 1/rmax, rmax),
 //                                    d = clip((μ_B − μ_pop) / σ_pop, −dmax, dmax); r = 1, d = 0 without it
+//                                    or p_g = γ_g LN(a_g) + b_g, a layer norm of each row (norm="layer": the
+//                                    public TensorFlow code's variant; row_kernels.h has its equations)
 //     the other gates:               p_g = a_g + b_g
 //                                    s_l = tanh(p_h) σ(p_t) + s_{l−1} c,  c = σ(p_c) or 1 − σ(p_t)
 //   backward, in reverse:            dp, ds_{l−1} from ds_l (gates.cpp's highway backward, the same formulas)
@@ -55,7 +57,7 @@ struct Shape : Packing {
 };
 
 Shape shape_of(int64_t T, int64_t B, const Tensor& s0, at::TensorList weights, at::IntArrayRef normed,
-               at::IntArrayRef active) {
+               at::IntArrayRef active, bool layer_norm) {
   Shape sh;
   sh.H = s0.size(1);
   sh.L = static_cast<int64_t>(weights.size());
@@ -64,7 +66,7 @@ Shape shape_of(int64_t T, int64_t B, const Tensor& s0, at::TensorList weights, a
   TORCH_CHECK(sh.G == 2 || sh.G == 3, "highway_sequence: G must be 2 or 3, got ", sh.G);
   sh.K = static_cast<int64_t>(normed.size());
   for (int64_t g : normed) TORCH_CHECK(g >= 0 && g < sh.G, "highway_sequence: normed gate index out of range");
-  static_cast<Packing&>(sh) = packing(kOp, T, B, active, sh.K > 0 ? 2 : 1);
+  static_cast<Packing&>(sh) = packing(kOp, T, B, active, sh.K > 0 && !layer_norm ? 2 : 1);
   return sh;
 }
 
@@ -100,7 +102,7 @@ ColumnNorm<T> gate_norm(const Records& rec, const Shape& sh, at::TensorList gamm
 template <typename T>
 void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask,
                   at::TensorList weights, at::TensorList biases, at::TensorList gammas, at::IntArrayRef reads_input,
-                  at::IntArrayRef bias_in_product, at::IntArrayRef normed, double eps,
+                  at::IntArrayRef bias_in_product, at::IntArrayRef normed, double eps, bool layer_norm,
                   const c10::optional<Tensor>& renorm, const Tensor& out, const Tensor& final_state, Records& rec) {
   const int64_t steps = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K, GH = G * H, P = xp.size(2);
   const Tensor xp2 = xp.view({steps * B, P});
@@ -147,8 +149,16 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
         for (int64_t g = 0; g < G; ++g) add_bias[g] = true;
         for (int64_t k = 0; k < K; ++k) {
           add_bias[normed[k]] = false;
-          T* cols = act_p + normed[k] * H;  // p = BN(a) + b in place
-          normalise_forward<T>(n, cols, GH, cols, GH, gate_norm<T>(rec, sh, gammas, biases, renorm, normed, l, k, t), eps);
+          T* cols = act_p + normed[k] * H;  // p = BN(a) + b or LN(a) + b, in place
+          if (layer_norm) {
+            const int64_t lk = l * K + k;
+            layer_norm_rows_forward<T>(n, H, cols, GH, cols, GH, gammas[lk].data_ptr<T>(), bias_p + normed[k] * H, eps,
+                                       rec.xhat.data_ptr<T>() + (lk * sh.N + off) * H,
+                                       rec.invstd.data_ptr<T>() + lk * sh.N + off);
+          } else {
+            normalise_forward<T>(n, cols, GH, cols, GH, gate_norm<T>(rec, sh, gammas, biases, renorm, normed, l, k, t),
+                                 eps);
+          }
         }
       }
       const bool last = l + 1 == L;
@@ -161,14 +171,17 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
   std::memcpy(final_p, s, s_rows * H * sizeof(T));
 }
 
+// layer_norm: the normalised gates take a layer norm of each row (norm="layer") instead of batch norm.
 // renorm [L, K, 5, T, H]: per normalised gate and step, the population's (μ_pop, σ_pop, 1/rmax, rmax, dmax), or
 // None (plain batch statistics).
 // → [out [T, B, H], final [B, H], acts [L, N, G·H], s_prev [L, N, H], s_in [L, N, H] (no mask: empty),
-//    xhat [L, K, N, H], mean, var, invstd [L, K, T, H] (empty when K = 0), r, d [L, K, T, H] (empty without renorm)]
+//    xhat [L, K, N, H], mean, var, invstd [L, K, T, H] (empty when K = 0; layer norm: no mean and var, invstd
+//    [L, K, N] per row), r, d [L, K, T, H] (empty without renorm)]
 std::vector<Tensor> highway_sequence_forward(
     const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask, at::TensorList weights,
     at::TensorList biases, at::TensorList gammas, at::IntArrayRef reads_input, at::IntArrayRef bias_in_product,
-    at::IntArrayRef normed, double eps, at::IntArrayRef active, const c10::optional<Tensor>& renorm) {
+    at::IntArrayRef normed, double eps, at::IntArrayRef active, const c10::optional<Tensor>& renorm,
+    bool layer_norm) {
   TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, "highway_sequence: float32 or float64 only");
   TORCH_CHECK(xp.dim() == 3 && s0.dim() == 2 && s0.size(0) == xp.size(1), "highway_sequence: xp [T, B, P], s0 [B, H]");
   check_tensor(kOp, "xp", xp, xp);
@@ -177,7 +190,7 @@ std::vector<Tensor> highway_sequence_forward(
     check_tensor(kOp, "h_mask", *h_mask, xp);
     TORCH_CHECK(h_mask->sizes() == s0.sizes(), "highway_sequence: h_mask must be shaped as s0");
   }
-  const Shape sh = shape_of(xp.size(0), xp.size(1), s0, weights, normed, active);
+  const Shape sh = shape_of(xp.size(0), xp.size(1), s0, weights, normed, active, layer_norm);
   const int64_t T = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(gammas.size()) == L * K &&
                   static_cast<int64_t>(reads_input.size()) == L && static_cast<int64_t>(bias_in_product.size()) == L,
@@ -204,10 +217,15 @@ std::vector<Tensor> highway_sequence_forward(
   if (h_mask.has_value()) rec.s_in = at::empty({L, sh.N, H}, opts);
   if (K > 0) {
     rec.xhat = at::empty({L, K, sh.N, H}, opts);
-    rec.mean = at::empty({L, K, T, H}, opts);
-    rec.var = at::empty({L, K, T, H}, opts);
-    rec.invstd = at::empty({L, K, T, H}, opts);
+    if (layer_norm) {
+      rec.invstd = at::empty({L, K, sh.N}, opts);
+    } else {
+      rec.mean = at::empty({L, K, T, H}, opts);
+      rec.var = at::empty({L, K, T, H}, opts);
+      rec.invstd = at::empty({L, K, T, H}, opts);
+    }
   }
+  TORCH_CHECK(!(layer_norm && renorm.has_value()), "highway_sequence: renorm applies to batch norm only");
   if (renorm.has_value()) {
     TORCH_CHECK(K > 0 && renorm->sizes() == at::IntArrayRef({L, K, 5, T, H}), "highway_sequence: renorm must be [L, K, 5, T, H]");
     check_tensor(kOp, "renorm", *renorm, xp);
@@ -216,7 +234,7 @@ std::vector<Tensor> highway_sequence_forward(
   }
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "highway_sequence_forward", [&] {
     forward_loop<scalar_t>(sh, xp, s0, h_mask, weights, biases, gammas, reads_input, bias_in_product, normed, eps,
-                           renorm, out, final_state, rec);
+                           layer_norm, renorm, out, final_state, rec);
   });
   std::vector<Tensor> results = {out, final_state, rec.acts, rec.s_prev, rec.s_in, rec.xhat, rec.mean, rec.var,
                                  rec.invstd, rec.r, rec.d};
@@ -229,8 +247,8 @@ std::vector<Tensor> highway_sequence_forward(
 template <typename T>
 void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_final, const c10::optional<Tensor>& h_mask,
                    const Records& rec, at::TensorList weights, at::TensorList gammas, at::IntArrayRef reads_input,
-                   at::IntArrayRef normed, const Tensor& dxp, const Tensor& das, const Tensor& dgammas,
-                   const Tensor& dbetas, const Tensor& ds_a, const Tensor& ds_b) {
+                   at::IntArrayRef normed, bool layer_norm, const Tensor& dxp, const Tensor& das,
+                   const Tensor& dgammas, const Tensor& dbetas, const Tensor& ds_a, const Tensor& ds_b) {
   const int64_t steps = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K, GH = G * H;
   int64_t n_chunks = 0;
   for (int64_t l = 0; l < L; ++l) n_chunks += reads_input[l] ? 1 : 0;
@@ -265,9 +283,17 @@ void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_f
       highway_rows_backward<T>(n, H, G, ds.data_ptr<T>(), acts_p + (l * sh.N + off) * GH,
                                s_prev_p + (l * sh.N + off) * H, da, dsp_prev);
       for (int64_t k = 0; k < K; ++k) {
-        const ColumnNorm<T> g = gate_norm<T>(rec, sh, gammas, {}, c10::nullopt, normed, l, k, t);
-        normalise_backward<T>(n, da + normed[k] * H, GH, g, dgammas.data_ptr<T>() + (l * K + k) * H,
-                              dbetas.data_ptr<T>() + (l * K + k) * H);
+        const int64_t lk = l * K + k;
+        T* dgamma = dgammas.data_ptr<T>() + lk * H;
+        T* dbeta = dbetas.data_ptr<T>() + lk * H;
+        if (layer_norm) {
+          layer_norm_rows_backward<T>(n, H, da + normed[k] * H, GH, gammas[lk].data_ptr<T>(),
+                                      rec.xhat.data_ptr<T>() + (lk * sh.N + off) * H,
+                                      rec.invstd.data_ptr<T>() + lk * sh.N + off, dgamma, dbeta);
+        } else {
+          const ColumnNorm<T> g = gate_norm<T>(rec, sh, gammas, {}, c10::nullopt, normed, l, k, t);
+          normalise_backward<T>(n, da + normed[k] * H, GH, g, dgamma, dbeta);
+        }
       }
       if (reads_input[l]) {
         --chunk;
@@ -300,9 +326,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     const c10::optional<Tensor>& s_in, const c10::optional<Tensor>& xhat, const c10::optional<Tensor>& invstd,
     const c10::optional<Tensor>& r, const c10::optional<Tensor>& d, at::TensorList weights, at::TensorList gammas,
     at::IntArrayRef reads_input, at::IntArrayRef bias_in_product, at::IntArrayRef normed, double eps,
-    at::IntArrayRef active, bool need_xp) {
+    at::IntArrayRef active, bool layer_norm, bool need_xp) {
   TORCH_CHECK(xp_size.size() == 3, "highway_sequence_backward: xp_size must be [T, B, P]");
-  const Shape sh = shape_of(xp_size[0], xp_size[1], s0, weights, normed, active);
+  const Shape sh = shape_of(xp_size[0], xp_size[1], s0, weights, normed, active, layer_norm);
   const int64_t T = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
   const auto opts = acts.options();
   Records rec;
@@ -326,8 +352,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   Tensor dgammas = at::zeros({L * K, H}, opts), dbetas = at::zeros({L * K, H}, opts);
   Tensor ds_a = at::empty({B, H}, opts), ds_b = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "highway_sequence_backward", [&] {
-    backward_loop<scalar_t>(sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, dxp, das, dgammas, dbetas,
-                            ds_a, ds_b);
+    backward_loop<scalar_t>(sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, layer_norm, dxp, das,
+                            dgammas, dbetas, ds_a, ds_b);
   });
   std::vector<Tensor> dweights, dbiases, dgamma_list;
   for (int64_t l = 0; l < L; ++l) {
@@ -350,11 +376,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("highway_sequence_forward(Tensor xp, Tensor s0, Tensor? h_mask, Tensor[] weights, Tensor[] biases, "
         "Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, float eps, int[] active, "
-        "Tensor? renorm) -> Tensor[]");
+        "Tensor? renorm, bool layer_norm) -> Tensor[]");
   m.def("highway_sequence_backward(Tensor? grad_out, Tensor? grad_final, int[] xp_size, Tensor s0, Tensor? h_mask, "
         "Tensor acts, Tensor s_prev, Tensor? s_in, Tensor? xhat, Tensor? invstd, Tensor? r, Tensor? d, "
         "Tensor[] weights, Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, float eps, "
-        "int[] active, bool need_xp) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
+        "int[] active, bool layer_norm, bool need_xp) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -6,6 +6,8 @@
 
 #include "vec_math.h"
 
+#include <cmath>
+
 namespace bnrhn_kernels {
 
 // Highway layer, forward: act [n, G·H] holds the pre-activations (the bias b still to add on the gates whose
@@ -269,6 +271,81 @@ void normalise_backward(int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T*
       const V v = V::loadu(dy + i * ld + j, w), xh = V::loadu(g.xhat + i * W + j, w);
       (k * (v - mean_dy - xh * mean_dyx)).store(dy + i * ld + j, w);
     }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layer norm of W columns within each of n rows (Ba et al. 2016), for the highway cells' norm="layer":
+//   forward    x̂_i = (x_i − μ_i) / √(σ²_i + ε)  (μ_i, σ²_i: row i's mean and biased variance),  y_i = γ ⊙ x̂_i + β
+//   backward   g = dy ⊙ γ,  dx_i = (g_i − mean(g_i) − x̂_i mean(g_i ⊙ x̂_i)) / √(σ²_i + ε),
+//              dγ += Σ_i dy_i ⊙ x̂_i,  dβ += Σ_i dy_i
+
+// the sum of the lanes of v
+template <typename T>
+inline T lane_sum(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T sum = 0;
+  for (int64_t k = 0; k < Vectorized<T>::size(); ++k) sum += buf[k];
+  return sum;
+}
+
+// y [n, W] (row stride ld_y; may be x itself) ← the layer-normalised x (row stride ld_x); xhat [n, W], invstd [n]
+template <typename T>
+void layer_norm_rows_forward(int64_t n, int64_t W, const T* x, int64_t ld_x, T* y, int64_t ld_y, const T* gamma,
+                             const T* beta, double eps, T* xhat, T* invstd) {
+  using V = Vectorized<T>;
+  rows(n, W, [&](int64_t i) {
+    const T* xi = x + i * ld_x;
+    V acc(0);
+    pieces<T>(W, [&](int64_t j, int64_t w) { acc = acc + V::loadu(xi + j, w); });  // partial loads fill zeros
+    const V mean(lane_sum(acc) / static_cast<T>(W));
+    V sq(0);
+    pieces<T>(W, [&](int64_t j, int64_t w) {
+      const V c = V::set(V(0), V::loadu(xi + j, w) - mean, w);  // only the w loaded lanes
+      sq = at::vec::fmadd(c, c, sq);
+    });
+    const T inv = static_cast<T>(1) / std::sqrt(lane_sum(sq) / static_cast<T>(W) + static_cast<T>(eps));
+    invstd[i] = inv;
+    const V vinv(inv);
+    pieces<T>(W, [&](int64_t j, int64_t w) {
+      const V xh = (V::loadu(xi + j, w) - mean) * vinv;
+      xh.store(xhat + i * W + j, w);
+      const V b = beta != nullptr ? V::loadu(beta + j, w) : V(0);
+      at::vec::fmadd(xh, V::loadu(gamma + j, w), b).store(y + i * ld_y + j, w);
+    });
+  });
+}
+
+// dy [n, W] (row stride ld) → dx in place; dγ and dβ (when given) accumulate
+template <typename T>
+void layer_norm_rows_backward(int64_t n, int64_t W, T* dy, int64_t ld, const T* gamma, const T* xhat,
+                              const T* invstd, T* dgamma, T* dbeta) {
+  using V = Vectorized<T>;
+  pieces<T>(W, [&](int64_t j, int64_t w) {  // the parameters' sums over the rows, before dy is replaced
+    V sdy = V::loadu(dgamma + j, w), sb = dbeta != nullptr ? V::loadu(dbeta + j, w) : V(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const V v = V::loadu(dy + i * ld + j, w);
+      sdy = at::vec::fmadd(v, V::loadu(xhat + i * W + j, w), sdy);
+      sb = sb + v;
+    }
+    sdy.store(dgamma + j, w);
+    if (dbeta != nullptr) sb.store(dbeta + j, w);
+  });
+  rows(n, W, [&](int64_t i) {
+    T* di = dy + i * ld;
+    const T* xi = xhat + i * W;
+    V s1(0), s2(0);
+    pieces<T>(W, [&](int64_t j, int64_t w) {
+      const V g = V::loadu(di + j, w) * V::loadu(gamma + j, w);  // zero in the lanes not loaded
+      s1 = s1 + g;
+      s2 = at::vec::fmadd(g, V::loadu(xi + j, w), s2);
+    });
+    const V m1(lane_sum(s1) / static_cast<T>(W)), m2(lane_sum(s2) / static_cast<T>(W)), inv(invstd[i]);
+    pieces<T>(W, [&](int64_t j, int64_t w) {
+      const V g = V::loadu(di + j, w) * V::loadu(gamma + j, w);
+      (inv * (g - m1 - V::loadu(xi + j, w) * m2)).store(di + j, w);
+    });
   });
 }
 
