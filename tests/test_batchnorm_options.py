@@ -140,7 +140,7 @@ def test_renorm_backward_treats_r_and_d_as_constants():
     assert torch.allclose(got, expect, atol=1e-10)
 
 
-@pytest.mark.parametrize("opts", [{}, {"max_steps": 2}, {"affine": False},
+@pytest.mark.parametrize("opts", [{}, {"max_steps": 2}, {"affine": False}, {"center": False},  # BN-LSTM's input norm
                                   {"per_step": False, "renorm_rmax": 1.2, "renorm_dmax": 0.1}])
 def test_renorm_of_full_batches_in_one_kernel_equals_the_composition(opts, monkeypatch):
     """A full batch ([T, B, F], no mask) is renormalised by PyTorch's batch-norm kernel with the (step, feature)
@@ -154,9 +154,10 @@ def test_renorm_of_full_batches_in_one_kernel_equals_the_composition(opts, monke
     torch.manual_seed(11)
     kw = {"stats": "renorm", "renorm_warmup": 2, "max_steps": 4, **opts}
     fast, composed = SequenceBatchNorm(5, **kw).double(), SequenceBatchNorm(5, **kw).double()
-    if fast.weight is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if fast.weight is not None:
             fast.weight.uniform_(0.5, 1.5)
+        if fast.bias is not None:
             fast.bias.normal_()
     composed.load_state_dict(fast.state_dict())
     T, B = 4, 6

@@ -247,7 +247,7 @@ class _Counting:
 @pytest.fixture
 def counting(ops):
     counter = _Counting(ops)
-    kernels._state["ops"] = counter
+    kernels._state["ops"] = kernels._state["loops"] = counter
     return counter
 
 
@@ -340,6 +340,57 @@ def test_the_sequence_loop_refuses_what_it_cannot_compute(ops):
         call(renorm=torch.ones(1, 1, 5, T, H + 1))
     with pytest.raises(RuntimeError, match="renorm applies to batch norm only"):
         call(renorm=torch.ones(1, 1, 5, T, H), layer_norm=True)
+
+
+def test_the_lstm_and_gru_loops_refuse_what_they_cannot_compute(ops):
+    T, B, H = 3, 4, 5
+    h0 = torch.randn(B, H)
+    lstm = dict(xp=torch.randn(T, B, 4 * H), h0=h0, c0=h0, h_mask=None, weight=torch.randn(4 * H, H),
+                gamma_h=torch.ones(4 * H), gamma_c=torch.ones(H), beta_c=torch.zeros(H), carry_normed=False, eps=1e-5,
+                active=[], renorm_h=None, renorm_c=None)
+    assert ops.bn_lstm_sequence_forward(**lstm)[0].shape == (T, B, H)
+    with pytest.raises(RuntimeError, match="at least one step"):
+        ops.bn_lstm_sequence_forward(**{**lstm, "xp": torch.randn(0, B, 4 * H)})
+    with pytest.raises(RuntimeError, match=r"weight \[4H, H\]"):
+        ops.bn_lstm_sequence_forward(**{**lstm, "weight": torch.randn(4 * H, H + 1)})
+    with pytest.raises(RuntimeError, match="both norms renormalise or neither"):
+        ops.bn_lstm_sequence_forward(**{**lstm, "renorm_h": torch.ones(5, T, 4 * H)})
+    gru = dict(xp=torch.randn(T, B, 3 * H), h0=h0, h_mask=None, weight=torch.randn(3 * H, H), bias=None, active=[])
+    assert ops.gru_sequence_forward(**gru)[0].shape == (T, B, H)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.gru_sequence_forward(**{**gru, "xp": torch.randn(T, B, 6 * H)[:, :, ::2]})
+    with pytest.raises(RuntimeError, match="h_mask must be shaped as h0"):
+        ops.gru_sequence_forward(**{**gru, "h_mask": torch.ones(1, H)})
+
+
+def test_the_time_loops_run_even_where_auto_keeps_the_step_activations_composed(ops, monkeypatch):
+    """auto times one layer's activations only; where PyTorch's are faster the per-step ops stay composed, but the
+    C++ time loops (whose gain is the work around each step) still run, and BNRHN_GATE_KERNELS=off stops both."""
+    from bnrhn.cells.highway_sequence import NativeHighwaySequence
+
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_time_both", lambda ops: (200.0, 100.0))  # the fused activations "slower here"
+    kernels.reset()
+    x = torch.randn(5, 3, 4)
+    assert kernels.ops_for(x) is None and kernels.loop_ops_for(x) is not None
+    calls = []
+    original = NativeHighwaySequence.apply
+    monkeypatch.setattr(NativeHighwaySequence, "apply", lambda *a: calls.append(1) or original(*a))
+    for name in ("rhn", "bn_rhn"):
+        Recurrent(name, 4, 6, depth=2)(x)[0].sum().backward()
+    assert len(calls) == 2
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "off")
+    kernels.reset()
+    assert kernels.ops_for(x) is None and kernels.loop_ops_for(x) is None
+    Recurrent("bn_rhn", 4, 6, depth=2)(x)[0].sum().backward()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["rhn", "bn_rhn", "bn_lstm", "gru"])
+def test_a_sequence_of_no_steps_is_refused_with_a_clear_error(name):
+    rnn = Recurrent(name, 3, 4, **({"depth": 2} if "rhn" in name else {}))
+    with pytest.raises(ValueError, match="at least one time step"):
+        rnn(torch.randn(0, 2, 3, requires_grad=True))
 
 
 def test_a_column_major_pre_activation_gives_the_composed_result(ops):

@@ -122,7 +122,7 @@ class BNLSTMCell(RecurrentCell):
         stats = SequenceStatistics((self.bn_h, self.bn_c), step, rows, xp)
         carry = self.carry_norm == "recurrence"
         h, c = state
-        ops = kernels.ops_for(xp, h, c)
+        ops = kernels.loop_ops_for(xp, h, c)
         if ops is not None and not (stats.renorm and stats.bound_tensors is None):  # the loop in C++
             renorm = None
             if stats.renorm:  # per norm [5, T, F]: (μ, √(σ² + ε), 1/rmax, rmax, dmax) of every step
@@ -142,9 +142,9 @@ class BNLSTMCell(RecurrentCell):
         """A fused mode, a training step of a full batch whose two recurrent norms use batch statistics of the
         same kind (both plain or both renormalised), not synchronised over processes (that needs
         SequenceBatchNorm's reductions)."""
-        if not (mode.fused and self.training and mask is None) or self.bn_h.synchronized:
-            return False
         norms = (self.bn_h, self.bn_c)
+        if not (mode.fused and self.training and mask is None) or any(bn.synchronized for bn in norms):
+            return False
         return (all(bn.batch_statistics_apply(rows) for bn in norms)
                 and len({bn.stats == "renorm" for bn in norms}) == 1)
 
@@ -327,9 +327,11 @@ class NativeBNLSTMSequence(Function):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
         h0, c0 = h0.contiguous(), c0.contiguous()
-        h_mask = h_mask.contiguous() if h_mask is not None else None
+        if h_mask is not None:  # the loops read a dense [B, H] mask of the state's dtype
+            h_mask = h_mask.to(xp.dtype).expand_as(h0).contiguous()
         renorm_h, renorm_c = plan.renorm if plan.renorm is not None else (None, None)
-        results = plan.ops.bn_lstm_sequence_forward(xp, h0, c0, h_mask, weight.contiguous(), gamma_h, gamma_c, beta_c,
+        results = plan.ops.bn_lstm_sequence_forward(xp, h0, c0, h_mask, weight.contiguous(), gamma_h.contiguous(),
+                                                    gamma_c.contiguous(), beta_c.contiguous(),
                                                     plan.carry_normed, plan.eps, list(plan.active or []),
                                                     renorm_h, renorm_c)
         out, h, c = results[:3]

@@ -13,6 +13,12 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+
+from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 
@@ -21,6 +27,9 @@ class GRUCell(RecurrentCell):
 
     state_names = ("h",)
     torch_equivalent = nn.GRU
+    # measured faster than nn.GRU's CPU training loop (docs/performance.md): Recurrent prefers recur_sequence
+    # to PyTorch's kernel where it applies
+    trains_faster_than_torch_equivalent = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__(input_size, hidden_size)
@@ -46,5 +55,60 @@ class GRUCell(RecurrentCell):
         n = torch.tanh(x_n + r * h_n)
         return (torch.lerp(n, h, z),)  # (1 − z) n + z h
 
+    def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
+                       mode: StepMode = REFERENCE, active: list[int] | None = None):
+        """All T steps of ``xp`` ``[T, B, 3H]`` in the C++ loop (:class:`GRUSequence`) when gradients are recorded
+        for a whole sequence (``mode.taps``) and the fused CPU kernels serve the tensors; else None."""
+        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
+            return None
+        ops = kernels.loop_ops_for(xp, state[0])
+        if ops is None:
+            return None
+        out, h = GRUSequence.apply(GRUPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh, self.bias_hh)
+        return out, (h,)
+
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * 3 * self.hidden_size * (self.input_size + self.hidden_size)
+
+
+@dataclass
+class GRUPlan:
+    """What one call of :class:`GRUSequence` needs besides its tensors: the kernels' op namespace and the rows of
+    each step (None: all)."""
+
+    ops: object
+    active: list[int] | None
+
+
+class GRUSequence(Function):
+    """A whole sequence of GRU steps as one autograd node, its time loop in C++ (``bnrhn/kernels/gru_sequence.cpp``):
+
+        forward, t = 0..T−1:   hp = (h_{t−1} ⊙ m) W_hhᵀ + b_hh,   h_t = GRU(xp_t, hp, h_{t−1})  (the module docstring)
+        backward, in reverse:  dh_{t−1} = dh_t ⊙ z + (dhp W_hh) ⊙ m,   dW_hh, db_hh once over the sequence
+
+    ``GRUSequence.apply(plan, xp, h0, h_mask, W_hh, b_hh)`` → ``(outputs [T, B, H], h_T)`` with the runner's packed
+    rows (``plan.active``) and recurrent-dropout mask m. Why: PyTorch's GRU trains at ~0.6–0.7× nn.LSTM's GFLOP/s on
+    the CPUs measured, and cannot apply a mask on h_{t−1} (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, plan: GRUPlan, xp, h0, h_mask, weight, bias):
+        if xp.stride(2) != 1:
+            xp = xp.contiguous()
+        if h_mask is not None:  # the loops read a dense [B, H] mask of the state's dtype
+            h_mask = h_mask.to(xp.dtype).expand_as(h0).contiguous()
+        out, h, *records = plan.ops.gru_sequence_forward(xp, h0.contiguous(), h_mask, weight.contiguous(),
+                                                         bias.contiguous() if bias is not None else None,
+                                                         list(plan.active or []))
+        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+        ctx.save_for_backward(h_mask, weight, *records)
+        return out, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h):
+        h_mask, weight, *records = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hh, b_hh)
+        dxp, dh0, dweight, dbias = ctx.plan.ops.gru_sequence_backward(
+            grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), records,
+            list(ctx.plan.active or []), need[1])
+        return (None, dxp, dh0 if need[2] else None, None, dweight if need[4] else None, dbias if need[5] else None)

@@ -213,9 +213,11 @@ class NativeHighwaySequence(Function):
         flags = dict(reads_input=[int(r) for r in plan.reads_input], bias_in_product=[int(b) for b in plan.bias_in_product],
                      normed=list(plan.normed), eps=plan.eps, active=list(plan.active or []), layer_norm=plan.layer_norm)
         s0 = s0.contiguous()
-        h_mask = h_mask.contiguous() if h_mask is not None else None
-        results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, [w.contiguous() for w in weights],
-                                                    biases, gammas, renorm=plan.renorm, **flags)
+        if h_mask is not None:  # the loops read a dense [B, H] mask of the state's dtype
+            h_mask = h_mask.to(xp.dtype).expand_as(s0).contiguous()
+        dense = lambda ts: [t.contiguous() for t in ts]  # noqa: E731 (parameters are; a caller's tensors may not be)
+        results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, dense(weights), dense(biases),
+                                                    dense(gammas), renorm=plan.renorm, **flags)
         out, final, acts, s_prev, s_in, xhat, mean, var, invstd, r, d = (x if x.numel() else None for x in results)
         if plan.normed and not plan.layer_norm:
             plan.track(mean, var)
@@ -232,7 +234,7 @@ class NativeHighwaySequence(Function):
         need = ctx.needs_input_grad  # (plan, xp, s0, h_mask, *weights, *biases, *gammas)
         dxp, ds0, dweights, dbiases, dgammas = plan.ops.highway_sequence_backward(
             grad_out, grad_final, ctx.xp_size, s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d,
-            [w.contiguous() for w in weights], gammas,
+            [w.contiguous() for w in weights], [g.contiguous() for g in gammas],
             need_xp=need[1], **ctx.flags)
         need_w, need_b, need_g = need[4 : 4 + L], need[4 + L : 4 + 2 * L], need[4 + 2 * L :]
         dweights = [d if n else None for d, n in zip(dweights, need_w)]

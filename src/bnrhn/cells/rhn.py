@@ -223,7 +223,10 @@ class RHNCell(RecurrentCell):
         if self.norm == "layer" and normed:  # the C++ loop only (the Python node has no layer norm)
             return self._recur_sequence_layer_norm(xp, state, h_mask, mode, active, normed)
         rows = active if active is not None else [B]
-        if not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
+        ops = kernels.loop_ops_for(xp, state[0])
+        if not normed and ops is not None and mode.fused and not self._gate_hooks:
+            pass  # no normaliser: the C++ loop, whatever the per-step kernels' timing chose (kernels.loop_ops_for)
+        elif not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
             return None
         norms = [[self.norms[f"{g}{l}"] for g in self.normalize] for l in range(L)]
         eps = norms[0][0].eps if normed else 0.0
@@ -232,7 +235,6 @@ class RHNCell(RecurrentCell):
         reads_input = tuple(l == 0 or every for l in range(L))
         bias_in_product = tuple(not normed and not (l == 0 or every) for l in range(L))
         gammas = [bn.weight for layer in norms for bn in layer]
-        ops = kernels.ops_for(xp, state[0])
         if ops is not None and not (stats and stats[0].renorm and stats[0].bound_tensors is None):  # loop in C++
             def track(means: Tensor, variances: Tensor) -> None:  # [L, K, T, H]
                 for layer_stats, m, v in zip(stats, means, variances):
@@ -266,7 +268,7 @@ class RHNCell(RecurrentCell):
                                    active: list[int] | None, normed: tuple[int, ...]):
         """:meth:`recur_sequence` with layer norm (``norm="layer"``): the C++ loop where the fused kernels serve the
         tensors (layer norm has no batch statistics, so any rows and any mode qualify), else None."""
-        ops = kernels.ops_for(xp, state[0])
+        ops = kernels.loop_ops_for(xp, state[0])
         if ops is None or not mode.fused or self._gate_hooks:
             return None
         L, every = self.depth, self.input_at == "every"

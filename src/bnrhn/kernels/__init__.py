@@ -1,5 +1,6 @@
 """Fused elementwise kernels for the recurrent steps on the CPU (``gates.cpp``), and the training time loops of
-the RHN family and BN-LSTM in C++ (``highway_sequence.cpp``, ``bn_lstm_sequence.cpp``), built on first use.
+the RHN family, BN-LSTM and GRU in C++ (``highway_sequence.cpp``, ``bn_lstm_sequence.cpp``, ``gru_sequence.cpp``),
+built on first use.
 
 The highway layer, the BN-LSTM step and the attention scores spend most of their non-product time in
 tanh and σ, each a separate PyTorch kernel with its own pass over memory. How fast those are depends on
@@ -38,7 +39,8 @@ from torch import Tensor
 from bnrhn.autodiff import plain_autograd
 from bnrhn.kernels import composed
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gates.cpp", "highway_sequence.cpp", "bn_lstm_sequence.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gates.cpp", "highway_sequence.cpp", "bn_lstm_sequence.cpp",
+                                                                   "gru_sequence.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("vec_math.h", "row_kernels.h", "sequence.h")]
 _MODES = ("auto", "on", "off")
 _FLAGS = {  # compiler flags per ATen CPU capability: the extension's Vectorized<T> matches PyTorch's own
@@ -148,9 +150,10 @@ def _load() -> None:
                  "operations (same equations, slower on CPUs with slow vector math)")
             return
         if timing is not None and timing[0] >= timing[1]:
-            _state.update(ops=None, why=f"slower here ({timing[0]:.0f} vs {timing[1]:.0f} µs per layer)", choice=timing)
+            _state.update(ops=None, loops=ops, why=f"slower here ({timing[0]:.0f} vs {timing[1]:.0f} µs per layer)",
+                          choice=timing)
         else:
-            _state.update(ops=ops, why=None, **({"choice": timing} if timing else {}))
+            _state.update(ops=ops, loops=ops, why=None, **({"choice": timing} if timing else {}))
 
 
 def _time_both(ops, reps: int = 20) -> tuple[float, float]:
@@ -190,6 +193,18 @@ def ops_for(*tensors: Tensor):
     if "ops" not in _state:
         _load()
     return _state["ops"]
+
+
+def loop_ops_for(*tensors: Tensor):
+    """The op namespace of the C++ time loops when they serve these tensors (CPU, float32/float64, the extension
+    built and ``BNRHN_GATE_KERNELS`` not ``off``), else None. Unlike :func:`ops_for` this does not follow the
+    ``auto`` timing, which weighs one layer's activations only: the loops' gain is the Python and dispatcher work
+    around each step, whatever the processor's vector math (their activations are the kernels' own either way)."""
+    if _bypass.active or not all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return None
+    if "ops" not in _state:
+        _load()
+    return _state.get("loops")
 
 
 def step_ops(*tensors: Tensor):

@@ -12,7 +12,7 @@
 //                                    public TensorFlow code's variant; row_kernels.h has its equations)
 //     the other gates:               p_g = a_g + b_g
 //                                    s_l = tanh(p_h) σ(p_t) + s_{l−1} c,  c = σ(p_c) or 1 − σ(p_t)
-//   backward, in reverse:            dp, ds_{l−1} from ds_l (gates.cpp's highway backward, the same formulas)
+//   backward, in reverse:            dp, ds_{l−1} from ds_l (row_kernels.h's highway_rows_backward)
 //     normalised gates:              da_g = γ_g r / √(σ²_B + ε) · (dp_g − mean(dp_g) − â_g mean(dp_g â_g))
 //                                    dγ_g += r Σ dp_g â_g + d Σ dp_g,   db_g += Σ dp_g      (r, d constants)
 //                                    ds_{l−1} += (da R_l) ⊙ m                               (PyTorch's addmm)
@@ -66,7 +66,7 @@ Shape shape_of(int64_t T, int64_t B, const Tensor& s0, at::TensorList weights, a
   TORCH_CHECK(sh.G == 2 || sh.G == 3, "highway_sequence: G must be 2 or 3, got ", sh.G);
   sh.K = static_cast<int64_t>(normed.size());
   for (int64_t g : normed) TORCH_CHECK(g >= 0 && g < sh.G, "highway_sequence: normed gate index out of range");
-  static_cast<Packing&>(sh) = packing(kOp, T, B, active, sh.K > 0 && !layer_norm ? 2 : 1);
+  static_cast<Packing&>(sh) = packing(kOp, T, B, active, sh.K > 0 && !layer_norm ? 2 : 0);
   return sh;
 }
 

@@ -174,6 +174,63 @@ void lstm_gates_rows_backward(int64_t n, int64_t H, const T* dc, const T* dh, co
   });
 }
 
+// GRU step (PyTorch's form), forward: act [n, 3H] holds the recurrent product hp = h_in W_hhᵀ + b_hh and is
+// overwritten with [r | z | n]; hpn [n, H] ← hp_n (kept for the backward); h_out ← (1 − z) ⊙ n + z ⊙ h, with
+//   r = σ(x_r + hp_r),  z = σ(x_z + hp_z),  n = tanh(x_n + r ⊙ hp_n)      (x: xp_t [n, 3H], row stride ld_x)
+template <typename T>
+void gru_rows_forward(int64_t n, int64_t H, T* act, const T* x, int64_t ld_x, const T* h, T* h_out, T* hpn) {
+  using V = Vectorized<T>;
+  using A = Act<T>;
+  rows(n, 3 * H, [&](int64_t b) {
+    T* a = act + b * 3 * H;
+    const T* xb = x + b * ld_x;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V hp_n = V::loadu(a + 2 * H + j, w);
+      const V r = A::sigmoid(V::loadu(xb + j, w) + V::loadu(a + j, w));
+      const V z = A::sigmoid(V::loadu(xb + H + j, w) + V::loadu(a + H + j, w));
+      const V nn = A::tanh(at::vec::fmadd(r, hp_n, V::loadu(xb + 2 * H + j, w)));
+      const V hv = V::loadu(h + b * H + j, w);
+      hp_n.store(hpn + b * H + j, w);
+      r.store(a + j, w);
+      z.store(a + H + j, w);
+      nn.store(a + 2 * H + j, w);
+      at::vec::fmadd(z, hv - nn, nn).store(h_out + b * H + j, w);
+    });
+  });
+}
+
+// GRU step, backward: from dh = ∂L/∂h_t, dhp [n, 3H] ← ∂L/∂hp, dx [n, 3H] (row stride ld_dx) ← ∂L/∂xp_t when
+// given, dh_prev [n, H] ← the direct part dh ⊙ z (the caller adds (dhp W_hh) ⊙ m):
+//   dz = dh (h − n) z (1 − z),  dn = dh (1 − z)(1 − n²),  dr = dn hp_n r (1 − r),
+//   dhp = [dr, dz, dn ⊙ r],  dx = [dr, dz, dn]
+template <typename T>
+void gru_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, const T* hpn, const T* h, T* dhp, T* dx,
+                       int64_t ld_dx, T* dh_prev) {
+  using V = Vectorized<T>;
+  const V one(1);
+  rows(n, 3 * H, [&](int64_t b) {
+    const T* a = act + b * 3 * H;
+    T* d = dhp + b * 3 * H;
+    T* e = dx != nullptr ? dx + b * ld_dx : nullptr;
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V r = V::loadu(a + j, w), z = V::loadu(a + H + j, w), nn = V::loadu(a + 2 * H + j, w);
+      const V g = V::loadu(dh + b * H + j, w), hv = V::loadu(h + b * H + j, w);
+      const V dz = g * (hv - nn) * z * (one - z);
+      const V dn = g * (one - z) * (one - nn * nn);
+      const V dr = dn * V::loadu(hpn + b * H + j, w) * r * (one - r);
+      dr.store(d + j, w);
+      dz.store(d + H + j, w);
+      (dn * r).store(d + 2 * H + j, w);
+      if (e != nullptr) {
+        dr.store(e + j, w);
+        dz.store(e + H + j, w);
+        dn.store(e + 2 * H + j, w);
+      }
+      (g * z).store(dh_prev + b * H + j, w);
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Training-mode batch norm of W columns over n rows (one step's batch statistics), written out so that a layer
 // step needs no tensor operation around its kernels:

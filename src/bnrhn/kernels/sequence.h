@@ -19,16 +19,18 @@ struct Packing {
   std::vector<int64_t> rows, offset;  // n_t and Σ_{u<t} n_u
 };
 
-// The packing of `active` (n_t per step; empty: B at every step); batch statistics need min_rows ≥ 2 rows
+// The packing of `active` (n_t per step; empty: B at every step), every step with at least min_rows rows
+// (2 where batch statistics are taken; 0 otherwise: steps past the longest sequence compute nothing)
 inline Packing packing(const char* op, int64_t T, int64_t B, at::IntArrayRef active, int64_t min_rows) {
+  TORCH_CHECK(T >= 1, op, ": a sequence needs at least one step");
   TORCH_CHECK(active.empty() || static_cast<int64_t>(active.size()) == T, op, ": active needs T entries");
   Packing p;
   p.T = T;
   p.B = B;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t n = active.empty() ? B : active[t];
-    TORCH_CHECK(n >= min_rows, op, ": batch statistics need ≥ 2 rows at every step");
-    TORCH_CHECK(n >= 1 && n <= B && (t == 0 || n <= p.rows.back()), op, ": active must be non-increasing in [1, B]");
+    TORCH_CHECK(n >= min_rows, op, ": batch statistics need ≥ ", min_rows, " rows at every step");
+    TORCH_CHECK(n >= 0 && n <= B && (t == 0 || n <= p.rows.back()), op, ": active must be non-increasing in [0, B]");
     p.offset.push_back(p.N);
     p.rows.push_back(n);
     p.N += n;

@@ -1,4 +1,5 @@
-// Vectorised activations and loop helpers shared by the CPU kernels (gates.cpp, highway_sequence.cpp).
+// Vectorised activations and loop helpers shared by the CPU kernels (gates.cpp and the sequence loops, via
+// row_kernels.h).
 // Activations in float32 (why they are not Vectorized<float>::tanh()/exp()): on processors where the
 // vendor vector math is slow (measured on an AVX2 AMD EPYC: torch.tanh 4.4 ns and Sleef's tanh 3.6 ns per
 // element, exp_u20 0.6 ns), both are built on ATen's exp_u20 instead, with their known identities:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bnrhn import kernels
 from bnrhn.autodiff import plain_autograd
 from bnrhn.cells import build_cell
 from bnrhn.cells.base import State, StepMode, check_size
@@ -174,6 +175,8 @@ class Recurrent(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         T, B, _ = x.shape
+        if T == 0:
+            raise ValueError(f"Recurrent needs at least one time step, got input of shape {tuple(x.shape)}")
         mask, full_steps = self._mask(lengths, T, B, x.device)
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
@@ -191,9 +194,21 @@ class Recurrent(nn.Module):
     def _vendor_applies(self, x: Tensor, masks: DropoutMasks | None) -> bool:
         if not self.use_vendor_kernel:
             return False
+        if self._own_training_loop_preferred(x):
+            return False
         return all(
             vendor_usable(cell, masks.recurrent[k] if masks is not None else None, x) for k, cell in enumerate(self.cells)
         )
+
+    def _own_training_loop_preferred(self, x: Tensor) -> bool:
+        """Whether every layer trains through its own C++ time loop rather than PyTorch's kernel: cells that say
+        they train faster that way (``trains_faster_than_torch_equivalent``: GRU, measured on the CPU), in a fused
+        mode with gradients recorded, where the fused CPU kernels serve the input."""
+        if not (self.fused and torch.is_grad_enabled() and plain_autograd()):
+            return False
+        if not all(getattr(type(cell), "trains_faster_than_torch_equivalent", False) for cell in self.cells):
+            return False
+        return kernels.loop_ops_for(x) is not None
 
     def _forward_vendor(self, x: Tensor, lengths: Tensor | None, state: list[State], masks: DropoutMasks | None):
         """Every layer through PyTorch's kernel; the variational masks on inputs and outputs are applied
