@@ -8,6 +8,7 @@ import torch
 
 from bnrhn.cells.bn_lstm import BNLSTMSequence, BNLSTMStep, NativeBNLSTMSequence
 from bnrhn.cells.gru import GRUSequence
+from bnrhn.cells.mut import MUTSequence
 from bnrhn.cells.highway import HighwayStep
 from bnrhn.cells.highway_sequence import HighwaySequence, NativeHighwaySequence
 from bnrhn.nn import Recurrent, SequenceBatchNorm
@@ -81,7 +82,7 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, lengths
 
 @pytest.mark.parametrize("name,opts", [("bn_rhn", {"renorm_rmax": 100.0, "renorm_dmax": 100.0, "renorm_warmup": 0}),
                                        ("bn_rhn", {"stats": "momentum", "normalize": "h,t,c"}), ("rhn", {}),
-                                       ("bn_rhn_tf", {}), ("gru", {}),
+                                       ("bn_rhn_tf", {}), ("gru", {}), ("mut3", {}),
                                        ("bn_lstm", {"renorm_rmax": 100.0, "renorm_dmax": 100.0, "renorm_warmup": 0})])
 def test_float32_training_path_is_float64s_to_float32_precision(name, opts, gate_kernels):
     """The float32 kernels (activations on exp_u20, batch and layer norm written out) against the float64
@@ -147,6 +148,55 @@ def test_the_fast_paths_are_taken(monkeypatch, gate_kernels):
     # layer norm (bn_rhn_tf): the C++ loop, even with a one-row step; without the kernels the composed steps
     Recurrent("bn_rhn_tf", 3, 4, depth=2)(torch.randn(5, 3, 3), lengths=[5, 4, 1])
     assert loops == ({"C++": 5, "Python": 2} if gate_kernels == "kernels" else {"C++": 0, "Python": 6})
+
+
+@pytest.mark.parametrize("name", ["mut1", "mut2", "mut3"])
+@pytest.mark.parametrize("lengths", [None, (7, 4, 6, 7), (5, 2, 4, 5)], ids=["full", "packed", "empty-steps"])
+def test_mut_loops_equal_the_composition(name, lengths, gate_kernels, monkeypatch):
+    """MUT1–3 train through the C++ loop where the gate kernels serve (else the composed steps): values, final
+    states and every gradient equal the reference composition's (float64), with recurrent dropout, two layers
+    (MUT1 and MUT2 add the raw input, so input size = hidden size)."""
+    calls = []
+    original = MUTSequence.apply
+    monkeypatch.setattr(MUTSequence, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1)
+    fast = Recurrent(name, 6, 6, **kw).double()
+    reference = Recurrent(name, 6, 6, fused=False, **kw).double()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(7, 4, 6, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    out_f, final_f, grads_f = _run(fast, x, lengths, seed=3)
+    assert len(calls) == (2 if gate_kernels == "kernels" else 0)
+    out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
+    assert len(calls) == (2 if gate_kernels == "kernels" else 0)
+    assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
+    for sf, sr in zip(final_f, final_r):
+        assert torch.allclose(sf[0], sr[0], atol=1e-12, rtol=0)
+    for gf, gr, (pname, _) in zip(grads_f, grads_r, [("x", None), *fast.named_parameters()]):
+        assert torch.allclose(gf, gr, atol=1e-11, rtol=0), pname
+
+
+@pytest.mark.parametrize("name", ["mut1", "mut2", "mut3"])
+def test_mut_loop_gradcheck(name, gate_kernels):
+    """The MUT loops against finite differences: packed rows, recurrent dropout, an initial state, every input
+    and parameter."""
+    if gate_kernels == "composed":
+        pytest.skip("without the gate kernels the MUT cells keep the composed steps (nothing fused to check)")
+    torch.manual_seed(0)
+    rnn = Recurrent(name, 4, 4, recurrent_dropout=0.3).double()
+    names = [n for n, _ in rnn.named_parameters()]
+    params = [q.detach().clone().requires_grad_() for q in rnn.parameters()]
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h0, *ps):
+        torch.manual_seed(1)
+        out, final = torch.func.functional_call(rnn, dict(zip(names, ps)), (x,),
+                                                {"lengths": torch.tensor([5, 4, 2]), "state": [(h0,)]})
+        return out, final[0][0]
+
+    assert torch.autograd.gradcheck(f, (x, h0, *params), fast_mode=True)
 
 
 @pytest.mark.parametrize("name", ["rhn", "bn_rhn_tf", "gru"])

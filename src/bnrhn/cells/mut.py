@@ -30,10 +30,15 @@ U(−1/√H, 1/√H) for every weight and bias.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
+from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 __all__ = ["MUT1Cell", "MUT2Cell", "MUT3Cell"]
@@ -85,6 +90,20 @@ class _MUTCell(RecurrentCell):
         z, r = self._gates(mode, x_z, x_r, h_in)
         candidate = torch.tanh(self.recurrent_mm(mode, "hh", x_h, r * h_in, self.weight_hh))
         return (torch.lerp(h, candidate, z),)  # tanh(a) ⊙ z + h ⊙ (1 − z)
+
+    def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
+                       mode: StepMode = REFERENCE, active: list[int] | None = None):
+        """All T steps of ``xp`` ``[T, B, 3H]`` in the C++ loop (:class:`MUTSequence`) when gradients are recorded
+        for a whole sequence (``mode.taps``) and the fused CPU kernels serve the tensors; else None."""
+        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
+            return None
+        ops = kernels.loop_ops_for(xp, state[0])
+        if ops is None:
+            return None
+        plan = MUTPlan(ops=ops, variant=int(self.name[-1]), active=active)
+        out, h = MUTSequence.apply(plan, xp, state[0], h_mask, getattr(self, "weight_hz", None),
+                                   getattr(self, "weight_hr", None), self.weight_hh)
+        return out, (h,)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         H, I = self.hidden_size, self.input_size
@@ -139,3 +158,46 @@ class MUT3Cell(_MUTCell):
     def _gates(self, mode, x_z, x_r, h):
         z = torch.sigmoid(self.recurrent_mm(mode, "hz", x_z, torch.tanh(h), self.weight_hz))
         return z, torch.sigmoid(self.recurrent_mm(mode, "hr", x_r, h, self.weight_hr))
+
+
+@dataclass
+class MUTPlan:
+    """What one call of :class:`MUTSequence` needs besides its tensors: the kernels' op namespace, which MUT (1, 2
+    or 3) and the rows of each step (None: all)."""
+
+    ops: object
+    variant: int
+    active: list[int] | None
+
+
+class MUTSequence(Function):
+    """A whole sequence of MUT steps as one autograd node, its time loop in C++ (``bnrhn/kernels/mut_sequence.cpp``
+    states the forward and backward): ``MUTSequence.apply(plan, xp, h0, h_mask, W_hz, W_hr, W_hh)`` →
+    ``(outputs [T, B, H], h_T)`` with the runner's packed rows and recurrent-dropout mask; W_hz or W_hr is None
+    where the cell has none. Why: the step loop's Python and dispatcher work cost more than the small products."""
+
+    @staticmethod
+    def forward(ctx, plan: MUTPlan, xp, h0, h_mask, w_hz, w_hr, w_hh):
+        if xp.stride(2) != 1:
+            xp = xp.contiguous()
+        if h_mask is not None:  # the loop reads a dense [B, H] mask of the state's dtype
+            h_mask = h_mask.to(xp.dtype).expand_as(h0).contiguous()
+        dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
+        out, h, *records = plan.ops.mut_sequence_forward(plan.variant, xp, h0.contiguous(), h_mask, dense(w_hz),
+                                                         dense(w_hr), dense(w_hh), list(plan.active or []))
+        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+        ctx.save_for_backward(h_mask, w_hz, w_hr, w_hh, *records)
+        return out, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h):
+        h_mask, w_hz, w_hr, w_hh, *records = ctx.saved_tensors
+        dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
+        need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hz, W_hr, W_hh)
+        dxp, dh0, dw_hz, dw_hr, dw_hh = ctx.plan.ops.mut_sequence_backward(
+            ctx.plan.variant, grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, dense(w_hz), dense(w_hr),
+            dense(w_hh), records, list(ctx.plan.active or []), need[1])
+        keep = lambda g, n: g if n and g.numel() else None  # noqa: E731
+        return (None, dxp, dh0 if need[2] else None, None, keep(dw_hz, need[4]), keep(dw_hr, need[5]),
+                keep(dw_hh, need[6]))

@@ -1,0 +1,290 @@
+// A whole sequence of MUT1/MUT2/MUT3 steps (Jozefowicz et al. 2015; bnrhn/cells/mut.py has the equations),
+// forward and backward, as one C++ loop for training on the CPU. With xp_t = [x_z | x_r | x_h] (the cell's
+// projection of x_t, everything that does not need h) and h_in = h_{t−1} ⊙ m:
+//
+//   MUT1: z = σ(x_z),                        r = σ(x_r + h_in W_hrᵀ)
+//   MUT2: z = σ(x_z + h_in W_hzᵀ),           r = x_r (σ(x + b_r), already in the projection)
+//   MUT3: z = σ(x_z + tanh(h_in) W_hzᵀ),     r = σ(x_r + h_in W_hrᵀ)
+//   all:  c = tanh(x_h + (r ⊙ h_in) W_hhᵀ),  h_t = h_{t−1} + z ⊙ (c − h_{t−1})
+//
+// backward, in reverse (g = ∂L/∂h_t):  dz = g (c − h),  da = g z (1 − c²),  dx_h = da,  d(r ⊙ h_in) = da W_hh,
+//   dr = d(r ⊙ h_in) ⊙ h_in,  dh_in = d(r ⊙ h_in) ⊙ r,  dp_z = dz z (1 − z),  dp_r = dr r (1 − r) (MUT2: dx_r = dr),
+//   dh_in += dp_r W_hr (MUT1, 3) + dp_z W_hz (MUT2) or (dp_z W_hz) ⊙ (1 − tanh² h_in) (MUT3),
+//   ∂L/∂h_{t−1} = g (1 − z) + dh_in ⊙ m;  the weight gradients once over the sequence.
+// Why: as the other loops (the step's products are small at hidden sizes of a few hundred, and the Python step
+// loop costs as much around them). Packed rows as sequence.h describes.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "row_kernels.h"
+#include "sequence.h"
+
+namespace bnrhn_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kOp = "mut_sequence";
+
+// Per step t (rows at offset Σ n_u): h_{t−1}, h_in, tanh(h_in) (MUT3), z, r, r ⊙ h_in, c.
+struct Records {
+  Tensor h_prev, h_in, tanh_h, z, r, rh, c;
+};
+
+template <typename T>
+void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0,
+                  const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
+                  const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const Tensor& out, const Tensor& h_final,
+                  Records& rec) {
+  using V = Vectorized<T>;
+  using A = Act<T>;
+  const int64_t steps = pk.T, B = pk.B;
+  const Tensor w_hh_t = w_hh.t();
+  const Tensor w_hz_t = w_hz.has_value() ? w_hz->t() : Tensor();
+  const Tensor w_hr_t = w_hr.has_value() ? w_hr->t() : Tensor();
+  const T* xp_p = xp.data_ptr<T>();
+  const int64_t xs0 = xp.stride(0), xs1 = xp.stride(1);
+  const T* mask_p = ptr_or_null<T>(h_mask);
+  T* out_p = out.data_ptr<T>();
+  T* hf = h_final.data_ptr<T>();
+  const T* h = h0.data_ptr<T>();
+  int64_t rows_in = B;
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t n = pk.rows[t], off = pk.offset[t];
+    if (n < rows_in) std::memcpy(hf + n * H, h + n * H, (rows_in - n) * H * sizeof(T));
+    rows_in = n;
+    T* hp = rec.h_prev.data_ptr<T>() + off * H;
+    T* hi = rec.h_in.data_ptr<T>() + off * H;
+    std::memcpy(hp, h, n * H * sizeof(T));
+    for (int64_t e = 0; e < n * H; ++e) hi[e] = mask_p != nullptr ? hp[e] * mask_p[e] : hp[e];
+    const Tensor xt = xp.select(0, t).narrow(0, 0, n);  // [n, 3H], row stride xs1
+    Tensor z = rec.z.narrow(0, off, n), r = rec.r.narrow(0, off, n);
+    const Tensor h_in = rec.h_in.narrow(0, off, n);
+    if (variant == 2) {
+      at::addmm_out(z, xt.narrow(1, 0, H), h_in, w_hz_t);
+    } else if (variant == 3) {
+      Tensor th = rec.tanh_h.narrow(0, off, n);
+      T* thp = th.data_ptr<T>();
+      pieces<T>(n * H, [&](int64_t j, int64_t w) { A::tanh(V::loadu(hi + j, w)).store(thp + j, w); });
+      at::addmm_out(z, xt.narrow(1, 0, H), th, w_hz_t);
+    }
+    if (variant != 2) at::addmm_out(r, xt.narrow(1, H, H), h_in, w_hr_t);
+    // gates: z = σ(·) (MUT1 from x_z), r = σ(·) (MUT2: x_r as it is); r ⊙ h_in
+    T* zp = z.data_ptr<T>();
+    T* rp = r.data_ptr<T>();
+    T* rhp = rec.rh.data_ptr<T>() + off * H;
+    rows(n, H, [&](int64_t b) {
+      const T* xb = xp_p + t * xs0 + b * xs1;
+      pieces<T>(H, [&](int64_t j, int64_t w) {
+        const int64_t e = b * H + j;
+        const V pz = variant == 1 ? V::loadu(xb + j, w) : V::loadu(zp + e, w);
+        const V rv = variant == 2 ? V::loadu(xb + H + j, w) : A::sigmoid(V::loadu(rp + e, w));
+        A::sigmoid(pz).store(zp + e, w);
+        rv.store(rp + e, w);
+        (rv * V::loadu(hi + e, w)).store(rhp + e, w);
+      });
+    });
+    Tensor c = rec.c.narrow(0, off, n);
+    at::addmm_out(c, xt.narrow(1, 2 * H, H), rec.rh.narrow(0, off, n), w_hh_t);
+    T* cp = c.data_ptr<T>();
+    T* ho = out_p + t * B * H;
+    rows(n, H, [&](int64_t b) {
+      pieces<T>(H, [&](int64_t j, int64_t w) {
+        const int64_t e = b * H + j;
+        const V cv = A::tanh(V::loadu(cp + e, w)), hv = V::loadu(hp + e, w);
+        cv.store(cp + e, w);
+        at::vec::fmadd(V::loadu(zp + e, w), cv - hv, hv).store(ho + e, w);
+      });
+    });
+    h = ho;
+  }
+  std::memcpy(hf, h, rows_in * H * sizeof(T));
+}
+
+template <typename T>
+void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
+                   const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
+                   const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const Records& rec, const Tensor& dxp,
+                   const Tensor& da_all, const Tensor& dpz_all, const Tensor& dpr_all, const Tensor& dh_a,
+                   const Tensor& dh_b) {
+  using V = Vectorized<T>;
+  const int64_t steps = pk.T, B = pk.B, H3 = 3 * H;
+  const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
+  const T* gf = grad_final.defined() ? grad_final.data_ptr<T>() : nullptr;
+  const T* mask_p = ptr_or_null<T>(h_mask);
+  T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
+  const auto opts = dh_a.options();
+  Tensor drh = at::empty({B, H}, opts), dh_in = at::empty({B, H}, opts), tmp = at::empty({B, H}, opts);
+  Tensor g = dh_a, g_next = dh_b;  // ∂L/∂h_t and ∂L/∂h_{t−1}
+  const V one(1);
+  int64_t m = 0;
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t n = pk.rows[t], off = pk.offset[t];
+    T* gp = g.data_ptr<T>();
+    if (n > m) {
+      final_rows(gp, gf, m, n, H);
+      m = n;
+    }
+    if (go != nullptr) {
+      const T* s = go + t * B * H;
+      for (int64_t e = 0; e < n * H; ++e) gp[e] += s[e];
+    }
+    const T* zp = rec.z.data_ptr<T>() + off * H;
+    const T* rp = rec.r.data_ptr<T>() + off * H;
+    const T* cp = rec.c.data_ptr<T>() + off * H;
+    const T* hp = rec.h_prev.data_ptr<T>() + off * H;
+    const T* hi = rec.h_in.data_ptr<T>() + off * H;
+    T* da = da_all.data_ptr<T>() + off * H;
+    T* dpz = dpz_all.defined() ? dpz_all.data_ptr<T>() + off * H : nullptr;
+    T* gn = g_next.data_ptr<T>();
+    T* dx = dxp_p != nullptr ? dxp_p + t * B * H3 : nullptr;
+    rows(n, H, [&](int64_t b) {
+      pieces<T>(H, [&](int64_t j, int64_t w) {
+        const int64_t e = b * H + j;
+        const V gv = V::loadu(gp + e, w), z = V::loadu(zp + e, w), cv = V::loadu(cp + e, w);
+        const V dz = gv * (cv - V::loadu(hp + e, w)) * z * (one - z);  // ∂L/∂(z's pre-activation)
+        const V dav = gv * z * (one - cv * cv);
+        dav.store(da + e, w);
+        (gv * (one - z)).store(gn + e, w);
+        if (dpz != nullptr) dz.store(dpz + e, w);
+        if (dx != nullptr) {
+          dz.store(dx + b * H3 + j, w);
+          dav.store(dx + b * H3 + 2 * H + j, w);
+        }
+      });
+    });
+    Tensor drh_t = drh.narrow(0, 0, n);
+    at::mm_out(drh_t, da_all.narrow(0, off, n), w_hh);  // ∂L/∂(r ⊙ h_in)
+    const T* drhp = drh_t.data_ptr<T>();
+    T* dhi = dh_in.data_ptr<T>();
+    T* dpr = dpr_all.defined() ? dpr_all.data_ptr<T>() + off * H : nullptr;
+    rows(n, H, [&](int64_t b) {
+      pieces<T>(H, [&](int64_t j, int64_t w) {
+        const int64_t e = b * H + j;
+        const V d = V::loadu(drhp + e, w), rv = V::loadu(rp + e, w);
+        const V dr = d * V::loadu(hi + e, w);
+        (d * rv).store(dhi + e, w);
+        const V dpre = variant == 2 ? dr : dr * rv * (one - rv);
+        if (dpr != nullptr) dpre.store(dpr + e, w);
+        if (dx != nullptr) dpre.store(dx + b * H3 + H + j, w);
+      });
+    });
+    Tensor dh_in_t = dh_in.narrow(0, 0, n);
+    if (variant != 2) dh_in_t.addmm_(dpr_all.narrow(0, off, n), *w_hr);
+    if (variant == 2) dh_in_t.addmm_(dpz_all.narrow(0, off, n), *w_hz);
+    if (variant == 3) {  // through tanh(h_in)
+      Tensor tmp_t = tmp.narrow(0, 0, n);
+      at::mm_out(tmp_t, dpz_all.narrow(0, off, n), *w_hz);
+      const T* tp = tmp_t.data_ptr<T>();
+      const T* th = rec.tanh_h.data_ptr<T>() + off * H;
+      for (int64_t e = 0; e < n * H; ++e) dhi[e] += tp[e] * (T(1) - th[e] * th[e]);
+    }
+    for (int64_t e = 0; e < n * H; ++e) gn[e] += mask_p != nullptr ? dhi[e] * mask_p[e] : dhi[e];
+    std::swap(g, g_next);
+  }
+  final_rows(g.data_ptr<T>(), gf, m, B, H);
+  if (g.data_ptr() != dh_a.data_ptr()) dh_a.copy_(g);
+}
+
+void check_variant(int64_t variant, const c10::optional<Tensor>& w_hz, const c10::optional<Tensor>& w_hr) {
+  TORCH_CHECK(variant >= 1 && variant <= 3, kOp, ": variant must be 1, 2 or 3");
+  TORCH_CHECK(w_hz.has_value() == (variant != 1) && w_hr.has_value() == (variant != 2),
+              kOp, ": MUT1 takes W_hr, MUT2 W_hz, MUT3 both");
+}
+
+// → [out [T, B, H], h_T [B, H], then the records h_prev, h_in, tanh_h (empty unless MUT3), z, r, rh, c [N, H]]
+std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, const Tensor& h0,
+                                         const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
+                                         const c10::optional<Tensor>& w_hr, const Tensor& w_hh,
+                                         at::IntArrayRef active) {
+  check_variant(variant, w_hz, w_hr);
+  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, kOp, ": float32 or float64 only");
+  TORCH_CHECK(xp.dim() == 3 && h0.dim() == 2 && h0.size(0) == xp.size(1) && xp.size(2) == 3 * h0.size(1),
+              kOp, ": xp [T, B, 3H], h0 [B, H]");
+  TORCH_CHECK(xp.device().is_cpu() && xp.stride(2) == 1, kOp, ": xp must be a CPU tensor with contiguous rows");
+  const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
+  check_tensor(kOp, "h0", h0, xp);
+  for (const Tensor* w : {&w_hh, w_hz.has_value() ? &*w_hz : nullptr, w_hr.has_value() ? &*w_hr : nullptr}) {
+    if (w == nullptr) continue;
+    check_tensor(kOp, "a recurrent weight", *w, xp);
+    TORCH_CHECK(w->sizes() == at::IntArrayRef({H, H}), kOp, ": every recurrent weight must be [H, H]");
+  }
+  if (h_mask.has_value()) {
+    check_tensor(kOp, "h_mask", *h_mask, xp);
+    TORCH_CHECK(h_mask->sizes() == h0.sizes(), kOp, ": h_mask must be shaped as h0");
+  }
+  const Packing pk = packing(kOp, T, B, active, 0);
+  const auto opts = xp.options();
+  Tensor out = pk.rows.back() < B ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);
+  Tensor h_final = at::empty({B, H}, opts);
+  Records rec;
+  for (Tensor* x : {&rec.h_prev, &rec.h_in, &rec.z, &rec.r, &rec.rh, &rec.c}) *x = at::empty({pk.N, H}, opts);
+  rec.tanh_h = variant == 3 ? at::empty({pk.N, H}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mut_sequence_forward", [&] {
+    forward_loop<scalar_t>(variant, pk, H, xp, h0, h_mask, w_hz, w_hr, w_hh, out, h_final, rec);
+  });
+  return {out, h_final, rec.h_prev, rec.h_in, rec.tanh_h, rec.z, rec.r, rec.rh, rec.c};
+}
+
+// records as the forward returns them → (dxp [T, B, 3H] or None, dh0 [B, H], dW_hz or empty, dW_hr or empty, dW_hh)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
+    int64_t variant, const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T,
+    int64_t B, const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
+    const c10::optional<Tensor>& w_hr, const Tensor& w_hh, at::TensorList records, at::IntArrayRef active,
+    bool need_xp) {
+  check_variant(variant, w_hz, w_hr);
+  TORCH_CHECK(records.size() == 7, kOp, ": expected 7 records");
+  Records rec;
+  rec.h_prev = records[0];
+  rec.h_in = records[1];
+  rec.tanh_h = records[2];
+  rec.z = records[3];
+  rec.r = records[4];
+  rec.rh = records[5];
+  rec.c = records[6];
+  const int64_t H = w_hh.size(1);
+  const Packing pk = packing(kOp, T, B, active, 0);
+  TORCH_CHECK(rec.h_in.size(0) == pk.N, kOp, ": the records do not match the packing");
+  const auto opts = rec.c.options();
+  const Tensor go = grad_out.has_value() ? grad_out->contiguous() : Tensor();
+  const Tensor gf = grad_final.has_value() ? grad_final->contiguous() : Tensor();
+  Tensor dxp;
+  if (need_xp) dxp = pk.rows.back() < B ? at::zeros({T, B, 3 * H}, opts) : at::empty({T, B, 3 * H}, opts);
+  Tensor da = at::empty({pk.N, H}, opts);
+  Tensor dpz = variant != 1 ? at::empty({pk.N, H}, opts) : Tensor();
+  Tensor dpr = at::empty({pk.N, H}, opts);
+  Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(rec.c.scalar_type(), "mut_sequence_backward", [&] {
+    backward_loop<scalar_t>(variant, pk, H, go, gf, h_mask, w_hz, w_hr, w_hh, rec, dxp, da, dpz, dpr, dh_a, dh_b);
+  });
+  Tensor dw_hz = variant == 1 ? at::empty({0}, opts) : at::mm(dpz.t(), variant == 3 ? rec.tanh_h : rec.h_in);
+  Tensor dw_hr = variant == 2 ? at::empty({0}, opts) : at::mm(dpr.t(), rec.h_in);
+  return {dxp, dh_a, dw_hz, dw_hr, at::mm(da.t(), rec.rh)};
+}
+
+}  // namespace
+}  // namespace bnrhn_kernels
+
+TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
+  m.def("mut_sequence_forward(int variant, Tensor xp, Tensor h0, Tensor? h_mask, Tensor? w_hz, Tensor? w_hr, "
+        "Tensor w_hh, int[] active) -> Tensor[]");
+  m.def("mut_sequence_backward(int variant, Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, "
+        "Tensor? w_hz, Tensor? w_hr, Tensor w_hh, Tensor[] records, int[] active, bool need_xp) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {
+  m.impl("mut_sequence_forward", bnrhn_kernels::mut_sequence_forward);
+  m.impl("mut_sequence_backward", bnrhn_kernels::mut_sequence_backward);
+}
