@@ -241,6 +241,8 @@ def test_gru_trains_through_its_loop_where_the_kernels_serve_and_equals_torch_gr
         assert torch.allclose(a, b, atol=1e-11, rtol=0)
     with torch.no_grad():
         ours(x)  # inference: PyTorch's kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours.float()(x.float())  # autocast: PyTorch's kernel (the loop computes in float32/float64 only)
     assert len(calls) == (2 if gate_kernels == "kernels" else 0)
 
 

@@ -386,6 +386,64 @@ def test_the_time_loops_run_even_where_auto_keeps_the_step_activations_composed(
     assert len(calls) == 2
 
 
+def test_parallel_workers_inherit_the_loops_when_auto_keeps_the_activations_composed(ops, monkeypatch):
+    """settled_mode hands workers "loops" where auto chose composed activations but the loops run, and that
+    mode gives a worker the same: loops on, per-step ops composed, no timing."""
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_time_both", lambda ops: (200.0, 100.0))
+    kernels.reset()
+    assert kernels.settled_mode() == "loops" and "time loops in use" in kernels.status()
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "loops")
+    monkeypatch.setattr(kernels, "_time_both", lambda ops: pytest.fail("a worker must not time again"))
+    kernels.reset()
+    x = torch.randn(2, 3)
+    assert kernels.ops_for(x) is None and kernels.loop_ops_for(x) is not None
+    assert kernels.settled_mode() == "loops"
+
+
+@pytest.mark.parametrize("name", ["rhn", "bn_rhn_tf", "gru", "mut3"])
+def test_an_empty_batch_trains_through_the_loops(ops, name):
+    rnn = Recurrent(name, 3, 4, **({"depth": 2} if "rhn" in name else {}))
+    x = torch.randn(5, 0, 3, requires_grad=True)
+    out, final = rnn(x)
+    assert out.shape == (5, 0, 4) and final[0][0].shape == (0, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_the_loops_take_a_broadcast_boolean_mask_and_strided_parameters(ops):
+    """Direct callers of recur_sequence may pass a [1, H] bool mask and non-contiguous parameters: the nodes make
+    them dense (the runner always passes a [B, H] mask of the state's dtype)."""
+    from bnrhn.cells.base import StepMode
+
+    torch.manual_seed(0)
+    cell = Recurrent("bn_rhn", 3, 4, depth=2, stats="momentum").double().cells[0]
+    xp = cell.project_input(torch.randn(5, 6, 3, dtype=torch.float64))
+    s0 = (torch.randn(6, 4, dtype=torch.float64),)
+    keep = torch.tensor([[True, False, True, True]])
+    mode = StepMode(fused=True, taps={}, inference=False)
+    a, _ = cell.recur_sequence(xp, s0, 0, keep, mode)
+    b, _ = cell.recur_sequence(xp, s0, 0, keep.double().expand(6, 4), mode)
+    assert torch.allclose(a, b, atol=1e-15)
+    with torch.no_grad():
+        w = cell.weight_hh[0]
+        w.set_(w.t().contiguous().t())  # same values, column-major
+    assert not cell.weight_hh[0].is_contiguous()
+    c, _ = cell.recur_sequence(xp, s0, 0, keep, mode)
+    assert torch.allclose(a, c, atol=1e-15)
+
+
+def test_bn_lstm_keeps_the_composition_when_any_norm_is_synchronised(monkeypatch):
+    from bnrhn.cells.base import StepMode
+    from bnrhn.nn import SequenceBatchNorm
+
+    cell = Recurrent("bn_lstm", 3, 4).cells[0]
+    mode = StepMode(fused=True, taps={}, inference=False)
+    assert cell._can_fuse(8, None, mode)
+    monkeypatch.setattr(SequenceBatchNorm, "synchronized", property(lambda self: self is cell.bn_c))
+    assert not cell._can_fuse(8, None, mode)
+
+
 @pytest.mark.parametrize("name", ["rhn", "bn_rhn", "bn_lstm", "gru"])
 def test_a_sequence_of_no_steps_is_refused_with_a_clear_error(name):
     rnn = Recurrent(name, 3, 4, **({"depth": 2} if "rhn" in name else {}))

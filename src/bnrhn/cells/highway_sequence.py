@@ -218,7 +218,9 @@ class NativeHighwaySequence(Function):
         dense = lambda ts: [t.contiguous() for t in ts]  # noqa: E731 (parameters are; a caller's tensors may not be)
         results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, dense(weights), dense(biases),
                                                     dense(gammas), renorm=plan.renorm, **flags)
-        out, final, acts, s_prev, s_in, xhat, mean, var, invstd, r, d = (x if x.numel() else None for x in results)
+        # a record the loop did not compute comes back as the 1-d placeholder empty([0]); an empty batch's
+        # records are empty too, but keep their dimensions
+        out, final, acts, s_prev, s_in, xhat, mean, var, invstd, r, d = (x if x.dim() > 1 else None for x in results)
         if plan.normed and not plan.layer_norm:
             plan.track(mean, var)
         ctx.plan, ctx.flags, ctx.xp_size = plan, flags, list(xp.shape)

@@ -42,7 +42,7 @@ from bnrhn.kernels import composed
 _SOURCES = [Path(__file__).with_name(name) for name in ("gates.cpp", "highway_sequence.cpp", "bn_lstm_sequence.cpp",
                                                                    "gru_sequence.cpp", "mut_sequence.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("vec_math.h", "row_kernels.h", "sequence.h")]
-_MODES = ("auto", "on", "off")
+_MODES = ("auto", "on", "off", "loops")  # loops: the C++ time loops only, the per-step ops composed
 _FLAGS = {  # compiler flags per ATen CPU capability: the extension's Vectorized<T> matches PyTorch's own
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
@@ -142,6 +142,9 @@ def _load() -> None:
             return
         try:
             ops = build()
+            if chosen == "loops":  # what auto settles on where PyTorch's activations are faster (worker processes)
+                _state.update(ops=None, loops=ops, why="BNRHN_GATE_KERNELS=loops")
+                return
             timing = _time_both(ops) if chosen == "auto" else None
         except Exception as exc:  # noqa: BLE001 — any build failure: the composed path, said once
             first = _first_error(exc)
@@ -215,11 +218,13 @@ def step_ops(*tensors: Tensor):
 
 
 def settled_mode() -> str:
-    """"on" or "off": this process's choice (made now if not yet), for worker processes to take as their
+    """"on", "loops" or "off": this process's choice (made now if not yet), for worker processes to take as their
     ``BNRHN_GATE_KERNELS`` so that they do not time both paths again, side by side, and maybe choose otherwise."""
     if "ops" not in _state:
         _load()
-    return "on" if _state["ops"] is not None else "off"
+    if _state["ops"] is not None:
+        return "on"
+    return "loops" if _state.get("loops") is not None else "off"
 
 
 def status() -> str:
@@ -230,7 +235,8 @@ def status() -> str:
     timed = f" (highway layer fwd+bwd {timing[0]:.0f} µs fused vs {timing[1]:.0f} µs composed)" if timing else ""
     if _state["ops"] is not None:
         return f"fused CPU gate kernels in use, {capability()} build{timed}"
-    return f"fused CPU gate kernels not used: {_state['why']}{timed}"
+    loops = " (the C++ time loops in use)" if _state.get("loops") is not None else ""
+    return f"fused CPU gate kernels not used: {_state['why']}{timed}{loops}"
 
 
 class _Bypass(threading.local):

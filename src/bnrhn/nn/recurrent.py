@@ -19,7 +19,10 @@ state of each sequence is the one at its own last step (as with packed sequences
 
 Layers of the cells whose equations are PyTorch's (LSTM, GRU, tanh RNN) run whole sequences through
 ``torch.nn.LSTM/GRU/RNN``'s kernels instead of the step loop when no recurrent dropout mask is in use
-(:mod:`bnrhn.nn.vendor`); ``use_vendor_kernel=False`` keeps them on the step loop.
+(:mod:`bnrhn.nn.vendor`); ``use_vendor_kernel=False`` keeps them on the cell's own paths. GRU training on
+the CPU takes the cell's C++ time loop instead where it can (measured faster than ``nn.GRU``'s, and it takes
+the recurrent-dropout mask); ``fused=False`` keeps ``nn.GRU`` there (e.g. for double backward or forward-mode
+AD, which the hand-written loops do not support).
 
 The runner decides how every step may run and passes it to the cell (:class:`bnrhn.cells.StepMode`,
 built by :meth:`Recurrent.step_mode` once per call): the fast paths unless ``fused=False`` or a
@@ -69,7 +72,8 @@ class Recurrent(nn.Module):
         recurrent_dropout: variational dropout on h_{t−1} where it enters the recurrent product.
         batch_first: inputs and outputs are ``[B, T, ·]`` instead of ``[T, B, ·]``.
         use_vendor_kernel: let PyTorch's own kernel run whole sequences of the cells that have one
-            (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use; False = always the step loop.
+            (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use (GRU training on the CPU prefers
+            its own C++ loop, see above); False = the cells' own paths (the step loop, or that C++ loop).
         fused: let the cells take their fast paths (hand-written autograd nodes, fused CPU kernels,
             deferred weight gradients); False = every step is the composition of PyTorch operations, the
             plain equations (for tests and for ``torch.compile``; under ``no_grad`` the products still
@@ -204,7 +208,7 @@ class Recurrent(nn.Module):
         """Whether every layer trains through its own C++ time loop rather than PyTorch's kernel: cells that say
         they train faster that way (``trains_faster_than_torch_equivalent``: GRU, measured on the CPU), in a fused
         mode with gradients recorded, where the fused CPU kernels serve the input."""
-        if not (self.fused and torch.is_grad_enabled() and plain_autograd()):
+        if not (self.fused and torch.is_grad_enabled() and plain_autograd()) or torch.is_autocast_enabled(x.device.type):
             return False
         if not all(getattr(type(cell), "trains_faster_than_torch_equivalent", False) for cell in self.cells):
             return False
