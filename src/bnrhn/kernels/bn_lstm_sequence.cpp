@@ -146,12 +146,9 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
   int64_t m = 0;  // rows of dh and dc in use
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n > m) {  // rows whose last step is t: their final state's gradients
-      final_rows(dh_p, gh, m, n, H);
-      final_rows(dc_cur.data_ptr<T>(), gc, m, n, H);
-      m = n;
-    }
-    if (go != nullptr) add_rows(dh_p, go + t * B * H, n * H);
+    int64_t m_c = m;  // rows whose last step is t: their final state's gradients (c: no output gradient)
+    final_rows(dc_cur.data_ptr<T>(), gc, m_c, n, H);
+    state_gradient_at(dh_p, m, n, t, B, H, gh, go);
     const T* act = rec.act.data_ptr<T>() + off * H4;
     const T* tc = rec.tanh_c.data_ptr<T>() + off * H;
     const T* dcv = dc_cur.data_ptr<T>();
@@ -269,11 +266,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
   const Packing pk = packing(kOp, T, B, active, 2);
   TORCH_CHECK(rec.h_in.size(0) == pk.N, kOp, ": the records do not match the packing");
   const auto opts = rec.act.options();
-  const Tensor go = grad_out.has_value() ? grad_out->contiguous() : Tensor();
-  const Tensor gh = grad_h.has_value() ? grad_h->contiguous() : Tensor();
-  const Tensor gc = grad_c.has_value() ? grad_c->contiguous() : Tensor();
-  Tensor dxp;
-  if (need_xp) dxp = pk.rows.back() < B ? at::zeros({T, B, 4 * H}, opts) : at::empty({T, B, 4 * H}, opts);
+  const Tensor go = dense_or_undefined(grad_out), gh = dense_or_undefined(grad_h), gc = dense_or_undefined(grad_c);
+  const Tensor dxp = need_xp ? input_gradient(pk, 4 * H, opts) : Tensor();
   Tensor drs = at::empty({pk.N, 4 * H}, opts);
   Tensor dh = at::empty({B, H}, opts), dc = at::empty({B, H}, opts);
   Tensor dgamma_h = at::zeros({4 * H}, opts), dgamma_c = at::zeros({H}, opts), dbeta_c = at::zeros({H}, opts);

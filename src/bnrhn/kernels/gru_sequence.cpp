@@ -93,14 +93,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
     T* dhp_ = dh.data_ptr<T>();
-    if (n > m) {  // rows whose last step is t: their final state's gradient
-      final_rows(dhp_, gf, m, n, H);
-      m = n;
-    }
-    if (go != nullptr) {
-      const T* g = go + t * B * H;
-      for (int64_t e = 0; e < n * H; ++e) dhp_[e] += g[e];
-    }
+    state_gradient_at(dhp_, m, n, t, B, H, gf, go);
     T* dhp_t = dhps.data_ptr<T>() + off * H3;
     gru_rows_backward<T>(n, H, dhp_, rec.act.data_ptr<T>() + off * H3, rec.hpn.data_ptr<T>() + off * H,
                          rec.h_prev.data_ptr<T>() + off * H, dhp_t, dxp_p != nullptr ? dxp_p + t * B * H3 : nullptr, H3,
@@ -172,10 +165,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
   const Packing pk = packing(kOp, T, B, active, 0);
   TORCH_CHECK(rec.h_in.size(0) == pk.N, kOp, ": the records do not match the packing");
   const auto opts = rec.act.options();
-  const Tensor go = grad_out.has_value() ? grad_out->contiguous() : Tensor();
-  const Tensor gf = grad_final.has_value() ? grad_final->contiguous() : Tensor();
-  Tensor dxp;
-  if (need_xp) dxp = pk.rows.back() < B ? at::zeros({T, B, 3 * H}, opts) : at::empty({T, B, 3 * H}, opts);
+  const Tensor go = dense_or_undefined(grad_out), gf = dense_or_undefined(grad_final);
+  const Tensor dxp = need_xp ? input_gradient(pk, 3 * H, opts) : Tensor();
   Tensor dhps = at::empty({pk.N, 3 * H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "gru_sequence_backward", [&] {

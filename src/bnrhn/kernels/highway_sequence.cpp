@@ -267,15 +267,7 @@ void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_f
   int64_t m = 0;  // rows of ds in use
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = sh.rows[t], off = sh.offset[t];
-    T* dsp = ds.data_ptr<T>();
-    if (n > m) {  // rows whose last step is t: their final state's gradient
-      final_rows(dsp, gf, m, n, H);
-      m = n;
-    }
-    if (go != nullptr) {
-      const T* g = go + t * B * H;
-      for (int64_t e = 0; e < n * H; ++e) dsp[e] += g[e];
-    }
+    state_gradient_at(ds.data_ptr<T>(), m, n, t, B, H, gf, go);
     int64_t chunk = n_chunks;
     for (int64_t l = L - 1; l >= 0; --l) {
       T* da = das_p + (l * sh.N + off) * GH;
@@ -344,10 +336,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     rec.r = *r;
     rec.d = *d;
   }
-  const Tensor go = grad_out.has_value() ? grad_out->contiguous() : Tensor();
-  const Tensor gf = grad_final.has_value() ? grad_final->contiguous() : Tensor();
-  Tensor dxp;
-  if (need_xp) dxp = sh.rows.back() < B ? at::zeros({T, B, xp_size[2]}, opts) : at::empty({T, B, xp_size[2]}, opts);
+  const Tensor go = dense_or_undefined(grad_out), gf = dense_or_undefined(grad_final);
+  const Tensor dxp = need_xp ? input_gradient(sh, xp_size[2], opts) : Tensor();
   Tensor das = at::empty({L, sh.N, G * H}, opts);
   Tensor dgammas = at::zeros({L * K, H}, opts), dbetas = at::zeros({L * K, H}, opts);
   Tensor ds_a = at::empty({B, H}, opts), ds_b = at::empty({B, H}, opts);

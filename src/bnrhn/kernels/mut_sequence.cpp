@@ -132,14 +132,7 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
     T* gp = g.data_ptr<T>();
-    if (n > m) {
-      final_rows(gp, gf, m, n, H);
-      m = n;
-    }
-    if (go != nullptr) {
-      const T* s = go + t * B * H;
-      for (int64_t e = 0; e < n * H; ++e) gp[e] += s[e];
-    }
+    state_gradient_at(gp, m, n, t, B, H, gf, go);
     const T* zp = rec.z.data_ptr<T>() + off * H;
     const T* rp = rec.r.data_ptr<T>() + off * H;
     const T* cp = rec.c.data_ptr<T>() + off * H;
@@ -257,10 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
   const Packing pk = packing(kOp, T, B, active, 0);
   TORCH_CHECK(rec.h_in.size(0) == pk.N, kOp, ": the records do not match the packing");
   const auto opts = rec.c.options();
-  const Tensor go = grad_out.has_value() ? grad_out->contiguous() : Tensor();
-  const Tensor gf = grad_final.has_value() ? grad_final->contiguous() : Tensor();
-  Tensor dxp;
-  if (need_xp) dxp = pk.rows.back() < B ? at::zeros({T, B, 3 * H}, opts) : at::empty({T, B, 3 * H}, opts);
+  const Tensor go = dense_or_undefined(grad_out), gf = dense_or_undefined(grad_final);
+  const Tensor dxp = need_xp ? input_gradient(pk, 3 * H, opts) : Tensor();
   Tensor da = at::empty({pk.N, H}, opts);
   Tensor dpz = variant != 1 ? at::empty({pk.N, H}, opts) : Tensor();
   Tensor dpr = at::empty({pk.N, H}, opts);

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
 #include <cstring>
@@ -56,6 +58,31 @@ void final_rows(T* dst, const T* grad, int64_t m, int64_t n, int64_t H) {
     std::memcpy(dst + m * H, grad + m * H, (n - m) * H * sizeof(T));
   } else {
     std::memset(dst + m * H, 0, (n - m) * H * sizeof(T));
+  }
+}
+
+// A gradient input given or not (as a contiguous tensor, or undefined)
+inline at::Tensor dense_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// ∂L/∂xp [T, B, P] for the backward to fill row by row: zeros where rows end before the last step
+inline at::Tensor input_gradient(const Packing& pk, int64_t P, const at::TensorOptions& opts) {
+  return pk.rows.back() < pk.B ? at::zeros({pk.T, pk.B, P}, opts) : at::empty({pk.T, pk.B, P}, opts);
+}
+
+// The state's gradient as step t's backward starts, in ds [≥ n, H] whose first m rows are in use: rows [m, n)
+// take the final state's gradient (their last step is t), then every row adds the output's gradient at t
+template <typename T>
+void state_gradient_at(T* ds, int64_t& m, int64_t n, int64_t t, int64_t B, int64_t H, const T* grad_final,
+                       const T* grad_out) {
+  if (n > m) {
+    final_rows(ds, grad_final, m, n, H);
+    m = n;
+  }
+  if (grad_out != nullptr) {
+    const T* g = grad_out + t * B * H;
+    for (int64_t e = 0; e < n * H; ++e) ds[e] += g[e];
   }
 }
 
