@@ -110,9 +110,11 @@ class BNLSTMCell(RecurrentCell):
 
     def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
                        mode: StepMode = REFERENCE, active: list[int] | None = None):
-        """All T steps of ``xp`` ``[T, B, 4H]`` as one autograd node (:class:`BNLSTMSequence`) when every step
-        would be a :class:`BNLSTMStep` and gradients are recorded for a whole sequence (``mode.taps``); else
-        None. Returns the outputs ``[T, B, H]`` and the final (h, c)."""
+        """All T steps of ``xp`` ``[T, B, 4H]`` as one autograd node when every step would be a
+        :class:`BNLSTMStep` and gradients are recorded for a whole sequence (``mode.taps``); else None: the C++
+        loop (:class:`NativeBNLSTMSequence`) where :func:`bnrhn.kernels.loop_ops_for` serves the tensors and no
+        step reads population statistics an earlier one updates, else :class:`BNLSTMSequence`. Returns the
+        outputs ``[T, B, H]`` and the final (h, c)."""
         if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
             return None
         T, B = xp.shape[0], xp.shape[1]

@@ -211,9 +211,11 @@ class RHNCell(RecurrentCell):
     def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
                        mode: StepMode = REFERENCE, active: list[int] | None = None):
         """All T steps of ``xp`` ``[T, B, P]`` as one autograd node (:mod:`bnrhn.cells.highway_sequence`) when
-        the step path would fuse every step and gradients are recorded for a whole sequence (``mode.taps``);
-        else None (the caller runs :meth:`recur` step by step). ``active``: rows computed at each step
-        (packed sequences, non-increasing). Returns the outputs ``[T, B, H]`` and the final state."""
+        gradients are recorded for a whole sequence (``mode.taps``) and either the step path would fuse every
+        step or, with no normaliser or a layer norm, the C++ loop can run (:func:`bnrhn.kernels.loop_ops_for`);
+        else None (the caller runs :meth:`recur` step by step). The C++ loop (:class:`NativeHighwaySequence`)
+        runs where it can, the Python one (:class:`HighwaySequence`) otherwise. ``active``: rows computed at
+        each step (packed sequences, non-increasing). Returns the outputs ``[T, B, H]`` and the final state."""
         if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
             return None
         T, B = xp.shape[0], xp.shape[1]
