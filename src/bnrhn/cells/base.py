@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bnrhn import kernels
 from bnrhn.cells.deferred import WeightTaps
 
 State = tuple[Tensor, ...]
@@ -145,6 +146,15 @@ class RecurrentCell(nn.Module):
         return None
 
     # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def loop_ops(xp: Tensor, state: Tensor, mode: StepMode):
+        """The op namespace of the C++ time loops when this call trains a whole sequence through one: gradients
+        recorded for it (``mode.taps``), no autocast, and the loops serving the tensors
+        (:func:`bnrhn.kernels.loop_ops_for`); else None."""
+        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
+            return None
+        return kernels.loop_ops_for(xp, state)
+
     def check_input(self, x: Tensor) -> None:
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
             raise ValueError(

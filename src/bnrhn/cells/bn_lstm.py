@@ -329,8 +329,7 @@ class NativeBNLSTMSequence(Function):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
         h0, c0 = h0.contiguous(), c0.contiguous()
-        if h_mask is not None:  # the loops read a dense [B, H] mask of the state's dtype
-            h_mask = h_mask.to(xp.dtype).expand_as(h0).contiguous()
+        h_mask = kernels.loop_mask(h_mask, h0)
         renorm_h, renorm_c = plan.renorm if plan.renorm is not None else (None, None)
         results = plan.ops.bn_lstm_sequence_forward(xp, h0, c0, h_mask, weight.contiguous(), gamma_h.contiguous(),
                                                     gamma_c.contiguous(), beta_c.contiguous(),

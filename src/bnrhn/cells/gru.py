@@ -59,9 +59,7 @@ class GRUCell(RecurrentCell):
                        mode: StepMode = REFERENCE, active: list[int] | None = None):
         """All T steps of ``xp`` ``[T, B, 3H]`` in the C++ loop (:class:`GRUSequence`) when gradients are recorded
         for a whole sequence (``mode.taps``) and the fused CPU kernels serve the tensors; else None."""
-        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
-            return None
-        ops = kernels.loop_ops_for(xp, state[0])
+        ops = self.loop_ops(xp, state[0], mode)
         if ops is None:
             return None
         out, h = GRUSequence.apply(GRUPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh, self.bias_hh)
@@ -94,8 +92,7 @@ class GRUSequence(Function):
     def forward(ctx, plan: GRUPlan, xp, h0, h_mask, weight, bias):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
-        if h_mask is not None:  # the loops read a dense [B, H] mask of the state's dtype
-            h_mask = h_mask.to(xp.dtype).expand_as(h0).contiguous()
+        h_mask = kernels.loop_mask(h_mask, h0)
         out, h, *records = plan.ops.gru_sequence_forward(xp, h0.contiguous(), h_mask, weight.contiguous(),
                                                          bias.contiguous() if bias is not None else None,
                                                          list(plan.active or []))

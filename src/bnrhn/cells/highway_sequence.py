@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from bnrhn import kernels
 from bnrhn.cells.highway import highway_layer_backward, highway_layer_forward
 from bnrhn.cells.packed_rows import drop_finished, final_grads, final_state, grow_grads
 
@@ -211,13 +212,12 @@ class NativeHighwaySequence(Function):
         L = plan.depth
         weights, biases, gammas = params[:L], params[L : 2 * L], params[2 * L :]
         flags = dict(reads_input=[int(r) for r in plan.reads_input], bias_in_product=[int(b) for b in plan.bias_in_product],
-                     normed=list(plan.normed), eps=plan.eps, active=list(plan.active or []), layer_norm=plan.layer_norm)
+                     normed=list(plan.normed), active=list(plan.active or []), layer_norm=plan.layer_norm)
         s0 = s0.contiguous()
-        if h_mask is not None:  # the loops read a dense [B, H] mask of the state's dtype
-            h_mask = h_mask.to(xp.dtype).expand_as(s0).contiguous()
+        h_mask = kernels.loop_mask(h_mask, s0)
         dense = lambda ts: [t.contiguous() for t in ts]  # noqa: E731 (parameters are; a caller's tensors may not be)
         results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, dense(weights), dense(biases),
-                                                    dense(gammas), renorm=plan.renorm, **flags)
+                                                    dense(gammas), eps=plan.eps, renorm=plan.renorm, **flags)
         # a record the loop did not compute comes back as the 1-d placeholder empty([0]); an empty batch's
         # records are empty too, but keep their dimensions
         out, final, acts, s_prev, s_in, xhat, mean, var, invstd, r, d = (x if x.dim() > 1 else None for x in results)

@@ -95,9 +95,7 @@ class _MUTCell(RecurrentCell):
                        mode: StepMode = REFERENCE, active: list[int] | None = None):
         """All T steps of ``xp`` ``[T, B, 3H]`` in the C++ loop (:class:`MUTSequence`) when gradients are recorded
         for a whole sequence (``mode.taps``) and the fused CPU kernels serve the tensors; else None."""
-        if mode.taps is None or torch.is_autocast_enabled(xp.device.type):
-            return None
-        ops = kernels.loop_ops_for(xp, state[0])
+        ops = self.loop_ops(xp, state[0], mode)
         if ops is None:
             return None
         plan = MUTPlan(ops=ops, variant=int(self.name[-1]), active=active)
@@ -180,8 +178,7 @@ class MUTSequence(Function):
     def forward(ctx, plan: MUTPlan, xp, h0, h_mask, w_hz, w_hr, w_hh):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
-        if h_mask is not None:  # the loop reads a dense [B, H] mask of the state's dtype
-            h_mask = h_mask.to(xp.dtype).expand_as(h0).contiguous()
+        h_mask = kernels.loop_mask(h_mask, h0)
         dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
         out, h, *records = plan.ops.mut_sequence_forward(plan.variant, xp, h0.contiguous(), h_mask, dense(w_hz),
                                                          dense(w_hr), dense(w_hh), list(plan.active or []))

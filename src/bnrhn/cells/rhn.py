@@ -226,9 +226,9 @@ class RHNCell(RecurrentCell):
             return self._recur_sequence_layer_norm(xp, state, h_mask, mode, active, normed)
         rows = active if active is not None else [B]
         ops = kernels.loop_ops_for(xp, state[0])
-        if not normed and ops is not None and mode.fused and not self._gate_hooks:
-            pass  # no normaliser: the C++ loop, whatever the per-step kernels' timing chose (kernels.loop_ops_for)
-        elif not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
+        # no normaliser: the C++ loop whatever the per-step kernels' timing chose; else as the step path would fuse
+        unnormalised_loop = not normed and ops is not None and mode.fused and not self._gate_hooks
+        if not unnormalised_loop and not all(self._can_fuse(state[0][:n], None, mode) for n in sorted(set(rows))):
             return None
         norms = [[self.norms[f"{g}{l}"] for g in self.normalize] for l in range(L)]
         eps = norms[0][0].eps if normed else 0.0

@@ -210,6 +210,12 @@ def loop_ops_for(*tensors: Tensor):
     return _state.get("loops")
 
 
+def loop_mask(h_mask: Tensor | None, state: Tensor) -> Tensor | None:
+    """A recurrent-dropout mask as the C++ loops read it: dense, ``[B, H]`` like ``state``, of its dtype (a caller
+    may pass a broadcastable or boolean one)."""
+    return None if h_mask is None else h_mask.to(state.dtype).expand_as(state).contiguous()
+
+
 def step_ops(*tensors: Tensor):
     """The operations a step runs on these tensors: the fused kernels (:func:`ops_for`) where they serve them,
     else their composition from PyTorch's (:mod:`bnrhn.kernels.composed`), with the same interface."""

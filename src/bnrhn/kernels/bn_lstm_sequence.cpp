@@ -88,17 +88,10 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n < rows_in) {  // rows n.. end here: their state is final
-      std::memcpy(hf + n * H, h + n * H, (rows_in - n) * H * sizeof(T));
-      std::memcpy(cf + n * H, c + n * H, (rows_in - n) * H * sizeof(T));
-    }
+    keep_final_rows(hf, h, n, rows_in, H);
+    keep_final_rows(cf, c, n, rows_in, H);
     rows_in = n;
-    T* h_in = h_in_p + off * H;
-    if (mask_p != nullptr) {
-      for (int64_t e = 0; e < n * H; ++e) h_in[e] = h[e] * mask_p[e];
-    } else {
-      std::memcpy(h_in, h, n * H * sizeof(T));
-    }
+    masked_copy(h_in_p + off * H, h, mask_p, n * H);
     Tensor r_t = r.narrow(0, 0, n);
     at::mm_out(r_t, rec.h_in.narrow(0, off, n), weight_t);
     T* act = rec.act.data_ptr<T>() + off * H4;
@@ -116,8 +109,8 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
     h = h_out;
     c = carry_normed ? ch : c_new;
   }
-  std::memcpy(hf, h, rows_in * H * sizeof(T));
-  std::memcpy(cf, c, rows_in * H * sizeof(T));
+  keep_final_rows(hf, h, 0, rows_in, H);
+  keep_final_rows(cf, c, 0, rows_in, H);
 }
 
 template <typename T>

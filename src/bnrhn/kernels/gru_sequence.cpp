@@ -53,17 +53,12 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n < rows_in) std::memcpy(hf + n * H, h + n * H, (rows_in - n) * H * sizeof(T));  // rows ending here
+    keep_final_rows(hf, h, n, rows_in, H);
     rows_in = n;
     T* h_prev = rec.h_prev.data_ptr<T>() + off * H;
     std::memcpy(h_prev, h, n * H * sizeof(T));
     Tensor h_in = rec.h_in.narrow(0, off, n);
-    if (mask_p != nullptr) {
-      T* hi = h_in.data_ptr<T>();
-      for (int64_t e = 0; e < n * H; ++e) hi[e] = h_prev[e] * mask_p[e];
-    } else {
-      std::memcpy(h_in.data_ptr<T>(), h_prev, n * H * sizeof(T));
-    }
+    masked_copy(h_in.data_ptr<T>(), h_prev, mask_p, n * H);
     Tensor act = rec.act.narrow(0, off, n);
     if (bias.has_value()) {
       at::addmm_out(act, *bias, h_in, weight_t);
@@ -75,7 +70,7 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
                         rec.hpn.data_ptr<T>() + off * H);
     h = h_out;
   }
-  std::memcpy(hf, h, rows_in * H * sizeof(T));
+  keep_final_rows(hf, h, 0, rows_in, H);
 }
 
 template <typename T>
@@ -98,17 +93,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
     gru_rows_backward<T>(n, H, dhp_, rec.act.data_ptr<T>() + off * H3, rec.hpn.data_ptr<T>() + off * H,
                          rec.h_prev.data_ptr<T>() + off * H, dhp_t, dxp_p != nullptr ? dxp_p + t * B * H3 : nullptr, H3,
                          dh_other.data_ptr<T>());
-    const Tensor dhp_rows = dhps.narrow(0, off, n);
-    Tensor next = dh_other.narrow(0, 0, n);
-    if (mask_p == nullptr) {
-      next.addmm_(dhp_rows, weight);
-    } else {
-      Tensor prod = product.narrow(0, 0, n);
-      at::mm_out(prod, dhp_rows, weight);
-      const T* pp = prod.data_ptr<T>();
-      T* np = next.data_ptr<T>();
-      for (int64_t e = 0; e < n * H; ++e) np[e] += pp[e] * mask_p[e];
-    }
+    add_masked_product<T>(dh_other.narrow(0, 0, n), dhps.narrow(0, off, n), weight, mask_p, product);
     std::swap(dh, dh_other);
   }
   final_rows(dh.data_ptr<T>(), gf, m, B, H);  // rows that never ran (no step): h0 is their final state

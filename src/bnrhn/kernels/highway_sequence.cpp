@@ -122,13 +122,12 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
   int64_t s_rows = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = sh.rows[t], off = sh.offset[t];
-    if (n < s_rows) std::memcpy(final_p + n * H, s + n * H, (s_rows - n) * H * sizeof(T));  // rows ending here
+    keep_final_rows(final_p, s, n, s_rows, H);
     s_rows = n;
     T* sp0 = s_prev_p + off * H;
     std::memcpy(sp0, s, n * H * sizeof(T));
-    if (mask_p != nullptr) {  // layer 1's masked input (the later layers' come from highway_rows_forward)
-      for (int64_t e = 0; e < n * H; ++e) s_in_p[off * H + e] = sp0[e] * mask_p[e];
-    }
+    if (mask_p != nullptr) masked_copy(s_in_p + off * H, sp0, mask_p, n * H);  // layer 1's masked input (the
+                                                                               // others' from highway_rows_forward)
     int64_t chunk = 0;
     for (int64_t l = 0; l < L; ++l) {
       Tensor act = acts[l].narrow(0, off, n);
@@ -168,7 +167,7 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
     }
     s = out_p + t * B * H;
   }
-  std::memcpy(final_p, s, s_rows * H * sizeof(T));
+  keep_final_rows(final_p, s, 0, s_rows, H);
 }
 
 // layer_norm: the normalised gates take a layer norm of each row (norm="layer") instead of batch norm.
@@ -271,9 +270,8 @@ void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_f
     int64_t chunk = n_chunks;
     for (int64_t l = L - 1; l >= 0; --l) {
       T* da = das_p + (l * sh.N + off) * GH;
-      T* dsp_prev = ds_other.data_ptr<T>();
       highway_rows_backward<T>(n, H, G, ds.data_ptr<T>(), acts_p + (l * sh.N + off) * GH,
-                               s_prev_p + (l * sh.N + off) * H, da, dsp_prev);
+                               s_prev_p + (l * sh.N + off) * H, da, ds_other.data_ptr<T>());
       for (int64_t k = 0; k < K; ++k) {
         const int64_t lk = l * K + k;
         T* dgamma = dgammas.data_ptr<T>() + lk * H;
@@ -293,16 +291,8 @@ void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_f
           for (int64_t i = 0; i < n; ++i) std::memcpy(dxp_p + (t * B + i) * P + chunk * GH, da + i * GH, GH * sizeof(T));
         }
       }
-      const Tensor da_t = das_l[l].narrow(0, off, n);
-      Tensor next = ds_other.narrow(0, 0, n);
-      if (mask_p == nullptr) {
-        next.addmm_(da_t, weights[l]);  // ds_{l−1} = highway′ + da R_l
-      } else {
-        Tensor prod = product.narrow(0, 0, n);
-        at::mm_out(prod, da_t, weights[l]);
-        const T* pp = prod.data_ptr<T>();
-        for (int64_t e = 0; e < n * H; ++e) dsp_prev[e] += pp[e] * mask_p[e];
-      }
+      // ds_{l−1} = highway′ + (da R_l) ⊙ m
+      add_masked_product<T>(ds_other.narrow(0, 0, n), das_l[l].narrow(0, off, n), weights[l], mask_p, product);
       std::swap(ds, ds_other);
     }
   }
@@ -317,11 +307,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     const Tensor& s0, const c10::optional<Tensor>& h_mask, const Tensor& acts, const Tensor& s_prev,
     const c10::optional<Tensor>& s_in, const c10::optional<Tensor>& xhat, const c10::optional<Tensor>& invstd,
     const c10::optional<Tensor>& r, const c10::optional<Tensor>& d, at::TensorList weights, at::TensorList gammas,
-    at::IntArrayRef reads_input, at::IntArrayRef bias_in_product, at::IntArrayRef normed, double eps,
-    at::IntArrayRef active, bool layer_norm, bool need_xp) {
+    at::IntArrayRef reads_input, at::IntArrayRef bias_in_product, at::IntArrayRef normed, at::IntArrayRef active,
+    bool layer_norm, bool need_xp) {
   TORCH_CHECK(xp_size.size() == 3, "highway_sequence_backward: xp_size must be [T, B, P]");
   const Shape sh = shape_of(xp_size[0], xp_size[1], s0, weights, normed, active, layer_norm);
-  const int64_t T = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
+  const int64_t B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
   const auto opts = acts.options();
   Records rec;
   rec.acts = acts;
@@ -369,8 +359,8 @@ TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
         "Tensor? renorm, bool layer_norm) -> Tensor[]");
   m.def("highway_sequence_backward(Tensor? grad_out, Tensor? grad_final, int[] xp_size, Tensor s0, Tensor? h_mask, "
         "Tensor acts, Tensor s_prev, Tensor? s_in, Tensor? xhat, Tensor? invstd, Tensor? r, Tensor? d, "
-        "Tensor[] weights, Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, float eps, "
-        "int[] active, bool layer_norm, bool need_xp) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
+        "Tensor[] weights, Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, int[] active, "
+        "bool layer_norm, bool need_xp) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -62,12 +62,12 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n < rows_in) std::memcpy(hf + n * H, h + n * H, (rows_in - n) * H * sizeof(T));
+    keep_final_rows(hf, h, n, rows_in, H);
     rows_in = n;
     T* hp = rec.h_prev.data_ptr<T>() + off * H;
     T* hi = rec.h_in.data_ptr<T>() + off * H;
     std::memcpy(hp, h, n * H * sizeof(T));
-    for (int64_t e = 0; e < n * H; ++e) hi[e] = mask_p != nullptr ? hp[e] * mask_p[e] : hp[e];
+    masked_copy(hi, hp, mask_p, n * H);
     const Tensor xt = xp.select(0, t).narrow(0, 0, n);  // [n, 3H], row stride xs1
     Tensor z = rec.z.narrow(0, off, n), r = rec.r.narrow(0, off, n);
     const Tensor h_in = rec.h_in.narrow(0, off, n);
@@ -109,7 +109,7 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
     });
     h = ho;
   }
-  std::memcpy(hf, h, rows_in * H * sizeof(T));
+  keep_final_rows(hf, h, 0, rows_in, H);
 }
 
 template <typename T>

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
@@ -59,6 +60,38 @@ void final_rows(T* dst, const T* grad, int64_t m, int64_t n, int64_t H) {
   } else {
     std::memset(dst + m * H, 0, (n - m) * H * sizeof(T));
   }
+}
+
+// Rows [n, rows) of the state entering a step end before it: their state is final (both [·, H], rows aligned)
+template <typename T>
+void keep_final_rows(T* final_state, const T* state, int64_t n, int64_t rows, int64_t H) {
+  if (n < rows) std::memcpy(final_state + n * H, state + n * H, (rows - n) * H * sizeof(T));
+}
+
+// dst ← src ⊙ mask over count elements, or a copy of src where there is no mask (a recurrent-dropout mask on h)
+template <typename T>
+void masked_copy(T* dst, const T* src, const T* mask, int64_t count) {
+  if (mask == nullptr) {
+    std::memcpy(dst, src, count * sizeof(T));
+    return;
+  }
+  for (int64_t e = 0; e < count; ++e) dst[e] = src[e] * mask[e];
+}
+
+// next [n, H] += (d W) ⊙ m: the gradient through a recurrent product (h ⊙ m) Wᵀ; scratch [≥ n, H] holds d W
+// where there is a mask, else it is one addmm
+template <typename T>
+void add_masked_product(at::Tensor next, const at::Tensor& d, const at::Tensor& weight, const T* mask,
+                        const at::Tensor& scratch) {
+  if (mask == nullptr) {
+    next.addmm_(d, weight);
+    return;
+  }
+  at::Tensor product = scratch.narrow(0, 0, next.size(0));
+  at::mm_out(product, d, weight);
+  const T* pp = product.data_ptr<T>();
+  T* np = next.data_ptr<T>();
+  for (int64_t e = 0; e < next.numel(); ++e) np[e] += pp[e] * mask[e];
 }
 
 // A gradient input given or not (as a contiguous tensor, or undefined)

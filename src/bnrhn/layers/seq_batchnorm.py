@@ -434,39 +434,36 @@ class SequenceBatchNorm(nn.Module):
         if not self.training:
             return self._population(x, step0)
         if mask is None and self.stats == "renorm" and B >= max(2, self.min_rows) and plain_autograd():
-            return self._forward_renorm_rows(x, step0)
+            return self._forward_full_batch(x, step0)
         if self._needs_general_path(B, mask):
             return self._forward_masked(x, step0, mask)
         if B < 2:  # a lone sequence has no batch variance
             return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))
-        # Every position valid: one fused kernel with the (step, feature) pairs as channels. The [B, T·F]
-        # matrix is a view (no copy) when x is stored batch-major, i.e. x = z.transpose(0, 1) of a
-        # contiguous [B, T, F] z, as the BN-LSTM's input projection is.
+        return self._forward_full_batch(x, step0)
+
+    def _forward_full_batch(self, x: Tensor, step0: int) -> Tensor:
+        """Every position of [T, B, F] valid, B ≥ 2: one pass of PyTorch's batch-norm kernel with the (step,
+        feature) pairs as channels. The [B, T·F] matrix is a view (no copy) when x is stored batch-major, i.e.
+        x = z.transpose(0, 1) of a contiguous [B, T, F] z, as the BN-LSTM's input projection is. With batch
+        renormalization r and d per pair come from each step's slot as it was before this call (as
+        :meth:`_forward_renorm`, whose composition of autograd operations is several times slower)."""
+        T, B, Fdim = x.shape
         flat = x.transpose(0, 1).reshape(B, T * Fdim)
         weight = self.weight.repeat(T) if self.weight is not None else None
         bias = self.bias.repeat(T) if self.bias is not None else None
-        y, mean, var = self._fused_batch_norm(flat, weight, bias)
+        if self.stats == "renorm":
+            steps = torch.arange(step0, step0 + T, device=x.device)
+
+            def corrections(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+                r, d = self.renorm_corrections(steps, mean.view(T, Fdim), var.view(T, Fdim))
+                return r.reshape(-1), d.reshape(-1)
+
+            scale = weight if weight is not None else flat.new_ones(T * Fdim)
+            y, mean, var = _RenormalisedRows.apply(flat, scale, bias, self.eps, corrections)
+        else:
+            y, mean, var = self._fused_batch_norm(flat, weight, bias)
         self._update_running_steps(step0, mean.view(T, Fdim), var.view(T, Fdim) * (B / (B - 1)))
         return y.view(B, T, Fdim).transpose(0, 1)
-
-    def _forward_renorm_rows(self, x: Tensor, step0: int) -> Tensor:
-        """Batch renormalization of a full batch [T, B, F] in one pass of PyTorch's kernel, the (step, feature)
-        pairs as channels (as the plain fused path), r and d per pair from each step's slot as it was before this
-        call (as :meth:`_forward_renorm`, whose composition of autograd operations is several times slower)."""
-        T, B, Fdim = x.shape
-        flat = x.transpose(0, 1).reshape(B, T * Fdim)
-        steps = torch.arange(step0, step0 + T, device=x.device)
-
-        def corrections(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-            r, d = self.renorm_corrections(steps, mean.view(T, Fdim), var.view(T, Fdim))
-            return r.reshape(-1), d.reshape(-1)
-
-        weight = self.weight.repeat(T) if self.weight is not None else flat.new_ones(T * Fdim)
-        bias = self.bias.repeat(T) if self.bias is not None else None
-        y, mean, var = _RenormalisedRows.apply(flat, weight, bias, self.eps, corrections)
-        y = y.view(B, T, Fdim).transpose(0, 1)
-        return self._finish_training_steps(y, x, step0, flat.new_full((T,), B), mean.view(T, Fdim),
-                                           var.view(T, Fdim), [B] * T)
 
     def _needs_general_path(self, rows: int, mask: Tensor | None) -> bool:
         """Padded positions, renormalization or too few rows: not the fused full-batch kernel."""
