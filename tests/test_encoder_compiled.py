@@ -91,3 +91,31 @@ def test_compiled_features_equal_the_eager_ones_to_float16_precision(encoder, tm
         tol = 2 * np.spacing(np.abs(a).astype(np.float16)).astype(np.float32) + 2.0**-10
         assert np.all(np.abs(a - b) <= tol), float(np.abs(a - b).max())
         assert np.abs(a - b).mean() < 1e-4
+
+
+def test_the_compiled_trunk_freezes_its_weights():
+    """Inductor's freezing is in effect (weights become constants of the compiled code, which is what lets it
+    prepack them for oneDNN and fuse the ReLU6 clamps): after the first call, a change to the eager module's
+    weights no longer reaches the compiled trunk. Passing the flag only as ``torch.compile(options=...)``
+    froze nothing (Dynamo reads it while tracing), and this test failed."""
+    from torch import nn
+
+    from bnrhn.encoders.compiled import CompiledTrunk, compiler_available
+
+    if compiler_available():
+        pytest.skip(compiler_available())
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6()).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    logs: list[str] = []
+    compiled = CompiledTrunk(trunk, batch_size=2, log=logs.append)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = compiled(x)  # an ordinary tensor, outside inference mode
+    assert compiled.engine == "compiled", logs
+    with torch.inference_mode():
+        torch.testing.assert_close(before, trunk(x))
+        trunk[0].weight.mul_(-1)  # an eager run sees this; frozen compiled code does not
+        assert not torch.allclose(trunk(x), before)
+        torch.testing.assert_close(compiled(x), before)  # an inference tensor
+        torch.testing.assert_close(compiled(x[:1]), before[:1])  # a short batch, padded
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # compiled once

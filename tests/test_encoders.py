@@ -58,6 +58,94 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
         load_mobilenet_v2(tmp_path / "junk.pth")
 
 
+def test_batch_norm_is_folded_at_every_depth():
+    """Every Conv2d→BatchNorm2d pair folds, also inside the nested Sequentials of an inverted-residual
+    block (MobileNetV2's layout); the folded network computes the same function (float64)."""
+    from torch import nn
+
+    from bnrhn.encoders.base import _fuse_conv_bn
+
+    def conv_bn(cin, cout, groups=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU6())
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(conv_bn(4, 4, groups=4), nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(conv_bn(3, 4), Block(), Block(), nn.Sequential(conv_bn(4, 5))).double()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):  # statistics and affine parameters far from the identity
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+    net.eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+        folded = _fuse_conv_bn(net)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 6
+        torch.testing.assert_close(folded(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_mobilenet_trunk_has_no_batch_norm_left():
+    from torch import nn
+
+    _weights_or_skip()
+    trunk = build_encoder("mobilenet_v2").trunk
+    assert sum(isinstance(m, nn.Conv2d) for m in trunk.modules()) == 52
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules())
+
+
+def test_preprocessed_images_batch_in_channels_last_memory():
+    """imagenet_tensor is (pixel / 255 - mean) / std per channel (computed here with NumPy), and stack_images
+    batches such tensors in channels-last memory, the layout the CNN reads, with the same values as torch.stack."""
+    from bnrhn.encoders.base import IMAGENET_MEAN, IMAGENET_STD, imagenet_tensor, stack_images
+
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    tensors = [imagenet_tensor(Image.fromarray(a)) for a in pixels]
+    for a, t in zip(pixels, tensors):
+        expect = ((a.astype(np.float32) / 255 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)).transpose(2, 0, 1)
+        assert t.shape == (3, 224, 224)
+        np.testing.assert_allclose(t.numpy(), expect, rtol=1e-6, atol=1e-6)
+    batch = stack_images(tensors)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(tensors))
+    nchw = [t.contiguous() for t in tensors]  # an encoder whose preprocessing gives ordinary tensors
+    assert torch.equal(stack_images(nchw), torch.stack(nchw))
+
+
+def test_the_cpu_trunk_runs_a_few_images_at_a_time():
+    """On CPU the trunk sees at most CPU_CHUNK images per call, whatever the batch, and each image's features
+    are those it gets alone."""
+    from torch import nn
+
+    from bnrhn.encoders.base import CPU_CHUNK, FrozenTrunkEncoder
+
+    class Tiny(FrozenTrunkEncoder):
+        def __init__(self):
+            self.trunk = self.runner = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2), nn.ReLU6()).eval()
+            self.device = torch.device("cpu")
+
+    torch.manual_seed(0)
+    enc = Tiny()
+    seen: list[int] = []
+    enc.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    x = torch.randn(2 * CPU_CHUNK + 2, 3, 11, 11)
+    pooled, grid = enc.encode(x)
+    assert seen == [CPU_CHUNK, CPU_CHUNK, 2]
+    assert pooled.shape == (len(x), 5) and grid.shape == (len(x), 25, 5)
+    alone = [enc.encode(x[i : i + 1]) for i in range(len(x))]
+    torch.testing.assert_close(pooled, torch.cat([p for p, _ in alone]))
+    torch.testing.assert_close(grid, torch.cat([g for _, g in alone]))
+
+
 @pytest.mark.data
 def test_imagenet_predictions_on_flickr8k_dogs():
     """Images whose five captions all say 'dog' are classified as dog breeds (ImageNet classes 151–268)."""

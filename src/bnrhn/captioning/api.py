@@ -41,7 +41,7 @@ from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary, unknown_fraction
 from bnrhn import kernels
 from bnrhn.decoding import METHODS, decode
-from bnrhn.encoders import ImageFileError, build_encoder, load_image
+from bnrhn.encoders import ImageFileError, build_encoder, load_image, stack_images
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
 
 Log = Callable[[str], None]
@@ -611,7 +611,7 @@ def caption_images(checkpoint: str | Path, paths, beam: int = 3, topk: int = 3, 
             except ImageFileError as exc:
                 item.error = exc.reason
         if tensors:
-            feats, hyps = _decode_images(loaded, enc, torch.stack(tensors), method, beam, topk, max_len, length_norm,
+            feats, hyps = _decode_images(loaded, enc, stack_images(tensors), method, beam, topk, max_len, length_norm,
                                          temperature, generator, dict(length_penalty=length_penalty,
                                                                       block_trigrams=block_trigrams,
                                                                       remove_bad_endings=remove_bad_endings))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bnrhn.encoders.base import ImageEncoder, ImageFileError, load_image
+from bnrhn.encoders.base import ImageEncoder, ImageFileError, load_image, stack_images
 
 FORMAT = "bnrhn-features-1"
 
@@ -279,7 +279,7 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
                 log(f"features: skipping unreadable image {exc}")
             chunk = unique[i : i + n_chunk]
             if tensors:
-                pv, gv = encoder.encode(torch.stack(tensors))
+                pv, gv = encoder.encode(stack_images(tensors))
                 idx = np.array(rows)
                 pooled[idx] = pv.numpy().astype(np.float16)
                 if grids is not None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from bnrhn.encoders.base import stack_images
+
 __all__ = ["MicroBatcher", "DecodeOptions", "BatcherStats"]
 
 
@@ -121,6 +123,6 @@ class MicroBatcher:
 
         served = self.models[model]
         t = time.perf_counter()
-        captions = caption_tensors(served.loaded, served.encoder, torch.stack([i.image for i in group]),
+        captions = caption_tensors(served.loaded, served.encoder, stack_images([i.image for i in group]),
                                    method=options.method, beam=options.beam, topk=options.topk)
         return captions, time.perf_counter() - t
