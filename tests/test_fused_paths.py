@@ -9,6 +9,7 @@ import torch
 from bnrhn.cells.bn_lstm import BNLSTMSequence, BNLSTMStep, NativeBNLSTMSequence
 from bnrhn.cells.gru import GRUSequence
 from bnrhn.cells.mut import MUTSequence
+from bnrhn.cells.rnn import RNNSequence
 from bnrhn.cells.highway import HighwayStep
 from bnrhn.cells.highway_sequence import HighwaySequence, NativeHighwaySequence
 from bnrhn.nn import Recurrent, SequenceBatchNorm
@@ -35,6 +36,7 @@ FUSED_CASES = [
     ("bn_lstm", {"renorm_rmax": 100.0, "renorm_dmax": 100.0, "renorm_warmup": 0}),  # r and d inside their limits
     ("bn_lstm", {"stats": "cumulative", "max_steps": 3}),
     ("gru", {}),  # the C++ loop where the gate kernels serve (with its recurrent-dropout mask), else the composition
+    ("rnn", {}),  # likewise
 ]
 
 
@@ -82,7 +84,7 @@ def test_fused_training_path_equals_the_autograd_composition(name, opts, lengths
 
 @pytest.mark.parametrize("name,opts", [("bn_rhn", {"renorm_rmax": 100.0, "renorm_dmax": 100.0, "renorm_warmup": 0}),
                                        ("bn_rhn", {"stats": "momentum", "normalize": "h,t,c"}), ("rhn", {}),
-                                       ("bn_rhn_tf", {}), ("gru", {}), ("mut3", {}),
+                                       ("bn_rhn_tf", {}), ("gru", {}), ("rnn", {}), ("mut3", {}),
                                        ("bn_lstm", {"renorm_rmax": 100.0, "renorm_dmax": 100.0, "renorm_warmup": 0})])
 def test_float32_training_path_is_float64s_to_float32_precision(name, opts, gate_kernels):
     """The float32 kernels (activations on exp_u20, batch and layer norm written out) against the float64
@@ -199,7 +201,7 @@ def test_mut_loop_gradcheck(name, gate_kernels):
     assert torch.autograd.gradcheck(f, (x, h0, *params), fast_mode=True)
 
 
-@pytest.mark.parametrize("name", ["rhn", "bn_rhn_tf", "gru"])
+@pytest.mark.parametrize("name", ["rhn", "bn_rhn_tf", "gru", "rnn"])
 def test_steps_past_every_sequence_end_compute_nothing(name, gate_kernels):
     """Padded input longer than its longest sequence: the last steps have no rows (the C++ loops take them as
     empty steps); outputs there are zeros and everything equals the reference composition (float64)."""
@@ -219,15 +221,18 @@ def test_steps_past_every_sequence_end_compute_nothing(name, gate_kernels):
         assert torch.allclose(a, b, atol=1e-11, rtol=0)
 
 
-def test_gru_trains_through_its_loop_where_the_kernels_serve_and_equals_torch_gru(monkeypatch, gate_kernels):
-    """GRU training takes the C++ loop instead of nn.GRU where the gate kernels serve (measured faster there);
-    without them, or without gradients, nn.GRU. Both give nn.GRU's values and gradients (float64)."""
+@pytest.mark.parametrize("name,node", [("gru", GRUSequence), ("rnn", RNNSequence)])
+def test_gru_and_rnn_train_through_their_loops_where_the_kernels_serve_and_equal_torch(name, node, monkeypatch,
+                                                                                       gate_kernels):
+    """GRU and Elman RNN training take the C++ loop instead of nn.GRU / nn.RNN where the gate kernels serve
+    (measured faster there); without them, or without gradients, PyTorch's kernel. Both give PyTorch's values
+    and gradients (float64)."""
     calls = []
-    original = GRUSequence.apply
-    monkeypatch.setattr(GRUSequence, "apply", lambda *a: calls.append(1) or original(*a))
+    original = node.apply
+    monkeypatch.setattr(node, "apply", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
-    ours = Recurrent("gru", 5, 6, num_layers=2).double()
-    vendor = Recurrent("gru", 5, 6, num_layers=2, fused=False).double()  # fused=False: PyTorch's kernel
+    ours = Recurrent(name, 5, 6, num_layers=2).double()
+    vendor = Recurrent(name, 5, 6, num_layers=2, fused=False).double()  # fused=False: PyTorch's kernel
     vendor.load_state_dict(ours.state_dict())
     x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([7, 4, 6, 2])
@@ -273,7 +278,7 @@ def test_highway_step_gradcheck(G, normed, renormalised, gate_kernels):
                                        ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}),
                                        ("bn_rhn", RENORM_BINDING),
                                        ("bn_rhn_tf", {"normalize": "h,c"}),
-                                       ("gru", {}),
+                                       ("gru", {}), ("rnn", {}),
                                        ("bn_lstm", {"stats": "momentum"}),
                                        ("bn_lstm", {k: v for k, v in RENORM_BINDING.items() if k != "normalize"}),
                                        ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"})])
@@ -282,11 +287,11 @@ def test_whole_sequence_node_gradcheck(name, opts, gate_kernels, monkeypatch):
     an initial state, two layers (RHN depth 2); every input and parameter. With the gate kernels the RHN family
     runs the C++ loop, without them the Python one. Batch renormalization is checked where its r and d are
     constants for finite differences too: population statistics far from the batch's, with limits that bind."""
-    if name in ("rhn", "bn_rhn_tf", "gru") and gate_kernels == "composed":
+    if name in ("rhn", "bn_rhn_tf", "gru", "rnn") and gate_kernels == "composed":
         pytest.skip(f"without the gate kernels {name} keeps the composed step path (nothing fused to check)")
     calls = []
-    python_node, native_node = {"bn_lstm": (BNLSTMSequence, NativeBNLSTMSequence),
-                                "gru": (None, GRUSequence)}.get(name, (HighwaySequence, NativeHighwaySequence))
+    python_node, native_node = {"bn_lstm": (BNLSTMSequence, NativeBNLSTMSequence), "gru": (None, GRUSequence),
+                                "rnn": (None, RNNSequence)}.get(name, (HighwaySequence, NativeHighwaySequence))
     node = native_node if gate_kernels == "kernels" else python_node
     original = node.apply
     monkeypatch.setattr(node, "apply", lambda *a: calls.append(1) or original(*a))

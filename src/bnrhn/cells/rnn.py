@@ -6,10 +6,15 @@ Parameter names and shapes follow ``torch.nn.RNN`` (``weight_ih``, ``weight_hh``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
+from bnrhn import kernels
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 
@@ -18,6 +23,9 @@ class RNNCell(RecurrentCell):
 
     state_names = ("h",)
     torch_equivalent = nn.RNN
+    # measured faster than nn.RNN's CPU training loop (docs/performance.md): Recurrent prefers recur_sequence
+    # to PyTorch's kernel where it applies
+    trains_faster_than_torch_equivalent = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__(input_size, hidden_size)
@@ -38,5 +46,56 @@ class RNNCell(RecurrentCell):
         h_in = h if h_mask is None else h * h_mask
         return (torch.tanh(self.recurrent_mm(mode, "hh", xp, h_in, self.weight_hh)),)
 
+    def recur_sequence(self, xp: Tensor, state: State, step: int = 0, h_mask: Tensor | None = None,
+                       mode: StepMode = REFERENCE, active: list[int] | None = None):
+        """All T steps of ``xp`` ``[T, B, H]`` in the C++ loop (:class:`RNNSequence`) when gradients are recorded
+        for a whole sequence (``mode.taps``) and the fused CPU kernels serve the tensors; else None."""
+        ops = self.loop_ops(xp, state[0], mode)
+        if ops is None:
+            return None
+        out, h = RNNSequence.apply(RNNPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh)
+        return out, (h,)
+
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * self.hidden_size * (self.input_size + self.hidden_size)
+
+
+@dataclass
+class RNNPlan:
+    """What one call of :class:`RNNSequence` needs besides its tensors: the kernels' op namespace and the rows of
+    each step (None: all)."""
+
+    ops: object
+    active: list[int] | None
+
+
+class RNNSequence(Function):
+    """A whole sequence of Elman RNN steps as one autograd node, its time loop in C++ (``bnrhn/kernels/rnn_sequence.cpp``):
+
+        forward, t = 0..T−1:   h_t = tanh(xp_t + (h_{t−1} ⊙ m) W_hhᵀ)          (xp holds both biases)
+        backward, in reverse:  da_t = dh_t ⊙ (1 − h_t²) = dxp_t,  dh_{t−1} = (da_t W_hh) ⊙ m,  dW_hh once
+
+    ``RNNSequence.apply(plan, xp, h0, h_mask, W_hh)`` → ``(outputs [T, B, H], h_T)`` with the runner's packed rows
+    (``plan.active``) and recurrent-dropout mask m. Why: PyTorch's RNN trains at about half of nn.LSTM's GFLOP/s on
+    the CPU measured, and cannot apply a mask on h_{t−1} (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, plan: RNNPlan, xp, h0, h_mask, weight):
+        if xp.stride(2) != 1:
+            xp = xp.contiguous()
+        h_mask = kernels.loop_mask(h_mask, h0)
+        out, h, *records = plan.ops.rnn_sequence_forward(xp, h0.contiguous(), h_mask, weight.contiguous(),
+                                                         list(plan.active or []))
+        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+        ctx.save_for_backward(h_mask, weight, *records)
+        return out, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_h):
+        h_mask, weight, *records = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hh)
+        dxp, dh0, dweight = ctx.plan.ops.rnn_sequence_backward(
+            grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), records,
+            list(ctx.plan.active or []), need[1])
+        return (None, dxp, dh0 if need[2] else None, None, dweight if need[4] else None)

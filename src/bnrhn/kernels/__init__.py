@@ -1,6 +1,6 @@
 """Fused elementwise kernels for the recurrent steps on the CPU (``gates.cpp``), and the training time loops of
-the RHN family, BN-LSTM, GRU and MUT1–3 in C++ (``highway_sequence.cpp``, ``bn_lstm_sequence.cpp``,
-``gru_sequence.cpp``, ``mut_sequence.cpp``), built on first use.
+the RHN family, BN-LSTM, GRU, MUT1–3 and the Elman RNN in C++ (``highway_sequence.cpp``, ``bn_lstm_sequence.cpp``,
+``gru_sequence.cpp``, ``mut_sequence.cpp``, ``rnn_sequence.cpp``), built on first use.
 
 The highway layer, the BN-LSTM step and the attention scores spend most of their non-product time in
 tanh and σ, each a separate PyTorch kernel with its own pass over memory. How fast those are depends on
@@ -40,7 +40,8 @@ from bnrhn.autodiff import plain_autograd
 from bnrhn.kernels import composed
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gates.cpp", "highway_sequence.cpp", "bn_lstm_sequence.cpp",
-                                                                   "gru_sequence.cpp", "mut_sequence.cpp")]
+                                                                   "gru_sequence.cpp", "mut_sequence.cpp",
+                                                                   "rnn_sequence.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("vec_math.h", "row_kernels.h", "sequence.h")]
 _MODES = ("auto", "on", "off", "loops")  # loops: the C++ time loops only, the per-step ops composed
 _FLAGS = {  # compiler flags per ATen CPU capability: the extension's Vectorized<T> matches PyTorch's own

@@ -231,6 +231,35 @@ void gru_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, const T*
   });
 }
 
+// Elman (tanh) RNN step, forward: h_out [n, H] ← tanh(x + hp), also into act [n, H] (kept for the backward);
+// hp [n, H] = (h ⊙ m) W_hhᵀ, x: xp_t [n, H] (row stride ld_x, the biases folded in)
+template <typename T>
+void rnn_rows_forward(int64_t n, int64_t H, const T* hp, const T* x, int64_t ld_x, T* h_out, T* act) {
+  using V = Vectorized<T>;
+  rows(n, H, [&](int64_t b) {
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V h = Act<T>::tanh(V::loadu(x + b * ld_x + j, w) + V::loadu(hp + b * H + j, w));
+      h.store(h_out + b * H + j, w);
+      h.store(act + b * H + j, w);
+    });
+  });
+}
+
+// Elman RNN step, backward: da [n, H] ← ∂L/∂(x + hp) = dh ⊙ (1 − h²), also into dx (row stride ld_dx) when given
+template <typename T>
+void rnn_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, T* da, T* dx, int64_t ld_dx) {
+  using V = Vectorized<T>;
+  const V one(1);
+  rows(n, H, [&](int64_t b) {
+    pieces<T>(H, [&](int64_t j, int64_t w) {
+      const V h = V::loadu(act + b * H + j, w);
+      const V d = V::loadu(dh + b * H + j, w) * (one - h * h);
+      d.store(da + b * H + j, w);
+      if (dx != nullptr) d.store(dx + b * ld_dx + j, w);
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Training-mode batch norm of W columns over n rows (one step's batch statistics), written out so that a layer
 // step needs no tensor operation around its kernels:

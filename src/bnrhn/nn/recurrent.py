@@ -19,10 +19,10 @@ state of each sequence is the one at its own last step (as with packed sequences
 
 Layers of the cells whose equations are PyTorch's (LSTM, GRU, tanh RNN) run whole sequences through
 ``torch.nn.LSTM/GRU/RNN``'s kernels instead of the step loop when no recurrent dropout mask is in use
-(:mod:`bnrhn.nn.vendor`); ``use_vendor_kernel=False`` keeps them on the cell's own paths. GRU training on
-the CPU takes the cell's C++ time loop instead where it can (measured faster than ``nn.GRU``'s, and it takes
-the recurrent-dropout mask); ``fused=False`` keeps ``nn.GRU`` there (e.g. for double backward or forward-mode
-AD, which the hand-written loops do not support).
+(:mod:`bnrhn.nn.vendor`); ``use_vendor_kernel=False`` keeps them on the cell's own paths. GRU and RNN
+training on the CPU take the cell's C++ time loop instead where it can (measured faster than ``nn.GRU``'s and
+``nn.RNN``'s, and it takes the recurrent-dropout mask); ``fused=False`` keeps PyTorch's kernel there (e.g. for
+double backward or forward-mode AD, which the hand-written loops do not support).
 
 The runner decides how every step may run and passes it to the cell (:class:`bnrhn.cells.StepMode`,
 built by :meth:`Recurrent.step_mode` once per call): the fast paths unless ``fused=False`` or a
@@ -72,8 +72,8 @@ class Recurrent(nn.Module):
         recurrent_dropout: variational dropout on h_{t−1} where it enters the recurrent product.
         batch_first: inputs and outputs are ``[B, T, ·]`` instead of ``[T, B, ·]``.
         use_vendor_kernel: let PyTorch's own kernel run whole sequences of the cells that have one
-            (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use (GRU training on the CPU prefers
-            its own C++ loop, see above); False = the cells' own paths (the step loop, or that C++ loop).
+            (``lstm``, ``gru``, ``rnn``) when no recurrent dropout is in use (GRU and RNN training on the CPU
+            prefer their own C++ loops, see above); False = the cells' own paths (the step loop, or that C++ loop).
         fused: let the cells take their fast paths (hand-written autograd nodes, fused CPU kernels,
             deferred weight gradients); False = every step is the composition of PyTorch operations, the
             plain equations (for tests and for ``torch.compile``; under ``no_grad`` the products still
@@ -206,7 +206,7 @@ class Recurrent(nn.Module):
 
     def _own_training_loop_preferred(self, x: Tensor) -> bool:
         """Whether every layer trains through its own C++ time loop rather than PyTorch's kernel: cells that say
-        they train faster that way (``trains_faster_than_torch_equivalent``: GRU, measured on the CPU), in a fused
+        they train faster that way (``trains_faster_than_torch_equivalent``: GRU, RNN, measured on the CPU), in a fused
         mode with gradients recorded, where the fused CPU kernels serve the input."""
         if not (self.fused and torch.is_grad_enabled() and plain_autograd()) or torch.is_autocast_enabled(x.device.type):
             return False
