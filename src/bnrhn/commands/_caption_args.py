@@ -44,7 +44,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="squash: resize to the encoder's input size (default; 224x224 for mobilenet_v2); crop: "
                         "shorter side 256, centre crop 224 (efficientnet_lite2: 292 and 260)")
     g.add_argument("--cache-dir", default=S, metavar="DIR", help="feature cache root (default $BNRHN_CACHE or ~/.cache/bnrhn)")
-    g.add_argument("--feature-batch-size", type=int, default=S, metavar="N", help="images per encoder batch (32)")
+    g.add_argument("--feature-batch-size", type=int, default=S, metavar="N",
+                   help="images decoded, written and checkpointed together (32); on CPU the CNN runs 4 at a time")
 
 
 def add_training_args(p: argparse.ArgumentParser, single_run: bool) -> None:
