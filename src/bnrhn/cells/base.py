@@ -61,6 +61,15 @@ class StepMode:
 REFERENCE = StepMode()
 
 
+@dataclass
+class LoopPlan:
+    """What one call of a cell's C++ time loop node (GRU, RNN) needs besides its tensors: the kernels' op
+    namespace and the rows of each step (None: all)."""
+
+    ops: object
+    active: list[int] | None
+
+
 def check_size(name: str, value: object) -> int:
     """A positive integer size, or a ``ValueError`` naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

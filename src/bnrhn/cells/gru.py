@@ -13,13 +13,11 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from dataclasses import dataclass
-
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
+from bnrhn.cells.base import REFERENCE, LoopPlan, RecurrentCell, State, StepMode
 
 
 class GRUCell(RecurrentCell):
@@ -62,20 +60,11 @@ class GRUCell(RecurrentCell):
         ops = self.loop_ops(xp, state[0], mode)
         if ops is None:
             return None
-        out, h = GRUSequence.apply(GRUPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh, self.bias_hh)
+        out, h = GRUSequence.apply(LoopPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh, self.bias_hh)
         return out, (h,)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * 3 * self.hidden_size * (self.input_size + self.hidden_size)
-
-
-@dataclass
-class GRUPlan:
-    """What one call of :class:`GRUSequence` needs besides its tensors: the kernels' op namespace and the rows of
-    each step (None: all)."""
-
-    ops: object
-    active: list[int] | None
 
 
 class GRUSequence(Function):
@@ -89,7 +78,7 @@ class GRUSequence(Function):
     the CPUs measured, and cannot apply a mask on h_{t−1} (docs/performance.md)."""
 
     @staticmethod
-    def forward(ctx, plan: GRUPlan, xp, h0, h_mask, weight, bias):
+    def forward(ctx, plan: LoopPlan, xp, h0, h_mask, weight, bias):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
         h_mask = kernels.loop_mask(h_mask, h0)

@@ -6,8 +6,6 @@ Parameter names and shapes follow ``torch.nn.RNN`` (``weight_ih``, ``weight_hh``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
+from bnrhn.cells.base import REFERENCE, LoopPlan, RecurrentCell, State, StepMode
 
 
 class RNNCell(RecurrentCell):
@@ -53,20 +51,11 @@ class RNNCell(RecurrentCell):
         ops = self.loop_ops(xp, state[0], mode)
         if ops is None:
             return None
-        out, h = RNNSequence.apply(RNNPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh)
+        out, h = RNNSequence.apply(LoopPlan(ops=ops, active=active), xp, state[0], h_mask, self.weight_hh)
         return out, (h,)
 
     def matmul_flops(self, batch_size: int, steps: int) -> int:
         return 2 * batch_size * steps * self.hidden_size * (self.input_size + self.hidden_size)
-
-
-@dataclass
-class RNNPlan:
-    """What one call of :class:`RNNSequence` needs besides its tensors: the kernels' op namespace and the rows of
-    each step (None: all)."""
-
-    ops: object
-    active: list[int] | None
 
 
 class RNNSequence(Function):
@@ -80,7 +69,7 @@ class RNNSequence(Function):
     the CPU measured, and cannot apply a mask on h_{t−1} (docs/performance.md)."""
 
     @staticmethod
-    def forward(ctx, plan: RNNPlan, xp, h0, h_mask, weight):
+    def forward(ctx, plan: LoopPlan, xp, h0, h_mask, weight):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
         h_mask = kernels.loop_mask(h_mask, h0)
