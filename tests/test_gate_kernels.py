@@ -342,7 +342,7 @@ def test_the_sequence_loop_refuses_what_it_cannot_compute(ops):
         call(renorm=torch.ones(1, 1, 5, T, H), layer_norm=True)
 
 
-def test_the_lstm_and_gru_loops_refuse_what_they_cannot_compute(ops):
+def test_the_lstm_gru_and_rnn_loops_refuse_what_they_cannot_compute(ops):
     T, B, H = 3, 4, 5
     h0 = torch.randn(B, H)
     lstm = dict(xp=torch.randn(T, B, 4 * H), h0=h0, c0=h0, h_mask=None, weight=torch.randn(4 * H, H),
@@ -361,6 +361,16 @@ def test_the_lstm_and_gru_loops_refuse_what_they_cannot_compute(ops):
         ops.gru_sequence_forward(**{**gru, "xp": torch.randn(T, B, 6 * H)[:, :, ::2]})
     with pytest.raises(RuntimeError, match="h_mask must be shaped as h0"):
         ops.gru_sequence_forward(**{**gru, "h_mask": torch.ones(1, H)})
+    rnn = dict(xp=torch.randn(T, B, H), h0=h0, h_mask=None, weight=torch.randn(H, H), active=[])
+    assert ops.rnn_sequence_forward(**rnn)[0].shape == (T, B, H)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.rnn_sequence_forward(**{**rnn, "xp": torch.randn(T, B, 2 * H)[:, :, ::2]})
+    with pytest.raises(RuntimeError, match=r"weight must be \[H, H\]"):
+        ops.rnn_sequence_forward(**{**rnn, "weight": torch.randn(H, H + 1)})
+    with pytest.raises(RuntimeError, match="h_mask must be shaped as h0"):
+        ops.rnn_sequence_forward(**{**rnn, "h_mask": torch.ones(1, H)})
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        ops.rnn_sequence_forward(**{**rnn, "active": [1, B] + [B] * (T - 2)})
 
 
 def test_the_time_loops_run_even_where_auto_keeps_the_step_activations_composed(ops, monkeypatch):

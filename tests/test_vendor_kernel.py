@@ -14,8 +14,9 @@ from bnrhn.nn.vendor import has_vendor_kernel
 
 
 def _pair(name, seed=0, **kwargs):
+    """PyTorch's kernel (fused=False: GRU and RNN training would otherwise take our C++ loops) and our paths."""
     torch.manual_seed(seed)
-    vendor = Recurrent(name, 6, 5, **kwargs).double()
+    vendor = Recurrent(name, 6, 5, fused=False, **kwargs).double()
     loop = Recurrent(name, 6, 5, use_vendor_kernel=False, **kwargs).double()
     loop.load_state_dict(vendor.state_dict())
     return vendor, loop

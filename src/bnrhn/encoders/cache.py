@@ -247,7 +247,8 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
         _atomic_write_text(part, json.dumps({"expect": expect, "grid": grid, "done": done, "failed": failed}))
 
     def load_chunk(first: int):
-        """Decode and preprocess images first..first+batch_size: (tensors, their rows, unreadable ones)."""
+        """Decode and preprocess images first..first+batch_size: (their batch or None, its rows, unreadable ones).
+        The batch is an inference tensor, which the compiled CNN takes without a copy."""
         tensors, rows, bad = [], [], []
         for j, p in enumerate(unique[first : first + batch_size]):
             try:
@@ -255,7 +256,8 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
                 rows.append(first + j)
             except ImageFileError as exc:
                 bad.append((first + j, p, exc))
-        return tensors, rows, bad
+        with torch.inference_mode():
+            return (stack_images(tensors) if tensors else None), rows, bad
 
     encoder.prepare_extraction(N - start, batch_size, compile, log)
     # The next batch is decoded in a second thread while the CNN runs on this one (Pillow and the
@@ -265,7 +267,7 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
         i = start
         pending = pool.submit(load_chunk, i)
         while i < N:
-            tensors, rows, bad = pending.result()
+            batch, rows, bad = pending.result()
             n_chunk = min(batch_size, N - i)
             if i + n_chunk < N:
                 pending = pool.submit(load_chunk, i + n_chunk)
@@ -278,8 +280,8 @@ def _extract_features(paths, encoder, folder, grid, batch_size, strict, progress
                     grids[row] = 0
                 log(f"features: skipping unreadable image {exc}")
             chunk = unique[i : i + n_chunk]
-            if tensors:
-                pv, gv = encoder.encode(stack_images(tensors))
+            if batch is not None:
+                pv, gv = encoder.encode(batch)
                 idx = np.array(rows)
                 pooled[idx] = pv.numpy().astype(np.float16)
                 if grids is not None:

@@ -12,8 +12,9 @@ weights inputs again.
 That is worth it for a data set (thousands of images) and not for a handful: the first call compiles for
 seconds (MobileNetV2 on 2 cores: about 5). One batch shape is compiled (on CPU the encoder's chunk of a few
 images); a smaller last batch is padded to it, and an ordinary (autograd-aware) input tensor is copied to an
-inference tensor, so nothing recompiles. Every image's features are computed independently of the others in
-its batch, so padding changes no result.
+inference tensor, so nothing recompiles within an extraction (an extraction with another chunk size compiles
+its own). Every image's features are computed independently of the others in its batch, so padding changes
+no result.
 
 Inductor needs a C++ compiler on CPU. Where there is none, or compilation fails for any other reason,
 the trunk runs eagerly and one line says why: extraction never fails because of this.
