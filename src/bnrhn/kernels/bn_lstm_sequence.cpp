@@ -153,7 +153,9 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
     T* dgates = drs.data_ptr<T>() + off * H4;
     lstm_gates_rows_backward<T>(n, H, dch, dh_p, act, rec.c_prev.data_ptr<T>() + off * H, tc, dgates,
                                 dc_other.data_ptr<T>());
-    if (dxp_p != nullptr) std::memcpy(dxp_p + t * B * H4, dgates, n * H4 * sizeof(T));
+    if (dxp_p != nullptr) {  // dxp is stored batch-major, [B, T, 4H]: row b of step t at (b T + t) 4H
+      for (int64_t b = 0; b < n; ++b) std::memcpy(dxp_p + (b * steps + t) * H4, dgates + b * H4, H4 * sizeof(T));
+    }
     normalise_backward<T>(n, dgates, H4, norm_of<T>(rec, true, gamma_h, nullptr, no_bounds, t, off, steps),
                           dgamma_h.data_ptr<T>(), nullptr);
     Tensor dh_t = dh.narrow(0, 0, n);
@@ -234,7 +236,9 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
 }
 
 // records = [h_in, act, xhat_h, c_prev, xhat_c, tanh_c, invstd_h, invstd_c, r_h, d_h, r_c, d_c] (the last four
-// empty without renorm) → (dxp [T, B, 4H] or None, dh0, dc0 [B, H], dW_h [4H, H], dγ_h [4H], dγ_c, dβ_c [H])
+// empty without renorm) → (dxp [T, B, 4H] or None, dh0, dc0 [B, H], dW_h [4H, H], dγ_h [4H], dγ_c, dβ_c [H]);
+// dxp is a view of a batch-major [B, T, 4H] buffer, the layout of the input norm's forward (SequenceBatchNorm's
+// full-batch path normalises the projection as a [B, T·4H] view), so that its backward reads it without a copy
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_sequence_backward(
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c,
     int64_t T, int64_t B, const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h, const Tensor& gamma_c,
@@ -260,7 +264,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
   TORCH_CHECK(rec.h_in.size(0) == pk.N, kOp, ": the records do not match the packing");
   const auto opts = rec.act.options();
   const Tensor go = dense_or_undefined(grad_out), gh = dense_or_undefined(grad_h), gc = dense_or_undefined(grad_c);
-  const Tensor dxp = need_xp ? input_gradient(pk, 4 * H, opts) : Tensor();
+  const Tensor dxp = need_xp ? (pk.rows.back() < B ? at::zeros({B, T, 4 * H}, opts) : at::empty({B, T, 4 * H}, opts))
+                             : Tensor();
   Tensor drs = at::empty({pk.N, 4 * H}, opts);
   Tensor dh = at::empty({B, H}, opts), dc = at::empty({B, H}, opts);
   Tensor dgamma_h = at::zeros({4 * H}, opts), dgamma_c = at::zeros({H}, opts), dbeta_c = at::zeros({H}, opts);
@@ -269,7 +274,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
                             dgamma_h, dgamma_c, dbeta_c);
   });
   Tensor dweight = at::mm(drs.t(), rec.h_in);
-  return {dxp, dh, dc, dweight, dgamma_h, dgamma_c, dbeta_c};
+  return {dxp.defined() ? dxp.transpose(0, 1) : dxp, dh, dc, dweight, dgamma_h, dgamma_c, dbeta_c};
 }
 
 }  // namespace
