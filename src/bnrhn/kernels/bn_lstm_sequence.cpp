@@ -178,10 +178,7 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
                                              bool carry_normed, double eps, at::IntArrayRef active,
                                              const c10::optional<Tensor>& renorm_h,
                                              const c10::optional<Tensor>& renorm_c) {
-  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, kOp, ": float32 or float64 only");
-  TORCH_CHECK(xp.dim() == 3 && h0.dim() == 2 && h0.size(0) == xp.size(1) && xp.size(2) == 4 * h0.size(1),
-              kOp, ": xp [T, B, 4H], h0 [B, H]");
-  TORCH_CHECK(xp.device().is_cpu() && xp.stride(2) == 1, kOp, ": xp must be a CPU tensor with contiguous rows");
+  check_step_input(kOp, xp, h0, 4);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
   check_tensor(kOp, "c0", c0, xp);
@@ -192,10 +189,7 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
   TORCH_CHECK(c0.sizes() == h0.sizes() && weight.sizes() == at::IntArrayRef({4 * H, H}) && gamma_h.numel() == 4 * H &&
                   gamma_c.numel() == H && beta_c.numel() == H,
               kOp, ": expected c0 [B, H], weight [4H, H], γ_h [4H], γ_c and β_c [H]");
-  if (h_mask.has_value()) {
-    check_tensor(kOp, "h_mask", *h_mask, xp);
-    TORCH_CHECK(h_mask->sizes() == h0.sizes(), kOp, ": h_mask must be shaped as h0");
-  }
+  check_mask(kOp, h_mask, h0, "h0", xp);
   TORCH_CHECK(renorm_h.has_value() == renorm_c.has_value(), kOp, ": both norms renormalise or neither");
   if (renorm_h.has_value()) {
     check_tensor(kOp, "renorm_h", *renorm_h, xp);

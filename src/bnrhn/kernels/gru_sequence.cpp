@@ -104,10 +104,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
 std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
                                          const Tensor& weight, const c10::optional<Tensor>& bias,
                                          at::IntArrayRef active) {
-  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, kOp, ": float32 or float64 only");
-  TORCH_CHECK(xp.dim() == 3 && h0.dim() == 2 && h0.size(0) == xp.size(1) && xp.size(2) == 3 * h0.size(1),
-              kOp, ": xp [T, B, 3H], h0 [B, H]");
-  TORCH_CHECK(xp.device().is_cpu() && xp.stride(2) == 1, kOp, ": xp must be a CPU tensor with contiguous rows");
+  check_step_input(kOp, xp, h0, 3);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
   check_tensor(kOp, "weight", weight, xp);
@@ -116,10 +113,7 @@ std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, con
     check_tensor(kOp, "bias", *bias, xp);
     TORCH_CHECK(bias->numel() == 3 * H, kOp, ": bias must have 3H entries");
   }
-  if (h_mask.has_value()) {
-    check_tensor(kOp, "h_mask", *h_mask, xp);
-    TORCH_CHECK(h_mask->sizes() == h0.sizes(), kOp, ": h_mask must be shaped as h0");
-  }
+  check_mask(kOp, h_mask, h0, "h0", xp);
   const Packing pk = packing(kOp, T, B, active, 0);
   const auto opts = xp.options();
   Tensor out = pk.rows.back() < B ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);

@@ -185,10 +185,7 @@ std::vector<Tensor> highway_sequence_forward(
   TORCH_CHECK(xp.dim() == 3 && s0.dim() == 2 && s0.size(0) == xp.size(1), "highway_sequence: xp [T, B, P], s0 [B, H]");
   check_tensor(kOp, "xp", xp, xp);
   check_tensor(kOp, "s0", s0, xp);
-  if (h_mask.has_value()) {
-    check_tensor(kOp, "h_mask", *h_mask, xp);
-    TORCH_CHECK(h_mask->sizes() == s0.sizes(), "highway_sequence: h_mask must be shaped as s0");
-  }
+  check_mask(kOp, h_mask, s0, "s0", xp);
   const Shape sh = shape_of(xp.size(0), xp.size(1), s0, weights, normed, active, layer_norm);
   const int64_t T = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(gammas.size()) == L * K &&

@@ -202,10 +202,7 @@ std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, cons
                                          const c10::optional<Tensor>& w_hr, const Tensor& w_hh,
                                          at::IntArrayRef active) {
   check_variant(variant, w_hz, w_hr);
-  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, kOp, ": float32 or float64 only");
-  TORCH_CHECK(xp.dim() == 3 && h0.dim() == 2 && h0.size(0) == xp.size(1) && xp.size(2) == 3 * h0.size(1),
-              kOp, ": xp [T, B, 3H], h0 [B, H]");
-  TORCH_CHECK(xp.device().is_cpu() && xp.stride(2) == 1, kOp, ": xp must be a CPU tensor with contiguous rows");
+  check_step_input(kOp, xp, h0, 3);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
   for (const Tensor* w : {&w_hh, w_hz.has_value() ? &*w_hz : nullptr, w_hr.has_value() ? &*w_hr : nullptr}) {
@@ -213,10 +210,7 @@ std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, cons
     check_tensor(kOp, "a recurrent weight", *w, xp);
     TORCH_CHECK(w->sizes() == at::IntArrayRef({H, H}), kOp, ": every recurrent weight must be [H, H]");
   }
-  if (h_mask.has_value()) {
-    check_tensor(kOp, "h_mask", *h_mask, xp);
-    TORCH_CHECK(h_mask->sizes() == h0.sizes(), kOp, ": h_mask must be shaped as h0");
-  }
+  check_mask(kOp, h_mask, h0, "h0", xp);
   const Packing pk = packing(kOp, T, B, active, 0);
   const auto opts = xp.options();
   Tensor out = pk.rows.back() < B ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);

@@ -1,4 +1,4 @@
-// What the whole-sequence loops (highway_sequence.cpp, bn_lstm_sequence.cpp) share: the layout of packed rows
+// What the whole-sequence loops (highway, BN-LSTM, GRU, MUT and RNN) share: the layout of packed rows
 // and the checks of their arguments.
 //
 // Packed rows (sorted by length, n_t rows at step t, non-increasing): every per-step record is stored in one
@@ -13,6 +13,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace bnrhn_kernels {
@@ -44,6 +45,23 @@ inline Packing packing(const char* op, int64_t T, int64_t B, at::IntArrayRef act
 inline void check_tensor(const char* op, const char* what, const at::Tensor& t, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(), op, ": ", what,
               " must be a contiguous CPU tensor of dtype ", like.scalar_type());
+}
+
+// The step input every time loop reads by row stride: xp [T, B, G·H] of float32 or float64 on the CPU with
+// contiguous rows, beside h0 [B, H]
+inline void check_step_input(const char* op, const at::Tensor& xp, const at::Tensor& h0, int64_t G) {
+  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, op, ": float32 or float64 only");
+  TORCH_CHECK(xp.dim() == 3 && h0.dim() == 2 && h0.size(0) == xp.size(1) && xp.size(2) == G * h0.size(1),
+              op, ": xp [T, B, ", (G == 1 ? std::string() : std::to_string(G)), "H], h0 [B, H]");
+  TORCH_CHECK(xp.device().is_cpu() && xp.stride(2) == 1, op, ": xp must be a CPU tensor with contiguous rows");
+}
+
+// A recurrent-dropout mask, when given: a contiguous CPU tensor of xp's dtype, shaped as the state it multiplies
+inline void check_mask(const char* op, const c10::optional<at::Tensor>& h_mask, const at::Tensor& state,
+                       const char* state_name, const at::Tensor& like) {
+  if (!h_mask.has_value()) return;
+  check_tensor(op, "h_mask", *h_mask, like);
+  TORCH_CHECK(h_mask->sizes() == state.sizes(), op, ": h_mask must be shaped as ", state_name);
 }
 
 template <typename T>
