@@ -8,23 +8,22 @@ An exception on any rank fails the call (``torch.multiprocessing.spawn`` re-rais
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from bnrhn.training.distributed import join_process_group, leave_process_group
 
 
 def _entry(rank: int, fn, world: int, folder: str, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(folder) / 'rendezvous'}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    join_process_group("gloo", 60, init_method=f"file://{Path(folder) / 'rendezvous'}", rank=rank, world_size=world)
     try:
         fn(rank, world, folder, *args)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def run_ranks(fn, world: int, folder, *args) -> None:

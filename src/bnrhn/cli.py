@@ -78,13 +78,4 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bnrhn {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        _leave_process_group()
 
-
-def _leave_process_group() -> None:
-    """Data-parallel runs (torchrun) leave their process group before exiting: a gloo group left to the
-    interpreter's shutdown can abort the process ("terminate called without an active exception")."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -20,6 +20,8 @@ collective that waits for a dead peer fails after ``timeout`` (:data:`DEFAULT_TI
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -92,8 +94,31 @@ def from_environment(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
                          "torchrun (e.g. torchrun --nproc_per_node 2 -m bnrhn train ...)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        join_process_group(backend, timeout_s)
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend)
+
+
+def join_process_group(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S, **init_options) -> None:
+    """``dist.init_process_group(backend, ...)``, left again at exit (:func:`leave_process_group`)."""
+    # DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
+    # ``group=group.WORLD`` as a default argument: imported after the group exists, ten defaults keep the
+    # default group alive for good (torch 2.13), destroy_process_group cannot free it, and its gloo worker
+    # threads outlive the interpreter's shutdown. Imported first, the defaults are None.
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **init_options)
+    atexit.unregister(leave_process_group)  # once, however often a process joins and leaves
+    atexit.register(leave_process_group)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, which joins gloo's worker threads. Run at exit (registered when the group
+    is created): a group left to the interpreter's shutdown can abort the process ("terminate called without
+    an active exception") when a worker thread frees the last collective's tensors after Python has begun to
+    shut down."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        gc.collect()  # a DistributedDataParallel wrapper in a reference cycle still holds the group
 
 
 @dataclass(frozen=True)
