@@ -54,17 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting (libgomp's default) make PyTorch 10-20x slower on a CPU
-    # shared with other jobs: measured on the 2-core development machine under load, a Show-and-Tell
-    # training step took 2.2 s with 2 spinning threads, 0.11 s with OMP_WAIT_POLICY=PASSIVE and 0.06 s
-    # with 1 thread. Set before torch is imported (commands import it lazily); an explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was asked, for reports' reproduce lines
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if "torch" not in sys.modules:  # OpenMP reads its wait policy when torch is imported (commands import it lazily)
+        from bnrhn.openmp_wait import choose_wait_policy
+
+        choose_wait_policy()
     from bnrhn.errors import UserFacingError  # a module without torch: --help stays fast
 
     try:

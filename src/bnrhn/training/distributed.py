@@ -156,6 +156,9 @@ def start_training_process(device: str, precision: str, batch_size: int, rows: s
     note = precision_note(precision, where)
     if note:
         log(note)
+    if where.type == "cpu" and torch.get_num_threads() > 1 and "BNRHN_OMP_WAIT" in os.environ:
+        log(f"cpu: {torch.get_num_threads()} threads; between operations PyTorch's OpenMP workers "
+            f"{os.environ['BNRHN_OMP_WAIT']}")
     return TrainingProcess(where, distributed, log)
 
 

@@ -1,0 +1,82 @@
+"""How PyTorch's OpenMP worker threads wait between parallel regions, chosen as a command starts.
+
+libgomp (the OpenMP runtime of PyTorch's CPU wheels) reads ``OMP_WAIT_POLICY`` once, when torch is imported.
+Between two parallel regions a worker either spins for a while (libgomp's default) or sleeps at once
+(``PASSIVE``). Neither is right everywhere; measured on a 2-core AVX-512 AMD EPYC, ms per training step at
+hidden size 128 (benchmarks/cells.py, nn.LSTM / rnn / bn_rhn; docs/performance.md):
+
+    CPUs idle:                2 threads spinning 8.3 / 3.4 / 16.7,  2 threads PASSIVE 17.3 / 9.4 / 32.6
+    another process busy:     2 threads spinning 18.1 / 8.8 / 49.3, 2 threads PASSIVE 15.6 / 6.2 / 30.1
+
+A recurrent training step is hundreds of small products with a few microseconds between them: a sleeping
+worker must be woken for each, which doubles the step; a spinning one competes with any other job on its core
+(a training step was once measured 20× slower that way). So the choice follows the machine as the command
+starts: spin when the CPUs this process may use are idle, sleep when something else keeps them busy. An
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set by the user is kept. The choice is left in ``BNRHN_OMP_WAIT`` for
+the training commands' log.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, MutableMapping
+
+# Busy CPUs (summed fractions of each CPU's time used by something else) below which the machine counts as idle
+IDLE_BELOW = 0.5
+SAMPLE_S = 0.05  # /proc/stat counts in 10 ms ticks: 5 per CPU over the sample
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
+    """(busy, total) ticks of each CPU in ``cpus`` from /proc/stat; None where it cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        idle = ticks[3] + ticks[4]
+        times[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    return times or None
+
+
+def busy_cpus(sample_s: float = SAMPLE_S) -> float | None:
+    """How many of this process's CPUs other work kept busy over ``sample_s`` seconds (0 = all idle), from
+    Linux's /proc/stat; None where that cannot be read. This process sleeps meanwhile, so it is not counted."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    before = _cpu_times(cpus)
+    if before is None:
+        return None
+    time.sleep(sample_s)
+    after = _cpu_times(cpus)
+    if after is None:
+        return None
+    busy = 0.0
+    for cpu, (b1, t1) in after.items():
+        b0, t0 = before.get(cpu, (b1, t1))
+        if t1 > t0:
+            busy += (b1 - b0) / (t1 - t0)
+    return busy
+
+
+def choose_wait_policy(environ: MutableMapping[str, str] = os.environ,
+                       measure: Callable[[], float | None] = busy_cpus) -> str:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` unless the CPUs are idle (then libgomp's default, spinning,
+    stays); must run before torch is imported to take effect. Returns what was chosen and why."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        choice = "wait as OMP_WAIT_POLICY / GOMP_SPINCOUNT say"
+    else:
+        busy = measure()
+        if busy is not None and busy < IDLE_BELOW:
+            choice = "spin while they wait (the CPUs were idle at start)"
+        else:
+            environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            why = "/proc/stat unreadable" if busy is None else f"{busy:.1f} CPUs busy with other work at start"
+            choice = f"sleep while they wait (OMP_WAIT_POLICY=PASSIVE: {why})"
+    environ["BNRHN_OMP_WAIT"] = choice
+    return choice
