@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_gates_backward(const at::Tensor& dc, con
   return {dgates, dc_prev};
 }
 
-// f applied to every element of a contiguous tensor
+// f applied to every element of a contiguous tensor (on the calling thread: see rows() in vec_math.h)
 template <template <typename> class F>
 at::Tensor elementwise(const char* op, const at::Tensor& x) {
   check_args(op, {x});

@@ -62,7 +62,10 @@ inline void pieces(int64_t cols, const F& f) {
   if (j < cols) f(j, cols - j);
 }
 
-// rows split across threads, at least ~16k elements per task (small steps stay on one thread)
+// f(b) for rows b = 0..B−1. Written as at::parallel_for (~16k elements per task), but that is a header template
+// whose OpenMP pragma only a build with -fopenmp compiles: this extension is built without it, so the rows run
+// one after another on the calling thread. Built with -fopenmp (tried 2026-12-07, docs/performance.md), the
+// training steps at hidden size 128 and 512 were no faster, so the build stays as it is.
 template <typename F>
 inline void rows(int64_t B, int64_t cols, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
