@@ -289,3 +289,38 @@ def test_bad_statistics_options_are_named():
             build_cell("bn_rhn", 3, 4, **kwargs)
         with pytest.raises(ValueError, match=word):
             build_cell("bn_lstm", 3, 4, **kwargs)
+
+
+@pytest.mark.parametrize("stats", ["renorm", "momentum"])
+@pytest.mark.parametrize("case", ["full batch", "padded", "one step", "eval", "center"])
+def test_a_shift_folded_into_the_norm_equals_adding_it_after(stats, case):
+    """BN-LSTM passes its bias as the input norm's ``shift``; on full batches it becomes the kernel's own shift.
+    Outputs, gradients (input, γ, β, shift) and population statistics equal BN(x) + shift, float64."""
+    torch.manual_seed(5)
+    kw = {"stats": stats, "renorm_warmup": 1, "max_steps": 4, "center": case == "center"}
+    folded, added = SequenceBatchNorm(3, **kw).double(), SequenceBatchNorm(3, **kw).double()
+    with torch.no_grad():
+        folded.weight.uniform_(0.5, 1.5)
+        if folded.bias is not None:
+            folded.bias.normal_()
+    added.load_state_dict(folded.state_dict())
+    T, B = 4, 5
+    mask = torch.ones(T, B, dtype=torch.bool)
+    mask[2:, 3:] = False
+    for i in range(2):  # the second batch reads the population statistics the first one wrote
+        z = (torch.randn(B, T, 3, dtype=torch.float64) * 2 + i).requires_grad_()
+        x = z[:, 0] if case == "one step" else z.transpose(0, 1)
+        shift = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        m = mask if case == "padded" else None
+        if case == "eval":
+            folded.eval(), added.eval()
+        results = []
+        for bn, y_of in ((folded, lambda bn: bn(x, 0, m, shift=shift)), (added, lambda bn: bn(x, 0, m) + shift)):
+            y = y_of(bn)
+            params = [q for q in (bn.weight, bn.bias) if q is not None]
+            results.append((y, torch.autograd.grad((y * torch.cos(y)).sum(), [z, shift, *params])))
+        (yf, gf), (ya, ga) = results
+        assert torch.allclose(yf, ya, atol=1e-12, rtol=0)
+        for a, b in zip(gf, ga, strict=True):
+            assert torch.allclose(a, b, atol=1e-11, rtol=0)
+    assert torch.equal(folded.running_mean, added.running_mean) and torch.equal(folded.running_var, added.running_var)

@@ -78,11 +78,12 @@ class BNLSTMCell(RecurrentCell):
     def project_input(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         self.check_input(x)
         if x.dim() == 2:
-            return self.bn_x(F.linear(x, self.weight_ih), step, mask) + self.bias
+            return self.bn_x(F.linear(x, self.weight_ih), step, mask, shift=self.bias)
         # The product is computed batch-major ([B, T, 4H] in memory, returned as a [T, B, 4H] view), so
-        # that the sequence batch norm sees its (step, feature) channels as columns without a copy.
+        # that the sequence batch norm sees its (step, feature) channels as columns without a copy; the bias
+        # is the norm's shift (folded into its kernel's affine pass on full batches).
         z = F.linear(x.transpose(0, 1), self.weight_ih).transpose(0, 1)
-        return self.bn_x(z, step, mask) + self.bias
+        return self.bn_x(z, step, mask, shift=self.bias)
 
     def recur(self, xp, state: State, step: int = 0, mask=None, h_mask=None, mode: StepMode = REFERENCE) -> State:
         """With ``mode.fused``, a training step of a full batch normalised with its batch statistics (plain or

@@ -389,11 +389,21 @@ class SequenceBatchNorm(nn.Module):
             cached = self._eval_slot_cache = (key, table)
         return cached[1]
 
-    def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """BN(x) at time step ``step`` (``[B, F]``) or steps ``step``, ``step`` + 1, … (``[T, B, F]``), plus
+        ``shift`` ``[F]`` when given — BN-LSTM's bias after its input norm — which the full-batch path folds into
+        the batch-norm kernel's own shift instead of adding it in another pass."""
         if step < 0:
             raise ValueError(f"step (the time index) must be ≥ 0, got {step!r}")
         if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
             x = x.float()  # mixed precision: the statistics and the normalisation in float32
+        if (shift is not None and self.training and not self.synchronized and x.dim() == 3
+                and x.shape[-1] == self.num_features and self._full_batch_applies(x.shape[1], mask)):
+            return self._forward_full_batch(x, int(step), shift)
+        y = self._forward(x, step, mask)
+        return y if shift is None else y + shift
+
+    def _forward(self, x: Tensor, step: int, mask: Tensor | None) -> Tensor:
         if self.training and self.synchronized:
             if x.dim() not in (2, 3):
                 raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
@@ -433,15 +443,20 @@ class SequenceBatchNorm(nn.Module):
             raise ValueError(f"expected {self.num_features} features, got {Fdim}")
         if not self.training:
             return self._population(x, step0)
-        if mask is None and self.stats == "renorm" and B >= max(2, self.min_rows) and plain_autograd():
+        if self._full_batch_applies(B, mask):
             return self._forward_full_batch(x, step0)
         if self._needs_general_path(B, mask):
             return self._forward_masked(x, step0, mask)
-        if B < 2:  # a lone sequence has no batch variance
-            return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))
-        return self._forward_full_batch(x, step0)
+        return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))  # B < 2: a lone sequence has no variance
 
-    def _forward_full_batch(self, x: Tensor, step0: int) -> Tensor:
+    def _full_batch_applies(self, rows: int, mask: Tensor | None) -> bool:
+        """Training on [T, B, F] takes :meth:`_forward_full_batch`: no padding and enough rows for batch
+        statistics (renormalization included, when autograd is plain)."""
+        if mask is None and self.stats == "renorm" and rows >= max(2, self.min_rows) and plain_autograd():
+            return True
+        return rows >= 2 and not self._needs_general_path(rows, mask)
+
+    def _forward_full_batch(self, x: Tensor, step0: int, shift: Tensor | None = None) -> Tensor:
         """Every position of [T, B, F] valid, B ≥ 2: one pass of PyTorch's batch-norm kernel with the (step,
         feature) pairs as channels. The [B, T·F] matrix is a view (no copy) when x is stored batch-major, i.e.
         x = z.transpose(0, 1) of a contiguous [B, T, F] z, as the BN-LSTM's input projection is. With batch
@@ -450,7 +465,8 @@ class SequenceBatchNorm(nn.Module):
         T, B, Fdim = x.shape
         flat = x.transpose(0, 1).reshape(B, T * Fdim)
         weight = self.weight.repeat(T) if self.weight is not None else None
-        bias = self.bias.repeat(T) if self.bias is not None else None
+        bias = self.bias if shift is None else (shift if self.bias is None else self.bias + shift)
+        bias = bias.repeat(T) if bias is not None else None
         if self.stats == "renorm":
             steps = torch.arange(step0, step0 + T, device=x.device)
 
