@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnrhn.openmp_wait import busy_cpus, choose_wait_policy
+from bnrhn.openmp_wait import busy_cpus, choose_wait_policy, share_cores
 
 
 def test_idle_cpus_keep_libgomps_spinning_default():
@@ -65,3 +65,21 @@ def test_the_cli_chooses_before_torch_is_imported(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     choice = out.stdout.split("choice:")[-1].strip()
     assert choice.startswith(("spin", "sleep")), out.stdout + out.stderr[-2000:]
+
+
+def test_workers_that_share_cores_sleep_unless_the_user_chose():
+    spun = {}
+    choose_wait_policy(spun, measure=lambda: 0.0)  # the parent chose to spin
+    fits = dict(spun)
+    assert not share_cores(fits, workers=2, threads_each=1, cpus=2) and "OMP_WAIT_POLICY" not in fits
+    crowded = dict(spun)
+    assert share_cores(crowded, workers=2, threads_each=2, cpus=2)
+    assert crowded["OMP_WAIT_POLICY"] == "PASSIVE" and "2 runs × 2 threads share 2 CPUs" in crowded["BNRHN_OMP_WAIT"]
+    slept = {}
+    choose_wait_policy(slept, measure=lambda: 1.5)  # the parent chose to sleep: the workers sleep too
+    assert share_cores(slept, workers=3, threads_each=1, cpus=2) and slept["OMP_WAIT_POLICY"] == "PASSIVE"
+    for users in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "500"}):
+        env = dict(users)
+        choose_wait_policy(env, measure=lambda: 0.0)
+        assert not share_cores(env, workers=4, threads_each=2, cpus=2)
+        assert env.get("OMP_WAIT_POLICY", "ACTIVE") == "ACTIVE"

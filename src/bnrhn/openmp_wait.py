@@ -80,3 +80,17 @@ def choose_wait_policy(environ: MutableMapping[str, str] = os.environ,
             choice = f"sleep while they wait (OMP_WAIT_POLICY=PASSIVE: {why})"
     environ["BNRHN_OMP_WAIT"] = choice
     return choice
+
+
+def share_cores(environ: MutableMapping[str, str], workers: int, threads_each: int, cpus: int) -> bool:
+    """Before starting ``workers`` processes of ``threads_each`` threads at a time on ``cpus`` CPUs: when they
+    are more threads than CPUs, set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` (what the workers inherit) unless
+    the user chose a policy — spinning workers that share cores slow each other down most. True when set."""
+    if workers * threads_each <= cpus or "GOMP_SPINCOUNT" in environ:
+        return False
+    if "OMP_WAIT_POLICY" in environ and not environ.get("BNRHN_OMP_WAIT", "").startswith("sleep"):
+        return False  # the user's setting
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    environ["BNRHN_OMP_WAIT"] = (f"sleep while they wait (OMP_WAIT_POLICY=PASSIVE: {workers} runs × {threads_each} "
+                                 f"threads share {cpus} CPUs)")
+    return True

@@ -185,6 +185,7 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
     import torch
 
     from bnrhn import kernels
+    from bnrhn.openmp_wait import share_cores
 
     tags = {run.name: f"{spec.log_name} [{k}/{len(runs)}]" for k, run in enumerate(runs, 1)}
     results: dict[str, dict] = {}
@@ -201,6 +202,8 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
     spec.prepare(log)
     threads = max(1, torch.get_num_threads() // jobs)
     setup = {"threads": threads, "gate_kernels": kernels.settled_mode()}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share_cores(os.environ, min(jobs, len(pending)), threads, cpus)  # the workers inherit the environment
     log(f"{spec.log_name}: {len(pending)} run(s), up to {jobs} at a time with {threads} thread(s) each, longest "
         f"first; each run's messages go to {OUTPUT_FILE} in its folder")
     context = multiprocessing.get_context("spawn")
