@@ -292,22 +292,25 @@ def test_bad_statistics_options_are_named():
 
 
 @pytest.mark.parametrize("stats", ["renorm", "momentum"])
-@pytest.mark.parametrize("case", ["full batch", "padded", "one step", "eval", "center"])
+@pytest.mark.parametrize("case", ["full batch", "center", "no affine", "padded", "one step", "eval"])
 def test_a_shift_folded_into_the_norm_equals_adding_it_after(stats, case):
-    """BN-LSTM passes its bias as the input norm's ``shift``; on full batches it becomes the kernel's own shift.
-    Outputs, gradients (input, γ, β, shift) and population statistics equal BN(x) + shift, float64."""
+    """BN-LSTM passes its bias as the input norm's ``shift``; on full batches (the first three cases) it becomes
+    the kernel's own shift, elsewhere (padded, one step, eval) it is added after. Outputs, gradients (input, γ,
+    β, shift) and population statistics equal BN(x) + shift, float64."""
     torch.manual_seed(5)
-    kw = {"stats": stats, "renorm_warmup": 1, "max_steps": 4, "center": case == "center"}
+    kw = {"stats": stats, "renorm_warmup": 1, "max_steps": 4, "center": case == "center",
+          "affine": case != "no affine"}
     folded, added = SequenceBatchNorm(3, **kw).double(), SequenceBatchNorm(3, **kw).double()
     with torch.no_grad():
-        folded.weight.uniform_(0.5, 1.5)
+        if folded.weight is not None:
+            folded.weight.uniform_(0.5, 1.5)
         if folded.bias is not None:
             folded.bias.normal_()
     added.load_state_dict(folded.state_dict())
     T, B = 4, 5
     mask = torch.ones(T, B, dtype=torch.bool)
     mask[2:, 3:] = False
-    for i in range(2):  # the second batch reads the population statistics the first one wrote
+    for i in range(2):  # in training, the second batch reads the population statistics the first one wrote
         z = (torch.randn(B, T, 3, dtype=torch.float64) * 2 + i).requires_grad_()
         x = z[:, 0] if case == "one step" else z.transpose(0, 1)
         shift = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -324,3 +327,11 @@ def test_a_shift_folded_into_the_norm_equals_adding_it_after(stats, case):
         for a, b in zip(gf, ga, strict=True):
             assert torch.allclose(a, b, atol=1e-11, rtol=0)
     assert torch.equal(folded.running_mean, added.running_mean) and torch.equal(folded.running_var, added.running_var)
+
+
+def test_a_shift_of_another_shape_is_refused():
+    bn = SequenceBatchNorm(3, center=False).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    for shift in (torch.tensor(0.5), torch.zeros(1), torch.zeros(1, 3), torch.zeros(4)):
+        with pytest.raises(ValueError, match=r"shift must have shape \(3,\)"):
+            bn(x, shift=shift.double())

@@ -5,7 +5,6 @@ that fails or diverges stopping every rank."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnrhn.openmp_wait import busy_cpus, choose_wait_policy, share_cores
+from bnrhn.openmp_wait import busy_cpus, choose_wait_policy, share_cores, workers_environment
 
 
 def test_idle_cpus_keep_libgomps_spinning_default():
@@ -26,7 +26,7 @@ def test_busy_or_unknown_cpus_make_the_workers_sleep(busy):
     choice = choose_wait_policy(env, measure=lambda: busy)
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert choice.startswith("sleep") and env["BNRHN_OMP_WAIT"] == choice
-    assert ("unreadable" in choice) == (busy is None)
+    assert ("no CPU load figures" in choice) == (busy is None)
 
 
 @pytest.mark.parametrize("setting", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}])
@@ -58,7 +58,8 @@ def test_the_cli_chooses_before_torch_is_imported(tmp_path):
     """A command run in a fresh interpreter leaves its choice in BNRHN_OMP_WAIT (it chooses only while torch is
     not yet imported: afterwards libgomp has read its settings)."""
     code = ("import os, sys\nfrom bnrhn.cli import main\nassert 'torch' not in sys.modules\n"
-            f"main(['lm', 'train', '--text', {str(tmp_path / 'missing.txt')!r}, '--run-dir', {str(tmp_path / 'r')!r}])\n"
+            f"main(['lm', 'train', '--text', {str(tmp_path / 'missing.txt')!r}, "
+            f"'--run-dir', {str(tmp_path / 'r')!r}])\n"
             "print('choice:', os.environ.get('BNRHN_OMP_WAIT'))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "BNRHN_OMP_WAIT")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -83,3 +84,20 @@ def test_workers_that_share_cores_sleep_unless_the_user_chose():
         choose_wait_policy(env, measure=lambda: 0.0)
         assert not share_cores(env, workers=4, threads_each=2, cpus=2)
         assert env.get("OMP_WAIT_POLICY", "ACTIVE") == "ACTIVE"
+
+
+def test_the_workers_environment_is_restored_after_the_block():
+    env = {"BNRHN_OMP_WAIT": "spin while they wait (the CPUs were idle at start)"}
+    with workers_environment(2, 2, 2, environ=env) as set_passive:
+        assert set_passive and env["OMP_WAIT_POLICY"] == "PASSIVE"  # what workers started here inherit
+    assert env == {"BNRHN_OMP_WAIT": "spin while they wait (the CPUs were idle at start)"}
+
+
+def test_unreadable_or_foreign_proc_stat_lines_give_no_measurement(monkeypatch, tmp_path):
+    from bnrhn import openmp_wait
+
+    fake = tmp_path / "stat"
+    fake.write_text("cpu  1 2 3 4 5 6 7 8\ncpu7 1 2\ncpuX 1 2 3 4 5\n\nintr 5\n", encoding="ascii")
+    real_open = open
+    monkeypatch.setattr(openmp_wait, "open", lambda path, *a, **k: real_open(fake, *a, **k), raising=False)
+    assert openmp_wait._cpu_times({0, 1}) is None  # no line for CPU 0 or 1, none that breaks the parser

@@ -20,26 +20,33 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 
-# Busy CPUs (summed fractions of each CPU's time used by something else) below which the machine counts as idle
+# Busy CPUs (summed fractions of each CPU's time used by something else) below which the machine counts as idle:
+# less than half of one CPU in all, whatever their number (measured on 2 cores only; on a many-core host the
+# background load of the others may exceed it, and the workers then sleep, as they always did before)
 IDLE_BELOW = 0.5
 SAMPLE_S = 0.05  # /proc/stat counts in 10 ms ticks: 5 per CPU over the sample
 
 
 def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
-    """(busy, total) ticks of each CPU in ``cpus`` from /proc/stat; None where it cannot be read."""
+    """(busy, total) ticks of each CPU in ``cpus`` from /proc/stat; None where it cannot be read or names none
+    of them (a container's /proc/stat may number its CPUs otherwise than the affinity mask)."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
             lines = f.readlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     times = {}
     for line in lines:
-        name, *fields = line.split()
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+        name, *fields = line.split() or [""]
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus or len(fields) < 5:
             continue
-        ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        try:
+            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        except ValueError:
+            continue
         idle = ticks[3] + ticks[4]
         times[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
     return times or None
@@ -76,7 +83,8 @@ def choose_wait_policy(environ: MutableMapping[str, str] = os.environ,
             choice = "spin while they wait (the CPUs were idle at start)"
         else:
             environ["OMP_WAIT_POLICY"] = "PASSIVE"
-            why = "/proc/stat unreadable" if busy is None else f"{busy:.1f} CPUs busy with other work at start"
+            why = ("no CPU load figures in /proc/stat" if busy is None
+                   else f"{busy:.1f} CPUs busy with other work at start")
             choice = f"sleep while they wait (OMP_WAIT_POLICY=PASSIVE: {why})"
     environ["BNRHN_OMP_WAIT"] = choice
     return choice
@@ -94,3 +102,18 @@ def share_cores(environ: MutableMapping[str, str], workers: int, threads_each: i
     environ["BNRHN_OMP_WAIT"] = (f"sleep while they wait (OMP_WAIT_POLICY=PASSIVE: {workers} runs × {threads_each} "
                                  f"threads share {cpus} CPUs)")
     return True
+
+
+@contextmanager
+def workers_environment(workers: int, threads_each: int, cpus: int,
+                        environ: MutableMapping[str, str] = os.environ) -> Iterator[bool]:
+    """:func:`share_cores` for the workers started inside the block; ``environ`` is as it was afterwards."""
+    saved = {key: environ.get(key) for key in ("OMP_WAIT_POLICY", "BNRHN_OMP_WAIT")}
+    try:
+        yield share_cores(environ, workers, threads_each, cpus)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value

@@ -185,7 +185,7 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
     import torch
 
     from bnrhn import kernels
-    from bnrhn.openmp_wait import share_cores
+    from bnrhn.openmp_wait import workers_environment
 
     tags = {run.name: f"{spec.log_name} [{k}/{len(runs)}]" for k, run in enumerate(runs, 1)}
     results: dict[str, dict] = {}
@@ -203,7 +203,6 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
     threads = max(1, torch.get_num_threads() // jobs)
     setup = {"threads": threads, "gate_kernels": kernels.settled_mode()}
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share_cores(os.environ, min(jobs, len(pending)), threads, cpus)  # the workers inherit the environment
     log(f"{spec.log_name}: {len(pending)} run(s), up to {jobs} at a time with {threads} thread(s) each, longest "
         f"first; each run's messages go to {OUTPUT_FILE} in its folder")
     context = multiprocessing.get_context("spawn")
@@ -211,36 +210,38 @@ def results_side_by_side(spec: ExperimentSpec, runs: list[Run], resume: bool, jo
     running: dict[Any, Run] = {}
     failed: list[Run] = []
     interrupted: list[Run] = []
-    try:
-        while waiting or running:
-            while waiting and len(running) < jobs and not failed and not interrupted:
-                run = waiting.pop(0)
-                continuing = start_run(spec, run, resume, lambda msg, tag=tags[run.name]: log(f"{tag}: {msg}"))
-                worker = context.Process(target=_train_in_worker, args=(spec, run, continuing, setup),
-                                         name=f"bnrhn {run.name}")
-                worker.start()
-                running[worker] = run
-            if not running:
-                break
-            multiprocessing.connection.wait([w.sentinel for w in running])
-            for worker in [w for w in running if not w.is_alive()]:
+    with workers_environment(min(jobs, len(pending)), threads, cpus):  # what the workers inherit
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs and not failed and not interrupted:
+                    run = waiting.pop(0)
+                    continuing = start_run(spec, run, resume, lambda msg, tag=tags[run.name]: log(f"{tag}: {msg}"))
+                    worker = context.Process(target=_train_in_worker, args=(spec, run, continuing, setup),
+                                             name=f"bnrhn {run.name}")
+                    worker.start()
+                    running[worker] = run
+                if not running:
+                    break
+                multiprocessing.connection.wait([w.sentinel for w in running])
+                for worker in [w for w in running if not w.is_alive()]:
+                    worker.join()
+                    run = running.pop(worker)
+                    result = spec.finished(run) if worker.exitcode == 0 else None
+                    # Ctrl-C reached it (and maybe not us: a job with SIGINT ignored)
+                    if worker.exitcode == INTERRUPTED:
+                        interrupted.append(run)
+                        log(f"{tags[run.name]}: {run.name} interrupted; its last checkpoint is kept")
+                    elif result is None:
+                        failed.append(run)
+                        log(f"{tags[run.name]}: {run.name} failed (exit code {worker.exitcode}); see "
+                            f"{run.run_dir / OUTPUT_FILE}")
+                    else:
+                        results[run.name] = result
+                        log(f"{tags[run.name]}: {run.name} finished")
+        except KeyboardInterrupt:
+            for worker in running:  # they got the Ctrl-C too: each saves its last.pt and stops
                 worker.join()
-                run = running.pop(worker)
-                result = spec.finished(run) if worker.exitcode == 0 else None
-                if worker.exitcode == INTERRUPTED:  # Ctrl-C reached it (and maybe not us: a job with SIGINT ignored)
-                    interrupted.append(run)
-                    log(f"{tags[run.name]}: {run.name} interrupted; its last checkpoint is kept")
-                elif result is None:
-                    failed.append(run)
-                    log(f"{tags[run.name]}: {run.name} failed (exit code {worker.exitcode}); see "
-                        f"{run.run_dir / OUTPUT_FILE}")
-                else:
-                    results[run.name] = result
-                    log(f"{tags[run.name]}: {run.name} finished")
-    except KeyboardInterrupt:
-        for worker in running:  # they got the Ctrl-C too: each saves its last.pt and stops
-            worker.join()
-        raise
+            raise
     if interrupted:
         raise KeyboardInterrupt
     if failed:

@@ -397,13 +397,8 @@ class SequenceBatchNorm(nn.Module):
             raise ValueError(f"step (the time index) must be ≥ 0, got {step!r}")
         if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
             x = x.float()  # mixed precision: the statistics and the normalisation in float32
-        if (shift is not None and self.training and not self.synchronized and x.dim() == 3
-                and x.shape[-1] == self.num_features and self._full_batch_applies(x.shape[1], mask)):
-            return self._forward_full_batch(x, int(step), shift)
-        y = self._forward(x, step, mask)
-        return y if shift is None else y + shift
-
-    def _forward(self, x: Tensor, step: int, mask: Tensor | None) -> Tensor:
+        if shift is not None and shift.shape != (self.num_features,):
+            raise ValueError(f"shift must have shape ({self.num_features},), got {tuple(shift.shape)}")
         if self.training and self.synchronized:
             if x.dim() not in (2, 3):
                 raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
@@ -411,12 +406,15 @@ class SequenceBatchNorm(nn.Module):
                 raise ValueError(f"expected {self.num_features} features, got {x.shape[-1]}")
             if x.dim() == 2:
                 m = mask.reshape(1, -1) if mask is not None else None
-                return self._forward_synchronized(x.unsqueeze(0), int(step), m).squeeze(0)
-            return self._forward_synchronized(x, int(step), mask)
+                y = self._forward_synchronized(x.unsqueeze(0), int(step), m).squeeze(0)
+            else:
+                y = self._forward_synchronized(x, int(step), mask)
+            return y if shift is None else y + shift
         if x.dim() == 2:
-            return self._forward_step(x, int(step), mask)
+            y = self._forward_step(x, int(step), mask)
+            return y if shift is None else y + shift
         if x.dim() == 3:
-            return self._forward_sequence(x, int(step), mask)
+            return self._forward_sequence(x, int(step), mask, shift)
         raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
 
     # ----------------------------------------------------------------------------------------------
@@ -437,24 +435,22 @@ class SequenceBatchNorm(nn.Module):
         self._update_running(self.slot(step), mean, var * (x.shape[0] / (x.shape[0] - 1)))
         return y
 
-    def _forward_sequence(self, x: Tensor, step0: int, mask: Tensor | None) -> Tensor:
+    def _forward_sequence(self, x: Tensor, step0: int, mask: Tensor | None, shift: Tensor | None) -> Tensor:
+        """[T, B, F] (+ ``shift``, folded into the kernel's affine pass on :meth:`_forward_full_batch`)."""
         T, B, Fdim = x.shape
         if Fdim != self.num_features:
             raise ValueError(f"expected {self.num_features} features, got {Fdim}")
         if not self.training:
-            return self._population(x, step0)
-        if self._full_batch_applies(B, mask):
-            return self._forward_full_batch(x, step0)
-        if self._needs_general_path(B, mask):
-            return self._forward_masked(x, step0, mask)
-        return self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))  # B < 2: a lone sequence has no variance
-
-    def _full_batch_applies(self, rows: int, mask: Tensor | None) -> bool:
-        """Training on [T, B, F] takes :meth:`_forward_full_batch`: no padding and enough rows for batch
-        statistics (renormalization included, when autograd is plain)."""
-        if mask is None and self.stats == "renorm" and rows >= max(2, self.min_rows) and plain_autograd():
-            return True
-        return rows >= 2 and not self._needs_general_path(rows, mask)
+            y = self._population(x, step0)
+        elif mask is None and self.stats == "renorm" and B >= max(2, self.min_rows) and plain_autograd():
+            return self._forward_full_batch(x, step0, shift)
+        elif self._needs_general_path(B, mask):
+            y = self._forward_masked(x, step0, mask)
+        elif B >= 2:
+            return self._forward_full_batch(x, step0, shift)
+        else:  # a lone sequence has no batch variance
+            y = self._affine((x - x) * torch.rsqrt(x.new_tensor(self.eps)))
+        return y if shift is None else y + shift
 
     def _forward_full_batch(self, x: Tensor, step0: int, shift: Tensor | None = None) -> Tensor:
         """Every position of [T, B, F] valid, B ≥ 2: one pass of PyTorch's batch-norm kernel with the (step,
