@@ -140,6 +140,18 @@ def test_renorm_backward_treats_r_and_d_as_constants():
     assert torch.allclose(got, expect, atol=1e-10)
 
 
+def twin_norms(features: int, **options) -> tuple[SequenceBatchNorm, SequenceBatchNorm]:
+    """Two equal float64 norms with γ in [0.5, 1.5] and β drawn (where they have them), for comparing two paths."""
+    first, second = SequenceBatchNorm(features, **options).double(), SequenceBatchNorm(features, **options).double()
+    with torch.no_grad():
+        if first.weight is not None:
+            first.weight.uniform_(0.5, 1.5)
+        if first.bias is not None:
+            first.bias.normal_()
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
 @pytest.mark.parametrize("opts", [{}, {"max_steps": 2}, {"affine": False}, {"center": False},  # BN-LSTM's input norm
                                   {"per_step": False, "renorm_rmax": 1.2, "renorm_dmax": 0.1}])
 def test_renorm_of_full_batches_in_one_kernel_equals_the_composition(opts, monkeypatch):
@@ -153,13 +165,7 @@ def test_renorm_of_full_batches_in_one_kernel_equals_the_composition(opts, monke
     monkeypatch.setattr(seq_batchnorm._RenormalisedRows, "apply", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(11)
     kw = {"stats": "renorm", "renorm_warmup": 2, "max_steps": 4, **opts}
-    fast, composed = SequenceBatchNorm(5, **kw).double(), SequenceBatchNorm(5, **kw).double()
-    with torch.no_grad():
-        if fast.weight is not None:
-            fast.weight.uniform_(0.5, 1.5)
-        if fast.bias is not None:
-            fast.bias.normal_()
-    composed.load_state_dict(fast.state_dict())
+    fast, composed = twin_norms(5, **kw)
     T, B = 4, 6
     for i in range(3):
         z = (torch.randn(B, T, 5, dtype=torch.float64) * 3 + i).requires_grad_()  # batch-major, as BN-LSTM's
@@ -300,13 +306,7 @@ def test_a_shift_folded_into_the_norm_equals_adding_it_after(stats, case):
     torch.manual_seed(5)
     kw = {"stats": stats, "renorm_warmup": 1, "max_steps": 4, "center": case == "center",
           "affine": case != "no affine"}
-    folded, added = SequenceBatchNorm(3, **kw).double(), SequenceBatchNorm(3, **kw).double()
-    with torch.no_grad():
-        if folded.weight is not None:
-            folded.weight.uniform_(0.5, 1.5)
-        if folded.bias is not None:
-            folded.bias.normal_()
-    added.load_state_dict(folded.state_dict())
+    folded, added = twin_norms(3, **kw)
     T, B = 4, 5
     mask = torch.ones(T, B, dtype=torch.bool)
     mask[2:, 3:] = False

@@ -409,13 +409,13 @@ class SequenceBatchNorm(nn.Module):
                 y = self._forward_synchronized(x.unsqueeze(0), int(step), m).squeeze(0)
             else:
                 y = self._forward_synchronized(x, int(step), mask)
-            return y if shift is None else y + shift
-        if x.dim() == 2:
+        elif x.dim() == 2:
             y = self._forward_step(x, int(step), mask)
-            return y if shift is None else y + shift
-        if x.dim() == 3:
+        elif x.dim() == 3:
             return self._forward_sequence(x, int(step), mask, shift)
-        raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
+        else:
+            raise ValueError(f"SequenceBatchNorm expects [T, B, F] or [B, F] input, got shape {tuple(x.shape)}")
+        return y if shift is None else y + shift
 
     # ----------------------------------------------------------------------------------------------
     def _forward_step(self, x: Tensor, step: int, mask: Tensor | None) -> Tensor:
