@@ -1,9 +1,9 @@
 """Training-step throughput of every cell, side by side with torch.nn.LSTM in the same run.
 
-A step is forward + backward + Adam update of one recurrent layer on a [T, B, I] batch with a
-mean-squared loss on the outputs. Achieved GFLOP/s counts the matrix products only:
-forward 2·B·T·G·H·(I + H) for a G-gate cell (per highway layer for the RHN family), and backward
-twice the forward (gradients with respect to inputs and weights), so 3× forward in all.
+A step is forward + backward + Adam update (the trainer's: ``bnrhn.training.build_optimizer``, PyTorch's fused
+update) of one recurrent layer on a [T, B, I] batch with a mean-squared loss on the outputs. Achieved GFLOP/s
+counts the matrix products only: forward 2·B·T·G·H·(I + H) for a G-gate cell (per highway layer for the RHN
+family), and backward twice the forward (gradients with respect to inputs and weights), so 3× forward in all.
 
 With ``--products``, every cell's matrix products are also timed alone: the same products, of the
 same shapes, that its training step computes (input projection for all steps and its two backward
@@ -39,6 +39,7 @@ from torch import nn
 
 from bnrhn import kernels
 from bnrhn.nn import Recurrent
+from bnrhn.training import build_optimizer
 
 CELLS = ["rnn", "lstm", "gru", "mut1", "mut2", "mut3", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"]
 
@@ -81,7 +82,7 @@ def bypassing(step):
 
 
 def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model.parameters(), "adam", lr=1e-4)
 
     def step() -> None:
         out, _ = model(x)

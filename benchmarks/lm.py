@@ -4,9 +4,11 @@ Both train on the same text with the same truncated-BPTT windows (B streams, win
 the state carried across windows), the same sizes, Adam at the same learning rate and gradient-norm
 clipping at 5, for ``--windows`` windows; then both score the whole validation text the same way.
 
-- **ours**: ``bnrhn lm train``'s own objects (CharLM, CharLMTask, Trainer: logging, checks and all).
+- **ours**: ``bnrhn lm train``'s own objects (CharLM, CharLMTask, Trainer: logging, checks and all; Adam with
+  PyTorch's fused update, as ``build_optimizer`` chooses on the CPU).
 - **char-rnn**: about forty lines below (nn.Embedding → nn.LSTM → nn.Linear with PyTorch's default
-  initialisations and a bare training loop), written here as the independent reference.
+  initialisations, ``torch.optim.Adam``'s default update and a bare training loop), written here as the
+  independent reference.
 - optional ablation rows (``--ablations``): ours with one setting changed, to see what makes the learning
   curves differ: the LSTM forget-gate bias started at 1 (LSTMCell's own default, which CharLM used
   before it took PyTorch's 0), and the embedding started at U(−0.1, 0.1) (what CharLM did before it kept

@@ -1,4 +1,5 @@
-"""Cross-entropy training step of the captioners (loss + backward + Adam), per model and decoder cell.
+"""Cross-entropy training step of the captioners (loss + backward + Adam, the trainer's fused update), per model
+and decoder cell.
 
 Random frozen features of the encoder's shapes (EfficientNet-Lite2 by default: pooled 1,280-d, grid 9×9) and
 random captions whose lengths follow Flickr8k's training captions (words + <start>/<end>, cut at 20 words:
@@ -20,6 +21,7 @@ import torch
 
 from bnrhn import kernels
 from bnrhn.models import CaptionerConfig, build_captioner
+from bnrhn.training import build_optimizer
 
 # Flickr8k training-caption lengths in tokens (<start> + words + <end>, words cut at 20 by --max-caption-len):
 # how many of the 30,000 training captions of the official split have each length (bnrhn.data.vocab.tokenize)
@@ -64,7 +66,7 @@ def main() -> None:
                                   embed_size=args.hidden, hidden_size=args.hidden, cell=cell,
                                   dropout=0.4 if cell in ("bn_rhn", "bn_lstm") else 0.3)
             m = build_captioner(cfg).train()
-            opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+            opt = build_optimizer(m.parameters(), "adam", lr=1e-4)
             setups.append((f"{model} {cell}", m, opt))
 
     def step(m, opt, feats, tokens, lengths):

@@ -3,6 +3,7 @@ early stopping, budgets, Ctrl-C."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import signal
@@ -15,7 +16,7 @@ from bnrhn.nn import Recurrent
 from bnrhn.training.log import STEP_COLUMNS
 from bnrhn.training import (
     Trainer, TrainerConfig, TrainingDiverged, build_optimizer, build_scheduler, load_checkpoint,
-    read_log, save_checkpoint,
+    load_optimizer_state, read_log, save_checkpoint,
 )
 
 
@@ -136,6 +137,25 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path):
     assert float(resumed.task.counter) == 24  # task state restored
 
 
+def test_a_checkpoint_of_the_unfused_update_resumes_with_the_fused_one(tmp_path):
+    """A run whose checkpoint was written by torch's default optimiser update (before the fused one, or where it
+    does not apply) resumes with the fused update, and its losses are those of the uninterrupted run."""
+    _, full = make(tmp_path, "full", max_epochs=2)
+    full.fit()
+    _, part = make(tmp_path, "part", max_epochs=2, max_steps=5)
+    part.fit()
+    last = tmp_path / "part" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is True
+    for group in ckpt["optimizer"]["param_groups"]:  # as an unfused optimizer writes it
+        group["fused"] = None
+    save_checkpoint(last, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    _, resumed = make(tmp_path, "part", max_epochs=2)
+    resumed.fit(resume=True)
+    assert resumed.optimizer.param_groups[0]["fused"] is True
+    assert train_losses(tmp_path / "part") == pytest.approx(train_losses(tmp_path / "full"), rel=1e-5)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     task, trainer = make(tmp_path, max_epochs=5, checkpoint_every=4, nan_at_step=11)
     with pytest.raises(TrainingDiverged, match="step 11"):
@@ -208,6 +228,49 @@ def test_config_errors():
         build_optimizer([nn.Parameter(torch.ones(1))], "rmsprop")
     with pytest.raises(ValueError, match="step_size"):
         build_scheduler(build_optimizer([nn.Parameter(torch.ones(1))]), "step")
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_take_the_fused_update_where_every_parameter_allows_it(name):
+    dense = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2, dtype=torch.float64))]
+    assert build_optimizer(dense, name).param_groups[0]["fused"] is True
+    with_complex = dense + [nn.Parameter(torch.randn(2, dtype=torch.complex64))]  # no fused kernel for these
+    assert build_optimizer(with_complex, name).param_groups[0]["fused"] is None
+
+
+TORCH_DEFAULT = {  # each name as torch.optim builds it without being asked for the fused update
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_loading_an_optimizer_state_keeps_the_loader_s_implementation(name):
+    """The state of torch's default update, loaded into a fused optimiser: the implementation stays fused, the
+    hyper-parameters and moments come from the state, and the updates continue as the default update's would
+    (float64; the two differ only in the order of their floating-point operations)."""
+    def descend(opt, param, steps):
+        for _ in range(steps):
+            param.grad = torch.sin(3 * param.detach()) + param.detach() ** 2
+            opt.step()
+
+    param = nn.Parameter(torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    default = TORCH_DEFAULT[name]([param])
+    descend(default, param, 3)
+    saved, resumed_param = copy.deepcopy(default.state_dict()), nn.Parameter(param.detach().clone())
+    descend(default, param, 4)
+
+    fused = build_optimizer([resumed_param], name, lr=0.5, weight_decay=0.0, momentum=0.0)
+    load_optimizer_state(fused, saved)
+    group = fused.param_groups[0]
+    assert group["fused"] is True
+    assert (group["lr"], group["weight_decay"]) == (0.05, 0.01)
+    descend(fused, resumed_param, 4)
+    torch.testing.assert_close(resumed_param.detach(), param.detach(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="parameter groups"):  # torch's own check still speaks
+        load_optimizer_state(build_optimizer([resumed_param, nn.Parameter(torch.ones(1))], name), {
+            **saved, "param_groups": saved["param_groups"] * 2})
 
 
 def test_a_finite_exploding_loss_stops_as_diverged(tmp_path):

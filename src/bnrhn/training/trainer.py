@@ -49,6 +49,7 @@ from bnrhn.training.checkpoint import (
     capture_rng_state, load_checkpoint, remove_orphan_temporaries, restore_rng_state, save_checkpoint,
 )
 from bnrhn.training.log import STEP_COLUMNS, NullLogger, StepLogger
+from bnrhn.training.optim import load_optimizer_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -437,7 +438,7 @@ class Trainer:
             # state to the parameters' device
             ckpt = load_checkpoint(self.last_path)
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
             if self.scheduler is not None and ckpt.get("scheduler") is not None:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
             if self._scaler is not None and ckpt.get("grad_scaler") is not None:
