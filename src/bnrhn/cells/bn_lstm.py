@@ -27,6 +27,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
+from bnrhn.kernels import onednn
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 from bnrhn.cells.packed_rows import drop_finished, final_grads, final_state, grow_grads
 from bnrhn.autodiff import autocast_backward, autocast_forward
@@ -335,7 +336,8 @@ class NativeBNLSTMSequence(Function):
         results = plan.ops.bn_lstm_sequence_forward(xp, h0, c0, h_mask, weight.contiguous(), gamma_h.contiguous(),
                                                     gamma_c.contiguous(), beta_c.contiguous(),
                                                     plan.carry_normed, plan.eps, list(plan.active or []),
-                                                    renorm_h, renorm_c)
+                                                    renorm_h, renorm_c,
+                                                    packed=onednn.packed_recurrent_weights([weight], xp.shape[1]))
         out, h, c = results[:3]
         h_in, act, xhat_h, c_prev, xhat_c, tanh_c, mean_h, var_h, invstd_h, mean_c, var_c, invstd_c = results[3:15]
         plan.track([mean_h, mean_c], [var_h, var_c])

@@ -17,6 +17,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
+from bnrhn.kernels import onednn
 from bnrhn.cells.base import REFERENCE, LoopPlan, RecurrentCell, State, StepMode
 
 
@@ -84,7 +85,8 @@ class GRUSequence(Function):
         h_mask = kernels.loop_mask(h_mask, h0)
         out, h, *records = plan.ops.gru_sequence_forward(xp, h0.contiguous(), h_mask, weight.contiguous(),
                                                          bias.contiguous() if bias is not None else None,
-                                                         list(plan.active or []))
+                                                         list(plan.active or []),
+                                                         packed=onednn.packed_recurrent_weights([weight], xp.shape[1]))
         ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
         ctx.save_for_backward(h_mask, weight, *records)
         return out, h

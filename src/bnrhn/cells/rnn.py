@@ -13,6 +13,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
+from bnrhn.kernels import onednn
 from bnrhn.cells.base import REFERENCE, LoopPlan, RecurrentCell, State, StepMode
 
 
@@ -74,7 +75,8 @@ class RNNSequence(Function):
             xp = xp.contiguous()
         h_mask = kernels.loop_mask(h_mask, h0)
         out, h, *records = plan.ops.rnn_sequence_forward(xp, h0.contiguous(), h_mask, weight.contiguous(),
-                                                         list(plan.active or []))
+                                                         list(plan.active or []),
+                                                         packed=onednn.packed_recurrent_weights([weight], xp.shape[1]))
         ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
         ctx.save_for_backward(h_mask, weight, *records)
         return out, h

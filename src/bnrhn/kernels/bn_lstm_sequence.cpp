@@ -3,7 +3,7 @@
 // population statistics that an earlier step of the same sequence updates. Same equations (row_kernels.h has
 // the gates' and the batch norm's):
 //
-//   forward, t = 0..T−1:   r = (h_{t−1} ⊙ m) W_hᵀ                                           (PyTorch's mm)
+//   forward, t = 0..T−1:   r = (h_{t−1} ⊙ m) W_hᵀ                          (PyTorch's mm, or oneDNN: sequence.h)
 //                          [i, f, g, o] = BN(r; γ_h) + xp_t,   c = σ(f) c_{t−1} + σ(i) tanh(g)
 //                          ĉ = BN(c; γ_c, β_c),   h_t = σ(o) tanh(ĉ),   c_t = c (or ĉ: carry_norm="recurrence")
 //   backward, in reverse:  dĉ = dh σ(o)(1 − tanh² ĉ) (+ dc_t),  dc = BN′(dĉ) (+ dc_t),  dc_{t−1} = dc σ(f)
@@ -69,8 +69,8 @@ template <typename T>
 void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const Tensor& c0,
                   const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h,
                   const Tensor& gamma_c, const Tensor& beta_c, bool carry_normed, double eps,
-                  const c10::optional<Tensor>& renorm_h, const c10::optional<Tensor>& renorm_c, const Tensor& out,
-                  const Tensor& h_final, const Tensor& c_final, Records& rec) {
+                  const c10::optional<Tensor>& renorm_h, const c10::optional<Tensor>& renorm_c, const Tensor& packed,
+                  const Tensor& out, const Tensor& h_final, const Tensor& c_final, Records& rec) {
   const int64_t steps = pk.T, B = pk.B, H4 = 4 * H;
   const Tensor weight_t = weight.t();
   const Tensor r = at::empty({B, H4}, xp.options());                     // the step's product
@@ -93,7 +93,7 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
     rows_in = n;
     masked_copy(h_in_p + off * H, h, mask_p, n * H);
     Tensor r_t = r.narrow(0, 0, n);
-    at::mm_out(r_t, rec.h_in.narrow(0, off, n), weight_t);
+    recurrent_product(r_t, rec.h_in.narrow(0, off, n), weight_t, packed, Tensor(), Tensor());
     T* act = rec.act.data_ptr<T>() + off * H4;
     normalise_forward<T>(n, r_t.data_ptr<T>(), H4, act, H4,
                          norm_of<T>(rec, true, gamma_h, nullptr, renorm_h, t, off, steps), eps);
@@ -177,7 +177,8 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
                                              const Tensor& gamma_h, const Tensor& gamma_c, const Tensor& beta_c,
                                              bool carry_normed, double eps, at::IntArrayRef active,
                                              const c10::optional<Tensor>& renorm_h,
-                                             const c10::optional<Tensor>& renorm_c) {
+                                             const c10::optional<Tensor>& renorm_c,
+                                             const c10::optional<at::TensorList>& packed) {
   check_step_input(kOp, xp, h0, 4);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
@@ -216,9 +217,10 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
     rec.r_c = at::empty({T, H}, opts);
     rec.d_c = at::empty({T, H}, opts);
   }
+  const Tensor packed_w = packed_weights(kOp, packed, 1, xp)[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "bn_lstm_sequence_forward", [&] {
     forward_loop<scalar_t>(pk, H, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c, carry_normed, eps, renorm_h,
-                           renorm_c, out, h_final, c_final, rec);
+                           renorm_c, packed_w, out, h_final, c_final, rec);
   });
   std::vector<Tensor> results = {out, h_final, c_final, rec.h_in, rec.act, rec.xhat_h, rec.c_prev, rec.xhat_c,
                                  rec.tanh_c, rec.mean_h, rec.var_h, rec.invstd_h, rec.mean_c, rec.var_c,
@@ -277,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("bn_lstm_sequence_forward(Tensor xp, Tensor h0, Tensor c0, Tensor? h_mask, Tensor weight, Tensor gamma_h, "
         "Tensor gamma_c, Tensor beta_c, bool carry_normed, float eps, int[] active, Tensor? renorm_h, "
-        "Tensor? renorm_c) -> Tensor[]");
+        "Tensor? renorm_c, Tensor[]? packed=None) -> Tensor[]");
   m.def("bn_lstm_sequence_backward(Tensor? grad_out, Tensor? grad_h, Tensor? grad_c, int T, int B, Tensor? h_mask, "
         "Tensor weight, Tensor gamma_h, Tensor gamma_c, Tensor[] records, bool carry_normed, int[] active, "
         "bool need_xp) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

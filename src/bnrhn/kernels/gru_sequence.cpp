@@ -1,7 +1,7 @@
 // A whole sequence of GRU steps (PyTorch's form, Cho et al. 2014), forward and backward, as one C++ loop, for
 // training on the CPU (row_kernels.h has the step's equations):
 //
-//   forward, t = 0..T−1:   hp = (h_{t−1} ⊙ m) W_hhᵀ + b_hh                                   (PyTorch's addmm)
+//   forward, t = 0..T−1:   hp = (h_{t−1} ⊙ m) W_hhᵀ + b_hh                (PyTorch's addmm, or oneDNN: sequence.h)
 //                          r, z, n from xp_t and hp;  h_t = (1 − z) ⊙ n + z ⊙ h_{t−1}
 //   backward, in reverse:  dhp, dxp_t, dh ⊙ z from dh_t;  dh_{t−1} = dh ⊙ z + (dhp W_hh) ⊙ m    (PyTorch's addmm)
 //   once:                  dW_hh = [dhp_0; …]ᵀ [h_{−1} ⊙ m; …],  db_hh = Σ dhp
@@ -40,8 +40,8 @@ struct Records {
 
 template <typename T>
 void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
-                  const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& out, const Tensor& h_final,
-                  Records& rec) {
+                  const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& packed, const Tensor& out,
+                  const Tensor& h_final, Records& rec) {
   const int64_t steps = pk.T, B = pk.B;
   const Tensor weight_t = weight.t();
   const T* xp_p = xp.data_ptr<T>();
@@ -60,11 +60,7 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
     Tensor h_in = rec.h_in.narrow(0, off, n);
     masked_copy(h_in.data_ptr<T>(), h_prev, mask_p, n * H);
     Tensor act = rec.act.narrow(0, off, n);
-    if (bias.has_value()) {
-      at::addmm_out(act, *bias, h_in, weight_t);
-    } else {
-      at::mm_out(act, h_in, weight_t);
-    }
+    recurrent_product(act, h_in, weight_t, packed, Tensor(), bias.has_value() ? *bias : Tensor());
     T* h_out = out_p + t * B * H;
     gru_rows_forward<T>(n, H, act.data_ptr<T>(), xp_p + t * xs0, xs1, h_prev, h_out,
                         rec.hpn.data_ptr<T>() + off * H);
@@ -103,7 +99,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
 // → [out [T, B, H], h_T [B, H], then the records h_in, h_prev [N, H], act [N, 3H], hpn [N, H]]
 std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
                                          const Tensor& weight, const c10::optional<Tensor>& bias,
-                                         at::IntArrayRef active) {
+                                         at::IntArrayRef active, const c10::optional<at::TensorList>& packed) {
   check_step_input(kOp, xp, h0, 3);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
@@ -123,8 +119,9 @@ std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, con
   rec.h_prev = at::empty({pk.N, H}, opts);
   rec.act = at::empty({pk.N, 3 * H}, opts);
   rec.hpn = at::empty({pk.N, H}, opts);
+  const Tensor packed_w = packed_weights(kOp, packed, 1, xp)[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "gru_sequence_forward", [&] {
-    forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, bias, out, h_final, rec);
+    forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, bias, packed_w, out, h_final, rec);
   });
   return {out, h_final, rec.h_in, rec.h_prev, rec.act, rec.hpn};
 }
@@ -158,7 +155,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
 }  // namespace bnrhn_kernels
 
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
-  m.def("gru_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, Tensor? bias, int[] active) "
+  m.def("gru_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, Tensor? bias, int[] active, Tensor[]? packed=None) "
         "-> Tensor[]");
   m.def("gru_sequence_backward(Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, Tensor weight, "
         "Tensor[] records, int[] active, bool need_xp) -> (Tensor, Tensor, Tensor, Tensor)");

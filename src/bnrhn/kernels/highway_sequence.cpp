@@ -3,7 +3,7 @@
 // reads population statistics that an earlier step of the same sequence updates (batch renormalization with
 // steps sharing a slot stays in Python). Same equations:
 //
-//   forward, t = 0..T−1, l = 1..L:  a = base_{t,l} + (s_{l−1} ⊙ m) R_lᵀ                          (PyTorch's addmm)
+//   forward, t = 0..T−1, l = 1..L:  a = base_{t,l} + (s_{l−1} ⊙ m) R_lᵀ         (PyTorch's addmm, or oneDNN: sequence.h)
 //     normalised gates g:            â_g = (a_g − μ_B) / √(σ²_B + ε)   (μ_B, σ²_B: this step's batch mean and
 //                                    biased variance),  p_g = γ_g (â_g r + d) + b_g,  with batch renormalization
 //                                    (Ioffe 2017) r = clip(√(σ²_B + ε) / σ_pop, 1/rmax, rmax),
@@ -103,7 +103,8 @@ template <typename T>
 void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask,
                   at::TensorList weights, at::TensorList biases, at::TensorList gammas, at::IntArrayRef reads_input,
                   at::IntArrayRef bias_in_product, at::IntArrayRef normed, double eps, bool layer_norm,
-                  const c10::optional<Tensor>& renorm, const Tensor& out, const Tensor& final_state, Records& rec) {
+                  const c10::optional<Tensor>& renorm, const std::vector<Tensor>& packed, const Tensor& out,
+                  const Tensor& final_state, Records& rec) {
   const int64_t steps = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K, GH = G * H, P = xp.size(2);
   const Tensor xp2 = xp.view({steps * B, P});
   std::vector<Tensor> weights_t, acts, inputs;  // per layer: R_lᵀ, acts [N, G·H], the product's input [N, H]
@@ -132,14 +133,8 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
     for (int64_t l = 0; l < L; ++l) {
       Tensor act = acts[l].narrow(0, off, n);
       const Tensor input = inputs[l].narrow(0, off, n);
-      if (reads_input[l]) {
-        at::addmm_out(act, xp2.narrow(0, t * B, n).narrow(1, chunk * GH, GH), input, weights_t[l]);
-        ++chunk;
-      } else if (bias_in_product[l]) {
-        at::addmm_out(act, biases[l], input, weights_t[l]);
-      } else {
-        at::mm_out(act, input, weights_t[l]);
-      }
+      const Tensor base = reads_input[l] ? xp2.narrow(0, t * B, n).narrow(1, (chunk++) * GH, GH) : Tensor();
+      recurrent_product(act, input, weights_t[l], packed[l], base, bias_in_product[l] ? biases[l] : Tensor());
       T* act_p = acts_p + (l * sh.N + off) * GH;
       bool add_bias[3] = {false, false, false};
       const T* bias_p = nullptr;
@@ -180,7 +175,7 @@ std::vector<Tensor> highway_sequence_forward(
     const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask, at::TensorList weights,
     at::TensorList biases, at::TensorList gammas, at::IntArrayRef reads_input, at::IntArrayRef bias_in_product,
     at::IntArrayRef normed, double eps, at::IntArrayRef active, const c10::optional<Tensor>& renorm,
-    bool layer_norm) {
+    bool layer_norm, const c10::optional<at::TensorList>& packed) {
   TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, "highway_sequence: float32 or float64 only");
   TORCH_CHECK(xp.dim() == 3 && s0.dim() == 2 && s0.size(0) == xp.size(1), "highway_sequence: xp [T, B, P], s0 [B, H]");
   check_tensor(kOp, "xp", xp, xp);
@@ -228,9 +223,10 @@ std::vector<Tensor> highway_sequence_forward(
     rec.r = at::empty({L, K, T, H}, opts);
     rec.d = at::empty({L, K, T, H}, opts);
   }
+  const std::vector<Tensor> packed_l = packed_weights(kOp, packed, L, xp);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "highway_sequence_forward", [&] {
     forward_loop<scalar_t>(sh, xp, s0, h_mask, weights, biases, gammas, reads_input, bias_in_product, normed, eps,
-                           layer_norm, renorm, out, final_state, rec);
+                           layer_norm, renorm, packed_l, out, final_state, rec);
   });
   std::vector<Tensor> results = {out, final_state, rec.acts, rec.s_prev, rec.s_in, rec.xhat, rec.mean, rec.var,
                                  rec.invstd, rec.r, rec.d};
@@ -353,7 +349,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("highway_sequence_forward(Tensor xp, Tensor s0, Tensor? h_mask, Tensor[] weights, Tensor[] biases, "
         "Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, float eps, int[] active, "
-        "Tensor? renorm, bool layer_norm) -> Tensor[]");
+        "Tensor? renorm, bool layer_norm, Tensor[]? packed=None) -> Tensor[]");
   m.def("highway_sequence_backward(Tensor? grad_out, Tensor? grad_final, int[] xp_size, Tensor s0, Tensor? h_mask, "
         "Tensor acts, Tensor s_prev, Tensor? s_in, Tensor? xhat, Tensor? invstd, Tensor? r, Tensor? d, "
         "Tensor[] weights, Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, int[] active, "

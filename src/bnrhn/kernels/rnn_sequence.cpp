@@ -1,6 +1,6 @@
 // A whole sequence of Elman (tanh) RNN steps, forward and backward, as one C++ loop, for training on the CPU:
 //
-//   forward, t = 0..T−1:   h_t = tanh(xp_t + (h_{t−1} ⊙ m) W_hhᵀ)     (the biases are in xp; PyTorch's mm)
+//   forward, t = 0..T−1:   h_t = tanh(xp_t + (h_{t−1} ⊙ m) W_hhᵀ)     (the biases are in xp; PyTorch's mm or oneDNN)
 //   backward, in reverse:  da_t = dh_t ⊙ (1 − h_t²) = dxp_t,  dh_{t−1} = (da_t W_hh) ⊙ m  (PyTorch's mm)
 //   once:                  dW_hh = [da_0; …]ᵀ [h_{−1} ⊙ m; …]
 //
@@ -38,7 +38,8 @@ struct Records {
 
 template <typename T>
 void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
-                  const Tensor& weight, const Tensor& out, const Tensor& h_final, const Tensor& hp, Records& rec) {
+                  const Tensor& weight, const Tensor& packed, const Tensor& out, const Tensor& h_final, const Tensor& hp,
+                  Records& rec) {
   const int64_t steps = pk.T, B = pk.B;
   const Tensor weight_t = weight.t();
   const T* xp_p = xp.data_ptr<T>();
@@ -55,7 +56,7 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
     Tensor h_in = rec.h_in.narrow(0, off, n);
     masked_copy(h_in.data_ptr<T>(), h, mask_p, n * H);
     Tensor hp_t = hp.narrow(0, 0, n);
-    at::mm_out(hp_t, h_in, weight_t);
+    recurrent_product(hp_t, h_in, weight_t, packed, Tensor(), Tensor());
     T* h_out = out_p + t * B * H;
     rnn_rows_forward<T>(n, H, hp_t.data_ptr<T>(), xp_p + t * xs0, xs1, h_out, rec.act.data_ptr<T>() + off * H);
     h = h_out;
@@ -95,7 +96,8 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
 
 // → [out [T, B, H], h_T [B, H], then the records h_in, act [N, H]]
 std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
-                                         const Tensor& weight, at::IntArrayRef active) {
+                                         const Tensor& weight, at::IntArrayRef active,
+                                         const c10::optional<at::TensorList>& packed) {
   check_step_input(kOp, xp, h0, 1);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
@@ -110,8 +112,9 @@ std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, con
   Records rec;
   rec.h_in = at::empty({pk.N, H}, opts);
   rec.act = at::empty({pk.N, H}, opts);
+  const Tensor packed_w = packed_weights(kOp, packed, 1, xp)[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rnn_sequence_forward", [&] {
-    forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, out, h_final, hp, rec);
+    forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, packed_w, out, h_final, hp, rec);
   });
   return {out, h_final, rec.h_in, rec.act};
 }
@@ -143,7 +146,8 @@ std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
 }  // namespace bnrhn_kernels
 
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
-  m.def("rnn_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, int[] active) -> Tensor[]");
+  m.def("rnn_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, int[] active, "
+        "Tensor[]? packed=None) -> Tensor[]");
   m.def("rnn_sequence_backward(Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, Tensor weight, "
         "Tensor[] records, int[] active, bool need_xp) -> (Tensor, Tensor, Tensor)");
 }

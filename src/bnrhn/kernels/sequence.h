@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -110,6 +112,59 @@ void add_masked_product(at::Tensor next, const at::Tensor& d, const at::Tensor& 
   const T* pp = product.data_ptr<T>();
   T* np = next.data_ptr<T>();
   for (int64_t e = 0; e < next.numel(); ++e) np[e] += pp[e] * mask[e];
+}
+
+// A forward's recurrent product, act [n, W] = input [n, K] Wᵀ (+ base [n, W], rows of a larger matrix, or + a
+// bias [W]; either may be undefined): PyTorch's mm/addmm on weight_t = Wᵀ, or, where the caller passes W
+// reordered by oneDNN (`packed`, from mkldnn::_reorder_linear_weight; bnrhn/kernels/onednn.py decides when),
+// oneDNN's inner product on it. PyTorch registers the mkldnn ops only where it was built with oneDNN, so they are
+// looked up by name on first use; their results are new tensors, copied into act.
+inline at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<c10::optional<c10::Scalar>>,
+                                         c10::optional<c10::string_view>)>();
+  const c10::optional<at::Tensor> b = bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
+  return op.call(input, packed, b, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
+}
+
+inline at::Tensor onednn_linear_add(const at::Tensor& input, const at::Tensor& other, const at::Tensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "binary")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, c10::string_view)>();
+  return op.call(input, other, packed, c10::nullopt, "add");
+}
+
+inline void recurrent_product(at::Tensor act, const at::Tensor& input, const at::Tensor& weight_t,
+                              const at::Tensor& packed, const at::Tensor& base, const at::Tensor& bias) {
+  if (!packed.defined()) {
+    if (base.defined()) {
+      at::addmm_out(act, base, input, weight_t);
+    } else if (bias.defined()) {
+      at::addmm_out(act, bias, input, weight_t);
+    } else {
+      at::mm_out(act, input, weight_t);
+    }
+  } else if (base.defined() && base.is_contiguous()) {
+    act.copy_(onednn_linear_add(input, base, packed));
+  } else if (base.defined()) {
+    act.copy_(onednn_linear(input, packed, at::Tensor())).add_(base);
+  } else {
+    act.copy_(onednn_linear(input, packed, bias));
+  }
+}
+
+// The optional reordered weights of a loop (none, or one per weight), checked
+inline std::vector<at::Tensor> packed_weights(const char* op, const c10::optional<at::TensorList>& packed,
+                                              size_t count, const at::Tensor& like) {
+  std::vector<at::Tensor> out(count);
+  if (!packed.has_value()) return out;
+  TORCH_CHECK(packed->size() == count, op, ": expected ", count, " packed weights, got ", packed->size());
+  TORCH_CHECK(like.scalar_type() == at::kFloat, op, ": packed (oneDNN) weights serve float32 tensors only");
+  for (size_t i = 0; i < count; ++i) out[i] = (*packed)[i];
+  return out;
 }
 
 // A gradient input given or not (as a contiguous tensor, or undefined)

@@ -1,0 +1,53 @@
+"""The C++ loops' recurrent products through oneDNN, on weights it has reordered once per sequence.
+
+Each forward step of a loop multiplies the state by a recurrent weight: ``[B, H] × [H, G·H]``, T·L times per
+sequence with the same weight. PyTorch's ``mm`` hands float32 products to MKL's sgemm, which packs the weight
+again on every call; oneDNN's inner product (``mkldnn::_linear_pointwise``, the op PyTorch's Inductor uses for
+frozen linear layers) takes a weight reordered once (``mkldnn::_reorder_linear_weight``). On the 2-core AMD EPYC
+(AVX-512) we develop on, interleaved timings with 2 threads: [64, 512] × [512, 1536] 482 against 963 µs,
+[64, 512] × [512, 2048] 635 against 1,309, [64, 256] × [256, 1024] 185 against 394; at hidden size 128 the two
+were equal within the noise, and the oneDNN path costs a copy of its result into the loop's records, so it is
+used from :data:`MIN_HIDDEN` on (docs/performance.md has the training steps). Not measured on an Intel
+processor, where MKL is at its best; oneDNN is Intel's own library there too, and ``torch.nn.LSTM`` uses it.
+
+:func:`packed_recurrent_weights` decides and packs; the loops take the packed weights as an optional argument
+(``packed=None``: PyTorch's mm). Backward products stay with mm: they need the transposed weight reordered,
+which costs about what it saves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+MIN_HIDDEN = 384  # hidden sizes below this keep PyTorch's mm (slower with oneDNN at 128 and 256, faster from 384)
+
+
+def available() -> bool:
+    """PyTorch was built with oneDNN and registers the two ops the loops use."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight.default
+        torch.ops.mkldnn._linear_pointwise.binary
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def applies(weight: Tensor) -> bool:
+    """Whether a loop's products with ``weight`` ([G·H, H]) go through oneDNN: float32 on the CPU, hidden size
+    at least :data:`MIN_HIDDEN`, oneDNN present."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.size(1) >= MIN_HIDDEN
+            and available())
+
+
+def packed_recurrent_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:
+    """Every weight reordered by oneDNN for products of ``batch`` rows, or None where :func:`applies` says no
+    (the loop then uses PyTorch's mm). A reordered weight is a copy: pack again after each optimiser step."""
+    if not weights or not all(applies(w) for w in weights):
+        return None
+    with torch.no_grad():
+        return [torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch) for w in weights]
