@@ -5,14 +5,17 @@ sequence with the same weight. PyTorch's ``mm`` hands float32 products to MKL's 
 again on every call; oneDNN's inner product (``mkldnn::_linear_pointwise``, the op PyTorch's Inductor uses for
 frozen linear layers) takes a weight reordered once (``mkldnn::_reorder_linear_weight``). On the 2-core AMD EPYC
 (AVX-512) we develop on, interleaved timings with 2 threads: [64, 512] × [512, 1536] 482 against 963 µs,
-[64, 512] × [512, 2048] 635 against 1,309, [64, 256] × [256, 1024] 185 against 394; at hidden size 128 the two
-were equal within the noise, and the oneDNN path costs a copy of its result into the loop's records, so it is
-used from :data:`MIN_HIDDEN` on (docs/performance.md has the training steps). Not measured on an Intel
-processor, where MKL is at its best; oneDNN is Intel's own library there too, and ``torch.nn.LSTM`` uses it.
+[64, 512] × [512, 2048] 635 against 1,309, [64, 256] × [256, 1024] 185 against 394. In a training step the
+oneDNN path also pays a copy of each result into the loop's records and one reorder per weight and sequence;
+whole steps (B 64, T 20, both paths interleaved in one process) were 6–17% faster at hidden size 512 and 5–10%
+at 384 (rhn, bn_rhn, bn_lstm; gru and rnn level at 384), but up to 13% slower at 256 and 5–20% at 128 — hence
+:data:`MIN_HIDDEN`. Not measured on an Intel processor, where MKL is at its best (oneDNN is Intel's own library
+there too, and ``torch.nn.LSTM`` uses it).
 
 :func:`packed_recurrent_weights` decides and packs; the loops take the packed weights as an optional argument
-(``packed=None``: PyTorch's mm). Backward products stay with mm: they need the transposed weight reordered,
-which costs about what it saves.
+(``packed=None``: PyTorch's mm). The backward's products ``d W`` stay with mm: routed through oneDNN on the
+transposed weight, reordered once per backward, whole steps changed by −8% to +8% at hidden sizes 384 and 512
+(rhn, bn_rhn, bn_rhn_tf), within the noise.
 """
 
 from __future__ import annotations
