@@ -81,6 +81,7 @@ def test_onednn_products_equal_the_mm_path(name, opts, lengths, loops, monkeypat
         assert a.shape == b.shape and float((a - b).norm()) <= 1e-4 * float(a.norm())
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's, on switching the flags
 def test_the_rule_packs_float32_cpu_weights_from_the_threshold_on(monkeypatch):
     at = onednn.MIN_HIDDEN
     assert onednn.packed_recurrent_weights([torch.randn(3 * (at - 1), at - 1)], 64) is None  # too small
@@ -93,6 +94,8 @@ def test_the_rule_packs_float32_cpu_weights_from_the_threshold_on(monkeypatch):
         h = torch.randn(64, at)
         y = torch.ops.mkldnn._linear_pointwise(h, packed[0], None, "none", [], "")
         torch.testing.assert_close(y, h @ w.detach().t(), rtol=1e-5, atol=1e-4)
+    with torch.backends.mkldnn.flags(enabled=False):  # the user switched oneDNN off
+        assert onednn.packed_recurrent_weights([torch.randn(3 * at, at)], 64) is None
     monkeypatch.setattr(onednn, "available", lambda: False)  # a PyTorch without oneDNN
     assert onednn.packed_recurrent_weights([torch.randn(3 * at, at)], 64) is None
 
@@ -107,6 +110,9 @@ def test_the_loops_check_the_packed_weights(loops):
     args = dict(reads_input=[1], bias_in_product=[0], normed=[], eps=1e-5, active=[], renorm=None, layer_norm=False)
     with pytest.raises(RuntimeError, match="expected 1 packed weights, got 2"):
         ops.highway_sequence_forward(xp, s0, None, [w], [b], [], packed=packed * 2, **args)
+    with pytest.raises(RuntimeError, match=r"packed weight 0 has shape \[24, 4\], its weight \[24, 8\]"):
+        ops.highway_sequence_forward(xp, s0, None, [w], [b], [], **args,
+                                     packed=[torch.ops.mkldnn._reorder_linear_weight(torch.randn(3 * H, 4), B)])
     with pytest.raises(RuntimeError, match="float32 tensors only"):
         ops.highway_sequence_forward(xp.double(), s0.double(), None, [w.double()], [b.double()], [],
                                      packed=packed, **args)

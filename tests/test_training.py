@@ -230,12 +230,35 @@ def test_config_errors():
         build_scheduler(build_optimizer([nn.Parameter(torch.ones(1))]), "step")
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
-def test_optimizers_take_the_fused_update_where_every_parameter_allows_it(name):
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_takes_the_fused_update_where_every_parameter_allows_it(name):
     dense = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2, dtype=torch.float64))]
     assert build_optimizer(dense, name).param_groups[0]["fused"] is True
     with_complex = dense + [nn.Parameter(torch.randn(2, dtype=torch.complex64))]  # no fused kernel for these
     assert build_optimizer(with_complex, name).param_groups[0]["fused"] is None
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_a_first_step_skipped_for_overflow_leaves_the_update_as_the_default_one_s(name):
+    """fp16 training: the GradScaler skips a step whose gradients overflow (routine at the start) and the
+    optimiser must come out of it as the default update does. torch 2.13's fused SGD did not (its momentum
+    buffers stayed uninitialised), so SGD keeps the default update; fused Adam does."""
+    def two_steps(opt, param):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for scale in (float("inf"), 1.0):  # an overflowing step, then an ordinary one
+            opt.zero_grad()
+            scaler.scale((param * torch.sin(param.detach()) * scale).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        return param.detach()
+
+    start = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    ours = nn.Parameter(start.clone())
+    default = nn.Parameter(start.clone())
+    after_ours = two_steps(build_optimizer([ours], name, lr=0.05, weight_decay=0.01, momentum=0.9), ours)
+    after_default = two_steps(TORCH_DEFAULT[name]([default]), default)
+    assert torch.isfinite(after_ours).all()
+    torch.testing.assert_close(after_ours, after_default, rtol=1e-6, atol=1e-6)
 
 
 TORCH_DEFAULT = {  # each name as torch.optim builds it without being asked for the fused update
@@ -264,7 +287,7 @@ def test_loading_an_optimizer_state_keeps_the_loader_s_implementation(name):
     fused = build_optimizer([resumed_param], name, lr=0.5, weight_decay=0.0, momentum=0.0)
     load_optimizer_state(fused, saved)
     group = fused.param_groups[0]
-    assert group["fused"] is True
+    assert group["fused"] is (None if name == "sgd" else True)  # SGD keeps the default update (test below)
     assert (group["lr"], group["weight_decay"]) == (0.05, 0.01)
     descend(fused, resumed_param, 4)
     torch.testing.assert_close(resumed_param.detach(), param.detach(), rtol=1e-12, atol=1e-12)

@@ -217,7 +217,7 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
     rec.r_c = at::empty({T, H}, opts);
     rec.d_c = at::empty({T, H}, opts);
   }
-  const Tensor packed_w = packed_weights(kOp, packed, 1, xp)[0];
+  const Tensor packed_w = packed_weights(kOp, packed, {weight})[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "bn_lstm_sequence_forward", [&] {
     forward_loop<scalar_t>(pk, H, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c, carry_normed, eps, renorm_h,
                            renorm_c, packed_w, out, h_final, c_final, rec);

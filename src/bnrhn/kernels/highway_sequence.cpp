@@ -223,7 +223,7 @@ std::vector<Tensor> highway_sequence_forward(
     rec.r = at::empty({L, K, T, H}, opts);
     rec.d = at::empty({L, K, T, H}, opts);
   }
-  const std::vector<Tensor> packed_l = packed_weights(kOp, packed, L, xp);
+  const std::vector<Tensor> packed_l = packed_weights(kOp, packed, weights);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "highway_sequence_forward", [&] {
     forward_loop<scalar_t>(sh, xp, s0, h_mask, weights, biases, gammas, reads_input, bias_in_product, normed, eps,
                            layer_norm, renorm, packed_l, out, final_state, rec);

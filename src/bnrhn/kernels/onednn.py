@@ -15,7 +15,8 @@ there too, and ``torch.nn.LSTM`` uses it).
 :func:`packed_recurrent_weights` decides and packs; the loops take the packed weights as an optional argument
 (``packed=None``: PyTorch's mm). The backward's products ``d W`` stay with mm: routed through oneDNN on the
 transposed weight, reordered once per backward, whole steps changed by −8% to +8% at hidden sizes 384 and 512
-(rhn, bn_rhn, bn_rhn_tf), within the noise.
+(rhn, bn_rhn, bn_rhn_tf), within the noise. MUT1–3 keep mm too: their [H, H] products through oneDNN made whole
+steps 0.98–1.04× as fast at 384 and 512.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-MIN_HIDDEN = 384  # hidden sizes below this keep PyTorch's mm (slower with oneDNN at 128 and 256, faster from 384)
+MIN_HIDDEN = 384  # below, PyTorch's mm (whole training steps were slower with oneDNN at 128 and 256, faster from 384)
 
 
 def available() -> bool:
-    """PyTorch was built with oneDNN and registers the two ops the loops use."""
-    if not torch.backends.mkldnn.is_available():
+    """PyTorch was built with oneDNN, it is not switched off (``torch.backends.mkldnn.enabled``), and it registers
+    the two ops the loops use."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):  # built, and not switched off
         return False
     try:
         torch.ops.mkldnn._reorder_linear_weight.default

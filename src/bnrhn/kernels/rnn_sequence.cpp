@@ -112,7 +112,7 @@ std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, con
   Records rec;
   rec.h_in = at::empty({pk.N, H}, opts);
   rec.act = at::empty({pk.N, H}, opts);
-  const Tensor packed_w = packed_weights(kOp, packed, 1, xp)[0];
+  const Tensor packed_w = packed_weights(kOp, packed, {weight})[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rnn_sequence_forward", [&] {
     forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, packed_w, out, h_final, hp, rec);
   });

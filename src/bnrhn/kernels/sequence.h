@@ -156,14 +156,19 @@ inline void recurrent_product(at::Tensor act, const at::Tensor& input, const at:
   }
 }
 
-// The optional reordered weights of a loop (none, or one per weight), checked
+// The optional reordered weights of a loop (none, or one per weight, each of its weight's shape), checked
 inline std::vector<at::Tensor> packed_weights(const char* op, const c10::optional<at::TensorList>& packed,
-                                              size_t count, const at::Tensor& like) {
-  std::vector<at::Tensor> out(count);
+                                              at::TensorList weights) {
+  std::vector<at::Tensor> out(weights.size());
   if (!packed.has_value()) return out;
-  TORCH_CHECK(packed->size() == count, op, ": expected ", count, " packed weights, got ", packed->size());
-  TORCH_CHECK(like.scalar_type() == at::kFloat, op, ": packed (oneDNN) weights serve float32 tensors only");
-  for (size_t i = 0; i < count; ++i) out[i] = (*packed)[i];
+  TORCH_CHECK(packed->size() == weights.size(), op, ": expected ", weights.size(), " packed weights, got ",
+              packed->size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK(weights[i].scalar_type() == at::kFloat, op, ": packed (oneDNN) weights serve float32 tensors only");
+    TORCH_CHECK((*packed)[i].sizes() == weights[i].sizes(), op, ": packed weight ", i, " has shape ",
+                (*packed)[i].sizes(), ", its weight ", weights[i].sizes());
+    out[i] = (*packed)[i];
+  }
   return out;
 }
 

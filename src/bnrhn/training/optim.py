@@ -1,12 +1,14 @@
 """Optimisers and learning-rate schedules by name (thin wrappers over ``torch.optim``).
 
-Every optimiser here takes PyTorch's *fused* update (``fused=True``: one kernel over all parameters) whenever
-every parameter allows it — floating point, on a device with fused kernels. On the 2-core development machine
-an Adam step over the parameters of a 2 × 512 character LM (3.5 M) took 2.09 ms per training step with the
-default multi-tensor update and 0.73 ms fused, inside ``bnrhn lm train`` (under 1% of its ~160 ms step); alone,
-in a tight loop, 0.19 → 0.06 ms for a 33 K-parameter layer and 0.80 → 0.26 ms for BN-RHN's 198 K
+Adam and AdamW take PyTorch's *fused* update (``fused=True``: one kernel over all parameters) whenever every
+parameter allows it — floating point, on a device with fused kernels. On the 2-core development machine an Adam
+step over the parameters of a 2 × 512 character LM (3.5 M) took 2.09 ms per training step with the default
+multi-tensor update and 0.73 ms fused, inside ``bnrhn lm train`` (under 1% of its ~160 ms step); alone, in a
+tight loop, 0.19 → 0.06 ms for a 33 K-parameter layer and 0.80 → 0.26 ms for BN-RHN's 198 K
 (docs/performance.md). The update is the same algorithm; only the order of the floating-point operations
-differs.
+differs. SGD keeps PyTorch's default update: with momentum, torch 2.13's fused SGD leaves its momentum buffers
+uninitialised when the first step is one that fp16's GradScaler skips (an overflow), and every later step then
+adds that garbage (found in review; a test pins it).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def build_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
-    """``adam`` / ``adamw`` / ``sgd`` (with ``momentum``) over ``params``, fused where
-    :func:`fused_update_applies` (else PyTorch's default multi-tensor update)."""
+    """``adam`` / ``adamw`` (fused where :func:`fused_update_applies`, else PyTorch's default multi-tensor update)
+    or ``sgd`` (with ``momentum``; PyTorch's default update) over ``params``."""
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if name not in OPTIMIZERS:
@@ -53,7 +55,7 @@ def build_optimizer(
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
