@@ -236,6 +236,8 @@ def test_adam_takes_the_fused_update_where_every_parameter_allows_it(name):
     assert build_optimizer(dense, name).param_groups[0]["fused"] is True
     with_complex = dense + [nn.Parameter(torch.randn(2, dtype=torch.complex64))]  # no fused kernel for these
     assert build_optimizer(with_complex, name).param_groups[0]["fused"] is None
+    groups = [{"params": dense[:1]}, {"params": dense[1:], "lr": 0.1}]  # torch's param groups are taken too
+    assert [g["fused"] for g in build_optimizer(groups, name).param_groups] == [True, True]
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

@@ -28,11 +28,12 @@ FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 
 
-def fused_update_applies(params: list[torch.Tensor]) -> bool:
-    """Whether PyTorch's fused optimiser kernels can update every one of ``params`` (dense floating-point
-    tensors on a device that has them)."""
-    return bool(params) and all(
-        p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_DEVICES for p in params
+def fused_update_applies(params: list) -> bool:
+    """Whether PyTorch's fused optimiser kernels can update every one of ``params`` (tensors, or torch's
+    param-group dicts): dense floating-point tensors on a device that has them."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return bool(tensors) and all(
+        t.is_floating_point() and not t.is_sparse and t.device.type in FUSED_DEVICES for t in tensors
     )
 
 
@@ -49,7 +50,8 @@ def build_optimizer(
         raise ValueError(f"lr must be positive, got {lr!r}")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    params = list(params)
+    # read twice (here and by torch): materialised, generators inside param groups included
+    params = [{**p, "params": list(p["params"])} if isinstance(p, dict) else p for p in params]
     fused = True if fused_update_applies(params) else None  # None: torch's own default
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
