@@ -1,5 +1,5 @@
-"""The C++ loops' forward products through oneDNN on a reordered weight (bnrhn/kernels/onednn.py): the same
-results as PyTorch's mm path, taken exactly where the rule says."""
+"""The C++ loops' recurrent products (forward and backward) through oneDNN on reordered weights
+(bnrhn/kernels/onednn.py): the same results as PyTorch's mm path, taken exactly where the rule says."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def loops(monkeypatch):
     kernels.reset()
 
 
-CASES = [  # every way the loops form a forward product: + the projection's rows (one chunk: contiguous; a chunk
+CASES = [  # every way the loops form a product: + the projection's rows (one chunk: contiguous; a chunk
     # per layer: strided), + the bias, the product alone; with and without batch norm, renormalization and masks
     ("rhn", {}),
     ("rhn", {"carry": "free", "input_at": "every"}),
@@ -38,6 +38,8 @@ CASES = [  # every way the loops form a forward product: + the projection's rows
     ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"}),
     ("gru", {}),  # the recurrent bias in the product
     ("rnn", {}),
+    ("rhn", {"recurrent_dropout": 0.0}),  # no mask: the backward adds the product as it is
+    ("gru", {"recurrent_dropout": 0.0}),
 ]
 
 
@@ -62,7 +64,7 @@ def _products_through_onednn(model, x, lengths) -> tuple[list[torch.Tensor], boo
 def test_onednn_products_equal_the_mm_path(name, opts, lengths, loops, monkeypatch):
     torch.manual_seed(0)
     extra = {"depth": 3} if "rhn" in name else {}
-    model = Recurrent(name, 5, 24, num_layers=2, recurrent_dropout=0.25, **extra, **opts)
+    model = Recurrent(name, 5, 24, num_layers=2, **{"recurrent_dropout": 0.25, **extra, **opts})
     x = torch.randn(7, 4, 5, requires_grad=True)
     lengths = torch.tensor(lengths) if lengths is not None else None
     with torch.no_grad():  # population statistics to renormalise against

@@ -354,6 +354,7 @@ class NativeBNLSTMSequence(Function):
         need = ctx.needs_input_grad  # (plan, xp, h0, c0, h_mask, W_h, γ_h, γ_c, β_c)
         dxp, dh0, dc0, dweight, dgamma_h, dgamma_c, dbeta_c = plan.ops.bn_lstm_sequence_backward(
             grad_out, grad_h, grad_c, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), gamma_h, gamma_c,
-            records, plan.carry_normed, list(plan.active or []), need[1])
+            records, plan.carry_normed, list(plan.active or []), need[1],
+            packed_t=onednn.packed_transposed_weights([weight], ctx.size[1]))
         grads = (dh0, dc0, None, dweight, dgamma_h, dgamma_c, dbeta_c)
         return (None, dxp, *(g if n else None for g, n in zip(grads, need[2:])))

@@ -240,7 +240,7 @@ class NativeHighwaySequence(Function):
         dxp, ds0, dweights, dbiases, dgammas = plan.ops.highway_sequence_backward(
             grad_out, grad_final, ctx.xp_size, s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d,
             [w.contiguous() for w in weights], [g.contiguous() for g in gammas],
-            need_xp=need[1], **ctx.flags)
+            need_xp=need[1], packed_t=onednn.packed_transposed_weights(weights, ctx.xp_size[1]), **ctx.flags)
         need_w, need_b, need_g = need[4 : 4 + L], need[4 + L : 4 + 2 * L], need[4 + 2 * L :]
         dweights = [d if n else None for d, n in zip(dweights, need_w)]
         dbiases = [d if n and d.numel() else None for d, n in zip(dbiases, need_b)]

@@ -88,5 +88,5 @@ class RNNSequence(Function):
         need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hh)
         dxp, dh0, dweight = ctx.plan.ops.rnn_sequence_backward(
             grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), records,
-            list(ctx.plan.active or []), need[1])
+            list(ctx.plan.active or []), need[1], packed_t=onednn.packed_transposed_weights([weight], ctx.size[1]))
         return (None, dxp, dh0 if need[2] else None, None, dweight if need[4] else None)

@@ -8,7 +8,7 @@
 //                          ĉ = BN(c; γ_c, β_c),   h_t = σ(o) tanh(ĉ),   c_t = c (or ĉ: carry_norm="recurrence")
 //   backward, in reverse:  dĉ = dh σ(o)(1 − tanh² ĉ) (+ dc_t),  dc = BN′(dĉ) (+ dc_t),  dc_{t−1} = dc σ(f)
 //                          d[i, f, g, o] = the gates' derivatives,  dxp_t = d[i, f, g, o],  dr = BN′(d[i, f, g, o])
-//                          dh_{t−1} = (dr W_h) ⊙ m                                          (PyTorch's mm)
+//                          dh_{t−1} = (dr W_h) ⊙ m                         (PyTorch's mm, or oneDNN: sequence.h)
 //   once:                  dW_h = [dr_0; …; dr_{T−1}]ᵀ [h_{−1} ⊙ m; …]
 // with batch renormalization's r and d (Ioffe 2017) inside each BN where the population terms are given.
 // Why in C++: as highway_sequence.cpp (one product and a few passes of row kernels per step, no tensor
@@ -123,7 +123,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
                    const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h,
                    const Tensor& gamma_c, bool carry_normed, const Records& rec, const Tensor& dxp,
                    const Tensor& drs, const Tensor& dh, const Tensor& dc, const Tensor& dgamma_h,
-                   const Tensor& dgamma_c, const Tensor& dbeta_c) {
+                   const Tensor& dgamma_c, const Tensor& dbeta_c, const Tensor& packed_t) {
   const int64_t steps = pk.T, B = pk.B, H4 = 4 * H;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   const T* gh = grad_h.defined() ? grad_h.data_ptr<T>() : nullptr;
@@ -159,7 +159,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
     normalise_backward<T>(n, dgates, H4, norm_of<T>(rec, true, gamma_h, nullptr, no_bounds, t, off, steps),
                           dgamma_h.data_ptr<T>(), nullptr);
     Tensor dh_t = dh.narrow(0, 0, n);
-    at::mm_out(dh_t, drs.narrow(0, off, n), weight);  // dh_{t−1} = dr W_h (⊙ m)
+    gradient_product(dh_t, drs.narrow(0, off, n), weight, packed_t);  // dh_{t−1} = dr W_h (⊙ m)
     if (mask_p != nullptr) {
       for (int64_t e = 0; e < n * H; ++e) dh_p[e] *= mask_p[e];
     }
@@ -238,8 +238,10 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_sequence_backward(
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c,
     int64_t T, int64_t B, const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h, const Tensor& gamma_c,
-    at::TensorList records, bool carry_normed, at::IntArrayRef active, bool need_xp) {
+    at::TensorList records, bool carry_normed, at::IntArrayRef active, bool need_xp,
+    const c10::optional<at::TensorList>& packed_t) {
   TORCH_CHECK(records.size() == 12, kOp, ": expected 12 records");
+  const Tensor packed_w_t = packed_weights(kOp, packed_t, {weight.t()})[0];
   Records rec;
   rec.h_in = records[0];
   rec.act = records[1];
@@ -267,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
   Tensor dgamma_h = at::zeros({4 * H}, opts), dgamma_c = at::zeros({H}, opts), dbeta_c = at::zeros({H}, opts);
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "bn_lstm_sequence_backward", [&] {
     backward_loop<scalar_t>(pk, H, go, gh, gc, h_mask, weight, gamma_h, gamma_c, carry_normed, rec, dxp, drs, dh, dc,
-                            dgamma_h, dgamma_c, dbeta_c);
+                            dgamma_h, dgamma_c, dbeta_c, packed_w_t);
   });
   Tensor dweight = at::mm(drs.t(), rec.h_in);
   return {dxp.defined() ? dxp.transpose(0, 1) : dxp, dh, dc, dweight, dgamma_h, dgamma_c, dbeta_c};
@@ -282,7 +284,7 @@ TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
         "Tensor? renorm_c, Tensor[]? packed=None) -> Tensor[]");
   m.def("bn_lstm_sequence_backward(Tensor? grad_out, Tensor? grad_h, Tensor? grad_c, int T, int B, Tensor? h_mask, "
         "Tensor weight, Tensor gamma_h, Tensor gamma_c, Tensor[] records, bool carry_normed, int[] active, "
-        "bool need_xp) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -3,7 +3,7 @@
 //
 //   forward, t = 0..T−1:   hp = (h_{t−1} ⊙ m) W_hhᵀ + b_hh                (PyTorch's addmm, or oneDNN: sequence.h)
 //                          r, z, n from xp_t and hp;  h_t = (1 − z) ⊙ n + z ⊙ h_{t−1}
-//   backward, in reverse:  dhp, dxp_t, dh ⊙ z from dh_t;  dh_{t−1} = dh ⊙ z + (dhp W_hh) ⊙ m    (PyTorch's addmm)
+//   backward, in reverse:  dhp, dxp_t, dh ⊙ z from dh_t;  dh_{t−1} = dh ⊙ z + (dhp W_hh) ⊙ m    (addmm or oneDNN)
 //   once:                  dW_hh = [dhp_0; …]ᵀ [h_{−1} ⊙ m; …],  db_hh = Σ dhp
 //
 // Why: measured on a 2-core AVX-512 EPYC (docs/performance.md), torch.nn.GRU's CPU training step reaches
@@ -72,7 +72,7 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
 template <typename T>
 void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
                    const c10::optional<Tensor>& h_mask, const Tensor& weight, const Records& rec, const Tensor& dxp,
-                   const Tensor& dhps, const Tensor& dh_a, const Tensor& dh_b) {
+                   const Tensor& dhps, const Tensor& dh_a, const Tensor& dh_b, const Tensor& packed_t) {
   const int64_t steps = pk.T, B = pk.B, H3 = 3 * H;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   const T* gf = grad_final.defined() ? grad_final.data_ptr<T>() : nullptr;
@@ -89,7 +89,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
     gru_rows_backward<T>(n, H, dhp_, rec.act.data_ptr<T>() + off * H3, rec.hpn.data_ptr<T>() + off * H,
                          rec.h_prev.data_ptr<T>() + off * H, dhp_t, dxp_p != nullptr ? dxp_p + t * B * H3 : nullptr, H3,
                          dh_other.data_ptr<T>());
-    add_masked_product<T>(dh_other.narrow(0, 0, n), dhps.narrow(0, off, n), weight, mask_p, product);
+    add_masked_product<T>(dh_other.narrow(0, 0, n), dhps.narrow(0, off, n), weight, mask_p, product, packed_t);
     std::swap(dh, dh_other);
   }
   final_rows(dh.data_ptr<T>(), gf, m, B, H);  // rows that never ran (no step): h0 is their final state
@@ -130,8 +130,9 @@ std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T, int64_t B,
     const c10::optional<Tensor>& h_mask, const Tensor& weight, at::TensorList records, at::IntArrayRef active,
-    bool need_xp) {
+    bool need_xp, const c10::optional<at::TensorList>& packed_t) {
   TORCH_CHECK(records.size() == 4, kOp, ": expected 4 records");
+  const Tensor packed_w_t = packed_weights(kOp, packed_t, {weight.t()})[0];
   Records rec;
   rec.h_in = records[0];
   rec.h_prev = records[1];
@@ -146,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
   Tensor dhps = at::empty({pk.N, 3 * H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "gru_sequence_backward", [&] {
-    backward_loop<scalar_t>(pk, H, go, gf, h_mask, weight, rec, dxp, dhps, dh_a, dh_b);
+    backward_loop<scalar_t>(pk, H, go, gf, h_mask, weight, rec, dxp, dhps, dh_a, dh_b, packed_w_t);
   });
   return {dxp, dh_a, at::mm(dhps.t(), rec.h_in), dhps.sum(at::IntArrayRef{0})};
 }
@@ -158,7 +159,7 @@ TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("gru_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, Tensor? bias, int[] active, Tensor[]? packed=None) "
         "-> Tensor[]");
   m.def("gru_sequence_backward(Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, Tensor weight, "
-        "Tensor[] records, int[] active, bool need_xp) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor[] records, int[] active, bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -15,7 +15,7 @@
 //   backward, in reverse:            dp, ds_{l−1} from ds_l (row_kernels.h's highway_rows_backward)
 //     normalised gates:              da_g = γ_g r / √(σ²_B + ε) · (dp_g − mean(dp_g) − â_g mean(dp_g â_g))
 //                                    dγ_g += r Σ dp_g â_g + d Σ dp_g,   db_g += Σ dp_g      (r, d constants)
-//                                    ds_{l−1} += (da R_l) ⊙ m                               (PyTorch's addmm)
+//                                    ds_{l−1} += (da R_l) ⊙ m            (PyTorch's addmm, or oneDNN: sequence.h)
 //   per layer, once:                 dR_l = [da_{0,l}; …; da_{T−1,l}]ᵀ [s_{0,l−1} ⊙ m; …],  db_l = Σ da on the others
 //
 // Why in C++, with the batch norm written out rather than PyTorch's kernel: at hidden size 128 a highway
@@ -240,7 +240,8 @@ template <typename T>
 void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_final, const c10::optional<Tensor>& h_mask,
                    const Records& rec, at::TensorList weights, at::TensorList gammas, at::IntArrayRef reads_input,
                    at::IntArrayRef normed, bool layer_norm, const Tensor& dxp, const Tensor& das,
-                   const Tensor& dgammas, const Tensor& dbetas, const Tensor& ds_a, const Tensor& ds_b) {
+                   const Tensor& dgammas, const Tensor& dbetas, const Tensor& ds_a, const Tensor& ds_b,
+                   const std::vector<Tensor>& packed_t) {
   const int64_t steps = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K, GH = G * H;
   int64_t n_chunks = 0;
   for (int64_t l = 0; l < L; ++l) n_chunks += reads_input[l] ? 1 : 0;
@@ -285,7 +286,8 @@ void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_f
         }
       }
       // ds_{l−1} = highway′ + (da R_l) ⊙ m
-      add_masked_product<T>(ds_other.narrow(0, 0, n), das_l[l].narrow(0, off, n), weights[l], mask_p, product);
+      add_masked_product<T>(ds_other.narrow(0, 0, n), das_l[l].narrow(0, off, n), weights[l], mask_p, product,
+                            packed_t[l]);
       std::swap(ds, ds_other);
     }
   }
@@ -301,7 +303,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     const c10::optional<Tensor>& s_in, const c10::optional<Tensor>& xhat, const c10::optional<Tensor>& invstd,
     const c10::optional<Tensor>& r, const c10::optional<Tensor>& d, at::TensorList weights, at::TensorList gammas,
     at::IntArrayRef reads_input, at::IntArrayRef bias_in_product, at::IntArrayRef normed, at::IntArrayRef active,
-    bool layer_norm, bool need_xp) {
+    bool layer_norm, bool need_xp, const c10::optional<at::TensorList>& packed_t) {
   TORCH_CHECK(xp_size.size() == 3, "highway_sequence_backward: xp_size must be [T, B, P]");
   const Shape sh = shape_of(xp_size[0], xp_size[1], s0, weights, normed, active, layer_norm);
   const int64_t B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
@@ -324,9 +326,12 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   Tensor das = at::empty({L, sh.N, G * H}, opts);
   Tensor dgammas = at::zeros({L * K, H}, opts), dbetas = at::zeros({L * K, H}, opts);
   Tensor ds_a = at::empty({B, H}, opts), ds_b = at::empty({B, H}, opts);
+  std::vector<Tensor> transposed;
+  for (const Tensor& w : weights) transposed.push_back(w.t());
+  const std::vector<Tensor> packed_t_l = packed_weights(kOp, packed_t, transposed);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "highway_sequence_backward", [&] {
     backward_loop<scalar_t>(sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, layer_norm, dxp, das,
-                            dgammas, dbetas, ds_a, ds_b);
+                            dgammas, dbetas, ds_a, ds_b, packed_t_l);
   });
   std::vector<Tensor> dweights, dbiases, dgamma_list;
   for (int64_t l = 0; l < L; ++l) {
@@ -353,7 +358,7 @@ TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("highway_sequence_backward(Tensor? grad_out, Tensor? grad_final, int[] xp_size, Tensor s0, Tensor? h_mask, "
         "Tensor acts, Tensor s_prev, Tensor? s_in, Tensor? xhat, Tensor? invstd, Tensor? r, Tensor? d, "
         "Tensor[] weights, Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, int[] active, "
-        "bool layer_norm, bool need_xp) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
+        "bool layer_norm, bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -1,4 +1,5 @@
-"""The C++ loops' recurrent products through oneDNN, on weights it has reordered once per sequence.
+"""The C++ loops' recurrent products through oneDNN, on weights it has reordered once per sequence (forward) and
+once per backward.
 
 Each forward step of a loop multiplies the state by a recurrent weight: ``[B, H] × [H, G·H]``, T·L times per
 sequence with the same weight. PyTorch's ``mm`` hands float32 products to MKL's sgemm, which packs the weight
@@ -12,11 +13,13 @@ at 384 (rhn, bn_rhn, bn_lstm; gru and rnn level at 384), but up to 13% slower at
 :data:`MIN_HIDDEN`. Not measured on an Intel processor, where MKL is at its best (oneDNN is Intel's own library
 there too, and ``torch.nn.LSTM`` uses it).
 
-:func:`packed_recurrent_weights` decides and packs; the loops take the packed weights as an optional argument
-(``packed=None``: PyTorch's mm). The backward's products ``d W`` stay with mm: routed through oneDNN on the
-transposed weight, reordered once per backward, whole steps changed by −8% to +8% at hidden sizes 384 and 512
-(rhn, bn_rhn, bn_rhn_tf), within the noise. MUT1–3 keep mm too: their [H, H] products through oneDNN made whole
-steps 0.98–1.04× as fast at 384 and 512.
+:func:`packed_recurrent_weights` (forward) and :func:`packed_transposed_weights` (backward: ``d W`` is an inner
+product on Wᵀ) decide and pack; the loops take the packed weights as optional arguments (``packed=None``,
+``packed_t=None``: PyTorch's mm). The backward's reordering costs a transposed copy per weight; whole steps with
+it against forward-only oneDNN, interleaved, 9 rounds: rhn, bn_rhn, bn_rhn_tf 1.07/1.09/1.11× and 1.03/1.09/1.04×
+at hidden size 512, 1.07/1.20/1.08× at 384 (an earlier series during heavy machine noise: 0.92–1.08×); bn_lstm, gru,
+rnn 1.00–1.03× at 512 and 1.00–1.09× at 384. MUT1–3 keep mm: their [H, H] products through oneDNN (forward) made
+whole steps 0.98–1.04× as fast at 384 and 512.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ def applies(weight: Tensor) -> bool:
     at least :data:`MIN_HIDDEN`, oneDNN present."""
     return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.size(1) >= MIN_HIDDEN
             and available())
+
+
+def packed_transposed_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:
+    """Every weight's transpose reordered by oneDNN, for the backward's products ``d W``; None where
+    :func:`applies` says no. Reordered once per backward, as the forward reorders the weights once per sequence."""
+    if not weights or not all(applies(w) for w in weights):
+        return None
+    with torch.no_grad():
+        return [torch.ops.mkldnn._reorder_linear_weight(w.detach().t().contiguous(), batch) for w in weights]
 
 
 def packed_recurrent_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:

@@ -1,7 +1,7 @@
 // A whole sequence of Elman (tanh) RNN steps, forward and backward, as one C++ loop, for training on the CPU:
 //
 //   forward, t = 0..T−1:   h_t = tanh(xp_t + (h_{t−1} ⊙ m) W_hhᵀ)     (the biases are in xp; PyTorch's mm or oneDNN)
-//   backward, in reverse:  da_t = dh_t ⊙ (1 − h_t²) = dxp_t,  dh_{t−1} = (da_t W_hh) ⊙ m  (PyTorch's mm)
+//   backward, in reverse:  da_t = dh_t ⊙ (1 − h_t²) = dxp_t,  dh_{t−1} = (da_t W_hh) ⊙ m  (mm or oneDNN)
 //   once:                  dW_hh = [da_0; …]ᵀ [h_{−1} ⊙ m; …]
 //
 // Why: measured on a 2-core AVX-512 EPYC (docs/performance.md), torch.nn.RNN's CPU training step reaches about
@@ -67,7 +67,7 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
 template <typename T>
 void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
                    const c10::optional<Tensor>& h_mask, const Tensor& weight, const Records& rec, const Tensor& dxp,
-                   const Tensor& das, const Tensor& dh_a, const Tensor& dh_b) {
+                   const Tensor& das, const Tensor& dh_a, const Tensor& dh_b, const Tensor& packed_t) {
   const int64_t steps = pk.T, B = pk.B;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   const T* gf = grad_final.defined() ? grad_final.data_ptr<T>() : nullptr;
@@ -83,7 +83,7 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
     rnn_rows_backward<T>(n, H, dh_p, rec.act.data_ptr<T>() + off * H, da.data_ptr<T>(),
                          dxp_p != nullptr ? dxp_p + t * B * H : nullptr, H);
     Tensor prev = dh_other.narrow(0, 0, n);
-    at::mm_out(prev, da, weight);
+    gradient_product(prev, da, weight, packed_t);
     if (mask_p != nullptr) {
       T* pp = prev.data_ptr<T>();
       for (int64_t e = 0; e < n * H; ++e) pp[e] *= mask_p[e];
@@ -123,8 +123,9 @@ std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, con
 std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T, int64_t B,
     const c10::optional<Tensor>& h_mask, const Tensor& weight, at::TensorList records, at::IntArrayRef active,
-    bool need_xp) {
+    bool need_xp, const c10::optional<at::TensorList>& packed_t) {
   TORCH_CHECK(records.size() == 2, kOp, ": expected 2 records");
+  const Tensor packed_w_t = packed_weights(kOp, packed_t, {weight.t()})[0];
   Records rec;
   rec.h_in = records[0];
   rec.act = records[1];
@@ -137,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
   Tensor das = at::empty({pk.N, H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "rnn_sequence_backward", [&] {
-    backward_loop<scalar_t>(pk, H, go, gf, h_mask, weight, rec, dxp, das, dh_a, dh_b);
+    backward_loop<scalar_t>(pk, H, go, gf, h_mask, weight, rec, dxp, das, dh_a, dh_b, packed_w_t);
   });
   return {dxp, dh_a, at::mm(das.t(), rec.h_in)};
 }
@@ -149,7 +150,7 @@ TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("rnn_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, int[] active, "
         "Tensor[]? packed=None) -> Tensor[]");
   m.def("rnn_sequence_backward(Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, Tensor weight, "
-        "Tensor[] records, int[] active, bool need_xp) -> (Tensor, Tensor, Tensor)");
+        "Tensor[] records, int[] active, bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -98,21 +98,6 @@ void masked_copy(T* dst, const T* src, const T* mask, int64_t count) {
   for (int64_t e = 0; e < count; ++e) dst[e] = src[e] * mask[e];
 }
 
-// next [n, H] += (d W) ⊙ m: the gradient through a recurrent product (h ⊙ m) Wᵀ; scratch [≥ n, H] holds d W
-// where there is a mask, else it is one addmm
-template <typename T>
-void add_masked_product(at::Tensor next, const at::Tensor& d, const at::Tensor& weight, const T* mask,
-                        const at::Tensor& scratch) {
-  if (mask == nullptr) {
-    next.addmm_(d, weight);
-    return;
-  }
-  at::Tensor product = scratch.narrow(0, 0, next.size(0));
-  at::mm_out(product, d, weight);
-  const T* pp = product.data_ptr<T>();
-  T* np = next.data_ptr<T>();
-  for (int64_t e = 0; e < next.numel(); ++e) np[e] += pp[e] * mask[e];
-}
 
 // A forward's recurrent product, act [n, W] = input [n, K] Wᵀ (+ base [n, W], rows of a larger matrix, or + a
 // bias [W]; either may be undefined): PyTorch's mm/addmm on weight_t = Wᵀ, or, where the caller passes W
@@ -153,6 +138,41 @@ inline void recurrent_product(at::Tensor act, const at::Tensor& input, const at:
     act.copy_(onednn_linear(input, packed, at::Tensor())).add_(base);
   } else {
     act.copy_(onednn_linear(input, packed, bias));
+  }
+}
+
+// next [n, H] += (d W) ⊙ m: the gradient through a recurrent product (h ⊙ m) Wᵀ. d W is PyTorch's mm (one addmm
+// where there is no mask; else into scratch [≥ n, H]) or oneDNN's inner product on Wᵀ reordered (`packed_t`)
+template <typename T>
+void add_masked_product(at::Tensor next, const at::Tensor& d, const at::Tensor& weight, const T* mask,
+                        const at::Tensor& scratch, const at::Tensor& packed_t = at::Tensor()) {
+  at::Tensor product;
+  if (packed_t.defined()) {
+    product = onednn_linear(d, packed_t, at::Tensor());
+    if (mask == nullptr) {
+      next.add_(product);
+      return;
+    }
+  } else if (mask == nullptr) {
+    next.addmm_(d, weight);
+    return;
+  } else {
+    product = scratch.narrow(0, 0, next.size(0));
+    at::mm_out(product, d, weight);
+  }
+  const T* pp = product.data_ptr<T>();
+  T* np = next.data_ptr<T>();
+  for (int64_t e = 0; e < next.numel(); ++e) np[e] += pp[e] * mask[e];
+}
+
+// out [n, K] = d [n, W] W, the gradient through a product input Wᵀ: PyTorch's mm, or oneDNN's inner product on
+// Wᵀ reordered (`packed_t`)
+inline void gradient_product(at::Tensor out, const at::Tensor& d, const at::Tensor& weight,
+                             const at::Tensor& packed_t) {
+  if (packed_t.defined()) {
+    out.copy_(onednn_linear(d, packed_t, at::Tensor()));
+  } else {
+    at::mm_out(out, d, weight);
   }
 }
 
