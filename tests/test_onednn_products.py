@@ -43,19 +43,20 @@ CASES = [  # every way the loops form a product: + the projection's rows (one ch
 ]
 
 
-def _train_pass(model, x, lengths):
+def _calls_onednn(prof) -> bool:
+    return any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+
+
+def _products_through_onednn(model, x, lengths) -> tuple[list[torch.Tensor], tuple[bool, bool]]:
+    """Forward and backward of a loss on every output; whether each of the two called oneDNN's inner product."""
     torch.manual_seed(3)  # the same dropout masks on both paths
-    out, final = model(x, lengths=lengths)
+    with profile() as forward:
+        out, final = model(x, lengths=lengths)
     loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
     loss = loss + sum(t.square().sum() for state in final for t in state)
-    grads = torch.autograd.grad(loss, [x, *model.parameters()])
-    return [out, *[t for state in final for t in state], *grads]
-
-
-def _products_through_onednn(model, x, lengths) -> tuple[list[torch.Tensor], bool]:
-    with profile() as prof:
-        results = _train_pass(model, x, lengths)
-    return results, any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+    with profile() as backward:
+        grads = torch.autograd.grad(loss, [x, *model.parameters()])
+    return [out, *[t for state in final for t in state], *grads], (_calls_onednn(forward), _calls_onednn(backward))
 
 
 @needs_onednn
@@ -73,11 +74,11 @@ def test_onednn_products_equal_the_mm_path(name, opts, lengths, loops, monkeypat
 
     monkeypatch.setattr(onednn, "MIN_HIDDEN", 10**9)
     by_mm, used = _products_through_onednn(model, x, lengths)
-    assert not used
+    assert used == (False, False)
     model.load_state_dict(state)  # the same statistics again
     monkeypatch.setattr(onednn, "MIN_HIDDEN", 24)
     by_onednn, used = _products_through_onednn(model, x, lengths)
-    assert used
+    assert used == (True, True)  # forward and backward
     for a, b in zip(by_mm, by_onednn, strict=True):  # float32 rounding, which batch norm over 3–4 rows amplifies
         a, b = a.detach(), b.detach()
         assert a.shape == b.shape and float((a - b).norm()) <= 1e-4 * float(a.norm())
@@ -112,7 +113,7 @@ def test_the_loops_check_the_packed_weights(loops):
     args = dict(reads_input=[1], bias_in_product=[0], normed=[], eps=1e-5, active=[], renorm=None, layer_norm=False)
     with pytest.raises(RuntimeError, match="expected 1 packed weights, got 2"):
         ops.highway_sequence_forward(xp, s0, None, [w], [b], [], packed=packed * 2, **args)
-    with pytest.raises(RuntimeError, match=r"packed weight 0 has shape \[24, 4\], its weight \[24, 8\]"):
+    with pytest.raises(RuntimeError, match=r"packed weight 0 has shape \[24, 4\], the weight \[24, 8\]"):
         ops.highway_sequence_forward(xp, s0, None, [w], [b], [], **args,
                                      packed=[torch.ops.mkldnn._reorder_linear_weight(torch.randn(3 * H, 4), B)])
     with pytest.raises(RuntimeError, match="float32 tensors only"):
@@ -121,3 +122,8 @@ def test_the_loops_check_the_packed_weights(loops):
     plain = ops.highway_sequence_forward(xp, s0, None, [w], [b], [], **args)
     through_onednn = ops.highway_sequence_forward(xp, s0, None, [w], [b], [], packed=packed, **args)
     torch.testing.assert_close(plain[0], through_onednn[0])
+    # the backward's products take the transpose, reordered: checked against it
+    out, _, *records = ops.gru_sequence_forward(xp, s0, None, w, None, [])
+    with pytest.raises(RuntimeError, match=r"packed transposed weight 0 has shape \[24, 8\], the transposed weight "
+                                           r"\[8, 24\]"):
+        ops.gru_sequence_backward(torch.ones_like(out), None, T, B, None, w, records, [], True, packed_t=packed)

@@ -98,12 +98,10 @@ void masked_copy(T* dst, const T* src, const T* mask, int64_t count) {
   for (int64_t e = 0; e < count; ++e) dst[e] = src[e] * mask[e];
 }
 
-
-// A forward's recurrent product, act [n, W] = input [n, K] Wᵀ (+ base [n, W], rows of a larger matrix, or + a
-// bias [W]; either may be undefined): PyTorch's mm/addmm on weight_t = Wᵀ, or, where the caller passes W
-// reordered by oneDNN (`packed`, from mkldnn::_reorder_linear_weight; bnrhn/kernels/onednn.py decides when),
-// oneDNN's inner product on it. PyTorch registers the mkldnn ops only where it was built with oneDNN, so they are
-// looked up by name on first use; their results are new tensors, copied into act.
+// oneDNN's inner product input [n, K] · Pᵀ (+ bias, or + other [n, W]) on a weight P [W, K] it has reordered
+// (mkldnn::_reorder_linear_weight; bnrhn/kernels/onednn.py decides when the loops use it). PyTorch registers the
+// mkldnn ops only where it was built with oneDNN, so they are looked up by name on first use; their results are
+// new tensors, which the callers below copy or add where they belong.
 inline at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -122,6 +120,9 @@ inline at::Tensor onednn_linear_add(const at::Tensor& input, const at::Tensor& o
   return op.call(input, other, packed, c10::nullopt, "add");
 }
 
+// A forward's recurrent product, act [n, W] = input [n, K] Wᵀ (+ base [n, W], rows of a larger matrix, or + a
+// bias [W]; either may be undefined): PyTorch's mm/addmm on weight_t = Wᵀ, or oneDNN's inner product on W
+// reordered (`packed`)
 inline void recurrent_product(at::Tensor act, const at::Tensor& input, const at::Tensor& weight_t,
                               const at::Tensor& packed, const at::Tensor& base, const at::Tensor& bias) {
   if (!packed.defined()) {
@@ -178,15 +179,15 @@ inline void gradient_product(at::Tensor out, const at::Tensor& d, const at::Tens
 
 // The optional reordered weights of a loop (none, or one per weight, each of its weight's shape), checked
 inline std::vector<at::Tensor> packed_weights(const char* op, const c10::optional<at::TensorList>& packed,
-                                              at::TensorList weights) {
+                                              at::TensorList weights, const char* role = "weight") {
   std::vector<at::Tensor> out(weights.size());
   if (!packed.has_value()) return out;
   TORCH_CHECK(packed->size() == weights.size(), op, ": expected ", weights.size(), " packed weights, got ",
               packed->size());
   for (size_t i = 0; i < weights.size(); ++i) {
     TORCH_CHECK(weights[i].scalar_type() == at::kFloat, op, ": packed (oneDNN) weights serve float32 tensors only");
-    TORCH_CHECK((*packed)[i].sizes() == weights[i].sizes(), op, ": packed weight ", i, " has shape ",
-                (*packed)[i].sizes(), ", its weight ", weights[i].sizes());
+    TORCH_CHECK((*packed)[i].sizes() == weights[i].sizes(), op, ": packed ", role, " ", i, " has shape ",
+                (*packed)[i].sizes(), ", the ", role, " ", weights[i].sizes());
     out[i] = (*packed)[i];
   }
   return out;
