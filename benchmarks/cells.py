@@ -39,6 +39,7 @@ from torch import nn
 
 from bnrhn import kernels
 from bnrhn.nn import Recurrent
+from bnrhn.freed_memory import keep_freed_memory
 from bnrhn.training import build_optimizer
 
 CELLS = ["rnn", "lstm", "gru", "mut1", "mut2", "mut3", "rhn", "bn_rhn", "bn_rhn_tf", "bn_lstm"]
@@ -153,6 +154,7 @@ def main() -> None:
                          "PyTorch's kernels for tanh, σ and the state update, as where the kernels cannot be built)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does: each step's large tensors reuse the last step's memory
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

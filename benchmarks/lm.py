@@ -39,6 +39,7 @@ from bnrhn.data.text import CharCorpus
 from bnrhn.lm.evaluate import evaluate_ids
 from bnrhn.lm.task import CharLMTask
 from bnrhn.models.char_lm import CharLM
+from bnrhn.freed_memory import keep_freed_memory
 from bnrhn.training import Trainer, TrainerConfig, build_optimizer
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare" / "input.txt"
@@ -134,6 +135,7 @@ def main() -> None:
     p.add_argument("--ablations", action="store_true", help="also ours with forget bias 1 / embedding U(-0.1, 0.1)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
+    keep_freed_memory()  # as the CLI does: each step's large tensors reuse the last step's memory
     if not Path(args.text).is_file():
         raise SystemExit(f"--text {args.text}: no such file (tiny Shakespeare lives in ../shared/data/text/)")
     if args.threads:

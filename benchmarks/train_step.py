@@ -21,6 +21,7 @@ import torch
 
 from bnrhn import kernels
 from bnrhn.models import CaptionerConfig, build_captioner
+from bnrhn.freed_memory import keep_freed_memory
 from bnrhn.training import build_optimizer
 
 # Flickr8k training-caption lengths in tokens (<start> + words + <end>, words cut at 20 by --max-caption-len):
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does: each step's large tensors reuse the last step's memory
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)

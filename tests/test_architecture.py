@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnrhn"
 
 # Bottom to top, as in docs/architecture.md; True: the units of that layer may import each other.
 LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
-    ("foundation", ("__init__", "errors", "folder_lock", "openmp_wait", "devices", "autodiff", "kernels"), True),
+    ("foundation", ("__init__", "errors", "folder_lock", "openmp_wait", "freed_memory", "devices", "autodiff", "kernels"), True),
     ("layers", ("layers",), False),
     ("cells", ("cells",), False),
     ("runner", ("nn",), False),

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         from bnrhn.openmp_wait import choose_wait_policy
 
         choose_wait_policy()
+    from bnrhn.freed_memory import keep_freed_memory
+
+    keep_freed_memory()  # each training step's large tensors reuse the last step's memory instead of faulting it in
     from bnrhn.errors import UserFacingError  # a module without torch: --help stays fast
 
     try:
