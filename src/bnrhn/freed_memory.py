@@ -21,7 +21,6 @@ the user's (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or either in
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from collections.abc import Mapping
@@ -43,8 +42,6 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     the user's, both calls accepted)."""
     if platform.libc_ver()[0] != "glibc" or user_has_chosen(environ):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+    # the process's own symbols, glibc's among them (ctypes.util.find_library would run ldconfig: 3 ms per command)
+    libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))

@@ -50,14 +50,13 @@ def build_optimizer(
         raise ValueError(f"lr must be positive, got {lr!r}")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     # read twice (here and by torch): materialised, generators inside param groups included
     params = [{**p, "params": list(p["params"])} if isinstance(p, dict) else p for p in params]
     fused = True if fused_update_applies(params) else None  # None: torch's own default
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return optimizer(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
