@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from bnrhn import kernels
+from bnrhn.kernels import onednn
 from bnrhn.nn import Recurrent
 from bnrhn.freed_memory import keep_freed_memory
 from bnrhn.training import build_optimizer
@@ -232,9 +233,10 @@ def main() -> None:
         extra = f" {r['products_ms']:11.1f} | {r['products_ratio']:17.2f} |" if args.products else ""
         print(f"| {r['cell']:22s} | {r['params']:9d} | {r['ms_per_step']:8.1f} | {r['tokens_per_s']:9.0f} | "
               f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} |" + extra)
+    print(onednn.summary())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"config": vars(args), "rows": rows, "recurrent_products": onednn.summary()}, f, indent=2)
 
 
 if __name__ == "__main__":

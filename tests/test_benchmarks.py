@@ -39,8 +39,12 @@ def test_cells_benchmark_times_cells_with_the_gate_kernels_bypassed(tmp_path):
            "--cells", "bn_rhn", "--composed", "bn_rhn"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert {r["cell"] for r in json.loads(out.read_text())["rows"]} == {"torch.nn.LSTM", "bn_rhn", "bn_rhn, composed"}
+    table = json.loads(out.read_text())
+    assert {r["cell"] for r in table["rows"]} == {"torch.nn.LSTM", "bn_rhn", "bn_rhn, composed"}
     assert "fused CPU gate kernels" in run.stdout
+    # hidden size 16 is below oneDNN's threshold: nothing timed, and the table says so
+    assert table["recurrent_products"] == "recurrent products: BNRHN_RECURRENT_PRODUCTS=auto, nothing timed yet"
+    assert table["recurrent_products"] in run.stdout
 
 
 def test_gates_benchmark_prints_both_paths():

@@ -21,6 +21,7 @@ def loops(monkeypatch):
     if why:
         pytest.skip(f"the C++ loops cannot be built here: {why}")
     monkeypatch.setenv("BNRHN_GATE_KERNELS", "on")
+    monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "onednn")  # the rule alone, untimed (the timing has its tests)
     kernels.reset()
     yield
     kernels.reset()
@@ -127,3 +128,93 @@ def test_the_loops_check_the_packed_weights(loops):
     with pytest.raises(RuntimeError, match=r"packed transposed weight 0 has shape \[24, 8\], the transposed weight "
                                            r"\[8, 24\]"):
         ops.gru_sequence_backward(torch.ones_like(out), None, T, B, None, w, records, [], True, packed_t=packed)
+
+
+@pytest.fixture
+def fake_timings(monkeypatch):
+    """``time_products`` replaced: each call recorded, answering (mm µs, oneDNN µs) from ``answer``."""
+    calls, answer = [], {"us": (100.0, 80.0)}
+
+    def timed(rows, out_features, in_features):
+        calls.append((rows, out_features, in_features))
+        return answer["us"]
+
+    monkeypatch.setattr(onednn, "time_products", timed)
+    monkeypatch.delenv("BNRHN_RECURRENT_PRODUCTS", raising=False)
+    onednn.reset()
+    yield calls, answer
+    onednn.reset()
+
+
+def test_auto_times_each_product_shape_once_and_wants_the_margin(fake_timings, monkeypatch):
+    calls, answer = fake_timings
+    assert onednn.mode() == "auto"
+    assert onednn.faster_here(64, 2048, 512)  # 80 ≤ 0.9 × 100
+    assert onednn.faster_here(64, 2048, 512)
+    assert calls == [(64, 2048, 512)]  # cached
+    answer["us"] = (100.0, 95.0)  # faster, but not by the margin
+    assert not onednn.faster_here(32, 2048, 512)  # another batch: another shape, timed
+    assert calls == [(64, 2048, 512), (32, 2048, 512)]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # another thread count: timed again
+    assert not onednn.faster_here(64, 2048, 512)
+    assert len(calls) == 3 and len(onednn.timings()) == 3
+    assert "[64, 512]×[512, 2048] oneDNN (100 µs mm, 80 µs oneDNN" in onednn.summary()
+    assert "[32, 512]×[512, 2048] mm (100 µs mm, 95 µs oneDNN" in onednn.summary()
+
+
+@needs_onednn
+def test_the_setting_decides_whether_to_time(fake_timings, monkeypatch):
+    calls, answer = fake_timings
+    w = torch.randn(2 * onednn.MIN_HIDDEN, onednn.MIN_HIDDEN)
+    answer["us"] = (100.0, 200.0)  # oneDNN slower here
+    assert onednn.packed_recurrent_weights([w], 16) is None
+    assert onednn.packed_transposed_weights([w], 16) is None
+    assert calls == [(16, *w.shape), (16, *reversed(w.shape))]  # the backward's product is on Wᵀ
+    monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "onednn")  # the rule alone: no timing
+    assert onednn.packed_recurrent_weights([w], 8) is not None
+    assert onednn.packed_transposed_weights([w], 8) is not None
+    monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "mm")
+    assert onednn.packed_recurrent_weights([w], 8) is None and not onednn.allowed(w)
+    assert len(calls) == 2
+    assert onednn.summary() == "recurrent products: BNRHN_RECURRENT_PRODUCTS=mm"
+    monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="BNRHN_RECURRENT_PRODUCTS must be one of"):
+        onednn.mode()
+
+
+@needs_onednn
+def test_a_loop_takes_what_the_timing_chose(loops, fake_timings, monkeypatch):
+    calls, answer = fake_timings
+    monkeypatch.setattr(onednn, "MIN_HIDDEN", 24)
+    torch.manual_seed(0)
+    model = Recurrent("bn_rhn", 5, 24, depth=2)
+    x = torch.randn(7, 4, 5, requires_grad=True)
+    answer["us"] = (100.0, 150.0)
+    assert _products_through_onednn(model, x, None)[1] == (False, False)
+    assert set(calls) == {(4, 72, 24), (4, 24, 72)}  # [h, t, c] gates of 24 units, and the backward's transpose
+    onednn.reset()
+    answer["us"] = (100.0, 50.0)
+    assert _products_through_onednn(model, x, None)[1] == (True, True)
+
+
+@needs_onednn
+def test_the_timing_is_real_and_leaves_the_random_streams_alone():
+    state = torch.get_rng_state()
+    by_mm, by_onednn = onednn.time_products(8, 48, 16, rounds=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 0 < by_mm < 1e5 and 0 < by_onednn < 1e5
+
+
+@needs_onednn
+def test_a_training_log_ends_with_the_choice(loops, fake_timings, monkeypatch, tmp_path):
+    from bnrhn.lm.train import LMTrainConfig, train_char_lm
+
+    monkeypatch.setattr(onednn, "MIN_HIDDEN", 16)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    cfg = LMTrainConfig(run_dir=str(tmp_path / "run"), text=str(text), cell="rhn", hidden=16, embed=8,
+                        batch_size=4, seq_len=10, max_steps=2, valid_fraction=0.1, test_fraction=0.0, progress=False)
+    lines: list[str] = []
+    train_char_lm(cfg, log=lines.append)
+    assert lines[-1] == ("model: recurrent products timed here: [4, 32]×[32, 16] oneDNN (100 µs mm, 80 µs oneDNN); "
+                         "[4, 16]×[16, 32] oneDNN (100 µs mm, 80 µs oneDNN)"), lines  # the backward's, the forward's

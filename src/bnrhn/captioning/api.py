@@ -40,6 +40,7 @@ from bnrhn.captioning.task import (CHECKPOINT_KIND, CaptionTask, Prepared, decod
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary, unknown_fraction
 from bnrhn import kernels
+from bnrhn.kernels import onednn
 from bnrhn.decoding import METHODS, decode
 from bnrhn.encoders import ImageFileError, build_encoder, load_image, stack_images
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
@@ -240,6 +241,8 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         log("init: validation " + " ".join(f"{k} {v:.3f}" for k, v in init_scores.items()))
     summary = trainer.fit(resume=resume)
     if distributed is None or distributed.rank == 0:
+        if device.type == "cpu":
+            log(f"train: {onednn.summary()}")
         try:
             _plot_run(Path(summary["run_dir"]), config)
         except Exception as exc:  # a figure must not fail a run whose checkpoints are written

@@ -21,16 +21,108 @@ at hidden size 512, 1.07/1.20/1.08× at 384 (an earlier series during heavy mach
 rnn 1.00–1.03× at 512 and 1.00–1.09× at 384. Both directions against mm at 256: 0.97–1.05× (rhn, bn_rhn,
 bn_lstm, gru, 7 rounds), so the threshold stays at 384. MUT1–3 keep mm: their [H, H] products through oneDNN (forward) made
 whole steps 0.98–1.04× as fast at 384 and 512.
+
+Which library is faster depends on the processor: on this AMD part MKL runs its AVX2 ("zen") sgemm kernel while
+oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN was still 1.09–1.23×
+as fast from [64, 256] × [256, 1024] on; on an Intel processor MKL runs its own AVX-512 kernels, unmeasured here.
+So the choice is made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto`` (the default) times both libraries
+once per product shape and process (:func:`time_products`: five interleaved rounds, 16–40 ms per shape at hidden
+sizes 384–512, 120 ms at 1024) and
+takes oneDNN where the rule above allows it and it was at least ``1 / MARGIN`` as fast; ``onednn`` takes it
+wherever the rule allows, untimed (results then never depend on a timing); ``mm`` never.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import statistics
+import threading
+import time
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 MIN_HIDDEN = 384  # below, PyTorch's mm (whole training steps were slower with oneDNN at 128 and 256, faster from 384)
+MARGIN = 0.9  # auto: oneDNN's product (with the copy into the loop's records) must take ≤ 0.9 × mm's, since each
+# sequence also pays a reorder per weight that the timing leaves out (~1 ms at [2048, 512], 20 products of ~0.7 ms)
+MODES = ("auto", "onednn", "mm")
+
+_lock = threading.Lock()
+_timed: dict[tuple[int, int, int, int], tuple[float, float]] = {}  # (rows, out, in, threads) → (mm µs, oneDNN µs)
+
+
+def mode() -> str:
+    """``BNRHN_RECURRENT_PRODUCTS``: "auto" (timed per product shape; the default), "onednn" or "mm"."""
+    value = os.environ.get("BNRHN_RECURRENT_PRODUCTS", "auto").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"BNRHN_RECURRENT_PRODUCTS must be one of {MODES}, got {value!r}")
+    return value
+
+
+def time_products(rows: int, out_features: int, in_features: int, rounds: int = 5) -> tuple[float, float]:
+    """µs per product ``[rows, in] × [in, out]`` with PyTorch's mm into a preallocated output, and with oneDNN's
+    inner product on the weight reordered plus the copy of its result (what a loop pays): medians of ``rounds``
+    interleaved rounds, each over enough calls for ~20 MFLOP. Constant inputs: the random number streams are
+    left as they were."""
+    with torch.no_grad():
+        x = torch.full((rows, in_features), 0.5)
+        weight = torch.full((out_features, in_features), 0.01)
+        weight_t, out = weight.t(), torch.empty(rows, out_features)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        calls = max(1, round(2e7 / (2 * rows * in_features * out_features)))
+
+        def by_mm() -> None:
+            torch.mm(x, weight_t, out=out)
+
+        def by_onednn() -> None:
+            out.copy_(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], None))
+
+        times: dict[Callable[[], None], list[float]] = {by_mm: [], by_onednn: []}
+        for fn in times:
+            fn()  # first calls: oneDNN creates its primitive, MKL its buffers
+        for _ in range(rounds):
+            for fn, record in times.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                record.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times[by_mm]), statistics.median(times[by_onednn])
+
+
+def faster_here(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether oneDNN's product of this shape beats mm by :data:`MARGIN` here, timed once per shape, thread count
+    and process (:func:`time_products`)."""
+    key = (rows, out_features, in_features, torch.get_num_threads())
+    with _lock:
+        if key not in _timed:
+            _timed[key] = time_products(rows, out_features, in_features)
+        mm_us, onednn_us = _timed[key]
+    return onednn_us <= MARGIN * mm_us
+
+
+def timings() -> dict[tuple[int, int, int, int], tuple[float, float]]:
+    """The timings made so far in this process: (rows, out, in, threads) → (mm µs, oneDNN µs)."""
+    with _lock:
+        return dict(_timed)
+
+
+def summary() -> str:
+    """One line on the recurrent products' library: the setting, and each shape timed with its choice."""
+    chosen = mode()
+    if chosen != "auto" or not _timed:
+        return f"recurrent products: BNRHN_RECURRENT_PRODUCTS={chosen}" + (", nothing timed yet" if chosen == "auto"
+                                                                             else "")
+    parts = [f"[{r}, {k}]×[{k}, {n}] {'oneDNN' if d <= MARGIN * m else 'mm'} ({m:.0f} µs mm, {d:.0f} µs oneDNN"
+             f"{', ' + str(t) + ' threads' if t != torch.get_num_threads() else ''})"
+             for (r, n, k, t), (m, d) in sorted(timings().items())]
+    return "recurrent products timed here: " + "; ".join(parts)
+
+
+def reset() -> None:
+    """Forget the timings (tests)."""
+    with _lock:
+        _timed.clear()
 
 
 def available() -> bool:
@@ -46,17 +138,28 @@ def available() -> bool:
     return True
 
 
-def applies(weight: Tensor) -> bool:
-    """Whether a loop's products with ``weight`` ([G·H, H]) go through oneDNN: float32 on the CPU, hidden size
-    at least :data:`MIN_HIDDEN`, oneDNN present."""
+def allowed(weight: Tensor) -> bool:
+    """Whether the rule lets a loop's products with ``weight`` ([G·H, H]) go through oneDNN: float32 on the CPU,
+    hidden size at least :data:`MIN_HIDDEN`, oneDNN present, ``BNRHN_RECURRENT_PRODUCTS`` not ``mm``."""
     return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.size(1) >= MIN_HIDDEN
-            and available())
+            and mode() != "mm" and available())
+
+
+def applies(weight: Tensor, rows: int, transposed: bool = False) -> bool:
+    """Whether the products of ``rows`` states with ``weight`` (or, ``transposed``, of gradients with its
+    transpose) go through oneDNN: :func:`allowed`, and with ``auto`` :func:`faster_here` for that shape."""
+    if not allowed(weight):
+        return False
+    if mode() == "onednn":
+        return True
+    out_features, in_features = weight.shape if not transposed else weight.shape[::-1]
+    return faster_here(rows, out_features, in_features)
 
 
 def packed_transposed_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:
     """Every weight's transpose reordered by oneDNN, for the backward's products ``d W``; None where
     :func:`applies` says no. Reordered once per backward, as the forward reorders the weights once per sequence."""
-    if not weights or not all(applies(w) for w in weights):
+    if not weights or not all(applies(w, batch, transposed=True) for w in weights):
         return None
     with torch.no_grad():
         return [torch.ops.mkldnn._reorder_linear_weight(w.detach().t().contiguous(), batch) for w in weights]
@@ -65,7 +168,7 @@ def packed_transposed_weights(weights: Sequence[Tensor], batch: int) -> list[Ten
 def packed_recurrent_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:
     """Every weight reordered by oneDNN for products of ``batch`` rows, or None where :func:`applies` says no
     (the loop then uses PyTorch's mm). A reordered weight is a copy: pack again after each optimiser step."""
-    if not weights or not all(applies(w) for w in weights):
+    if not weights or not all(applies(w, batch) for w in weights):
         return None
     with torch.no_grad():
         return [torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch) for w in weights]

@@ -239,6 +239,10 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         log(f"model: {kernels.status()}")
     t0 = time.perf_counter()
     summary = trainer.fit(resume=resume)
+    if device.type == "cpu" and main:
+        from bnrhn.kernels import onednn
+
+        log(f"model: {onednn.summary()}")
     if not main:  # rank 0 scores the run and writes results.json, alone: no collective waits for the scoring
         return {"run_dir": str(run_dir), "rank": distributed.rank, "steps": summary["steps"],
                 "stopped": summary["stopped"]}
