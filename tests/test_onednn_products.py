@@ -87,6 +87,7 @@ def test_onednn_products_equal_the_mm_path(name, opts, lengths, loops, monkeypat
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's, on switching the flags
 def test_the_rule_packs_float32_cpu_weights_from_the_threshold_on(monkeypatch):
+    monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "onednn")  # the rule alone, untimed
     at = onednn.MIN_HIDDEN
     assert onednn.packed_recurrent_weights([torch.randn(3 * (at - 1), at - 1)], 64) is None  # too small
     assert onednn.packed_recurrent_weights([torch.randn(3 * at, at, dtype=torch.float64)], 64) is None
@@ -152,12 +153,15 @@ def test_auto_times_each_product_shape_once_and_wants_the_margin(fake_timings, m
     assert onednn.faster_here(64, 2048, 512)  # 80 ≤ 0.9 × 100
     assert onednn.faster_here(64, 2048, 512)
     assert calls == [(64, 2048, 512)]  # cached
+    answer["us"] = (100.0, 90.0)  # exactly the margin
+    assert onednn.faster_here(16, 2048, 512)
     answer["us"] = (100.0, 95.0)  # faster, but not by the margin
     assert not onednn.faster_here(32, 2048, 512)  # another batch: another shape, timed
-    assert calls == [(64, 2048, 512), (32, 2048, 512)]
+    assert calls == [(64, 2048, 512), (16, 2048, 512), (32, 2048, 512)]
+    assert not onednn.faster_here(0, 2048, 512) and len(calls) == 3  # an empty batch: nothing to time
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # another thread count: timed again
     assert not onednn.faster_here(64, 2048, 512)
-    assert len(calls) == 3 and len(onednn.timings()) == 3
+    assert len(calls) == 4 and len(onednn.timings()) == 4
     assert "[64, 512]×[512, 2048] oneDNN (100 µs mm, 80 µs oneDNN" in onednn.summary()
     assert "[32, 512]×[512, 2048] mm (100 µs mm, 95 µs oneDNN" in onednn.summary()
 
@@ -195,6 +199,20 @@ def test_a_loop_takes_what_the_timing_chose(loops, fake_timings, monkeypatch):
     onednn.reset()
     answer["us"] = (100.0, 50.0)
     assert _products_through_onednn(model, x, None)[1] == (True, True)
+    empty = torch.randn(7, 0, 5, requires_grad=True)  # an empty batch trains (and times nothing)
+    out, _ = model(empty)
+    out.sum().backward()
+    assert out.shape == (7, 0, 24) and empty.grad.shape == empty.shape and all(rows > 0 for rows, *_ in calls)
+
+
+def test_timings_saved_and_adopted(fake_timings):
+    calls, _ = fake_timings
+    onednn.faster_here(64, 2048, 512)
+    saved = onednn.saved_timings()
+    assert saved == [[64, 2048, 512, torch.get_num_threads(), 100.0, 80.0]]
+    onednn.reset()
+    onednn.adopt([[64, 2048, 512, torch.get_num_threads(), 100.0, 120.0]])  # a run that had chosen mm
+    assert not onednn.faster_here(64, 2048, 512) and len(calls) == 1  # adopted, not timed again
 
 
 @needs_onednn
@@ -218,3 +236,16 @@ def test_a_training_log_ends_with_the_choice(loops, fake_timings, monkeypatch, t
     train_char_lm(cfg, log=lines.append)
     assert lines[-1] == ("model: recurrent products timed here: [4, 32]×[32, 16] oneDNN (100 µs mm, 80 µs oneDNN); "
                          "[4, 16]×[16, 32] oneDNN (100 µs mm, 80 µs oneDNN)"), lines  # the backward's, the forward's
+
+
+def test_a_mistyped_setting_stops_training_before_it_starts(monkeypatch, tmp_path, capsys):
+    from bnrhn.cli import main
+
+    monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "fast")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    rc = main(["lm", "train", "--text", str(text), "--cell", "rnn", "--hidden", "8", "--embed", "4", "--batch-size", "4",
+               "--seq-len", "10", "--max-steps", "2", "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert rc != 0
+    assert "BNRHN_RECURRENT_PRODUCTS must be one of ('auto', 'onednn', 'mm'), got 'fast'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnrhn.kernels import onednn
 from bnrhn.nn import Recurrent
 from bnrhn.training.log import STEP_COLUMNS
 from bnrhn.training import (
@@ -128,10 +129,16 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path):
     _, full = make(tmp_path, "full", max_epochs=4)
     full.fit()
     # Stop mid-epoch (step 9 of 6-batch epochs), then resume in a fresh process-like setup.
+    onednn.reset()
+    timing = [64, 2048, 512, 2, 900.0, 700.0]  # a library choice this process made (the toy's products are smaller)
+    onednn.adopt([timing])
     _, part = make(tmp_path, "part", max_epochs=4, max_steps=9)
     part.fit()
+    onednn.reset()  # the fresh process knows nothing ...
     _, resumed = make(tmp_path, "part", max_epochs=4)
     summary = resumed.fit(resume=True)
+    assert onednn.saved_timings() == [timing]  # ... until it reads the checkpoint: the same choices again
+    onednn.reset()
     assert summary["steps"] == 24
     assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")
     assert float(resumed.task.counter) == 24  # task state restored

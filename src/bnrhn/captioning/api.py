@@ -234,6 +234,7 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         f"-> {config.run_dir}")
     if device.type == "cpu":
         log(f"train: {kernels.status()}")
+        onednn.mode()  # a mistyped BNRHN_RECURRENT_PRODUCTS stops the run here, not after training
     init_scores = None
     if config.init and has_val and not resume and (distributed is None or distributed.rank == 0):
         init_scores = task.validate()  # the starting point, for "before and after" (CIDEr before SCST)

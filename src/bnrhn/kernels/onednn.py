@@ -23,13 +23,17 @@ bn_lstm, gru, 7 rounds), so the threshold stays at 384. MUT1–3 keep mm: their 
 whole steps 0.98–1.04× as fast at 384 and 512.
 
 Which library is faster depends on the processor: on this AMD part MKL runs its AVX2 ("zen") sgemm kernel while
-oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN was still 1.09–1.23×
-as fast from [64, 256] × [256, 1024] on; on an Intel processor MKL runs its own AVX-512 kernels, unmeasured here.
-So the choice is made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto`` (the default) times both libraries
-once per product shape and process (:func:`time_products`: five interleaved rounds, 16–40 ms per shape at hidden
-sizes 384–512, 120 ms at 1024) and
-takes oneDNN where the rule above allows it and it was at least ``1 / MARGIN`` as fast; ``onednn`` takes it
-wherever the rule allows, untimed (results then never depend on a timing); ``mm`` never.
+oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN was 1.2× as fast for
+the products at hidden size 512 but about even at 384 (0.92–1.20× in two runs), where the RHN's training steps
+were 13% slower with it; on an Intel processor MKL runs its own AVX-512 kernels, unmeasured here. So the choice is
+made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto`` (the default) times both libraries once per product
+shape, thread count and process (:func:`time_products`: five interleaved rounds, 16–40 ms per shape at hidden
+sizes 384–512, 120 ms at 1024, at the first sequence of that shape — a new batch size is a new shape) and takes
+oneDNN where the rule above allows it and it took at most ``MARGIN`` × mm's time. Near that margin two processes
+may choose differently; the trainer keeps the timings in its checkpoints, so that a resumed run (and each rank of
+a data-parallel one, from rank 0's) makes the choices it trained with (:func:`adopt`). ``onednn`` takes oneDNN
+wherever the rule allows, untimed (results then never depend on a timing); ``mm`` never. The timing is of the
+plain product; the loops' variants (the projection's rows added, the masked backward) were not timed apart.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -93,6 +97,8 @@ def time_products(rows: int, out_features: int, in_features: int, rounds: int = 
 def faster_here(rows: int, out_features: int, in_features: int) -> bool:
     """Whether oneDNN's product of this shape beats mm by :data:`MARGIN` here, timed once per shape, thread count
     and process (:func:`time_products`)."""
+    if rows == 0:  # an empty batch: nothing to multiply, nothing to time
+        return False
     key = (rows, out_features, in_features, torch.get_num_threads())
     with _lock:
         if key not in _timed:
@@ -105,6 +111,22 @@ def timings() -> dict[tuple[int, int, int, int], tuple[float, float]]:
     """The timings made so far in this process: (rows, out, in, threads) → (mm µs, oneDNN µs)."""
     with _lock:
         return dict(_timed)
+
+
+def saved_timings() -> list[list[float]]:
+    """:func:`timings` as a checkpoint keeps them: ``[rows, out, in, threads, mm µs, oneDNN µs]`` each."""
+    return [[*key, *value] for key, value in timings().items()]
+
+
+def adopt(saved: Iterable[Sequence[float]]) -> None:
+    """Take timings a checkpoint kept (:func:`saved_timings`) as this process's: a resumed run makes the choices
+    it trained with (and every data-parallel rank, reading rank 0's checkpoint, makes rank 0's) instead of timing
+    again and perhaps choosing the other library, whose float32 rounding differs. Shapes not among them (another
+    batch or thread count) are timed as usual."""
+    with _lock:
+        for record in saved:
+            rows, out_features, in_features, threads, mm_us, onednn_us = record
+            _timed[(int(rows), int(out_features), int(in_features), int(threads))] = (float(mm_us), float(onednn_us))
 
 
 def summary() -> str:

@@ -235,13 +235,13 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch; on {where}")
     if device.type == "cpu":
         from bnrhn import kernels
+        from bnrhn.kernels import onednn
 
         log(f"model: {kernels.status()}")
+        onednn.mode()  # a mistyped BNRHN_RECURRENT_PRODUCTS stops the run here, not after training
     t0 = time.perf_counter()
     summary = trainer.fit(resume=resume)
     if device.type == "cpu" and main:
-        from bnrhn.kernels import onednn
-
         log(f"model: {onednn.summary()}")
     if not main:  # rank 0 scores the run and writes results.json, alone: no collective waits for the scoring
         return {"run_dir": str(run_dir), "rank": distributed.rank, "steps": summary["steps"],

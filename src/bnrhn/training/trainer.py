@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bnrhn.kernels import onednn
 from bnrhn.training.checkpoint import (
     capture_rng_state, load_checkpoint, remove_orphan_temporaries, restore_rng_state, save_checkpoint,
 )
@@ -413,6 +414,7 @@ class Trainer:
             "trainer_config": asdict(self.config),
             "rng": capture_rng_state(),
             "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "recurrent_products": onednn.saved_timings(),  # the library choices, for a resume to make again
         }
 
     def _save(self, path: Path) -> None:
@@ -447,6 +449,7 @@ class Trainer:
             self.state = TrainerState(**ckpt["trainer"])
             self._best_written = self.best_path.exists()
             restore_rng_state(self._own_rng_state(ckpt))
+            onednn.adopt(ckpt.get("recurrent_products", ()))
             self.logger.truncate_after(self.state.global_step)
             if self.distributed is not None:
                 self.distributed.barrier()  # nobody writes before every rank has read the checkpoint
