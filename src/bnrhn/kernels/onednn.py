@@ -23,23 +23,23 @@ bn_lstm, gru, 7 rounds), so the threshold stays at 384. MUT1–3 keep mm: their 
 whole steps 0.98–1.04× as fast at 384 and 512.
 
 Which library is faster depends on the processor: on this AMD part MKL runs its AVX2 ("zen") sgemm kernel while
-oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN was 1.2× as fast for
-the products at hidden size 512 but about even at 384 (0.92–1.20× in two runs), where the RHN's training steps
-were 13% slower with it; on an Intel processor MKL runs its own AVX-512 kernels, unmeasured here. So the choice is
-made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto`` (the default) times both libraries once per product
-shape, thread count and process (:func:`time_products`: five interleaved rounds, 16–40 ms per shape at hidden
-sizes 384–512, 120 ms at 1024, at the first sequence of that shape — a new batch size is a new shape) and takes
-oneDNN where the rule above allows it and it took at most ``MARGIN`` × mm's time. Near that margin two processes
-may choose differently; the trainer keeps the timings in its checkpoints, so that a resumed run (and each rank of
-a data-parallel one, from rank 0's) makes the choices it trained with (:func:`adopt`). ``onednn`` takes oneDNN
-wherever the rule allows, untimed (results then never depend on a timing); ``mm`` never. The timing is of the
-plain product; the loops' variants (the projection's rows added, the masked backward) were not timed apart.
+oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN's products took
+0.66–1.0× mm's time, varying with the machine's load, and the RHN's training steps at hidden size 384 were once 13%
+slower with it (1.05–1.07× faster in the next series); on an Intel processor MKL runs its own AVX-512 kernels,
+unmeasured here. So the choice is made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto`` (the default) times
+both libraries once per product shape, thread count and process (:func:`time_products`: seven interleaved rounds,
+5–20 ms per shape at hidden sizes 384–512, ~75 ms at 1024, at the first sequence of that shape — a new batch size
+is a new shape) and takes oneDNN where the rule above allows it and it took at most ``MARGIN`` × mm's time. Near
+that margin two processes may choose differently; the trainer keeps the timings in its checkpoints, so that a
+resumed run (and each rank of a data-parallel one, from rank 0's) makes the choices it trained with
+(:func:`adopt`). ``onednn`` takes oneDNN wherever the rule allows, untimed (results then never depend on a timing);
+``mm`` never. The timing is of the plain product; the loops' variants (the projection's rows added, the masked
+backward) were not timed apart.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 from typing import Callable, Iterable, Sequence
@@ -64,17 +64,19 @@ def mode() -> str:
     return value
 
 
-def time_products(rows: int, out_features: int, in_features: int, rounds: int = 5) -> tuple[float, float]:
+def time_products(rows: int, out_features: int, in_features: int, rounds: int = 7) -> tuple[float, float]:
     """µs per product ``[rows, in] × [in, out]`` with PyTorch's mm into a preallocated output, and with oneDNN's
-    inner product on the weight reordered plus the copy of its result (what a loop pays): medians of ``rounds``
-    interleaved rounds, each over enough calls for ~20 MFLOP. Constant inputs: the random number streams are
-    left as they were."""
+    inner product on the weight reordered plus the copy of its result (what a loop pays): the fastest of
+    ``rounds`` interleaved rounds, each over enough calls for ~100 MFLOP, after two calls of each. (Medians of five
+    rounds of ~20 MFLOP put oneDNN at 0.74–1.22× mm's time for one shape in four processes on a busy machine; the
+    fastest of seven rounds of 100 MFLOP at 0.76–0.80×.) Constant inputs: the random number streams are left as
+    they were."""
     with torch.no_grad():
         x = torch.full((rows, in_features), 0.5)
         weight = torch.full((out_features, in_features), 0.01)
         weight_t, out = weight.t(), torch.empty(rows, out_features)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        calls = max(1, round(2e7 / (2 * rows * in_features * out_features)))
+        calls = max(1, round(1e8 / (2 * rows * in_features * out_features)))
 
         def by_mm() -> None:
             torch.mm(x, weight_t, out=out)
@@ -83,15 +85,16 @@ def time_products(rows: int, out_features: int, in_features: int, rounds: int = 
             out.copy_(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], None))
 
         times: dict[Callable[[], None], list[float]] = {by_mm: [], by_onednn: []}
-        for fn in times:
-            fn()  # first calls: oneDNN creates its primitive, MKL its buffers
+        for fn in times:  # first calls: oneDNN creates its primitive, MKL its buffers
+            fn()
+            fn()
         for _ in range(rounds):
             for fn, record in times.items():
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
                 record.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times[by_mm]), statistics.median(times[by_onednn])
+    return min(times[by_mm]), min(times[by_onednn])
 
 
 def faster_here(rows: int, out_features: int, in_features: int) -> bool:
