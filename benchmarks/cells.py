@@ -12,8 +12,10 @@ weight gradient over the whole sequence), into preallocated outputs, with no ele
 between. Their GFLOP/s, as a multiple of nn.LSTM's whole step, is the most a cell can reach with
 those product shapes: a ceiling that no fusion of the elementwise work can raise.
 
-Cells are timed in interleaved rounds (every cell once per round, the median over rounds kept) so
-that a noisy shared machine affects all of them alike.
+Cells are timed in interleaved rounds (every cell once per round) so that a noisy shared machine affects all
+of them alike. ms/step is the median over rounds; the ratios to nn.LSTM are the median of each round's ratio
+(the cell's step against nn.LSTM's in the same round, seconds apart), so that the machine's drift between
+rounds cancels; the table also gives their range over the rounds.
 
     python benchmarks/cells.py                  # B=64, T=20, I=H=512, RHN depth 3
     python benchmarks/cells.py --rounds 10 --batch 32 --json out.json
@@ -211,15 +213,19 @@ def main() -> None:
         sec = statistics.median(times[name])
         flops = 3 * model.matmul_flops(B, T)
         row = {"cell": name, "ms_per_step": 1e3 * sec, "tokens_per_s": B * T / sec, "gflops": flops / sec / 1e9,
-               "params": sum(p.numel() for p in model.parameters())}
+               "params": sum(p.numel() for p in model.parameters()), "flops": flops,
+               "round_ms": [1e3 * t for t in times[name]]}
         if args.products:
             row["products_ms"] = 1e3 * statistics.median(times[f"{name} products"])
             row["products_gflops"] = flops / row["products_ms"] / 1e6
         rows.append(row)
     ref = rows[0]
-    for r in rows:
-        r["tokens_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        r["gflops_ratio"] = r["gflops"] / ref["gflops"]
+    for r in rows:  # each round's ratio to nn.LSTM's step of the same round; their median and range
+        speed = [ref_ms / ms for ref_ms, ms in zip(ref["round_ms"], r["round_ms"], strict=True)]
+        work = r["flops"] / ref["flops"]
+        r["tokens_ratio"] = statistics.median(speed)
+        r["gflops_ratio"] = work * r["tokens_ratio"]
+        r["gflops_ratio_range"] = [work * min(speed), work * max(speed)]
         if args.products:
             r["products_ratio"] = r["products_gflops"] / ref["gflops"]
 
@@ -227,12 +233,14 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     extra_head = f" {'products ms':>11s} | {'ceiling × nn.LSTM':>17s} |" if args.products else ""
     extra_rule = f"{'-' * 13}|{'-' * 19}|" if args.products else ""
-    print(f"| {'cell':22s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} |" + extra_head)
-    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|" + extra_rule)
+    print(f"| {'cell':22s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} | {'in rounds':>11s} |" + extra_head)
+    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 13}|" + extra_rule)
     for r in rows:
         extra = f" {r['products_ms']:11.1f} | {r['products_ratio']:17.2f} |" if args.products else ""
+        low, high = r["gflops_ratio_range"]
         print(f"| {r['cell']:22s} | {r['params']:9d} | {r['ms_per_step']:8.1f} | {r['tokens_per_s']:9.0f} | "
-              f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} |" + extra)
+              f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} | {f'{low:.2f}–{high:.2f}':>11s} |"
+              + extra)
     print(onednn.summary())
     if args.json:
         with open(args.json, "w") as f:

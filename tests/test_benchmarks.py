@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cells_benchmark_with_products_ceiling(tmp_path):
     out = tmp_path / "cells.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cells.py"), "--batch", "4", "--steps", "3", "--size", "16",
-           "--depth", "2", "--rounds", "1", "--warmup", "0", "--threads", "1", "--products", "--json", str(out)]
+           "--depth", "2", "--rounds", "3", "--warmup", "0", "--threads", "1", "--products", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = {r["cell"]: r for r in json.loads(out.read_text())["rows"]}
@@ -27,9 +27,16 @@ def test_cells_benchmark_with_products_ceiling(tmp_path):
     for name, r in rows.items():
         assert r["ms_per_step"] > 0 and r["products_ms"] > 0, name
         assert r["products_ratio"] > 0 and r["gflops_ratio"] > 0, name
-    for name, r in rows.items():  # ratios are to nn.LSTM's row of the same run
-        assert r["gflops_ratio"] == pytest.approx(r["gflops"] / rows["torch.nn.LSTM"]["gflops"], rel=1e-12), name
-        assert r["tokens_ratio"] == pytest.approx(r["tokens_per_s"] / rows["torch.nn.LSTM"]["tokens_per_s"], rel=1e-12)
+    lstm = rows["torch.nn.LSTM"]
+    for name, r in rows.items():  # ratios are to nn.LSTM's step in the same round: the median over the rounds
+        per_round = [a / b for a, b in zip(lstm["round_ms"], r["round_ms"], strict=True)]
+        assert len(per_round) == 3
+        assert r["tokens_ratio"] == pytest.approx(sorted(per_round)[1], rel=1e-12), name
+        work = r["gflops"] * r["ms_per_step"] / (lstm["gflops"] * lstm["ms_per_step"])  # FLOPs per step, relative
+        assert r["gflops_ratio"] == pytest.approx(work * r["tokens_ratio"], rel=1e-9), name
+        assert r["gflops_ratio_range"] == pytest.approx([work * min(per_round), work * max(per_round)], rel=1e-9)
+        assert r["ms_per_step"] == pytest.approx(sorted(r["round_ms"])[1], rel=1e-12), name
+    assert lstm["gflops_ratio"] == 1.0 and lstm["gflops_ratio_range"] == [1.0, 1.0]
     assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 12
 
 
