@@ -13,9 +13,11 @@ between. Their GFLOP/s, as a multiple of nn.LSTM's whole step, is the most a cel
 those product shapes: a ceiling that no fusion of the elementwise work can raise.
 
 Cells are timed in interleaved rounds (every cell once per round) so that a noisy shared machine affects all
-of them alike. ms/step is the median over rounds; the ratios to nn.LSTM are the median of each round's ratio
-(the cell's step against nn.LSTM's in the same round, seconds apart), so that the machine's drift between
-rounds cancels; the table also gives their range over the rounds.
+of them alike. ms/step is the median over rounds; the two "× nn.LSTM" columns are the median of each round's
+ratio (the cell's step against nn.LSTM's in the same round, seconds apart), so that the machine's drift between
+rounds cancels — they need not equal the ratios of the tokens/s and GFLOP/s columns, which are medians over
+rounds — and "GFLOP× range" gives the GFLOP/s ratio's range over the rounds. The products-only ceiling is the
+median products time against nn.LSTM's median step.
 
     python benchmarks/cells.py                  # B=64, T=20, I=H=512, RHN depth 3
     python benchmarks/cells.py --rounds 10 --batch 32 --json out.json
@@ -83,6 +85,13 @@ def bypassing(step):
             step()
 
     return bypassed_step
+
+
+def paired_ratios(ref_ms: list[float], cell_ms: list[float]) -> tuple[float, float, float]:
+    """A cell's speed against the reference's, round by round (each round's ``ref / cell`` step time): the median,
+    the lowest and the highest of those ratios."""
+    speed = [ref / cell for ref, cell in zip(ref_ms, cell_ms, strict=True)]
+    return statistics.median(speed), min(speed), max(speed)
 
 
 def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
@@ -157,6 +166,8 @@ def main() -> None:
                          "PyTorch's kernels for tanh, σ and the state update, as where the kernels cannot be built)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     keep_freed_memory()  # as the CLI does: each step's large tensors reuse the last step's memory
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,11 +232,11 @@ def main() -> None:
         rows.append(row)
     ref = rows[0]
     for r in rows:  # each round's ratio to nn.LSTM's step of the same round; their median and range
-        speed = [ref_ms / ms for ref_ms, ms in zip(ref["round_ms"], r["round_ms"], strict=True)]
+        median, low, high = paired_ratios(ref["round_ms"], r["round_ms"])
         work = r["flops"] / ref["flops"]
-        r["tokens_ratio"] = statistics.median(speed)
-        r["gflops_ratio"] = work * r["tokens_ratio"]
-        r["gflops_ratio_range"] = [work * min(speed), work * max(speed)]
+        r["tokens_ratio"] = median
+        r["gflops_ratio"] = work * median
+        r["gflops_ratio_range"] = [work * low, work * high]
         if args.products:
             r["products_ratio"] = r["products_gflops"] / ref["gflops"]
 
@@ -233,13 +244,13 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     extra_head = f" {'products ms':>11s} | {'ceiling × nn.LSTM':>17s} |" if args.products else ""
     extra_rule = f"{'-' * 13}|{'-' * 19}|" if args.products else ""
-    print(f"| {'cell':22s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} | {'in rounds':>11s} |" + extra_head)
-    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 13}|" + extra_rule)
+    print(f"| {'cell':22s} | {'params':>9s} | {'ms/step':>8s} | {'tokens/s':>9s} | {'× nn.LSTM':>9s} | {'GFLOP/s':>8s} | {'× nn.LSTM':>9s} | {'GFLOP× range':>12s} |" + extra_head)
+    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 14}|" + extra_rule)
     for r in rows:
         extra = f" {r['products_ms']:11.1f} | {r['products_ratio']:17.2f} |" if args.products else ""
         low, high = r["gflops_ratio_range"]
         print(f"| {r['cell']:22s} | {r['params']:9d} | {r['ms_per_step']:8.1f} | {r['tokens_per_s']:9.0f} | "
-              f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} | {f'{low:.2f}–{high:.2f}':>11s} |"
+              f"{r['tokens_ratio']:9.2f} | {r['gflops']:8.1f} | {r['gflops_ratio']:9.2f} | {f'{low:.2f}–{high:.2f}':>12s} |"
               + extra)
     print(onednn.summary())
     if args.json:

@@ -40,6 +40,19 @@ def test_cells_benchmark_with_products_ceiling(tmp_path):
     assert "ceiling × nn.LSTM" in run.stdout and run.stdout.count("\n| ") >= 12
 
 
+def test_ratios_are_paired_by_round():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cells import paired_ratios
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # the reference's rounds [10, 20, 30] ms, the cell's [5, 40, 30]: per round 2, 0.5, 1 — median 1.0, where the
+    # ratio of the medians (20 / 30) would say 0.67
+    assert paired_ratios([10.0, 20.0, 30.0], [5.0, 40.0, 30.0]) == (1.0, 0.5, 2.0)
+    with pytest.raises(ValueError):  # rounds must pair up
+        paired_ratios([1.0, 2.0], [1.0])
+
+
 def test_cells_benchmark_times_cells_with_the_gate_kernels_bypassed(tmp_path):
     out = tmp_path / "cells.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cells.py"), "--batch", "4", "--steps", "3", "--size", "16",

@@ -249,3 +249,18 @@ def test_a_mistyped_setting_stops_training_before_it_starts(monkeypatch, tmp_pat
     assert rc != 0
     assert "BNRHN_RECURRENT_PRODUCTS must be one of ('auto', 'onednn', 'mm'), got 'fast'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_shape_onednn_cannot_time_keeps_mm(monkeypatch, capsys):
+    def refused(rows, out_features, in_features):
+        raise RuntimeError("could not create a primitive descriptor\nmore lines")
+
+    monkeypatch.setattr(onednn, "time_products", refused)
+    onednn.reset()
+    try:
+        assert not onednn.faster_here(8, 48, 16) and not onednn.faster_here(8, 48, 16)
+        err = capsys.readouterr().err
+        assert err.count("oneDNN could not time [8, 16]×[16, 48] (could not create a primitive descriptor)") == 1
+        assert "[8, 16]×[16, 48] mm" in onednn.summary()
+    finally:
+        onednn.reset()

@@ -24,14 +24,14 @@ whole steps 0.98–1.04× as fast at 384 and 512.
 
 Which library is faster depends on the processor: on this AMD part MKL runs its AVX2 ("zen") sgemm kernel while
 oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN's products took
-0.66–1.0× mm's time, varying with the machine's load, and the RHN's training steps at hidden size 384 were once 13%
-slower with it (1.05–1.07× faster in the next series); on an Intel processor MKL runs its own AVX-512 kernels,
-unmeasured here. So the choice is made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto`` (the default) times
-both libraries once per product shape, thread count and process (:func:`time_products`: seven interleaved rounds,
-5–20 ms per shape at hidden sizes 384–512, ~75 ms at 1024, at the first sequence of that shape — a new batch size
-is a new shape) and takes oneDNN where the rule above allows it and it took at most ``MARGIN`` × mm's time. Near
-that margin two processes may choose differently; the trainer keeps the timings in its checkpoints, so that a
-resumed run (and each rank of a data-parallel one, from rank 0's) makes the choices it trained with
+0.65–1.11× mm's time from hidden size 384 on, varying with the machine's load, and training steps at 384 were once
+slower with it (RHN 0.87×, BN-RHN 0.94×; 1.05–1.18× faster in the next series); on an Intel processor MKL runs its
+own AVX-512 kernels, unmeasured here. So the choice is made where the code runs: ``BNRHN_RECURRENT_PRODUCTS=auto``
+(the default) times both libraries once per product shape, thread count and process (:func:`time_products`: seven
+interleaved rounds, 5–20 ms per shape at hidden sizes 384–512, ~75 ms at 1024, at the first sequence of that shape
+— a new batch size is a new shape) and takes oneDNN where the rule above allows it and it took at most ``MARGIN`` ×
+mm's time. Near that margin two processes may choose differently; the trainer keeps the timings in its checkpoints,
+so that a resumed run (and each rank of a data-parallel one, from rank 0's) makes the choices it trained with
 (:func:`adopt`). ``onednn`` takes oneDNN wherever the rule allows, untimed (results then never depend on a timing);
 ``mm`` never. The timing is of the plain product; the loops' variants (the projection's rows added, the masked
 backward) were not timed apart.
@@ -39,7 +39,9 @@ backward) were not timed apart.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import threading
 import time
 from typing import Callable, Iterable, Sequence
@@ -67,10 +69,10 @@ def mode() -> str:
 def time_products(rows: int, out_features: int, in_features: int, rounds: int = 7) -> tuple[float, float]:
     """µs per product ``[rows, in] × [in, out]`` with PyTorch's mm into a preallocated output, and with oneDNN's
     inner product on the weight reordered plus the copy of its result (what a loop pays): the fastest of
-    ``rounds`` interleaved rounds, each over enough calls for ~100 MFLOP, after two calls of each. (Medians of five
-    rounds of ~20 MFLOP put oneDNN at 0.74–1.22× mm's time for one shape in four processes on a busy machine; the
-    fastest of seven rounds of 100 MFLOP at 0.76–0.80×.) Constant inputs: the random number streams are left as
-    they were."""
+    ``rounds`` interleaved rounds (the two libraries in alternating order), each over enough calls for ~100 MFLOP
+    (at least one), after two calls of each. (Medians of five rounds of ~20 MFLOP put oneDNN at 0.74–1.22× mm's
+    time for one shape in four processes on a busy machine; the fastest of seven rounds of 100 MFLOP at
+    0.76–0.81×.) Constant inputs: the random number streams are left as they were."""
     with torch.no_grad():
         x = torch.full((rows, in_features), 0.5)
         weight = torch.full((out_features, in_features), 0.01)
@@ -88,12 +90,12 @@ def time_products(rows: int, out_features: int, in_features: int, rounds: int = 
         for fn in times:  # first calls: oneDNN creates its primitive, MKL its buffers
             fn()
             fn()
-        for _ in range(rounds):
-            for fn, record in times.items():
+        for k in range(rounds):
+            for fn in (by_mm, by_onednn) if k % 2 == 0 else (by_onednn, by_mm):
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
-                record.append((time.perf_counter() - t0) / calls * 1e6)
+                times[fn].append((time.perf_counter() - t0) / calls * 1e6)
     return min(times[by_mm]), min(times[by_onednn])
 
 
@@ -105,7 +107,12 @@ def faster_here(rows: int, out_features: int, in_features: int) -> bool:
     key = (rows, out_features, in_features, torch.get_num_threads())
     with _lock:
         if key not in _timed:
-            _timed[key] = time_products(rows, out_features, in_features)
+            try:
+                _timed[key] = time_products(rows, out_features, in_features)
+            except RuntimeError as exc:  # oneDNN refused the shape: mm it is, said once
+                _timed[key] = (0.0, math.inf)
+                print(f"bnrhn: oneDNN could not time [{rows}, {in_features}]×[{in_features}, {out_features}] "
+                      f"({str(exc).splitlines()[0]}); those products use PyTorch's mm", file=sys.stderr)
         mm_us, onednn_us = _timed[key]
     return onednn_us <= MARGIN * mm_us
 

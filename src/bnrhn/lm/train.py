@@ -18,6 +18,7 @@ import torch
 
 from bnrhn.cells import legacy_statistics, pin_statistics
 from bnrhn.data.text import CharCorpus, check_seq_len
+from bnrhn.kernels import onednn
 from bnrhn.lm.evaluate import LMScore
 from bnrhn.lm.task import CharLMTask
 from bnrhn.models.char_lm import CharLM
@@ -235,7 +236,6 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         f"{steps_per_epoch} windows of {cfg.batch_size}×{cfg.seq_len} characters per epoch; on {where}")
     if device.type == "cpu":
         from bnrhn import kernels
-        from bnrhn.kernels import onednn
 
         log(f"model: {kernels.status()}")
         onednn.mode()  # a mistyped BNRHN_RECURRENT_PRODUCTS stops the run here, not after training
