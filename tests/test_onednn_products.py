@@ -41,6 +41,9 @@ CASES = [  # every way the loops form a product: + the projection's rows (one ch
     ("rnn", {}),
     ("rhn", {"recurrent_dropout": 0.0}),  # no mask: the backward adds the product as it is
     ("gru", {"recurrent_dropout": 0.0}),
+    ("mut1", {}),  # the projection's rows (strided) added to each of W_hr's and W_hh's products
+    ("mut2", {}),  # W_hz's product, added into ∂L/∂h_in in the backward
+    ("mut3", {"recurrent_dropout": 0.0}),  # W_hz on tanh(h_in): the backward's product into scratch
 ]
 
 
@@ -66,11 +69,12 @@ def _products_through_onednn(model, x, lengths) -> tuple[list[torch.Tensor], tup
 def test_onednn_products_equal_the_mm_path(name, opts, lengths, loops, monkeypatch):
     torch.manual_seed(0)
     extra = {"depth": 3} if "rhn" in name else {}
-    model = Recurrent(name, 5, 24, num_layers=2, **{"recurrent_dropout": 0.25, **extra, **opts})
-    x = torch.randn(7, 4, 5, requires_grad=True)
+    inputs = 24 if name.startswith("mut") else 5  # MUT1 adds x_t to hidden-sized vectors
+    model = Recurrent(name, inputs, 24, num_layers=2, **{"recurrent_dropout": 0.25, **extra, **opts})
+    x = torch.randn(7, 4, inputs, requires_grad=True)
     lengths = torch.tensor(lengths) if lengths is not None else None
     with torch.no_grad():  # population statistics to renormalise against
-        model(torch.randn(7, 4, 5) * 2 + 1)
+        model(torch.randn(7, 4, inputs) * 2 + 1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     monkeypatch.setattr(onednn, "MIN_HIDDEN", 10**9)

@@ -39,6 +39,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
+from bnrhn.kernels import onednn
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 __all__ = ["MUT1Cell", "MUT2Cell", "MUT3Cell"]
@@ -180,8 +181,10 @@ class MUTSequence(Function):
             xp = xp.contiguous()
         h_mask = kernels.loop_mask(h_mask, h0)
         dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
+        weights = [w for w in (w_hz, w_hr, w_hh) if w is not None]
         out, h, *records = plan.ops.mut_sequence_forward(plan.variant, xp, h0.contiguous(), h_mask, dense(w_hz),
-                                                         dense(w_hr), dense(w_hh), list(plan.active or []))
+                                                         dense(w_hr), dense(w_hh), list(plan.active or []),
+                                                         packed=onednn.packed_recurrent_weights(weights, xp.shape[1]))
         ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
         ctx.save_for_backward(h_mask, w_hz, w_hr, w_hh, *records)
         return out, h
@@ -192,9 +195,11 @@ class MUTSequence(Function):
         h_mask, w_hz, w_hr, w_hh, *records = ctx.saved_tensors
         dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
         need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hz, W_hr, W_hh)
+        weights = [w for w in (w_hz, w_hr, w_hh) if w is not None]
         dxp, dh0, dw_hz, dw_hr, dw_hh = ctx.plan.ops.mut_sequence_backward(
             ctx.plan.variant, grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, dense(w_hz), dense(w_hr),
-            dense(w_hh), records, list(ctx.plan.active or []), need[1])
+            dense(w_hh), records, list(ctx.plan.active or []), need[1],
+            packed_t=onednn.packed_transposed_weights(weights, ctx.size[1]))
         keep = lambda g, n: g if n and g.numel() else None  # noqa: E731
         return (None, dxp, dh0 if need[2] else None, None, keep(dw_hz, need[4]), keep(dw_hr, need[5]),
                 keep(dw_hh, need[6]))

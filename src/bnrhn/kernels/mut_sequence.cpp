@@ -12,7 +12,9 @@
 //   dh_in += dp_r W_hr (MUT1, 3) + dp_z W_hz (MUT2) or (dp_z W_hz) ⊙ (1 − tanh² h_in) (MUT3),
 //   ∂L/∂h_{t−1} = g (1 − z) + dh_in ⊙ m;  the weight gradients once over the sequence.
 // Why: as the other loops (the step's products are small at hidden sizes of a few hundred, and the Python step
-// loop costs as much around them). Packed rows as sequence.h describes.
+// loop costs as much around them). Packed rows as sequence.h describes. The products are PyTorch's mm, or
+// oneDNN's on the weights (and, backward, their transposes) reordered once (`packed`, `packed_t`: sequence.h),
+// where bnrhn/kernels/onednn.py says so.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -45,8 +47,8 @@ struct Records {
 template <typename T>
 void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0,
                   const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
-                  const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const Tensor& out, const Tensor& h_final,
-                  Records& rec) {
+                  const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const std::vector<Tensor>& packed,
+                  const Tensor& out, const Tensor& h_final, Records& rec) {
   using V = Vectorized<T>;
   using A = Act<T>;
   const int64_t steps = pk.T, B = pk.B;
@@ -72,14 +74,14 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
     Tensor z = rec.z.narrow(0, off, n), r = rec.r.narrow(0, off, n);
     const Tensor h_in = rec.h_in.narrow(0, off, n);
     if (variant == 2) {
-      at::addmm_out(z, xt.narrow(1, 0, H), h_in, w_hz_t);
+      recurrent_product(z, h_in, w_hz_t, packed[0], xt.narrow(1, 0, H), Tensor());
     } else if (variant == 3) {
       Tensor th = rec.tanh_h.narrow(0, off, n);
       T* thp = th.data_ptr<T>();
       pieces<T>(n * H, [&](int64_t j, int64_t w) { A::tanh(V::loadu(hi + j, w)).store(thp + j, w); });
-      at::addmm_out(z, xt.narrow(1, 0, H), th, w_hz_t);
+      recurrent_product(z, th, w_hz_t, packed[0], xt.narrow(1, 0, H), Tensor());
     }
-    if (variant != 2) at::addmm_out(r, xt.narrow(1, H, H), h_in, w_hr_t);
+    if (variant != 2) recurrent_product(r, h_in, w_hr_t, packed[1], xt.narrow(1, H, H), Tensor());
     // gates: z = σ(·) (MUT1 from x_z), r = σ(·) (MUT2: x_r as it is); r ⊙ h_in
     T* zp = z.data_ptr<T>();
     T* rp = r.data_ptr<T>();
@@ -96,7 +98,7 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
       });
     });
     Tensor c = rec.c.narrow(0, off, n);
-    at::addmm_out(c, xt.narrow(1, 2 * H, H), rec.rh.narrow(0, off, n), w_hh_t);
+    recurrent_product(c, rec.rh.narrow(0, off, n), w_hh_t, packed[2], xt.narrow(1, 2 * H, H), Tensor());
     T* cp = c.data_ptr<T>();
     T* ho = out_p + t * B * H;
     rows(n, H, [&](int64_t b) {
@@ -117,7 +119,7 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
                    const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
                    const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const Records& rec, const Tensor& dxp,
                    const Tensor& da_all, const Tensor& dpz_all, const Tensor& dpr_all, const Tensor& dh_a,
-                   const Tensor& dh_b) {
+                   const Tensor& dh_b, const std::vector<Tensor>& packed_t) {
   using V = Vectorized<T>;
   const int64_t steps = pk.T, B = pk.B, H3 = 3 * H;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
@@ -158,7 +160,7 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
       });
     });
     Tensor drh_t = drh.narrow(0, 0, n);
-    at::mm_out(drh_t, da_all.narrow(0, off, n), w_hh);  // ∂L/∂(r ⊙ h_in)
+    gradient_product(drh_t, da_all.narrow(0, off, n), w_hh, packed_t[2]);  // ∂L/∂(r ⊙ h_in)
     const T* drhp = drh_t.data_ptr<T>();
     T* dhi = dh_in.data_ptr<T>();
     T* dpr = dpr_all.defined() ? dpr_all.data_ptr<T>() + off * H : nullptr;
@@ -174,11 +176,11 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
       });
     });
     Tensor dh_in_t = dh_in.narrow(0, 0, n);
-    if (variant != 2) dh_in_t.addmm_(dpr_all.narrow(0, off, n), *w_hr);
-    if (variant == 2) dh_in_t.addmm_(dpz_all.narrow(0, off, n), *w_hz);
+    if (variant != 2) add_masked_product<T>(dh_in_t, dpr_all.narrow(0, off, n), *w_hr, nullptr, tmp, packed_t[1]);
+    if (variant == 2) add_masked_product<T>(dh_in_t, dpz_all.narrow(0, off, n), *w_hz, nullptr, tmp, packed_t[0]);
     if (variant == 3) {  // through tanh(h_in)
       Tensor tmp_t = tmp.narrow(0, 0, n);
-      at::mm_out(tmp_t, dpz_all.narrow(0, off, n), *w_hz);
+      gradient_product(tmp_t, dpz_all.narrow(0, off, n), *w_hz, packed_t[0]);
       const T* tp = tmp_t.data_ptr<T>();
       const T* th = rec.tanh_h.data_ptr<T>() + off * H;
       for (int64_t e = 0; e < n * H; ++e) dhi[e] += tp[e] * (T(1) - th[e] * th[e]);
@@ -196,11 +198,31 @@ void check_variant(int64_t variant, const c10::optional<Tensor>& w_hz, const c10
               kOp, ": MUT1 takes W_hr, MUT2 W_hz, MUT3 both");
 }
 
+// The variant's recurrent weights in their order (W_hz, W_hr, W_hh, those it has), as packed weights come
+std::vector<Tensor> present(int64_t variant, const c10::optional<Tensor>& w_hz, const c10::optional<Tensor>& w_hr,
+                            const Tensor& w_hh) {
+  std::vector<Tensor> out;
+  if (variant != 1) out.push_back(*w_hz);
+  if (variant != 2) out.push_back(*w_hr);
+  out.push_back(w_hh);
+  return out;
+}
+
+// Packed weights in that order (or none) → a slot each for W_hz, W_hr, W_hh (undefined: PyTorch's mm)
+std::vector<Tensor> slots(int64_t variant, const std::vector<Tensor>& packed) {
+  std::vector<Tensor> out(3);
+  size_t k = 0;
+  if (variant != 1) out[0] = packed[k++];
+  if (variant != 2) out[1] = packed[k++];
+  out[2] = packed[k];
+  return out;
+}
+
 // → [out [T, B, H], h_T [B, H], then the records h_prev, h_in, tanh_h (empty unless MUT3), z, r, rh, c [N, H]]
 std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, const Tensor& h0,
                                          const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
                                          const c10::optional<Tensor>& w_hr, const Tensor& w_hh,
-                                         at::IntArrayRef active) {
+                                         at::IntArrayRef active, const c10::optional<at::TensorList>& packed) {
   check_variant(variant, w_hz, w_hr);
   check_step_input(kOp, xp, h0, 3);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
@@ -218,8 +240,9 @@ std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, cons
   Records rec;
   for (Tensor* x : {&rec.h_prev, &rec.h_in, &rec.z, &rec.r, &rec.rh, &rec.c}) *x = at::empty({pk.N, H}, opts);
   rec.tanh_h = variant == 3 ? at::empty({pk.N, H}, opts) : at::empty({0}, opts);
+  const std::vector<Tensor> packed_w = slots(variant, packed_weights(kOp, packed, present(variant, w_hz, w_hr, w_hh)));
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mut_sequence_forward", [&] {
-    forward_loop<scalar_t>(variant, pk, H, xp, h0, h_mask, w_hz, w_hr, w_hh, out, h_final, rec);
+    forward_loop<scalar_t>(variant, pk, H, xp, h0, h_mask, w_hz, w_hr, w_hh, packed_w, out, h_final, rec);
   });
   return {out, h_final, rec.h_prev, rec.h_in, rec.tanh_h, rec.z, rec.r, rec.rh, rec.c};
 }
@@ -229,8 +252,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
     int64_t variant, const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T,
     int64_t B, const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
     const c10::optional<Tensor>& w_hr, const Tensor& w_hh, at::TensorList records, at::IntArrayRef active,
-    bool need_xp) {
+    bool need_xp, const c10::optional<at::TensorList>& packed_t) {
   check_variant(variant, w_hz, w_hr);
+  std::vector<Tensor> transposed;
+  for (const Tensor& w : present(variant, w_hz, w_hr, w_hh)) transposed.push_back(w.t());
+  const std::vector<Tensor> packed_w_t = slots(variant, packed_weights(kOp, packed_t, transposed, "transposed weight"));
   TORCH_CHECK(records.size() == 7, kOp, ": expected 7 records");
   Records rec;
   rec.h_prev = records[0];
@@ -251,7 +277,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
   Tensor dpr = at::empty({pk.N, H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(rec.c.scalar_type(), "mut_sequence_backward", [&] {
-    backward_loop<scalar_t>(variant, pk, H, go, gf, h_mask, w_hz, w_hr, w_hh, rec, dxp, da, dpz, dpr, dh_a, dh_b);
+    backward_loop<scalar_t>(variant, pk, H, go, gf, h_mask, w_hz, w_hr, w_hh, rec, dxp, da, dpz, dpr, dh_a, dh_b,
+                            packed_w_t);
   });
   Tensor dw_hz = variant == 1 ? at::empty({0}, opts) : at::mm(dpz.t(), variant == 3 ? rec.tanh_h : rec.h_in);
   Tensor dw_hr = variant == 2 ? at::empty({0}, opts) : at::mm(dpr.t(), rec.h_in);
@@ -263,10 +290,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
 
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("mut_sequence_forward(int variant, Tensor xp, Tensor h0, Tensor? h_mask, Tensor? w_hz, Tensor? w_hr, "
-        "Tensor w_hh, int[] active) -> Tensor[]");
+        "Tensor w_hh, int[] active, Tensor[]? packed=None) -> Tensor[]");
   m.def("mut_sequence_backward(int variant, Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, "
-        "Tensor? w_hz, Tensor? w_hr, Tensor w_hh, Tensor[] records, int[] active, bool need_xp) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? w_hz, Tensor? w_hr, Tensor w_hh, Tensor[] records, int[] active, bool need_xp, "
+        "Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -19,8 +19,10 @@ product on Wᵀ) decide and pack; the loops take the packed weights as optional 
 it against forward-only oneDNN, interleaved, 9 rounds: rhn, bn_rhn, bn_rhn_tf 1.07/1.09/1.11× and 1.03/1.09/1.04×
 at hidden size 512, 1.07/1.20/1.08× at 384 (an earlier series during heavy machine noise: 0.92–1.08×); bn_lstm, gru,
 rnn 1.00–1.03× at 512 and 1.00–1.09× at 384. Both directions against mm at 256: 0.97–1.05× (rhn, bn_rhn,
-bn_lstm, gru, 7 rounds), so the threshold stays at 384. MUT1–3 keep mm: their [H, H] products through oneDNN (forward) made
-whole steps 0.98–1.04× as fast at 384 and 512.
+bn_lstm, gru, 7 rounds), so the threshold stays at 384. MUT1–3's [H, H] products through oneDNN, forward alone, made
+whole steps 0.98–1.04× as fast at 384 and 512; in both directions (ninth session, in-process, 9–11 rounds) MUT3's
+1.08–1.09× at 384 and 512, MUT1's and MUT2's 1.01–1.06× at 512 and 1.00–1.03× at 384 (one series 0.89×, not
+repeated in the next two).
 
 Which library is faster depends on the processor: on this AMD part MKL runs its AVX2 ("zen") sgemm kernel while
 oneDNN uses AVX-512; limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, the same silicon) oneDNN's products took
