@@ -177,7 +177,9 @@ inline void gradient_product(at::Tensor out, const at::Tensor& d, const at::Tens
   }
 }
 
-// The optional reordered weights of a loop (none, or one per weight, each of its weight's shape), checked
+// The optional reordered weights of a loop (none, or one per weight, each of its weight's shape), checked. Weights
+// of one shape (MUT's [H, H] ones, a weight and its transpose when square) cannot be told apart here: their order
+// and direction are the caller's to get right (bnrhn/kernels/onednn.py packs them in the loops' order).
 inline std::vector<at::Tensor> packed_weights(const char* op, const c10::optional<at::TensorList>& packed,
                                               at::TensorList weights, const char* role = "weight") {
   std::vector<at::Tensor> out(weights.size());
