@@ -241,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
     at::TensorList records, bool carry_normed, at::IntArrayRef active, bool need_xp,
     const c10::optional<at::TensorList>& packed_t) {
   TORCH_CHECK(records.size() == 12, kOp, ": expected 12 records");
-  const Tensor packed_w_t = packed_weights(kOp, packed_t, {weight.t()}, "transposed weight")[0];
+  const Tensor packed_w_t = packed_transposed_weights(kOp, packed_t, {weight})[0];
   Records rec;
   rec.h_in = records[0];
   rec.act = records[1];

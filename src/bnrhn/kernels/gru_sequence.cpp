@@ -132,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
     const c10::optional<Tensor>& h_mask, const Tensor& weight, at::TensorList records, at::IntArrayRef active,
     bool need_xp, const c10::optional<at::TensorList>& packed_t) {
   TORCH_CHECK(records.size() == 4, kOp, ": expected 4 records");
-  const Tensor packed_w_t = packed_weights(kOp, packed_t, {weight.t()}, "transposed weight")[0];
+  const Tensor packed_w_t = packed_transposed_weights(kOp, packed_t, {weight})[0];
   Records rec;
   rec.h_in = records[0];
   rec.h_prev = records[1];

@@ -326,9 +326,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   Tensor das = at::empty({L, sh.N, G * H}, opts);
   Tensor dgammas = at::zeros({L * K, H}, opts), dbetas = at::zeros({L * K, H}, opts);
   Tensor ds_a = at::empty({B, H}, opts), ds_b = at::empty({B, H}, opts);
-  std::vector<Tensor> transposed;
-  for (const Tensor& w : weights) transposed.push_back(w.t());
-  const std::vector<Tensor> packed_t_l = packed_weights(kOp, packed_t, transposed, "transposed weight");
+  const std::vector<Tensor> packed_t_l = packed_transposed_weights(kOp, packed_t, weights);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "highway_sequence_backward", [&] {
     backward_loop<scalar_t>(sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, layer_norm, dxp, das,
                             dgammas, dbetas, ds_a, ds_b, packed_t_l);

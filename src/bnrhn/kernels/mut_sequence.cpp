@@ -18,7 +18,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -254,9 +253,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
     const c10::optional<Tensor>& w_hr, const Tensor& w_hh, at::TensorList records, at::IntArrayRef active,
     bool need_xp, const c10::optional<at::TensorList>& packed_t) {
   check_variant(variant, w_hz, w_hr);
-  std::vector<Tensor> transposed;
-  for (const Tensor& w : present(variant, w_hz, w_hr, w_hh)) transposed.push_back(w.t());
-  const std::vector<Tensor> packed_w_t = slots(variant, packed_weights(kOp, packed_t, transposed, "transposed weight"));
+  const std::vector<Tensor> packed_w_t =
+      slots(variant, packed_transposed_weights(kOp, packed_t, present(variant, w_hz, w_hr, w_hh)));
   TORCH_CHECK(records.size() == 7, kOp, ": expected 7 records");
   Records rec;
   rec.h_prev = records[0];

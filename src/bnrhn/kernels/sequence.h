@@ -195,6 +195,14 @@ inline std::vector<at::Tensor> packed_weights(const char* op, const c10::optiona
   return out;
 }
 
+// The backward's optional reordered weights: one per weight's transpose Wᵀ (the products d W), checked against it
+inline std::vector<at::Tensor> packed_transposed_weights(const char* op, const c10::optional<at::TensorList>& packed_t,
+                                                         at::TensorList weights) {
+  std::vector<at::Tensor> transposed;
+  for (const at::Tensor& w : weights) transposed.push_back(w.t());
+  return packed_weights(op, packed_t, transposed, "transposed weight");
+}
+
 // A gradient input given or not (as a contiguous tensor, or undefined)
 inline at::Tensor dense_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
