@@ -39,7 +39,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.kernels import onednn
+from bnrhn.kernels import batch_split, onednn
 from bnrhn.cells.highway import highway_layer_backward, highway_layer_forward
 from bnrhn.cells.packed_rows import drop_finished, final_grads, final_state, grow_grads
 
@@ -217,9 +217,10 @@ class NativeHighwaySequence(Function):
         s0 = s0.contiguous()
         h_mask = kernels.loop_mask(h_mask, s0)
         dense = lambda ts: [t.contiguous() for t in ts]  # noqa: E731 (parameters are; a caller's tensors may not be)
+        packed = onednn.packed_recurrent_weights(weights, xp.shape[1])
+        flags["parts"] = batch_split.parts(plan.active[0] if plan.active else xp.shape[1], s0.shape[1], packed is not None)
         results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, dense(weights), dense(biases),
-                                                    dense(gammas), eps=plan.eps, renorm=plan.renorm,
-                                                    packed=onednn.packed_recurrent_weights(weights, xp.shape[1]),
+                                                    dense(gammas), eps=plan.eps, renorm=plan.renorm, packed=packed,
                                                     **flags)
         # a record the loop did not compute comes back as the 1-d placeholder empty([0]); an empty batch's
         # records are empty too, but keep their dimensions

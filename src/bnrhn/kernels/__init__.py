@@ -41,8 +41,8 @@ from bnrhn.kernels import composed
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gates.cpp", "highway_sequence.cpp", "bn_lstm_sequence.cpp",
                                                                    "gru_sequence.cpp", "mut_sequence.cpp",
-                                                                   "rnn_sequence.cpp")]
-_HEADERS = [Path(__file__).with_name(name) for name in ("vec_math.h", "row_kernels.h", "sequence.h")]
+                                                                   "rnn_sequence.cpp", "team_check.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("vec_math.h", "row_kernels.h", "sequence.h", "team.h")]
 _MODES = ("auto", "on", "off", "loops")  # loops: the C++ time loops only, the per-step ops composed
 _FLAGS = {  # compiler flags per ATen CPU capability: the extension's Vectorized<T> matches PyTorch's own
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
@@ -78,7 +78,9 @@ def _build_name() -> tuple[str, list[str]]:
     """The extension's name and flags: one build per source, flags, PyTorch and environment, so that
     checkouts and virtual environments sharing PyTorch's extension cache never rebuild each other's."""
     cap = capability()
-    flags = ["-O3", "-DNDEBUG", *_FLAGS.get(cap, [])]
+    # -fopenmp: the loops' batch split (team.h) runs on OpenMP's threads, PyTorch's own (its libgomp, already
+    # loaded, serves the extension's calls too: one thread pool in the process)
+    flags = ["-O3", "-DNDEBUG", "-fopenmp", *_FLAGS.get(cap, [])]
     sources = [f.read_text(encoding="utf-8") for f in (*_SOURCES, *_HEADERS)]
     key = "\0".join([*sources, *flags, torch.__version__, sys.prefix])
     return f"bnrhn_gates_{cap.lower()}_{hashlib.sha256(key.encode()).hexdigest()[:10]}", flags
@@ -113,7 +115,8 @@ def build(verbose: bool = False):
         lock.unlink(missing_ok=True)
     if not (folder / f"{name}.so").exists():
         _say(f"building the fused CPU gate kernels in {folder} (once per machine, about 20 s)")
-    load(name, [str(f) for f in _SOURCES], extra_cflags=flags, is_python_module=False, verbose=verbose, build_directory=str(folder))
+    load(name, [str(f) for f in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+         verbose=verbose, build_directory=str(folder))
     _loaded["name"] = name
     return torch.ops.bnrhn_gates
 

@@ -8,7 +8,6 @@
 // LSTM rows [i | f | g | o]; every tensor must be row-major contiguous, on the CPU, of one dtype (checked).
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
@@ -133,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_gates_backward(const at::Tensor& dc, con
   return {dgates, dc_prev};
 }
 
-// f applied to every element of a contiguous tensor (on the calling thread: see rows() in vec_math.h)
+// f applied to every element of a contiguous tensor, on the calling thread (as rows() in vec_math.h)
 template <template <typename> class F>
 at::Tensor elementwise(const char* op, const at::Tensor& x) {
   check_args(op, {x});
@@ -141,11 +140,9 @@ at::Tensor elementwise(const char* op, const at::Tensor& x) {
   const int64_t N = x.numel();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elementwise", [&] {
     using V = Vectorized<scalar_t>;
-    at::parallel_for(0, N, 16384, [&](int64_t i0, int64_t i1) {
-      const scalar_t* xp = x.data_ptr<scalar_t>() + i0;
-      scalar_t* yp = y.data_ptr<scalar_t>() + i0;
-      pieces<scalar_t>(i1 - i0, [&](int64_t j, int64_t n) { F<scalar_t>::apply(V::loadu(xp + j, n)).store(yp + j, n); });
-    });
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    pieces<scalar_t>(N, [&](int64_t j, int64_t n) { F<scalar_t>::apply(V::loadu(xp + j, n)).store(yp + j, n); });
   });
   return y;
 }

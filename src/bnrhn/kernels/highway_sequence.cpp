@@ -99,8 +99,9 @@ ColumnNorm<T> gate_norm(const Records& rec, const Shape& sh, at::TensorList gamm
   return g;
 }
 
+// The forward of this thread's rows of every step (team.range: all of them when it works alone)
 template <typename T>
-void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask,
+void forward_loop(Team& team, const Shape& sh, const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask,
                   at::TensorList weights, at::TensorList biases, at::TensorList gammas, at::IntArrayRef reads_input,
                   at::IntArrayRef bias_in_product, at::IntArrayRef normed, double eps, bool layer_norm,
                   const c10::optional<Tensor>& renorm, const std::vector<Tensor>& packed, const Tensor& out,
@@ -123,19 +124,26 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
   int64_t s_rows = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = sh.rows[t], off = sh.offset[t];
-    keep_final_rows(final_p, s, n, s_rows, H);
+    if (n != s_rows) {  // the rows end or move between threads: every thread's last step is written
+      team.sync();
+      if (team.leader()) keep_final_rows(final_p, s, n, s_rows, H);
+    }
     s_rows = n;
+    const auto [lo, hi] = team.range(n);
+    const int64_t c = hi - lo;  // this thread's rows lo..hi−1 of the step's n
+    const T* mask = mask_p != nullptr ? mask_p + lo * H : nullptr;
     T* sp0 = s_prev_p + off * H;
-    std::memcpy(sp0, s, n * H * sizeof(T));
-    if (mask_p != nullptr) masked_copy(s_in_p + off * H, sp0, mask_p, n * H);  // layer 1's masked input (the
-                                                                               // others' from highway_rows_forward)
+    std::memcpy(sp0 + lo * H, s + lo * H, c * H * sizeof(T));
+    if (mask != nullptr) masked_copy(s_in_p + (off + lo) * H, sp0 + lo * H, mask, c * H);  // layer 1's masked input
+                                                                                        // (the others' below)
     int64_t chunk = 0;
     for (int64_t l = 0; l < L; ++l) {
-      Tensor act = acts[l].narrow(0, off, n);
-      const Tensor input = inputs[l].narrow(0, off, n);
-      const Tensor base = reads_input[l] ? xp2.narrow(0, t * B, n).narrow(1, (chunk++) * GH, GH) : Tensor();
-      recurrent_product(act, input, weights_t[l], packed[l], base, bias_in_product[l] ? biases[l] : Tensor());
-      T* act_p = acts_p + (l * sh.N + off) * GH;
+      const Tensor base = reads_input[l] ? xp2.narrow(0, t * B + lo, c).narrow(1, (chunk++) * GH, GH) : Tensor();
+      if (c > 0) {
+        recurrent_product(acts[l].narrow(0, off + lo, c), inputs[l].narrow(0, off + lo, c), weights_t[l], packed[l],
+                          base, bias_in_product[l] ? biases[l] : Tensor());
+      }
+      T* act_p = acts_p + (l * sh.N + off) * GH;  // the step's first row
       bool add_bias[3] = {false, false, false};
       const T* bias_p = nullptr;
       if (K > 0) {  // b is added after the normaliser, here or in normalise_forward
@@ -146,23 +154,23 @@ void forward_loop(const Shape& sh, const Tensor& xp, const Tensor& s0, const c10
           T* cols = act_p + normed[k] * H;  // p = BN(a) + b or LN(a) + b, in place
           if (layer_norm) {
             const int64_t lk = l * K + k;
-            layer_norm_rows_forward<T>(n, H, cols, GH, cols, GH, gammas[lk].data_ptr<T>(), bias_p + normed[k] * H, eps,
-                                       rec.xhat.data_ptr<T>() + (lk * sh.N + off) * H,
-                                       rec.invstd.data_ptr<T>() + lk * sh.N + off);
+            layer_norm_rows_forward<T>(c, H, cols + lo * GH, GH, cols + lo * GH, GH, gammas[lk].data_ptr<T>(),
+                                       bias_p + normed[k] * H, eps, rec.xhat.data_ptr<T>() + (lk * sh.N + off + lo) * H,
+                                       rec.invstd.data_ptr<T>() + lk * sh.N + off + lo);
           } else {
-            normalise_forward<T>(n, cols, GH, cols, GH, gate_norm<T>(rec, sh, gammas, biases, renorm, normed, l, k, t),
-                                 eps);
+            normalise_forward<T>(team, n, cols, GH, cols, GH,
+                                 gate_norm<T>(rec, sh, gammas, biases, renorm, normed, l, k, t), eps);
           }
         }
       }
       const bool last = l + 1 == L;
       T* next = last ? out_p + t * B * H : s_prev_p + ((l + 1) * sh.N + off) * H;
-      T* next_in = (!last && mask_p != nullptr) ? s_in_p + ((l + 1) * sh.N + off) * H : nullptr;
-      highway_rows_forward<T>(n, H, G, act_p, bias_p, add_bias, s_prev_p + (l * sh.N + off) * H, next, mask_p, next_in);
+      T* next_in = (!last && mask != nullptr) ? s_in_p + ((l + 1) * sh.N + off + lo) * H : nullptr;
+      highway_rows_forward<T>(c, H, G, act_p + lo * GH, bias_p, add_bias, s_prev_p + (l * sh.N + off + lo) * H,
+                              next + lo * H, mask, next_in);
     }
     s = out_p + t * B * H;
   }
-  keep_final_rows(final_p, s, 0, s_rows, H);
 }
 
 // layer_norm: the normalised gates take a layer norm of each row (norm="layer") instead of batch norm.
@@ -175,7 +183,7 @@ std::vector<Tensor> highway_sequence_forward(
     const Tensor& xp, const Tensor& s0, const c10::optional<Tensor>& h_mask, at::TensorList weights,
     at::TensorList biases, at::TensorList gammas, at::IntArrayRef reads_input, at::IntArrayRef bias_in_product,
     at::IntArrayRef normed, double eps, at::IntArrayRef active, const c10::optional<Tensor>& renorm,
-    bool layer_norm, const c10::optional<at::TensorList>& packed) {
+    bool layer_norm, const c10::optional<at::TensorList>& packed, int64_t parts) {
   TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, "highway_sequence: float32 or float64 only");
   TORCH_CHECK(xp.dim() == 3 && s0.dim() == 2 && s0.size(0) == xp.size(1), "highway_sequence: xp [T, B, P], s0 [B, H]");
   check_tensor(kOp, "xp", xp, xp);
@@ -225,8 +233,11 @@ std::vector<Tensor> highway_sequence_forward(
   }
   const std::vector<Tensor> packed_l = packed_weights(kOp, packed, weights);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "highway_sequence_forward", [&] {
-    forward_loop<scalar_t>(sh, xp, s0, h_mask, weights, biases, gammas, reads_input, bias_in_product, normed, eps,
-                           layer_norm, renorm, packed_l, out, final_state, rec);
+    run_loop(parts, team_scratch_size<scalar_t>(parts, 2 * H), [&](Team& team) {
+      forward_loop<scalar_t>(team, sh, xp, s0, h_mask, weights, biases, gammas, reads_input, bias_in_product, normed,
+                             eps, layer_norm, renorm, packed_l, out, final_state, rec);
+    });
+    keep_final_rows(final_state.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + (T - 1) * B * H, 0, sh.rows.back(), H);
   });
   std::vector<Tensor> results = {out, final_state, rec.acts, rec.s_prev, rec.s_in, rec.xhat, rec.mean, rec.var,
                                  rec.invstd, rec.r, rec.d};
@@ -236,12 +247,15 @@ std::vector<Tensor> highway_sequence_forward(
   return results;
 }
 
+// The backward of this thread's rows of every step (team.range: all of them when it works alone). dgammas and
+// dbetas are this thread's: batch norm's are the team's (its leader adds them), layer norm's this thread's share
+// (the caller sums the threads').
 template <typename T>
-void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_final, const c10::optional<Tensor>& h_mask,
-                   const Records& rec, at::TensorList weights, at::TensorList gammas, at::IntArrayRef reads_input,
-                   at::IntArrayRef normed, bool layer_norm, const Tensor& dxp, const Tensor& das,
-                   const Tensor& dgammas, const Tensor& dbetas, const Tensor& ds_a, const Tensor& ds_b,
-                   const std::vector<Tensor>& packed_t) {
+void backward_loop(Team& team, const Shape& sh, const Tensor& grad_out, const Tensor& grad_final,
+                   const c10::optional<Tensor>& h_mask, const Records& rec, at::TensorList weights,
+                   at::TensorList gammas, at::IntArrayRef reads_input, at::IntArrayRef normed, bool layer_norm,
+                   const Tensor& dxp, const Tensor& das, const Tensor& dgammas, const Tensor& dbetas,
+                   const Tensor& ds_a, const Tensor& ds_b, const Tensor& product, const std::vector<Tensor>& packed_t) {
   const int64_t steps = sh.T, B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K, GH = G * H;
   int64_t n_chunks = 0;
   for (int64_t l = 0; l < L; ++l) n_chunks += reads_input[l] ? 1 : 0;
@@ -256,43 +270,51 @@ void backward_loop(const Shape& sh, const Tensor& grad_out, const Tensor& grad_f
   std::vector<Tensor> das_l;
   for (int64_t l = 0; l < L; ++l) das_l.push_back(das[l]);
   Tensor ds = ds_a, ds_other = ds_b;  // [B, H] each: ∂L/∂s of the current layer input, and the next
-  Tensor product = h_mask.has_value() ? at::empty({B, H}, ds_a.options()) : Tensor();
   int64_t m = 0;  // rows of ds in use
+  int64_t rows_before = -1;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = sh.rows[t], off = sh.offset[t];
-    state_gradient_at(ds.data_ptr<T>(), m, n, t, B, H, gf, go);
+    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
+    rows_before = n;
+    const auto [lo, hi] = team.range(n);
+    const int64_t c = hi - lo;  // this thread's rows lo..hi−1 of the step's n
+    const T* mask = mask_p != nullptr ? mask_p + lo * H : nullptr;
+    state_gradient_rows(ds.data_ptr<T>(), m, lo, hi, t, B, H, gf, go);
+    m = std::max(m, n);
     int64_t chunk = n_chunks;
     for (int64_t l = L - 1; l >= 0; --l) {
-      T* da = das_p + (l * sh.N + off) * GH;
-      highway_rows_backward<T>(n, H, G, ds.data_ptr<T>(), acts_p + (l * sh.N + off) * GH,
-                               s_prev_p + (l * sh.N + off) * H, da, ds_other.data_ptr<T>());
+      T* da = das_p + (l * sh.N + off) * GH;  // the step's first row
+      highway_rows_backward<T>(c, H, G, ds.data_ptr<T>() + lo * H, acts_p + (l * sh.N + off + lo) * GH,
+                               s_prev_p + (l * sh.N + off + lo) * H, da + lo * GH, ds_other.data_ptr<T>() + lo * H);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t lk = l * K + k;
         T* dgamma = dgammas.data_ptr<T>() + lk * H;
         T* dbeta = dbetas.data_ptr<T>() + lk * H;
         if (layer_norm) {
-          layer_norm_rows_backward<T>(n, H, da + normed[k] * H, GH, gammas[lk].data_ptr<T>(),
-                                      rec.xhat.data_ptr<T>() + (lk * sh.N + off) * H,
-                                      rec.invstd.data_ptr<T>() + lk * sh.N + off, dgamma, dbeta);
+          layer_norm_rows_backward<T>(c, H, da + lo * GH + normed[k] * H, GH, gammas[lk].data_ptr<T>(),
+                                      rec.xhat.data_ptr<T>() + (lk * sh.N + off + lo) * H,
+                                      rec.invstd.data_ptr<T>() + lk * sh.N + off + lo, dgamma, dbeta);
         } else {
           const ColumnNorm<T> g = gate_norm<T>(rec, sh, gammas, {}, c10::nullopt, normed, l, k, t);
-          normalise_backward<T>(n, da + normed[k] * H, GH, g, dgamma, dbeta);
+          normalise_backward<T>(team, n, da + normed[k] * H, GH, g, dgamma, dbeta);
         }
       }
       if (reads_input[l]) {
         --chunk;
         if (dxp_p != nullptr) {
-          for (int64_t i = 0; i < n; ++i) std::memcpy(dxp_p + (t * B + i) * P + chunk * GH, da + i * GH, GH * sizeof(T));
+          for (int64_t i = lo; i < hi; ++i) {
+            std::memcpy(dxp_p + (t * B + i) * P + chunk * GH, da + i * GH, GH * sizeof(T));
+          }
         }
       }
       // ds_{l−1} = highway′ + (da R_l) ⊙ m
-      add_masked_product<T>(ds_other.narrow(0, 0, n), das_l[l].narrow(0, off, n), weights[l], mask_p, product,
-                            packed_t[l]);
+      if (c > 0) {
+        add_masked_product<T>(ds_other.narrow(0, lo, c), das_l[l].narrow(0, off + lo, c), weights[l], mask,
+                              product.defined() ? product.narrow(0, lo, c) : product, packed_t[l]);
+      }
       std::swap(ds, ds_other);
     }
   }
-  final_rows(ds.data_ptr<T>(), gf, m, B, H);  // rows that never ran (no step): s0 is their final state
-  if (ds.data_ptr() != ds_a.data_ptr()) ds_a.copy_(ds);  // the caller reads ds0 from ds_a
 }
 
 // → (dxp [T, B, P] or None, ds0 [B, H], dR_l per layer, db_l per layer (empty where the bias is not an input of this
@@ -303,7 +325,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
     const c10::optional<Tensor>& s_in, const c10::optional<Tensor>& xhat, const c10::optional<Tensor>& invstd,
     const c10::optional<Tensor>& r, const c10::optional<Tensor>& d, at::TensorList weights, at::TensorList gammas,
     at::IntArrayRef reads_input, at::IntArrayRef bias_in_product, at::IntArrayRef normed, at::IntArrayRef active,
-    bool layer_norm, bool need_xp, const c10::optional<at::TensorList>& packed_t) {
+    bool layer_norm, bool need_xp, const c10::optional<at::TensorList>& packed_t, int64_t parts) {
   TORCH_CHECK(xp_size.size() == 3, "highway_sequence_backward: xp_size must be [T, B, P]");
   const Shape sh = shape_of(xp_size[0], xp_size[1], s0, weights, normed, active, layer_norm);
   const int64_t B = sh.B, H = sh.H, G = sh.G, L = sh.L, K = sh.K;
@@ -324,13 +346,30 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
   const Tensor go = dense_or_undefined(grad_out), gf = dense_or_undefined(grad_final);
   const Tensor dxp = need_xp ? input_gradient(sh, xp_size[2], opts) : Tensor();
   Tensor das = at::empty({L, sh.N, G * H}, opts);
-  Tensor dgammas = at::zeros({L * K, H}, opts), dbetas = at::zeros({L * K, H}, opts);
+  // layer norm's dγ and dβ: one share per thread, summed below (batch norm's: the team's leader adds them)
+  const int64_t shares = layer_norm && parts > 1 ? parts : 1;
+  Tensor dgammas = at::zeros({shares, L * K, H}, opts), dbetas = at::zeros({shares, L * K, H}, opts);
   Tensor ds_a = at::empty({B, H}, opts), ds_b = at::empty({B, H}, opts);
+  const Tensor product = h_mask.has_value() ? at::empty({B, H}, opts) : Tensor();
   const std::vector<Tensor> packed_t_l = packed_transposed_weights(kOp, packed_t, weights);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "highway_sequence_backward", [&] {
-    backward_loop<scalar_t>(sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, layer_norm, dxp, das,
-                            dgammas, dbetas, ds_a, ds_b, packed_t_l);
+    run_loop(parts, team_scratch_size<scalar_t>(parts, 2 * H), [&](Team& team) {
+      const int64_t share = shares > 1 ? team.id() : 0;
+      backward_loop<scalar_t>(team, sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, layer_norm, dxp,
+                              das, dgammas[share], dbetas[share], ds_a, ds_b, product, packed_t_l);
+    });
+    // rows that never ran (no step): s0 is their final state. T swaps of ds per layer leave ∂L/∂s0 in ds_a when
+    // T·L is even, else in ds_b
+    Tensor ds = (sh.T * L) % 2 == 0 ? ds_a : ds_b;
+    final_rows(ds.data_ptr<scalar_t>(), gf.defined() ? gf.data_ptr<scalar_t>() : nullptr, sh.rows.front(), B, H);
+    if (ds.data_ptr() != ds_a.data_ptr()) ds_a.copy_(ds);  // the caller reads ds0 from ds_a
   });
+  if (shares > 1) {  // the threads' shares, in thread order
+    dgammas = dgammas.sum(0, /*keepdim=*/true);
+    dbetas = dbetas.sum(0, /*keepdim=*/true);
+  }
+  dgammas = dgammas[0];
+  dbetas = dbetas[0];
   std::vector<Tensor> dweights, dbiases, dgamma_list;
   for (int64_t l = 0; l < L; ++l) {
     dweights.push_back(at::mm(das[l].t(), h_mask.has_value() ? rec.s_in[l] : rec.s_prev[l]));
@@ -352,11 +391,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("highway_sequence_forward(Tensor xp, Tensor s0, Tensor? h_mask, Tensor[] weights, Tensor[] biases, "
         "Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, float eps, int[] active, "
-        "Tensor? renorm, bool layer_norm, Tensor[]? packed=None) -> Tensor[]");
+        "Tensor? renorm, bool layer_norm, Tensor[]? packed=None, int parts=1) -> Tensor[]");
   m.def("highway_sequence_backward(Tensor? grad_out, Tensor? grad_final, int[] xp_size, Tensor s0, Tensor? h_mask, "
         "Tensor acts, Tensor s_prev, Tensor? s_in, Tensor? xhat, Tensor? invstd, Tensor? r, Tensor? d, "
         "Tensor[] weights, Tensor[] gammas, int[] reads_input, int[] bias_in_product, int[] normed, int[] active, "
-        "bool layer_norm, bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
+        "bool layer_norm, bool need_xp, Tensor[]? packed_t=None, int parts=1) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -4,6 +4,7 @@
 // Callers check shapes, dtypes and contiguity; every pointer here addresses contiguous rows.
 #pragma once
 
+#include "team.h"
 #include "vec_math.h"
 
 #include <cmath>
@@ -285,63 +286,101 @@ struct ColumnNorm {
   T* d;             // [W]
 };
 
-// y [n, W] (row stride ld_y; may be x itself) ← the normalised x [n, W] (row stride ld_x)
+// y [n, W] (row stride ld_y; may be x itself) ← the normalised x [n, W] (row stride ld_x). With a team, each
+// thread normalises its own rows (team.range(n)) and the column sums of all of them meet in the team's scratch;
+// alone, the three passes run column piece by column piece (the piece's rows stay in cache between them).
 template <typename T>
-void normalise_forward(int64_t n, const T* x, int64_t ld_x, T* y, int64_t ld_y, const ColumnNorm<T>& g, double eps) {
+void normalise_forward(Team& team, int64_t n, const T* x, int64_t ld_x, T* y, int64_t ld_y, const ColumnNorm<T>& g,
+                       double eps) {
   using V = Vectorized<T>;
   const int64_t W = g.width;
+  const auto [lo, hi] = team.range(n);
   const V count(static_cast<T>(n)), veps(static_cast<T>(eps)), one(1), zero(0);
-  pieces<T>(W, [&](int64_t j, int64_t w) {
+  auto column_sum = [&](int64_t j, int64_t w) {
     V sum(0);
-    for (int64_t i = 0; i < n; ++i) sum = sum + V::loadu(x + i * ld_x + j, w);
-    const V mean = sum / count;
+    for (int64_t i = lo; i < hi; ++i) sum = sum + V::loadu(x + i * ld_x + j, w);
+    return sum;
+  };
+  auto centred_squares = [&](int64_t j, int64_t w, const V& mean) {
     V sq(0);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
       const V c = V::loadu(x + i * ld_x + j, w) - mean;
       sq = at::vec::fmadd(c, c, sq);
     }
-    const V var = sq / count;
+    return sq;
+  };
+  auto apply = [&](int64_t j, int64_t w, const V& mean, const V& var) {
     const V std = (var + veps).sqrt();
     const V invstd = one / std;
-    mean.store(g.mean + j, w);
-    var.store(g.var + j, w);
-    invstd.store(g.invstd + j, w);
     const V gamma = V::loadu(g.gamma + j, w);
     const V beta = g.beta != nullptr ? V::loadu(g.beta + j, w) : zero;
-    V scale = gamma, shift = beta;
+    V scale = gamma, shift = beta, r, d;
     if (g.bounds != nullptr) {
       const T* b = g.bounds + j;
       const V pop_mean = V::loadu(b, w), pop_std = V::loadu(b + g.stride, w);
       const V rmin = V::loadu(b + 2 * g.stride, w), rmax = V::loadu(b + 3 * g.stride, w);
       const V dmax = V::loadu(b + 4 * g.stride, w);
-      const V r = at::vec::minimum(at::vec::maximum(std / pop_std, rmin), rmax);
-      const V d = at::vec::minimum(at::vec::maximum((mean - pop_mean) / pop_std, zero - dmax), dmax);
-      r.store(g.r + j, w);
-      d.store(g.d + j, w);
+      r = at::vec::minimum(at::vec::maximum(std / pop_std, rmin), rmax);
+      d = at::vec::minimum(at::vec::maximum((mean - pop_mean) / pop_std, zero - dmax), dmax);
       scale = gamma * r;
       shift = at::vec::fmadd(gamma, d, beta);
     }
-    for (int64_t i = 0; i < n; ++i) {
+    if (team.leader()) {  // the statistics, once
+      mean.store(g.mean + j, w);
+      var.store(g.var + j, w);
+      invstd.store(g.invstd + j, w);
+      if (g.bounds != nullptr) {
+        r.store(g.r + j, w);
+        d.store(g.d + j, w);
+      }
+    }
+    for (int64_t i = lo; i < hi; ++i) {
       const V xh = (V::loadu(x + i * ld_x + j, w) - mean) * invstd;
       xh.store(g.xhat + i * W + j, w);
       at::vec::fmadd(xh, scale, shift).store(y + i * ld_y + j, w);
     }
+  };
+  if (team.size() == 1) {
+    pieces<T>(W, [&](int64_t j, int64_t w) {
+      const V mean = column_sum(j, w) / count;
+      apply(j, w, mean, centred_squares(j, w, mean) / count);
+    });
+    return;
+  }
+  // the team's totals, summed in thread order: every thread computes the same
+  auto total = [&](int64_t slot, int64_t j, int64_t w) {
+    V sum = V::loadu(team.sums<T>(slot, 0, W) + j, w);
+    for (int p = 1; p < team.size(); ++p) sum = sum + V::loadu(team.sums<T>(slot, p, W) + j, w);
+    return sum;
+  };
+  const int64_t sums = team.next_slot(), squares = team.next_slot();
+  pieces<T>(W, [&](int64_t j, int64_t w) { column_sum(j, w).store(team.sums<T>(sums, team.id(), W) + j, w); });
+  team.sync();
+  pieces<T>(W, [&](int64_t j, int64_t w) {
+    centred_squares(j, w, total(sums, j, w) / count).store(team.sums<T>(squares, team.id(), W) + j, w);
   });
+  team.sync();
+  pieces<T>(W, [&](int64_t j, int64_t w) { apply(j, w, total(sums, j, w) / count, total(squares, j, w) / count); });
 }
 
-// dy [n, W] (row stride ld) → dx in place; dγ and dβ (when given) accumulate
+// dy [n, W] (row stride ld) → dx in place; dγ and dβ (when given) accumulate. With a team as in normalise_forward
+// (its leader accumulates dγ and dβ).
 template <typename T>
-void normalise_backward(int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T* dgamma, T* dbeta) {
+void normalise_backward(Team& team, int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T* dgamma, T* dbeta) {
   using V = Vectorized<T>;
   const int64_t W = g.width;
+  const auto [lo, hi] = team.range(n);
   const V count(static_cast<T>(n));
-  pieces<T>(W, [&](int64_t j, int64_t w) {
-    V sdy(0), sdyx(0);
-    for (int64_t i = 0; i < n; ++i) {
+  auto column_sums = [&](int64_t j, int64_t w, V& sdy, V& sdyx) {
+    sdy = V(0);
+    sdyx = V(0);
+    for (int64_t i = lo; i < hi; ++i) {
       const V v = V::loadu(dy + i * ld + j, w);
       sdy = sdy + v;
       sdyx = at::vec::fmadd(v, V::loadu(g.xhat + i * W + j, w), sdyx);
     }
+  };
+  auto apply = [&](int64_t j, int64_t w, const V& sdy, const V& sdyx) {
     V scale = V::loadu(g.gamma + j, w);
     V dg = sdyx;
     if (g.r != nullptr) {
@@ -349,15 +388,57 @@ void normalise_backward(int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T*
       scale = scale * r;
       dg = at::vec::fmadd(V::loadu(g.d + j, w), sdy, r * sdyx);
     }
-    (V::loadu(dgamma + j, w) + dg).store(dgamma + j, w);
-    if (dbeta != nullptr) (V::loadu(dbeta + j, w) + sdy).store(dbeta + j, w);
+    if (team.leader()) {
+      (V::loadu(dgamma + j, w) + dg).store(dgamma + j, w);
+      if (dbeta != nullptr) (V::loadu(dbeta + j, w) + sdy).store(dbeta + j, w);
+    }
     const V k = scale * V::loadu(g.invstd + j, w);
     const V mean_dy = sdy / count, mean_dyx = sdyx / count;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
       const V v = V::loadu(dy + i * ld + j, w), xh = V::loadu(g.xhat + i * W + j, w);
       (k * (v - mean_dy - xh * mean_dyx)).store(dy + i * ld + j, w);
     }
+  };
+  if (team.size() == 1) {
+    pieces<T>(W, [&](int64_t j, int64_t w) {
+      V sdy, sdyx;
+      column_sums(j, w, sdy, sdyx);
+      apply(j, w, sdy, sdyx);
+    });
+    return;
+  }
+  const int64_t slot = team.next_slot();  // [Σ dy | Σ dy x̂] of each thread
+  pieces<T>(W, [&](int64_t j, int64_t w) {
+    V sdy, sdyx;
+    column_sums(j, w, sdy, sdyx);
+    T* mine = team.sums<T>(slot, team.id(), 2 * W);
+    sdy.store(mine + j, w);
+    sdyx.store(mine + W + j, w);
   });
+  team.sync();
+  pieces<T>(W, [&](int64_t j, int64_t w) {
+    const T* first = team.sums<T>(slot, 0, 2 * W);
+    V sdy = V::loadu(first + j, w), sdyx = V::loadu(first + W + j, w);
+    for (int p = 1; p < team.size(); ++p) {
+      const T* other = team.sums<T>(slot, p, 2 * W);
+      sdy = sdy + V::loadu(other + j, w);
+      sdyx = sdyx + V::loadu(other + W + j, w);
+    }
+    apply(j, w, sdy, sdyx);
+  });
+}
+
+// The same without a team: all n rows on the calling thread
+template <typename T>
+void normalise_forward(int64_t n, const T* x, int64_t ld_x, T* y, int64_t ld_y, const ColumnNorm<T>& g, double eps) {
+  Team alone;
+  normalise_forward(alone, n, x, ld_x, y, ld_y, g, eps);
+}
+
+template <typename T>
+void normalise_backward(int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T* dgamma, T* dbeta) {
+  Team alone;
+  normalise_backward(alone, n, dy, ld, g, dgamma, dbeta);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

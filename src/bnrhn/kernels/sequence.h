@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -213,19 +214,24 @@ inline at::Tensor input_gradient(const Packing& pk, int64_t P, const at::TensorO
   return pk.rows.back() < pk.B ? at::zeros({pk.T, pk.B, P}, opts) : at::empty({pk.T, pk.B, P}, opts);
 }
 
-// The state's gradient as step t's backward starts, in ds [≥ n, H] whose first m rows are in use: rows [m, n)
-// take the final state's gradient (their last step is t), then every row adds the output's gradient at t
+// The state's gradient as step t's backward starts, in rows [lo, hi) of ds [≥ n, H], whose first m rows are in use:
+// rows [m, hi) take the final state's gradient (their last step is t), then every row adds the output's gradient
+template <typename T>
+void state_gradient_rows(T* ds, int64_t m, int64_t lo, int64_t hi, int64_t t, int64_t B, int64_t H,
+                         const T* grad_final, const T* grad_out) {
+  final_rows(ds, grad_final, std::max(lo, m), hi, H);
+  if (grad_out != nullptr) {
+    const T* g = grad_out + t * B * H;
+    for (int64_t e = lo * H; e < hi * H; ++e) ds[e] += g[e];
+  }
+}
+
+// The same for all n rows of step t; m becomes the rows in use after it
 template <typename T>
 void state_gradient_at(T* ds, int64_t& m, int64_t n, int64_t t, int64_t B, int64_t H, const T* grad_final,
                        const T* grad_out) {
-  if (n > m) {
-    final_rows(ds, grad_final, m, n, H);
-    m = n;
-  }
-  if (grad_out != nullptr) {
-    const T* g = grad_out + t * B * H;
-    for (int64_t e = 0; e < n * H; ++e) ds[e] += g[e];
-  }
+  state_gradient_rows(ds, m, 0, n, t, B, H, grad_final, grad_out);
+  m = std::max(m, n);
 }
 
 }  // namespace bnrhn_kernels

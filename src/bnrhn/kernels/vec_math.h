@@ -10,7 +10,6 @@
 // 21844x¹³/6081075, is below 6·10⁻¹¹ there). NaN inputs give NaN. float64 uses ATen's own tanh and exp.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -62,16 +61,15 @@ inline void pieces(int64_t cols, const F& f) {
   if (j < cols) f(j, cols - j);
 }
 
-// f(b) for rows b = 0..B−1. Written as at::parallel_for (~16k elements per task), but that is a header template
-// whose OpenMP pragma only a build with -fopenmp compiles: this extension is built without it, so the rows run
-// one after another on the calling thread. Built with -fopenmp (tried 2026-12-07, docs/performance.md), the
-// training steps at hidden size 128 and 512 were no faster, so the build stays as it is.
+// f(b) for rows b = 0..B−1, on the calling thread. The passes were once written as at::parallel_for (~16k elements
+// per task), which ran serially while the extension was built without -fopenmp; built with it (tried 2026-12-07,
+// docs/performance.md) the training steps at hidden size 128 and 512 were no faster. The extension is now built
+// with -fopenmp for the loops' batch split (team.h), which shares a step's rows among threads instead; a pass
+// here stays on its thread. (The `cols` argument, the row length, is kept for the callers' clarity.)
 template <typename F>
 inline void rows(int64_t B, int64_t cols, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) f(b);
-  });
+  (void)cols;
+  for (int64_t b = 0; b < B; ++b) f(b);
 }
 
 }  // namespace bnrhn_kernels

@@ -1,0 +1,40 @@
+"""How many threads share a C++ loop's batch (``team.h``): each takes a contiguous range of every step's rows.
+
+At small hidden sizes a recurrent step is a small product, which MKL spreads over the threads with a fork and
+join per call, then elementwise passes on one thread while the others wait. Split, each thread runs the whole
+sequence on its rows with single-threaded products, and the threads meet only where a batch norm combines its
+column sums and where a step has fewer rows than the one before. ``BNRHN_BATCH_SPLIT``: ``auto`` (the default)
+splits where :func:`parts` says so, ``off`` never, a number N splits into N parts wherever a step's rows allow
+(tests, measurements). docs/performance.md has the measurements behind the rule.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MIN_ROWS = 16  # rows per thread at the first step, at least: fewer make products too small to run well alone
+MAX_HIDDEN = 384  # from here on the products go through oneDNN on the whole batch (bnrhn/kernels/onednn.py)
+
+
+def setting() -> str:
+    """``BNRHN_BATCH_SPLIT``: "auto", "off" or a number of parts (≥ 1)."""
+    value = os.environ.get("BNRHN_BATCH_SPLIT", "auto").strip().lower()
+    if value in ("auto", "off") or (value.isdigit() and int(value) >= 1):
+        return value
+    raise ValueError(f"BNRHN_BATCH_SPLIT must be auto, off or a number of parts ≥ 1, got {value!r}")
+
+
+def parts(rows: int, hidden: int, onednn_products: bool) -> int:
+    """Threads to share a loop whose first step has ``rows`` rows: with ``auto``, PyTorch's thread count where
+    the products stay with MKL (``onednn_products`` false, ``hidden`` below :data:`MAX_HIDDEN`), at most one per
+    :data:`MIN_ROWS` rows; 1 otherwise."""
+    chosen = setting()
+    if chosen == "off":
+        return 1
+    if chosen != "auto":
+        return max(1, min(int(chosen), rows))
+    if onednn_products or hidden >= MAX_HIDDEN:
+        return 1
+    return max(1, min(torch.get_num_threads(), rows // MIN_ROWS))

@@ -1,0 +1,172 @@
+"""The C++ highway loop's batch split (``bnrhn/kernels/batch_split.py``, ``team.h``): every step's rows shared by
+threads, which meet where batch norm combines its column sums and where the rows move between them. Against the
+autograd composition (float64, to 1e-12), float64 again in float32, finite differences, and the team's own
+mechanics (a thread's error, no team to be had)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnrhn import kernels
+from bnrhn.cells.highway_sequence import NativeHighwaySequence
+from bnrhn.kernels import batch_split
+from bnrhn.nn import Recurrent, SequenceBatchNorm
+
+from test_fused_paths import FUSED_CASES, _run
+
+# the highway cases the C++ loop runs (steps sharing statistics stay in Python: max_steps, per_step=False)
+HIGHWAY_CASES = [(n, o) for n, o in FUSED_CASES if "rhn" in n and "max_steps" not in o and o.get("per_step", True)]
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    why = kernels.compiler_missing()
+    if why:
+        pytest.skip(f"the C++ loops cannot be built here: {why}")
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "on")
+    kernels.reset()
+    yield kernels.build()
+    kernels.reset()
+
+
+@pytest.fixture
+def parts_used(monkeypatch):
+    """The parts the highway loop was given, call by call."""
+    seen: list[int] = []
+    original = batch_split.parts
+    monkeypatch.setattr(batch_split, "parts", lambda *a: seen.append(original(*a)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("name,opts", HIGHWAY_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(HIGHWAY_CASES)])
+@pytest.mark.parametrize("lengths", [None, (7, 4, 6, 7), (7, 4, 6, 2)], ids=["full", "packed", "one-row-step"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, ops, parts_used, monkeypatch):
+    """Four rows in 2 or 3 parts (3: one thread has one row, and none once the rows drop to 2), with packed
+    rows, recurrent dropout, two layers; outputs, final states, every gradient and the population statistics."""
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", str(parts))
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, depth=3, **opts)
+    fused = Recurrent(name, 5, 6, **kw).double()
+    reference = Recurrent(name, 5, 6, fused=False, **kw).double()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    for model in (fused, reference):  # population statistics to renormalise against (and to update)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            _ = model(torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
+    parts_used.clear()
+    out_f, final_f, grads_f = _run(fused, x, lengths, seed=3)
+    out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
+    batch_normed = name == "bn_rhn" and opts.get("normalize", "h") != ""
+    one_row_step = lengths is not None and any(int((lengths > t).sum()) == 1 for t in range(7))
+    if not (batch_normed and one_row_step):  # no batch statistics of one row: bn_rhn leaves the loop for it
+        assert parts_used and set(parts_used) == {parts}
+    assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
+    for sf, sr in zip(final_f, final_r):
+        for a, b in zip(sf, sr):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    for gf, gr, (pname, _) in zip(grads_f, grads_r, [("x", None), *fused.named_parameters()]):
+        assert torch.allclose(gf, gr, atol=1e-11, rtol=0), pname
+    for (bname, bf), br in zip(fused.named_buffers(), reference.buffers()):
+        assert torch.equal(bf, br) if not bf.dtype.is_floating_point else torch.allclose(bf, br, atol=1e-12), bname
+
+
+@pytest.mark.parametrize("name,opts", [("rhn", {}), ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}),
+                                       ("bn_rhn", {"stats": "renorm", "renorm_rmax": 1.05, "renorm_dmax": 0.01,
+                                                   "renorm_warmup": 0, "normalize": "h,c"}),
+                                       ("bn_rhn_tf", {"normalize": "h,c"})])
+def test_split_loop_gradcheck(name, opts, ops, parts_used, monkeypatch):
+    """The split loop against finite differences: rows 5, 5, 3, 3 in two parts (the rows move at the third
+    step), recurrent dropout, an initial state, two layers of depth 2; every input and parameter."""
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "2")
+    torch.manual_seed(0)
+    rnn = Recurrent(name, 3, 4, num_layers=2, recurrent_dropout=0.3, depth=2, **opts).double()
+    names = [n for n, _ in rnn.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in rnn.parameters()]
+    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    s0 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    norms = [m for m in rnn.modules() if isinstance(m, SequenceBatchNorm)]
+
+    def f(x, s0, *ps):
+        torch.manual_seed(1)
+        for bn in norms:  # the same population statistics at every evaluation
+            bn.running_mean.fill_(50.0)
+            bn.running_var.fill_(100.0)
+            bn.num_batches_tracked.fill_(1)
+        out, final = torch.func.functional_call(rnn, dict(zip(names, ps)), (x,),
+                                                {"lengths": torch.tensor([5, 5, 2, 3]), "state": [(s0,), (s0,)]})
+        return out, *(a for layer in final for a in layer)
+
+    assert torch.autograd.gradcheck(f, (x, s0, *params), fast_mode=True)
+    assert parts_used and set(parts_used) == {2}
+
+
+@pytest.mark.parametrize("name", ["rhn", "bn_rhn", "bn_rhn_tf"])
+def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts_used, monkeypatch):
+    """``auto`` at 64 rows with two threads splits in two; the float32 result against the float64 composition."""
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        fast = Recurrent(name, 8, 16, depth=3)
+        reference = Recurrent(name, 8, 16, depth=3, fused=False).double()
+        reference.load_state_dict(fast.state_dict())
+        x = torch.randn(6, 64, 8)
+        lengths = torch.randint(2, 7, (64,))
+        lengths[0] = 6
+        parts_used.clear()
+        out32, final32, grads32 = _run(fast, x.clone().requires_grad_(), lengths, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    out64, final64, grads64 = _run(reference, x.double().requires_grad_(), lengths, seed=3)
+    assert parts_used and set(parts_used) == {2}
+    assert torch.allclose(out32.double(), out64, atol=5e-5, rtol=0)
+    assert torch.allclose(final32[-1][0].double(), final64[-1][0], atol=2e-5, rtol=0)
+    for g32, g64, (pname, _) in zip(grads32, grads64, [("x", None), *fast.named_parameters()]):
+        assert torch.allclose(g32.double(), g64, atol=1e-4, rtol=1e-4), pname
+
+
+def test_the_rule(monkeypatch):
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert batch_split.parts(64, 128, onednn_products=False) == 2
+        assert batch_split.parts(31, 128, onednn_products=False) == 1  # 16 rows a thread at least
+        assert batch_split.parts(64, 128, onednn_products=True) == 1  # oneDNN's products on the whole batch
+        assert batch_split.parts(64, batch_split.MAX_HIDDEN, onednn_products=False) == 1
+        assert batch_split.parts(64, batch_split.MAX_HIDDEN - 1, onednn_products=False) == 2
+        torch.set_num_threads(1)
+        assert batch_split.parts(64, 128, onednn_products=False) == 1
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "off")
+    assert batch_split.parts(64, 128, onednn_products=False) == 1
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "3")
+    assert batch_split.parts(64, 1024, onednn_products=True) == 3
+    assert batch_split.parts(2, 128, onednn_products=False) == 2  # never more parts than rows
+    for wrong in ("0", "two", "-1"):
+        monkeypatch.setenv("BNRHN_BATCH_SPLIT", wrong)
+        with pytest.raises(ValueError, match="BNRHN_BATCH_SPLIT"):
+            batch_split.parts(64, 128, onednn_products=False)
+
+
+def test_a_team_runs_its_parts_at_once(ops):
+    """Each thread of a team of three sees the team whole, and all pass three barriers."""
+    assert sorted(ops.team_check(3, -1, False)) == [0, 1, 2]
+
+
+def test_a_failing_thread_releases_the_others_and_its_error_reaches_the_caller(ops):
+    with pytest.raises(RuntimeError, match="team_check: thread 1 fails"):
+        ops.team_check(3, 1, False)
+    assert sorted(ops.team_check(2, -1, False)) == [0, 1]  # the next team forms as usual
+
+
+def test_no_team_inside_a_parallel_region_runs_one_part(ops):
+    """Asked for from inside another OpenMP parallel region, where OpenMP gives no more threads, the loop runs
+    in one part instead of waiting for threads that never come."""
+    assert ops.team_check(2, -1, True) == [0]
