@@ -64,6 +64,7 @@ def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, 
     one_row_step = lengths is not None and any(int((lengths > t).sum()) == 1 for t in range(7))
     if not (batch_normed and one_row_step):  # no batch statistics of one row: bn_rhn leaves the loop for it
         assert parts_used and set(parts_used) == {parts}
+        assert ops.last_team_size() == parts  # and the C++ loop ran on that many threads
     assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
     for sf, sr in zip(final_f, final_r):
         for a, b in zip(sf, sr):
@@ -79,8 +80,9 @@ def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, 
                                                    "renorm_warmup": 0, "normalize": "h,c"}),
                                        ("bn_rhn_tf", {"normalize": "h,c"})])
 def test_split_loop_gradcheck(name, opts, ops, parts_used, monkeypatch):
-    """The split loop against finite differences: rows 5, 5, 3, 3 in two parts (the rows move at the third
-    step), recurrent dropout, an initial state, two layers of depth 2; every input and parameter."""
+    """The split loop against finite differences: lengths 5, 5, 2, 3 in two parts (4, 4, 3, 2, 2 rows: the rows
+    move at the third and fourth steps), recurrent dropout, an initial state, two layers of depth 2; every input
+    and parameter."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "2")
     torch.manual_seed(0)
     rnn = Recurrent(name, 3, 4, num_layers=2, recurrent_dropout=0.3, depth=2, **opts).double()
@@ -102,6 +104,7 @@ def test_split_loop_gradcheck(name, opts, ops, parts_used, monkeypatch):
 
     assert torch.autograd.gradcheck(f, (x, s0, *params), fast_mode=True)
     assert parts_used and set(parts_used) == {2}
+    assert ops.last_team_size() == 2
 
 
 @pytest.mark.parametrize("name", ["rhn", "bn_rhn", "bn_rhn_tf"])
@@ -124,10 +127,32 @@ def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts
         torch.set_num_threads(threads)
     out64, final64, grads64 = _run(reference, x.double().requires_grad_(), lengths, seed=3)
     assert parts_used and set(parts_used) == {2}
+    assert ops.last_team_size() == 2
     assert torch.allclose(out32.double(), out64, atol=5e-5, rtol=0)
     assert torch.allclose(final32[-1][0].double(), final64[-1][0], atol=2e-5, rtol=0)
     for g32, g64, (pname, _) in zip(grads32, grads64, [("x", None), *fast.named_parameters()]):
         assert torch.allclose(g32.double(), g64, atol=1e-4, rtol=1e-4), pname
+
+
+@pytest.mark.parametrize("name,opts", [("bn_rhn", {}), ("rhn", {}), ("bn_rhn_tf", {})])
+def test_a_larger_batch_in_three_parts_repeatedly(name, opts, ops, parts_used, monkeypatch):
+    """Races show more on more rows: 48 rows of 32 units in 3 parts (more threads than this machine's cores),
+    lengths 1–12 (rows leave at nearly every step), five runs, each against the composition in float64."""
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "3")
+    torch.manual_seed(0)
+    fused = Recurrent(name, 8, 32, depth=3, recurrent_dropout=0.2, **opts).double()
+    reference = Recurrent(name, 8, 32, depth=3, recurrent_dropout=0.2, fused=False, **opts).double()
+    reference.load_state_dict(fused.state_dict())
+    for run in range(5):
+        x = torch.randn(12, 48, 8, dtype=torch.float64, requires_grad=True)
+        lengths = torch.randint(2, 13, (48,))
+        lengths[:2] = 12
+        out_f, _, grads_f = _run(fused, x, lengths, seed=run)
+        assert ops.last_team_size() == 3
+        out_r, _, grads_r = _run(reference, x, lengths, seed=run)
+        assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0), run
+        for gf, gr in zip(grads_f, grads_r):
+            assert torch.allclose(gf, gr, atol=1e-10, rtol=0), run
 
 
 def test_the_rule(monkeypatch):
@@ -149,7 +174,7 @@ def test_the_rule(monkeypatch):
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "3")
     assert batch_split.parts(64, 1024, onednn_products=True) == 3
     assert batch_split.parts(2, 128, onednn_products=False) == 2  # never more parts than rows
-    for wrong in ("0", "two", "-1"):
+    for wrong in ("0", "two", "-1", "²", "257"):
         monkeypatch.setenv("BNRHN_BATCH_SPLIT", wrong)
         with pytest.raises(ValueError, match="BNRHN_BATCH_SPLIT"):
             batch_split.parts(64, 128, onednn_products=False)

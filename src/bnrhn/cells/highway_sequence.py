@@ -238,10 +238,12 @@ class NativeHighwaySequence(Function):
         s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d, *params = ctx.saved_tensors
         weights, gammas = params[:L], params[L:]
         need = ctx.needs_input_grad  # (plan, xp, s0, h_mask, *weights, *biases, *gammas)
+        packed_t = onednn.packed_transposed_weights(weights, ctx.xp_size[1])
+        flags = dict(ctx.flags, parts=1 if packed_t is not None else ctx.flags["parts"])  # oneDNN: the whole batch
         dxp, ds0, dweights, dbiases, dgammas = plan.ops.highway_sequence_backward(
             grad_out, grad_final, ctx.xp_size, s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d,
             [w.contiguous() for w in weights], [g.contiguous() for g in gammas],
-            need_xp=need[1], packed_t=onednn.packed_transposed_weights(weights, ctx.xp_size[1]), **ctx.flags)
+            need_xp=need[1], packed_t=packed_t, **flags)
         need_w, need_b, need_g = need[4 : 4 + L], need[4 + L : 4 + 2 * L], need[4 + 2 * L :]
         dweights = [d if n else None for d, n in zip(dweights, need_w)]
         dbiases = [d if n and d.numel() else None for d, n in zip(dbiases, need_b)]

@@ -14,16 +14,20 @@ import os
 
 import torch
 
+from bnrhn.kernels import onednn
+
 MIN_ROWS = 16  # rows per thread at the first step, at least: fewer make products too small to run well alone
-MAX_HIDDEN = 384  # from here on the products go through oneDNN on the whole batch (bnrhn/kernels/onednn.py)
+# from here on the products may go through oneDNN on the whole batch (bnrhn/kernels/onednn.py decides), and at
+# 512 with MKL the split made BN-RHN's step slower (docs/performance.md)
+MAX_HIDDEN = onednn.MIN_HIDDEN
 
 
 def setting() -> str:
-    """``BNRHN_BATCH_SPLIT``: "auto", "off" or a number of parts (≥ 1)."""
+    """``BNRHN_BATCH_SPLIT``: "auto", "off" or a number of parts (1–256)."""
     value = os.environ.get("BNRHN_BATCH_SPLIT", "auto").strip().lower()
-    if value in ("auto", "off") or (value.isdigit() and int(value) >= 1):
+    if value in ("auto", "off") or (value.isascii() and value.isdigit() and 1 <= int(value) <= 256):
         return value
-    raise ValueError(f"BNRHN_BATCH_SPLIT must be auto, off or a number of parts ≥ 1, got {value!r}")
+    raise ValueError(f"BNRHN_BATCH_SPLIT must be auto, off or a number of parts from 1 to 256, got {value!r}")
 
 
 def parts(rows: int, hidden: int, onednn_products: bool) -> int:

@@ -11,14 +11,19 @@
 // The team is OpenMP's (PyTorch's own runtime, the threads its operators use), with a barrier of our own rather
 // than `#pragma omp barrier`, so that a thread whose work throws (a failed allocation in an operator) releases
 // the others instead of leaving them waiting: they stop at their next barrier and the first error is rethrown
-// on the calling thread.
+// on the calling thread. MKL runs single-threaded inside the team while nested parallelism is off (OpenMP's
+// default); with OMP_MAX_ACTIVE_LEVELS > 1 each thread's products could start threads of their own. Built
+// without OpenMP, a loop runs in one part.
 #pragma once
 
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/Exception.h>
 #include <c10/util/ParallelGuard.h>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -55,8 +60,8 @@ class SpinBarrier {
  private:
   const int size_;
   std::atomic<int> waiting_{0};
-  std::atomic<int> generation_{0};
-  std::atomic<bool> failed_{false};
+  alignas(64) std::atomic<int> generation_{0};  // the line the waiting threads spin on, apart from the arrivals'
+  alignas(64) std::atomic<bool> failed_{false};
 };
 
 // One thread's view of its team: its index, the row range it owns at a step, the barrier, and the scratch in
@@ -78,10 +83,11 @@ class Team {
     if (barrier_ != nullptr) barrier_->wait();
   }
 
-  // The next reduction's scratch slot (each thread counts its own; all count alike). Three slots in turn: a
-  // thread may write the next two reductions' sums while another still reads this one's (batch norm's forward
-  // reads its column sums again after the barrier of its squares), never the third, which lies past a barrier
-  // that every thread reaches only when done reading.
+  // The next reduction's scratch slot (each thread counts its own; all count alike). Three slots in turn:
+  // batch norm's forward reads its column sums (slot i) again after the barrier of its squares (slot i + 1),
+  // while a thread already past that barrier may write the next reduction's sums (slot i + 2) before meeting
+  // the others again; slot i + 3 = slot i comes only after that next barrier, which every thread reaches when
+  // done reading slot i.
   int64_t next_slot() { return slot_++; }
 
   // The column sums [count] of thread `part` in scratch slot `slot`, as T (the scratch holds
@@ -105,9 +111,12 @@ int64_t team_scratch_size(int64_t size, int64_t count) {
   return 3 * size * ((count * static_cast<int64_t>(sizeof(T)) + 7) / 8);
 }
 
+// The team size of the last loop that ran (tests read it: a team that could not be formed ran in one part)
+inline std::atomic<int64_t> last_team_size{0};
+
 // body(team) on `parts` threads at once (or, with parts 1, on the calling thread). Returns false, having run
-// nothing, where OpenMP gives fewer threads than asked (already inside a parallel region, a thread limit): the
-// caller then runs with one part. The first exception a thread throws is rethrown here.
+// nothing, where OpenMP gives fewer threads than asked (already inside a parallel region, a thread limit, a build
+// without OpenMP): the caller then runs with one part. The first exception a thread throws is rethrown here.
 template <typename F>
 bool run_team(int parts, int64_t scratch_doubles, const F& body) {
   SpinBarrier barrier(parts);
@@ -115,21 +124,27 @@ bool run_team(int parts, int64_t scratch_doubles, const F& body) {
   if (parts == 1) {
     Team team(1, 0, barrier, scratch);
     body(team);
+    last_team_size = 1;
     return true;
   }
+#ifndef _OPENMP
+  return false;
+#else
   std::exception_ptr error;
   std::mutex error_lock;
   bool formed = true;
   const at::ThreadLocalState caller;  // grad mode, dispatch keys: the operators called inside run as the caller's
-#pragma omp parallel num_threads(parts)
+  // As many threads as OpenMP's pool holds, if more than the parts: a smaller team would make libgomp end the
+  // surplus threads and PyTorch's next parallel operator start them again. Threads past the parts return at once.
+#pragma omp parallel num_threads(std::max(parts, omp_get_max_threads()))
   {
-    if (omp_get_num_threads() != parts) {
-#pragma omp single
-      formed = false;
-    } else {
+    const int id = omp_get_thread_num();
+    if (omp_get_num_threads() < parts) {
+      if (id == 0) formed = false;
+    } else if (id < parts) {
       at::ThreadLocalStateGuard as_caller(caller);
       c10::ParallelGuard in_parallel(true);  // PyTorch's own parallel loops inside run on this thread
-      Team team(parts, omp_get_thread_num(), barrier, scratch);
+      Team team(parts, id, barrier, scratch);
       try {
         body(team);
       } catch (const TeamAbandoned&) {
@@ -141,13 +156,15 @@ bool run_team(int parts, int64_t scratch_doubles, const F& body) {
     }
   }
   if (error) std::rethrow_exception(error);
+  if (formed) last_team_size = parts;
   return formed;
+#endif
 }
 
 // body(team) on `parts` threads, or on the calling thread alone where OpenMP cannot give them
 template <typename F>
 void run_loop(int64_t parts, int64_t scratch_doubles, const F& body) {
-  TORCH_CHECK(parts >= 1, "a loop runs in at least one part, got ", parts);
+  TORCH_CHECK(parts >= 1 && parts <= 256, "a loop runs in 1 to 256 parts, got ", parts);
   if (!run_team(static_cast<int>(parts), scratch_doubles, body)) run_team(1, scratch_doubles, body);
 }
 

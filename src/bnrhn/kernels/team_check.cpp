@@ -31,6 +31,7 @@ std::vector<int64_t> team_check(int64_t parts, int64_t failing, bool nested) {
     run_loop(parts, 0, body);
     return ran;
   }
+#ifdef _OPENMP
   const int levels = omp_get_max_active_levels();
   omp_set_max_active_levels(1);
 #pragma omp parallel num_threads(2)
@@ -39,13 +40,19 @@ std::vector<int64_t> team_check(int64_t parts, int64_t failing, bool nested) {
     run_loop(parts, 0, body);
   }
   omp_set_max_active_levels(levels);
+#else
+  run_loop(parts, 0, body);
+#endif
   return ran;
 }
 
 }  // namespace
 }  // namespace bnrhn_kernels
 
+int64_t last_team_size() { return bnrhn_kernels::last_team_size.load(); }
+
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
+  m.def("last_team_size() -> int", &last_team_size);  // the threads the last loop ran on
   m.def("team_check(int parts, int failing, bool nested) -> int[]", &bnrhn_kernels::team_check);  // no tensors: one
                                                                                                   // kernel for all
 }
