@@ -1,5 +1,5 @@
-"""The C++ highway loop's batch split (``bnrhn/kernels/batch_split.py``, ``team.h``): every step's rows shared by
-threads, which meet where batch norm combines its column sums and where the rows move between them. Against the
+"""The C++ loops' batch split (``bnrhn/kernels/batch_split.py``, ``team.h``): every step's rows shared by threads,
+which meet where batch norm combines its column sums and where the rows move between them. Against the
 autograd composition (float64, to 1e-12), float64 again in float32, finite differences, and the team's own
 mechanics (a thread's error, no team to be had)."""
 
@@ -15,8 +15,9 @@ from bnrhn.nn import Recurrent, SequenceBatchNorm
 
 from test_fused_paths import FUSED_CASES, _run
 
-# the highway cases the C++ loop runs (steps sharing statistics stay in Python: max_steps, per_step=False)
-HIGHWAY_CASES = [(n, o) for n, o in FUSED_CASES if "rhn" in n and "max_steps" not in o and o.get("per_step", True)]
+# the cases a C++ loop runs (steps sharing statistics stay in Python: max_steps, per_step=False), and MUT1–3
+LOOP_CASES = [(n, o) for n, o in FUSED_CASES if "max_steps" not in o and o.get("per_step", True)] + [
+    ("mut1", {}), ("mut2", {}), ("mut3", {})]
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def parts_used(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("name,opts", HIGHWAY_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(HIGHWAY_CASES)])
+@pytest.mark.parametrize("name,opts", LOOP_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LOOP_CASES)])
 @pytest.mark.parametrize("lengths", [None, (7, 4, 6, 7), (7, 4, 6, 2)], ids=["full", "packed", "one-row-step"])
 @pytest.mark.parametrize("parts", [2, 3])
 def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, ops, parts_used, monkeypatch):
@@ -47,22 +48,23 @@ def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, 
     rows, recurrent dropout, two layers; outputs, final states, every gradient and the population statistics."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", str(parts))
     torch.manual_seed(0)
-    kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, depth=3, **opts)
-    fused = Recurrent(name, 5, 6, **kw).double()
-    reference = Recurrent(name, 5, 6, fused=False, **kw).double()
+    kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **({"depth": 3} if "rhn" in name else {}), **opts)
+    inputs = 6 if name in ("mut1", "mut2") else 5  # MUT1 and MUT2 add x_t to hidden-sized vectors
+    fused = Recurrent(name, inputs, 6, **kw).double()
+    reference = Recurrent(name, inputs, 6, fused=False, **kw).double()
     reference.load_state_dict(fused.state_dict())
-    x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 4, inputs, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor(lengths) if lengths is not None else None
     for model in (fused, reference):  # population statistics to renormalise against (and to update)
         torch.manual_seed(5)
         with torch.no_grad():
-            _ = model(torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
+            _ = model(torch.randn(7, 4, inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
     parts_used.clear()
     out_f, final_f, grads_f = _run(fused, x, lengths, seed=3)
     out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
-    batch_normed = name == "bn_rhn" and opts.get("normalize", "h") != ""
+    batch_normed = name == "bn_lstm" or (name == "bn_rhn" and opts.get("normalize", "h") != "")
     one_row_step = lengths is not None and any(int((lengths > t).sum()) == 1 for t in range(7))
-    if not (batch_normed and one_row_step):  # no batch statistics of one row: bn_rhn leaves the loop for it
+    if not (batch_normed and one_row_step):  # no batch statistics of one row: these cells leave the loop for it
         assert parts_used and set(parts_used) == {parts}
         assert ops.last_team_size() == parts  # and the C++ loop ran on that many threads
     assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
@@ -134,14 +136,17 @@ def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts
         assert torch.allclose(g32.double(), g64, atol=1e-4, rtol=1e-4), pname
 
 
-@pytest.mark.parametrize("name,opts", [("bn_rhn", {}), ("rhn", {}), ("bn_rhn_tf", {})])
+@pytest.mark.parametrize("name,opts", [("bn_rhn", {}), ("rhn", {}), ("bn_rhn_tf", {}), ("bn_lstm", {}),
+                                       ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}), ("gru", {}),
+                                       ("rnn", {}), ("mut3", {})])
 def test_a_larger_batch_in_three_parts_repeatedly(name, opts, ops, parts_used, monkeypatch):
     """Races show more on more rows: 48 rows of 32 units in 3 parts (more threads than this machine's cores),
     lengths 1–12 (rows leave at nearly every step), five runs, each against the composition in float64."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "3")
     torch.manual_seed(0)
-    fused = Recurrent(name, 8, 32, depth=3, recurrent_dropout=0.2, **opts).double()
-    reference = Recurrent(name, 8, 32, depth=3, recurrent_dropout=0.2, fused=False, **opts).double()
+    kw = dict(recurrent_dropout=0.2, **({"depth": 3} if "rhn" in name else {}), **opts)
+    fused = Recurrent(name, 8, 32, **kw).double()
+    reference = Recurrent(name, 8, 32, fused=False, **kw).double()
     reference.load_state_dict(fused.state_dict())
     for run in range(5):
         x = torch.randn(12, 48, 8, dtype=torch.float64, requires_grad=True)

@@ -27,7 +27,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.kernels import onednn
+from bnrhn.kernels import batch_split, onednn
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 from bnrhn.cells.packed_rows import drop_finished, final_grads, final_state, grow_grads
 from bnrhn.autodiff import autocast_backward, autocast_forward
@@ -333,15 +333,16 @@ class NativeBNLSTMSequence(Function):
         h0, c0 = h0.contiguous(), c0.contiguous()
         h_mask = kernels.loop_mask(h_mask, h0)
         renorm_h, renorm_c = plan.renorm if plan.renorm is not None else (None, None)
+        packed = onednn.packed_recurrent_weights([weight], xp.shape[1])
+        parts = batch_split.forward_parts(plan.active, xp.shape[1], h0.shape[1], packed)
         results = plan.ops.bn_lstm_sequence_forward(xp, h0, c0, h_mask, weight.contiguous(), gamma_h.contiguous(),
                                                     gamma_c.contiguous(), beta_c.contiguous(),
                                                     plan.carry_normed, plan.eps, list(plan.active or []),
-                                                    renorm_h, renorm_c,
-                                                    packed=onednn.packed_recurrent_weights([weight], xp.shape[1]))
+                                                    renorm_h, renorm_c, packed=packed, parts=parts)
         out, h, c = results[:3]
         h_in, act, xhat_h, c_prev, xhat_c, tanh_c, mean_h, var_h, invstd_h, mean_c, var_c, invstd_c = results[3:15]
         plan.track([mean_h, mean_c], [var_h, var_c])
-        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+        ctx.plan, ctx.size, ctx.parts = plan, (xp.shape[0], xp.shape[1]), parts
         ctx.save_for_backward(h_mask, weight, gamma_h, gamma_c, h_in, act, xhat_h, c_prev, xhat_c, tanh_c, invstd_h,
                               invstd_c, *results[15:])
         return out, h, c
@@ -352,9 +353,10 @@ class NativeBNLSTMSequence(Function):
         plan = ctx.plan
         h_mask, weight, gamma_h, gamma_c, *records = ctx.saved_tensors
         need = ctx.needs_input_grad  # (plan, xp, h0, c0, h_mask, W_h, γ_h, γ_c, β_c)
+        packed_t = onednn.packed_transposed_weights([weight], ctx.size[1])
         dxp, dh0, dc0, dweight, dgamma_h, dgamma_c, dbeta_c = plan.ops.bn_lstm_sequence_backward(
             grad_out, grad_h, grad_c, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), gamma_h, gamma_c,
-            records, plan.carry_normed, list(plan.active or []), need[1],
-            packed_t=onednn.packed_transposed_weights([weight], ctx.size[1]))
+            records, plan.carry_normed, list(plan.active or []), need[1], packed_t=packed_t,
+            parts=batch_split.backward_parts(ctx.parts, packed_t))
         grads = (dh0, dc0, None, dweight, dgamma_h, dgamma_c, dbeta_c)
         return (None, dxp, *(g if n else None for g, n in zip(grads, need[2:])))

@@ -218,7 +218,7 @@ class NativeHighwaySequence(Function):
         h_mask = kernels.loop_mask(h_mask, s0)
         dense = lambda ts: [t.contiguous() for t in ts]  # noqa: E731 (parameters are; a caller's tensors may not be)
         packed = onednn.packed_recurrent_weights(weights, xp.shape[1])
-        flags["parts"] = batch_split.parts(plan.active[0] if plan.active else xp.shape[1], s0.shape[1], packed is not None)
+        flags["parts"] = batch_split.forward_parts(plan.active, xp.shape[1], s0.shape[1], packed)
         results = plan.ops.highway_sequence_forward(xp.contiguous(), s0, h_mask, dense(weights), dense(biases),
                                                     dense(gammas), eps=plan.eps, renorm=plan.renorm, packed=packed,
                                                     **flags)
@@ -239,7 +239,7 @@ class NativeHighwaySequence(Function):
         weights, gammas = params[:L], params[L:]
         need = ctx.needs_input_grad  # (plan, xp, s0, h_mask, *weights, *biases, *gammas)
         packed_t = onednn.packed_transposed_weights(weights, ctx.xp_size[1])
-        flags = dict(ctx.flags, parts=1 if packed_t is not None else ctx.flags["parts"])  # oneDNN: the whole batch
+        flags = dict(ctx.flags, parts=batch_split.backward_parts(ctx.flags["parts"], packed_t))
         dxp, ds0, dweights, dbiases, dgammas = plan.ops.highway_sequence_backward(
             grad_out, grad_final, ctx.xp_size, s0, h_mask, acts, s_prev, s_in, xhat, invstd, r, d,
             [w.contiguous() for w in weights], [g.contiguous() for g in gammas],

@@ -39,7 +39,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.kernels import onednn
+from bnrhn.kernels import batch_split, onednn
 from bnrhn.cells.base import REFERENCE, RecurrentCell, State, StepMode
 
 __all__ = ["MUT1Cell", "MUT2Cell", "MUT3Cell"]
@@ -182,10 +182,12 @@ class MUTSequence(Function):
         h_mask = kernels.loop_mask(h_mask, h0)
         dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
         weights = [w for w in (w_hz, w_hr, w_hh) if w is not None]
+        packed = onednn.packed_recurrent_weights(weights, xp.shape[1])
+        parts = batch_split.forward_parts(plan.active, xp.shape[1], h0.shape[1], packed)
         out, h, *records = plan.ops.mut_sequence_forward(plan.variant, xp, h0.contiguous(), h_mask, dense(w_hz),
                                                          dense(w_hr), dense(w_hh), list(plan.active or []),
-                                                         packed=onednn.packed_recurrent_weights(weights, xp.shape[1]))
-        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+                                                         packed=packed, parts=parts)
+        ctx.plan, ctx.size, ctx.parts = plan, (xp.shape[0], xp.shape[1]), parts
         ctx.save_for_backward(h_mask, w_hz, w_hr, w_hh, *records)
         return out, h
 
@@ -196,10 +198,11 @@ class MUTSequence(Function):
         dense = lambda w: w.contiguous() if w is not None else None  # noqa: E731
         need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hz, W_hr, W_hh)
         weights = [w for w in (w_hz, w_hr, w_hh) if w is not None]
+        packed_t = onednn.packed_transposed_weights(weights, ctx.size[1])
         dxp, dh0, dw_hz, dw_hr, dw_hh = ctx.plan.ops.mut_sequence_backward(
             ctx.plan.variant, grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, dense(w_hz), dense(w_hr),
-            dense(w_hh), records, list(ctx.plan.active or []), need[1],
-            packed_t=onednn.packed_transposed_weights(weights, ctx.size[1]))
+            dense(w_hh), records, list(ctx.plan.active or []), need[1], packed_t=packed_t,
+            parts=batch_split.backward_parts(ctx.parts, packed_t))
         keep = lambda g, n: g if n and g.numel() else None  # noqa: E731
         return (None, dxp, dh0 if need[2] else None, None, keep(dw_hz, need[4]), keep(dw_hr, need[5]),
                 keep(dw_hh, need[6]))

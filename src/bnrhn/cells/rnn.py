@@ -13,7 +13,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from bnrhn import kernels
-from bnrhn.kernels import onednn
+from bnrhn.kernels import batch_split, onednn
 from bnrhn.cells.base import REFERENCE, LoopPlan, RecurrentCell, State, StepMode
 
 
@@ -74,10 +74,11 @@ class RNNSequence(Function):
         if xp.stride(2) != 1:
             xp = xp.contiguous()
         h_mask = kernels.loop_mask(h_mask, h0)
+        packed = onednn.packed_recurrent_weights([weight], xp.shape[1])
+        parts = batch_split.forward_parts(plan.active, xp.shape[1], h0.shape[1], packed)
         out, h, *records = plan.ops.rnn_sequence_forward(xp, h0.contiguous(), h_mask, weight.contiguous(),
-                                                         list(plan.active or []),
-                                                         packed=onednn.packed_recurrent_weights([weight], xp.shape[1]))
-        ctx.plan, ctx.size = plan, (xp.shape[0], xp.shape[1])
+                                                         list(plan.active or []), packed=packed, parts=parts)
+        ctx.plan, ctx.size, ctx.parts = plan, (xp.shape[0], xp.shape[1]), parts
         ctx.save_for_backward(h_mask, weight, *records)
         return out, h
 
@@ -86,7 +87,9 @@ class RNNSequence(Function):
     def backward(ctx, grad_out, grad_h):
         h_mask, weight, *records = ctx.saved_tensors
         need = ctx.needs_input_grad  # (plan, xp, h0, h_mask, W_hh)
+        packed_t = onednn.packed_transposed_weights([weight], ctx.size[1])
         dxp, dh0, dweight = ctx.plan.ops.rnn_sequence_backward(
             grad_out, grad_h, ctx.size[0], ctx.size[1], h_mask, weight.contiguous(), records,
-            list(ctx.plan.active or []), need[1], packed_t=onednn.packed_transposed_weights([weight], ctx.size[1]))
+            list(ctx.plan.active or []), need[1], packed_t=packed_t,
+            parts=batch_split.backward_parts(ctx.parts, packed_t))
         return (None, dxp, dh0 if need[2] else None, None, dweight if need[4] else None)

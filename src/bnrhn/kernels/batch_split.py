@@ -42,3 +42,14 @@ def parts(rows: int, hidden: int, onednn_products: bool) -> int:
     if onednn_products or hidden >= MAX_HIDDEN:
         return 1
     return max(1, min(torch.get_num_threads(), rows // MIN_ROWS))
+
+
+def forward_parts(active: list[int] | None, batch: int, hidden: int, packed: list | None) -> int:
+    """:func:`parts` for a loop's forward: ``active`` (rows per step, or None: the whole ``batch`` at every step)
+    and the reordered weights it was given (``packed``: oneDNN's products, or None)."""
+    return parts(active[0] if active else batch, hidden, packed is not None)
+
+
+def backward_parts(forward: int, packed_t: list | None) -> int:
+    """The backward's parts: the forward's, or one where its products go through oneDNN (on the whole batch)."""
+    return 1 if packed_t is not None else forward

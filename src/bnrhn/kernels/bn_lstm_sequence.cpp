@@ -22,6 +22,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -65,17 +66,17 @@ ColumnNorm<T> norm_of(const Records& rec, bool recurrent, const Tensor& gamma, c
   return g;
 }
 
+// The forward of this thread's rows of every step (team.range: all of them when it works alone; the batch norms'
+// statistics are the team's); the caller keeps the last step's final rows. r, c_buf and c_hat: scratch [B, ·]
 template <typename T>
-void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const Tensor& c0,
+void forward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const Tensor& c0,
                   const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h,
                   const Tensor& gamma_c, const Tensor& beta_c, bool carry_normed, double eps,
                   const c10::optional<Tensor>& renorm_h, const c10::optional<Tensor>& renorm_c, const Tensor& packed,
-                  const Tensor& out, const Tensor& h_final, const Tensor& c_final, Records& rec) {
+                  const Tensor& out, const Tensor& h_final, const Tensor& c_final, const Tensor& r,
+                  const Tensor& c_buf, const Tensor& c_hat, Records& rec) {
   const int64_t steps = pk.T, B = pk.B, H4 = 4 * H;
   const Tensor weight_t = weight.t();
-  const Tensor r = at::empty({B, H4}, xp.options());                     // the step's product
-  const Tensor c_buf = at::empty({B, H}, xp.options());                   // c
-  const Tensor c_hat = at::empty({B, H}, xp.options());                   // ĉ
   const T* xp_p = xp.data_ptr<T>();
   const int64_t xs0 = xp.stride(0), xs1 = xp.stride(1);
   const T* mask_p = ptr_or_null<T>(h_mask);
@@ -88,29 +89,35 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    keep_final_rows(hf, h, n, rows_in, H);
-    keep_final_rows(cf, c, n, rows_in, H);
+    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
+      team.sync();
+      if (team.leader()) {
+        keep_final_rows(hf, h, n, rows_in, H);
+        keep_final_rows(cf, c, n, rows_in, H);
+      }
+    }
     rows_in = n;
-    masked_copy(h_in_p + off * H, h, mask_p, n * H);
-    Tensor r_t = r.narrow(0, 0, n);
-    recurrent_product(r_t, rec.h_in.narrow(0, off, n), weight_t, packed, Tensor(), Tensor());
-    T* act = rec.act.data_ptr<T>() + off * H4;
-    normalise_forward<T>(n, r_t.data_ptr<T>(), H4, act, H4,
+    const auto [lo, hi] = team.range(n);
+    const int64_t nr = hi - lo;  // this thread's rows lo..hi−1 of the step's n
+    masked_copy(h_in_p + (off + lo) * H, h + lo * H, mask_p != nullptr ? mask_p + lo * H : nullptr, nr * H);
+    if (nr > 0) recurrent_product(r.narrow(0, lo, nr), rec.h_in.narrow(0, off + lo, nr), weight_t, packed, Tensor(),
+                                  Tensor());
+    T* act = rec.act.data_ptr<T>() + off * H4;  // the step's first row
+    normalise_forward<T>(team, n, r.data_ptr<T>(), H4, act, H4,
                          norm_of<T>(rec, true, gamma_h, nullptr, renorm_h, t, off, steps), eps);
     T* c_prev = rec.c_prev.data_ptr<T>() + off * H;
-    std::memcpy(c_prev, c, n * H * sizeof(T));
+    std::memcpy(c_prev + lo * H, c + lo * H, nr * H * sizeof(T));
     T* c_new = c_buf.data_ptr<T>();
-    lstm_gates_rows_forward<T>(n, H, act, c_prev, c_new, xp_p + t * xs0, xs1);
+    lstm_gates_rows_forward<T>(nr, H, act + lo * H4, c_prev + lo * H, c_new + lo * H, xp_p + t * xs0 + lo * xs1, xs1);
     T* ch = c_hat.data_ptr<T>();
-    normalise_forward<T>(n, c_new, H, ch, H,
+    normalise_forward<T>(team, n, c_new, H, ch, H,
                          norm_of<T>(rec, false, gamma_c, beta_c.data_ptr<T>(), renorm_c, t, off, steps), eps);
     T* h_out = out_p + t * B * H;
-    lstm_output_rows_forward<T>(n, H, act, ch, h_out, rec.tanh_c.data_ptr<T>() + off * H);
+    lstm_output_rows_forward<T>(nr, H, act + lo * H4, ch + lo * H, h_out + lo * H,
+                                rec.tanh_c.data_ptr<T>() + (off + lo) * H);
     h = h_out;
     c = carry_normed ? ch : c_new;
   }
-  keep_final_rows(hf, h, 0, rows_in, H);
-  keep_final_rows(cf, c, 0, rows_in, H);
 }
 
 template <typename T>
@@ -118,56 +125,60 @@ void add_rows(T* dst, const T* src, int64_t count) {
   for (int64_t e = 0; e < count; ++e) dst[e] += src[e];
 }
 
+// The backward of this thread's rows of every step (the batch norms' sums are the team's; its leader adds dγ
+// and dβ); the caller finishes dh0 and dc0. dc_other and dc_hat: scratch [B, H]
 template <typename T>
-void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_h, const Tensor& grad_c,
-                   const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h,
-                   const Tensor& gamma_c, bool carry_normed, const Records& rec, const Tensor& dxp,
-                   const Tensor& drs, const Tensor& dh, const Tensor& dc, const Tensor& dgamma_h,
-                   const Tensor& dgamma_c, const Tensor& dbeta_c, const Tensor& packed_t) {
+void backward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_h,
+                   const Tensor& grad_c, const c10::optional<Tensor>& h_mask, const Tensor& weight,
+                   const Tensor& gamma_h, const Tensor& gamma_c, bool carry_normed, const Records& rec,
+                   const Tensor& dxp, const Tensor& drs, const Tensor& dh, const Tensor& dc, const Tensor& dc_other_buf,
+                   const Tensor& dc_hat, const Tensor& dgamma_h, const Tensor& dgamma_c, const Tensor& dbeta_c,
+                   const Tensor& packed_t) {
   const int64_t steps = pk.T, B = pk.B, H4 = 4 * H;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   const T* gh = grad_h.defined() ? grad_h.data_ptr<T>() : nullptr;
   const T* gc = grad_c.defined() ? grad_c.data_ptr<T>() : nullptr;
   const T* mask_p = ptr_or_null<T>(h_mask);
-  Tensor dc_other = at::empty({B, H}, dc.options());
-  Tensor dc_hat = at::empty({B, H}, dc.options());
-  Tensor dc_cur = dc;  // ∂L/∂c_t; the step writes ∂L/∂c_{t−1} into the other buffer
+  Tensor dc_cur = dc, dc_other = dc_other_buf;  // ∂L/∂c_t; the step writes ∂L/∂c_{t−1} into the other buffer
   T* dh_p = dh.data_ptr<T>();
   T* dch = dc_hat.data_ptr<T>();
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
   const c10::optional<Tensor> no_bounds;
-  int64_t m = 0;  // rows of dh and dc in use
+  int64_t m = 0, rows_before = -1;  // rows of dh and dc in use
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    int64_t m_c = m;  // rows whose last step is t: their final state's gradients (c: no output gradient)
-    final_rows(dc_cur.data_ptr<T>(), gc, m_c, n, H);
-    state_gradient_at(dh_p, m, n, t, B, H, gh, go);
-    const T* act = rec.act.data_ptr<T>() + off * H4;
-    const T* tc = rec.tanh_c.data_ptr<T>() + off * H;
-    const T* dcv = dc_cur.data_ptr<T>();
-    lstm_output_rows_backward<T>(n, H, dh_p, act, tc, dch);
-    if (carry_normed) add_rows(dch, dcv, n * H);
-    normalise_backward<T>(n, dch, H, norm_of<T>(rec, false, gamma_c, nullptr, no_bounds, t, off, steps),
+    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
+    rows_before = n;
+    const auto [lo, hi] = team.range(n);
+    const int64_t nr = hi - lo;  // this thread's rows lo..hi−1 of the step's n
+    final_rows(dc_cur.data_ptr<T>(), gc, std::max(lo, m), hi, H);  // rows whose last step is t (c: no output gradient)
+    state_gradient_rows(dh_p, m, lo, hi, t, B, H, gh, go);
+    m = std::max(m, n);
+    const T* act = rec.act.data_ptr<T>() + (off + lo) * H4;
+    const T* tc = rec.tanh_c.data_ptr<T>() + (off + lo) * H;
+    const T* dcv = dc_cur.data_ptr<T>() + lo * H;
+    lstm_output_rows_backward<T>(nr, H, dh_p + lo * H, act, tc, dch + lo * H);
+    if (carry_normed) add_rows(dch + lo * H, dcv, nr * H);
+    normalise_backward<T>(team, n, dch, H, norm_of<T>(rec, false, gamma_c, nullptr, no_bounds, t, off, steps),
                           dgamma_c.data_ptr<T>(), dbeta_c.data_ptr<T>());
-    if (!carry_normed) add_rows(dch, dcv, n * H);
-    T* dgates = drs.data_ptr<T>() + off * H4;
-    lstm_gates_rows_backward<T>(n, H, dch, dh_p, act, rec.c_prev.data_ptr<T>() + off * H, tc, dgates,
-                                dc_other.data_ptr<T>());
+    if (!carry_normed) add_rows(dch + lo * H, dcv, nr * H);
+    T* dgates = drs.data_ptr<T>() + off * H4;  // the step's first row
+    lstm_gates_rows_backward<T>(nr, H, dch + lo * H, dh_p + lo * H, act, rec.c_prev.data_ptr<T>() + (off + lo) * H,
+                                tc, dgates + lo * H4, dc_other.data_ptr<T>() + lo * H);
     if (dxp_p != nullptr) {  // dxp is stored batch-major, [B, T, 4H]: row b of step t at (b T + t) 4H
-      for (int64_t b = 0; b < n; ++b) std::memcpy(dxp_p + (b * steps + t) * H4, dgates + b * H4, H4 * sizeof(T));
+      for (int64_t b = lo; b < hi; ++b) std::memcpy(dxp_p + (b * steps + t) * H4, dgates + b * H4, H4 * sizeof(T));
     }
-    normalise_backward<T>(n, dgates, H4, norm_of<T>(rec, true, gamma_h, nullptr, no_bounds, t, off, steps),
+    normalise_backward<T>(team, n, dgates, H4, norm_of<T>(rec, true, gamma_h, nullptr, no_bounds, t, off, steps),
                           dgamma_h.data_ptr<T>(), nullptr);
-    Tensor dh_t = dh.narrow(0, 0, n);
-    gradient_product(dh_t, drs.narrow(0, off, n), weight, packed_t);  // dh_{t−1} = dr W_h (⊙ m)
-    if (mask_p != nullptr) {
-      for (int64_t e = 0; e < n * H; ++e) dh_p[e] *= mask_p[e];
+    if (nr > 0) {
+      gradient_product(dh.narrow(0, lo, nr), drs.narrow(0, off + lo, nr), weight, packed_t);  // dh_{t−1} = dr W_h
+      if (mask_p != nullptr) {                                                              // (⊙ m)
+        const T* mp = mask_p + lo * H;
+        for (int64_t e = lo * H; e < hi * H; ++e) dh_p[e] *= mp[e - lo * H];
+      }
     }
     std::swap(dc_cur, dc_other);
   }
-  final_rows(dh_p, gh, m, B, H);  // rows that never ran (no step): the initial state is their final state
-  final_rows(dc_cur.data_ptr<T>(), gc, m, B, H);
-  if (dc_cur.data_ptr() != dc.data_ptr()) dc.copy_(dc_cur);  // the caller reads dc0 from dc
 }
 
 // → [out [T, B, H], h_T, c_T [B, H], then the records: h_in, act, xhat_h, c_prev, xhat_c, tanh_c [N, ·],
@@ -178,7 +189,7 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
                                              bool carry_normed, double eps, at::IntArrayRef active,
                                              const c10::optional<Tensor>& renorm_h,
                                              const c10::optional<Tensor>& renorm_c,
-                                             const c10::optional<at::TensorList>& packed) {
+                                             const c10::optional<at::TensorList>& packed, int64_t parts) {
   check_step_input(kOp, xp, h0, 4);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
@@ -218,9 +229,16 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
     rec.d_c = at::empty({T, H}, opts);
   }
   const Tensor packed_w = packed_weights(kOp, packed, {weight})[0];
+  const Tensor r = at::empty({B, 4 * H}, opts);                       // the step's product
+  const Tensor c_buf = at::empty({B, H}, opts), c_hat = at::empty({B, H}, opts);  // c and ĉ
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "bn_lstm_sequence_forward", [&] {
-    forward_loop<scalar_t>(pk, H, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c, carry_normed, eps, renorm_h,
-                           renorm_c, packed_w, out, h_final, c_final, rec);
+    run_loop(parts, team_scratch_size<scalar_t>(parts, 8 * H), [&](Team& team) {
+      forward_loop<scalar_t>(team, pk, H, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c, carry_normed, eps,
+                             renorm_h, renorm_c, packed_w, out, h_final, c_final, r, c_buf, c_hat, rec);
+    });
+    const int64_t last = pk.rows.back();  // rows still running at the last step: its state is their final one
+    keep_final_rows(h_final.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + (T - 1) * B * H, 0, last, H);
+    keep_final_rows(c_final.data_ptr<scalar_t>(), (carry_normed ? c_hat : c_buf).data_ptr<scalar_t>(), 0, last, H);
   });
   std::vector<Tensor> results = {out, h_final, c_final, rec.h_in, rec.act, rec.xhat_h, rec.c_prev, rec.xhat_c,
                                  rec.tanh_c, rec.mean_h, rec.var_h, rec.invstd_h, rec.mean_c, rec.var_c,
@@ -239,7 +257,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c,
     int64_t T, int64_t B, const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& gamma_h, const Tensor& gamma_c,
     at::TensorList records, bool carry_normed, at::IntArrayRef active, bool need_xp,
-    const c10::optional<at::TensorList>& packed_t) {
+    const c10::optional<at::TensorList>& packed_t, int64_t parts) {
   TORCH_CHECK(records.size() == 12, kOp, ": expected 12 records");
   const Tensor packed_w_t = packed_transposed_weights(kOp, packed_t, {weight})[0];
   Records rec;
@@ -267,9 +285,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
   Tensor drs = at::empty({pk.N, 4 * H}, opts);
   Tensor dh = at::empty({B, H}, opts), dc = at::empty({B, H}, opts);
   Tensor dgamma_h = at::zeros({4 * H}, opts), dgamma_c = at::zeros({H}, opts), dbeta_c = at::zeros({H}, opts);
+  Tensor dc_other = at::empty({B, H}, opts), dc_hat = at::empty({B, H}, opts);  // scratch
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "bn_lstm_sequence_backward", [&] {
-    backward_loop<scalar_t>(pk, H, go, gh, gc, h_mask, weight, gamma_h, gamma_c, carry_normed, rec, dxp, drs, dh, dc,
-                            dgamma_h, dgamma_c, dbeta_c, packed_w_t);
+    run_loop(parts, team_scratch_size<scalar_t>(parts, 8 * H), [&](Team& team) {
+      backward_loop<scalar_t>(team, pk, H, go, gh, gc, h_mask, weight, gamma_h, gamma_c, carry_normed, rec, dxp, drs,
+                              dh, dc, dc_other, dc_hat, dgamma_h, dgamma_c, dbeta_c, packed_w_t);
+    });
+    // rows that never ran (no step): the initial state is their final state; T swaps of dc leave dc0 in dc when
+    // T is even
+    const int64_t first = pk.rows.front();
+    final_rows(dh.data_ptr<scalar_t>(), gh.defined() ? gh.data_ptr<scalar_t>() : nullptr, first, B, H);
+    const Tensor& dc_cur = T % 2 == 0 ? dc : dc_other;
+    final_rows(dc_cur.data_ptr<scalar_t>(), gc.defined() ? gc.data_ptr<scalar_t>() : nullptr, first, B, H);
+    if (dc_cur.data_ptr() != dc.data_ptr()) dc.copy_(dc_cur);  // the caller reads dc0 from dc
   });
   Tensor dweight = at::mm(drs.t(), rec.h_in);
   return {dxp.defined() ? dxp.transpose(0, 1) : dxp, dh, dc, dweight, dgamma_h, dgamma_c, dbeta_c};
@@ -281,10 +309,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("bn_lstm_sequence_forward(Tensor xp, Tensor h0, Tensor c0, Tensor? h_mask, Tensor weight, Tensor gamma_h, "
         "Tensor gamma_c, Tensor beta_c, bool carry_normed, float eps, int[] active, Tensor? renorm_h, "
-        "Tensor? renorm_c, Tensor[]? packed=None) -> Tensor[]");
+        "Tensor? renorm_c, Tensor[]? packed=None, int parts=1) -> Tensor[]");
   m.def("bn_lstm_sequence_backward(Tensor? grad_out, Tensor? grad_h, Tensor? grad_c, int T, int B, Tensor? h_mask, "
         "Tensor weight, Tensor gamma_h, Tensor gamma_c, Tensor[] records, bool carry_normed, int[] active, "
-        "bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool need_xp, Tensor[]? packed_t=None, int parts=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

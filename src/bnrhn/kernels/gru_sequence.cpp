@@ -19,6 +19,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -38,10 +39,12 @@ struct Records {
   Tensor h_in, h_prev, act, hpn;
 };
 
+// The forward of this thread's rows of every step (team.range: all of them when it works alone); the caller
+// keeps the last step's final rows
 template <typename T>
-void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
-                  const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& packed, const Tensor& out,
-                  const Tensor& h_final, Records& rec) {
+void forward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0,
+                  const c10::optional<Tensor>& h_mask, const Tensor& weight, const c10::optional<Tensor>& bias,
+                  const Tensor& packed, const Tensor& out, const Tensor& h_final, Records& rec) {
   const int64_t steps = pk.T, B = pk.B;
   const Tensor weight_t = weight.t();
   const T* xp_p = xp.data_ptr<T>();
@@ -53,53 +56,69 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    keep_final_rows(hf, h, n, rows_in, H);
+    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
+      team.sync();
+      if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);
+    }
     rows_in = n;
-    T* h_prev = rec.h_prev.data_ptr<T>() + off * H;
-    std::memcpy(h_prev, h, n * H * sizeof(T));
-    Tensor h_in = rec.h_in.narrow(0, off, n);
-    masked_copy(h_in.data_ptr<T>(), h_prev, mask_p, n * H);
-    Tensor act = rec.act.narrow(0, off, n);
-    recurrent_product(act, h_in, weight_t, packed, Tensor(), bias.has_value() ? *bias : Tensor());
+    const auto [lo, hi] = team.range(n);
+    const int64_t c = hi - lo;
+    T* h_prev = rec.h_prev.data_ptr<T>() + (off + lo) * H;
+    std::memcpy(h_prev, h + lo * H, c * H * sizeof(T));
+    masked_copy(rec.h_in.data_ptr<T>() + (off + lo) * H, h_prev, mask_p != nullptr ? mask_p + lo * H : nullptr,
+                c * H);
     T* h_out = out_p + t * B * H;
-    gru_rows_forward<T>(n, H, act.data_ptr<T>(), xp_p + t * xs0, xs1, h_prev, h_out,
-                        rec.hpn.data_ptr<T>() + off * H);
+    if (c > 0) {
+      Tensor act = rec.act.narrow(0, off + lo, c);
+      recurrent_product(act, rec.h_in.narrow(0, off + lo, c), weight_t, packed, Tensor(),
+                        bias.has_value() ? *bias : Tensor());
+      gru_rows_forward<T>(c, H, act.data_ptr<T>(), xp_p + t * xs0 + lo * xs1, xs1, h_prev, h_out + lo * H,
+                          rec.hpn.data_ptr<T>() + (off + lo) * H);
+    }
     h = h_out;
   }
-  keep_final_rows(hf, h, 0, rows_in, H);
 }
 
+// The backward of this thread's rows of every step; the caller finishes dh0
 template <typename T>
-void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
+void backward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
                    const c10::optional<Tensor>& h_mask, const Tensor& weight, const Records& rec, const Tensor& dxp,
-                   const Tensor& dhps, const Tensor& dh_a, const Tensor& dh_b, const Tensor& packed_t) {
+                   const Tensor& dhps, const Tensor& dh_a, const Tensor& dh_b, const Tensor& product,
+                   const Tensor& packed_t) {
   const int64_t steps = pk.T, B = pk.B, H3 = 3 * H;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   const T* gf = grad_final.defined() ? grad_final.data_ptr<T>() : nullptr;
   const T* mask_p = ptr_or_null<T>(h_mask);
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
   Tensor dh = dh_a, dh_other = dh_b;  // ∂L/∂h_t, and ∂L/∂h_{t−1} being computed
-  Tensor product = mask_p != nullptr ? at::empty({B, H}, dh_a.options()) : Tensor();
-  int64_t m = 0;
+  int64_t m = 0, rows_before = -1;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
+    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
+    rows_before = n;
+    const auto [lo, hi] = team.range(n);
+    const int64_t c = hi - lo;
     T* dhp_ = dh.data_ptr<T>();
-    state_gradient_at(dhp_, m, n, t, B, H, gf, go);
-    T* dhp_t = dhps.data_ptr<T>() + off * H3;
-    gru_rows_backward<T>(n, H, dhp_, rec.act.data_ptr<T>() + off * H3, rec.hpn.data_ptr<T>() + off * H,
-                         rec.h_prev.data_ptr<T>() + off * H, dhp_t, dxp_p != nullptr ? dxp_p + t * B * H3 : nullptr, H3,
-                         dh_other.data_ptr<T>());
-    add_masked_product<T>(dh_other.narrow(0, 0, n), dhps.narrow(0, off, n), weight, mask_p, product, packed_t);
+    state_gradient_rows(dhp_, m, lo, hi, t, B, H, gf, go);
+    m = std::max(m, n);
+    if (c > 0) {
+      gru_rows_backward<T>(c, H, dhp_ + lo * H, rec.act.data_ptr<T>() + (off + lo) * H3,
+                           rec.hpn.data_ptr<T>() + (off + lo) * H, rec.h_prev.data_ptr<T>() + (off + lo) * H,
+                           dhps.data_ptr<T>() + (off + lo) * H3,
+                           dxp_p != nullptr ? dxp_p + (t * B + lo) * H3 : nullptr, H3, dh_other.data_ptr<T>() + lo * H);
+      add_masked_product<T>(dh_other.narrow(0, lo, c), dhps.narrow(0, off + lo, c), weight,
+                            mask_p != nullptr ? mask_p + lo * H : nullptr,
+                            product.defined() ? product.narrow(0, lo, c) : product, packed_t);
+    }
     std::swap(dh, dh_other);
   }
-  final_rows(dh.data_ptr<T>(), gf, m, B, H);  // rows that never ran (no step): h0 is their final state
-  if (dh.data_ptr() != dh_a.data_ptr()) dh_a.copy_(dh);  // the caller reads dh0 from dh_a
 }
 
 // → [out [T, B, H], h_T [B, H], then the records h_in, h_prev [N, H], act [N, 3H], hpn [N, H]]
 std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
                                          const Tensor& weight, const c10::optional<Tensor>& bias,
-                                         at::IntArrayRef active, const c10::optional<at::TensorList>& packed) {
+                                         at::IntArrayRef active, const c10::optional<at::TensorList>& packed,
+                                         int64_t parts) {
   check_step_input(kOp, xp, h0, 3);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
@@ -121,7 +140,10 @@ std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, con
   rec.hpn = at::empty({pk.N, H}, opts);
   const Tensor packed_w = packed_weights(kOp, packed, {weight})[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "gru_sequence_forward", [&] {
-    forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, bias, packed_w, out, h_final, rec);
+    run_loop(parts, 0, [&](Team& team) {
+      forward_loop<scalar_t>(team, pk, H, xp, h0, h_mask, weight, bias, packed_w, out, h_final, rec);
+    });
+    keep_final_rows(h_final.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + (T - 1) * B * H, 0, pk.rows.back(), H);
   });
   return {out, h_final, rec.h_in, rec.h_prev, rec.act, rec.hpn};
 }
@@ -130,7 +152,7 @@ std::vector<Tensor> gru_sequence_forward(const Tensor& xp, const Tensor& h0, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T, int64_t B,
     const c10::optional<Tensor>& h_mask, const Tensor& weight, at::TensorList records, at::IntArrayRef active,
-    bool need_xp, const c10::optional<at::TensorList>& packed_t) {
+    bool need_xp, const c10::optional<at::TensorList>& packed_t, int64_t parts) {
   TORCH_CHECK(records.size() == 4, kOp, ": expected 4 records");
   const Tensor packed_w_t = packed_transposed_weights(kOp, packed_t, {weight})[0];
   Records rec;
@@ -146,8 +168,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
   const Tensor dxp = need_xp ? input_gradient(pk, 3 * H, opts) : Tensor();
   Tensor dhps = at::empty({pk.N, 3 * H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
+  const Tensor product = h_mask.has_value() ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "gru_sequence_backward", [&] {
-    backward_loop<scalar_t>(pk, H, go, gf, h_mask, weight, rec, dxp, dhps, dh_a, dh_b, packed_w_t);
+    run_loop(parts, 0, [&](Team& team) {
+      backward_loop<scalar_t>(team, pk, H, go, gf, h_mask, weight, rec, dxp, dhps, dh_a, dh_b, product, packed_w_t);
+    });
+    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b);
   });
   return {dxp, dh_a, at::mm(dhps.t(), rec.h_in), dhps.sum(at::IntArrayRef{0})};
 }
@@ -156,10 +182,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_sequence_backward(
 }  // namespace bnrhn_kernels
 
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
-  m.def("gru_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, Tensor? bias, int[] active, Tensor[]? packed=None) "
-        "-> Tensor[]");
+  m.def("gru_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, Tensor? bias, int[] active, Tensor[]? packed=None, "
+        "int parts=1) -> Tensor[]");
   m.def("gru_sequence_backward(Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, Tensor weight, "
-        "Tensor[] records, int[] active, bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor[] records, int[] active, bool need_xp, Tensor[]? packed_t=None, int parts=1) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -358,11 +358,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector
       backward_loop<scalar_t>(team, sh, go, gf, h_mask, rec, weights, gammas, reads_input, normed, layer_norm, dxp,
                               das, dgammas[share], dbetas[share], ds_a, ds_b, product, packed_t_l);
     });
-    // rows that never ran (no step): s0 is their final state. T swaps of ds per layer leave ∂L/∂s0 in ds_a when
-    // T·L is even, else in ds_b
-    Tensor ds = (sh.T * L) % 2 == 0 ? ds_a : ds_b;
-    final_rows(ds.data_ptr<scalar_t>(), gf.defined() ? gf.data_ptr<scalar_t>() : nullptr, sh.rows.front(), B, H);
-    if (ds.data_ptr() != ds_a.data_ptr()) ds_a.copy_(ds);  // the caller reads ds0 from ds_a
+    finish_state_gradient<scalar_t>(sh, H, gf, ds_a, ds_b, sh.T * L);  // one swap per step and layer
   });
   if (shares > 1) {  // the threads' shares, in thread order
     dgammas = dgammas.sum(0, /*keepdim=*/true);

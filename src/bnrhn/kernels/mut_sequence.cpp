@@ -24,6 +24,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -43,8 +44,10 @@ struct Records {
   Tensor h_prev, h_in, tanh_h, z, r, rh, c;
 };
 
+// The forward of this thread's rows of every step (team.range: all of them when it works alone); the caller
+// keeps the last step's final rows
 template <typename T>
-void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0,
+void forward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0,
                   const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
                   const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const std::vector<Tensor>& packed,
                   const Tensor& out, const Tensor& h_final, Records& rec) {
@@ -62,22 +65,31 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
   const T* h = h0.data_ptr<T>();
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
-    const int64_t n = pk.rows[t], off = pk.offset[t];
-    keep_final_rows(hf, h, n, rows_in, H);
+    const int64_t n = pk.rows[t];
+    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
+      team.sync();
+      if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);
+    }
     rows_in = n;
+    const auto [lo, end] = team.range(n);
+    const int64_t nr = end - lo, off = pk.offset[t] + lo;  // this thread's rows, and where they are recorded
+    const T* entering = h;
+    h = out_p + t * B * H;  // the state entering step t + 1
+    T* ho = out_p + t * B * H + lo * H;
+    if (nr == 0) continue;
     T* hp = rec.h_prev.data_ptr<T>() + off * H;
     T* hi = rec.h_in.data_ptr<T>() + off * H;
-    std::memcpy(hp, h, n * H * sizeof(T));
-    masked_copy(hi, hp, mask_p, n * H);
-    const Tensor xt = xp.select(0, t).narrow(0, 0, n);  // [n, 3H], row stride xs1
-    Tensor z = rec.z.narrow(0, off, n), r = rec.r.narrow(0, off, n);
-    const Tensor h_in = rec.h_in.narrow(0, off, n);
+    std::memcpy(hp, entering + lo * H, nr * H * sizeof(T));
+    masked_copy(hi, hp, mask_p != nullptr ? mask_p + lo * H : nullptr, nr * H);
+    const Tensor xt = xp.select(0, t).narrow(0, lo, nr);  // [nr, 3H], row stride xs1
+    Tensor z = rec.z.narrow(0, off, nr), r = rec.r.narrow(0, off, nr);
+    const Tensor h_in = rec.h_in.narrow(0, off, nr);
     if (variant == 2) {
       recurrent_product(z, h_in, w_hz_t, packed[0], xt.narrow(1, 0, H), Tensor());
     } else if (variant == 3) {
-      Tensor th = rec.tanh_h.narrow(0, off, n);
+      Tensor th = rec.tanh_h.narrow(0, off, nr);
       T* thp = th.data_ptr<T>();
-      pieces<T>(n * H, [&](int64_t j, int64_t w) { A::tanh(V::loadu(hi + j, w)).store(thp + j, w); });
+      pieces<T>(nr * H, [&](int64_t j, int64_t w) { A::tanh(V::loadu(hi + j, w)).store(thp + j, w); });
       recurrent_product(z, th, w_hz_t, packed[0], xt.narrow(1, 0, H), Tensor());
     }
     if (variant != 2) recurrent_product(r, h_in, w_hr_t, packed[1], xt.narrow(1, H, H), Tensor());
@@ -85,8 +97,8 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
     T* zp = z.data_ptr<T>();
     T* rp = r.data_ptr<T>();
     T* rhp = rec.rh.data_ptr<T>() + off * H;
-    rows(n, H, [&](int64_t b) {
-      const T* xb = xp_p + t * xs0 + b * xs1;
+    rows(nr, H, [&](int64_t b) {
+      const T* xb = xp_p + t * xs0 + (lo + b) * xs1;
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V pz = variant == 1 ? V::loadu(xb + j, w) : V::loadu(zp + e, w);
@@ -96,11 +108,10 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
         (rv * V::loadu(hi + e, w)).store(rhp + e, w);
       });
     });
-    Tensor c = rec.c.narrow(0, off, n);
-    recurrent_product(c, rec.rh.narrow(0, off, n), w_hh_t, packed[2], xt.narrow(1, 2 * H, H), Tensor());
+    Tensor c = rec.c.narrow(0, off, nr);
+    recurrent_product(c, rec.rh.narrow(0, off, nr), w_hh_t, packed[2], xt.narrow(1, 2 * H, H), Tensor());
     T* cp = c.data_ptr<T>();
-    T* ho = out_p + t * B * H;
-    rows(n, H, [&](int64_t b) {
+    rows(nr, H, [&](int64_t b) {
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V cv = A::tanh(V::loadu(cp + e, w)), hv = V::loadu(hp + e, w);
@@ -108,32 +119,39 @@ void forward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& x
         at::vec::fmadd(V::loadu(zp + e, w), cv - hv, hv).store(ho + e, w);
       });
     });
-    h = ho;
   }
-  keep_final_rows(hf, h, 0, rows_in, H);
 }
 
+// The backward of this thread's rows of every step; the caller finishes dh0
 template <typename T>
-void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
-                   const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
+void backward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, const Tensor& grad_out,
+                   const Tensor& grad_final, const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
                    const c10::optional<Tensor>& w_hr, const Tensor& w_hh, const Records& rec, const Tensor& dxp,
                    const Tensor& da_all, const Tensor& dpz_all, const Tensor& dpr_all, const Tensor& dh_a,
-                   const Tensor& dh_b, const std::vector<Tensor>& packed_t) {
+                   const Tensor& dh_b, const Tensor& drh, const Tensor& dh_in, const Tensor& tmp,
+                   const std::vector<Tensor>& packed_t) {
   using V = Vectorized<T>;
   const int64_t steps = pk.T, B = pk.B, H3 = 3 * H;
   const T* go = grad_out.defined() ? grad_out.data_ptr<T>() : nullptr;
   const T* gf = grad_final.defined() ? grad_final.data_ptr<T>() : nullptr;
   const T* mask_p = ptr_or_null<T>(h_mask);
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
-  const auto opts = dh_a.options();
-  Tensor drh = at::empty({B, H}, opts), dh_in = at::empty({B, H}, opts), tmp = at::empty({B, H}, opts);
   Tensor g = dh_a, g_next = dh_b;  // ∂L/∂h_t and ∂L/∂h_{t−1}
   const V one(1);
-  int64_t m = 0;
+  int64_t m = 0, rows_before = -1;
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t n = pk.rows[t], off = pk.offset[t];
-    T* gp = g.data_ptr<T>();
-    state_gradient_at(gp, m, n, t, B, H, gf, go);
+    const int64_t n = pk.rows[t];
+    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
+    rows_before = n;
+    const auto [lo, end] = team.range(n);
+    const int64_t nr = end - lo, off = pk.offset[t] + lo;  // this thread's rows, and where they are recorded
+    state_gradient_rows(g.data_ptr<T>(), m, lo, end, t, B, H, gf, go);
+    m = std::max(m, n);
+    if (nr == 0) {
+      std::swap(g, g_next);
+      continue;
+    }
+    T* gp = g.data_ptr<T>() + lo * H;
     const T* zp = rec.z.data_ptr<T>() + off * H;
     const T* rp = rec.r.data_ptr<T>() + off * H;
     const T* cp = rec.c.data_ptr<T>() + off * H;
@@ -141,9 +159,9 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
     const T* hi = rec.h_in.data_ptr<T>() + off * H;
     T* da = da_all.data_ptr<T>() + off * H;
     T* dpz = dpz_all.defined() ? dpz_all.data_ptr<T>() + off * H : nullptr;
-    T* gn = g_next.data_ptr<T>();
-    T* dx = dxp_p != nullptr ? dxp_p + t * B * H3 : nullptr;
-    rows(n, H, [&](int64_t b) {
+    T* gn = g_next.data_ptr<T>() + lo * H;
+    T* dx = dxp_p != nullptr ? dxp_p + (t * B + lo) * H3 : nullptr;
+    rows(nr, H, [&](int64_t b) {
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V gv = V::loadu(gp + e, w), z = V::loadu(zp + e, w), cv = V::loadu(cp + e, w);
@@ -158,12 +176,12 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
         }
       });
     });
-    Tensor drh_t = drh.narrow(0, 0, n);
-    gradient_product(drh_t, da_all.narrow(0, off, n), w_hh, packed_t[2]);  // ∂L/∂(r ⊙ h_in)
+    Tensor drh_t = drh.narrow(0, lo, nr);
+    gradient_product(drh_t, da_all.narrow(0, off, nr), w_hh, packed_t[2]);  // ∂L/∂(r ⊙ h_in)
     const T* drhp = drh_t.data_ptr<T>();
-    T* dhi = dh_in.data_ptr<T>();
+    T* dhi = dh_in.data_ptr<T>() + lo * H;
     T* dpr = dpr_all.defined() ? dpr_all.data_ptr<T>() + off * H : nullptr;
-    rows(n, H, [&](int64_t b) {
+    rows(nr, H, [&](int64_t b) {
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V d = V::loadu(drhp + e, w), rv = V::loadu(rp + e, w);
@@ -174,21 +192,19 @@ void backward_loop(int64_t variant, const Packing& pk, int64_t H, const Tensor& 
         if (dx != nullptr) dpre.store(dx + b * H3 + H + j, w);
       });
     });
-    Tensor dh_in_t = dh_in.narrow(0, 0, n);
-    if (variant != 2) add_masked_product<T>(dh_in_t, dpr_all.narrow(0, off, n), *w_hr, nullptr, tmp, packed_t[1]);
-    if (variant == 2) add_masked_product<T>(dh_in_t, dpz_all.narrow(0, off, n), *w_hz, nullptr, tmp, packed_t[0]);
+    Tensor dh_in_t = dh_in.narrow(0, lo, nr), tmp_t = tmp.narrow(0, lo, nr);
+    if (variant != 2) add_masked_product<T>(dh_in_t, dpr_all.narrow(0, off, nr), *w_hr, nullptr, tmp_t, packed_t[1]);
+    if (variant == 2) add_masked_product<T>(dh_in_t, dpz_all.narrow(0, off, nr), *w_hz, nullptr, tmp_t, packed_t[0]);
     if (variant == 3) {  // through tanh(h_in)
-      Tensor tmp_t = tmp.narrow(0, 0, n);
-      gradient_product(tmp_t, dpz_all.narrow(0, off, n), *w_hz, packed_t[0]);
+      gradient_product(tmp_t, dpz_all.narrow(0, off, nr), *w_hz, packed_t[0]);
       const T* tp = tmp_t.data_ptr<T>();
       const T* th = rec.tanh_h.data_ptr<T>() + off * H;
-      for (int64_t e = 0; e < n * H; ++e) dhi[e] += tp[e] * (T(1) - th[e] * th[e]);
+      for (int64_t e = 0; e < nr * H; ++e) dhi[e] += tp[e] * (T(1) - th[e] * th[e]);
     }
-    for (int64_t e = 0; e < n * H; ++e) gn[e] += mask_p != nullptr ? dhi[e] * mask_p[e] : dhi[e];
+    const T* mp = mask_p != nullptr ? mask_p + lo * H : nullptr;
+    for (int64_t e = 0; e < nr * H; ++e) gn[e] += mp != nullptr ? dhi[e] * mp[e] : dhi[e];
     std::swap(g, g_next);
   }
-  final_rows(g.data_ptr<T>(), gf, m, B, H);
-  if (g.data_ptr() != dh_a.data_ptr()) dh_a.copy_(g);
 }
 
 void check_variant(int64_t variant, const c10::optional<Tensor>& w_hz, const c10::optional<Tensor>& w_hr) {
@@ -221,7 +237,8 @@ std::vector<Tensor> slots(int64_t variant, const std::vector<Tensor>& packed) {
 std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, const Tensor& h0,
                                          const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
                                          const c10::optional<Tensor>& w_hr, const Tensor& w_hh,
-                                         at::IntArrayRef active, const c10::optional<at::TensorList>& packed) {
+                                         at::IntArrayRef active, const c10::optional<at::TensorList>& packed,
+                                         int64_t parts) {
   check_variant(variant, w_hz, w_hr);
   check_step_input(kOp, xp, h0, 3);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
@@ -241,7 +258,10 @@ std::vector<Tensor> mut_sequence_forward(int64_t variant, const Tensor& xp, cons
   rec.tanh_h = variant == 3 ? at::empty({pk.N, H}, opts) : at::empty({0}, opts);
   const std::vector<Tensor> packed_w = slots(variant, packed_weights(kOp, packed, present(variant, w_hz, w_hr, w_hh)));
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mut_sequence_forward", [&] {
-    forward_loop<scalar_t>(variant, pk, H, xp, h0, h_mask, w_hz, w_hr, w_hh, packed_w, out, h_final, rec);
+    run_loop(parts, 0, [&](Team& team) {
+      forward_loop<scalar_t>(team, variant, pk, H, xp, h0, h_mask, w_hz, w_hr, w_hh, packed_w, out, h_final, rec);
+    });
+    keep_final_rows(h_final.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + (T - 1) * B * H, 0, pk.rows.back(), H);
   });
   return {out, h_final, rec.h_prev, rec.h_in, rec.tanh_h, rec.z, rec.r, rec.rh, rec.c};
 }
@@ -251,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
     int64_t variant, const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T,
     int64_t B, const c10::optional<Tensor>& h_mask, const c10::optional<Tensor>& w_hz,
     const c10::optional<Tensor>& w_hr, const Tensor& w_hh, at::TensorList records, at::IntArrayRef active,
-    bool need_xp, const c10::optional<at::TensorList>& packed_t) {
+    bool need_xp, const c10::optional<at::TensorList>& packed_t, int64_t parts) {
   check_variant(variant, w_hz, w_hr);
   const std::vector<Tensor> packed_w_t =
       slots(variant, packed_transposed_weights(kOp, packed_t, present(variant, w_hz, w_hr, w_hh)));
@@ -274,9 +294,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
   Tensor dpz = variant != 1 ? at::empty({pk.N, H}, opts) : Tensor();
   Tensor dpr = at::empty({pk.N, H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
+  Tensor drh = at::empty({B, H}, opts), dh_in = at::empty({B, H}, opts), tmp = at::empty({B, H}, opts);  // scratch
   AT_DISPATCH_FLOATING_TYPES(rec.c.scalar_type(), "mut_sequence_backward", [&] {
-    backward_loop<scalar_t>(variant, pk, H, go, gf, h_mask, w_hz, w_hr, w_hh, rec, dxp, da, dpz, dpr, dh_a, dh_b,
-                            packed_w_t);
+    run_loop(parts, 0, [&](Team& team) {
+      backward_loop<scalar_t>(team, variant, pk, H, go, gf, h_mask, w_hz, w_hr, w_hh, rec, dxp, da, dpz, dpr, dh_a,
+                              dh_b, drh, dh_in, tmp, packed_w_t);
+    });
+    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b);
   });
   Tensor dw_hz = variant == 1 ? at::empty({0}, opts) : at::mm(dpz.t(), variant == 3 ? rec.tanh_h : rec.h_in);
   Tensor dw_hr = variant == 2 ? at::empty({0}, opts) : at::mm(dpr.t(), rec.h_in);
@@ -288,10 +312,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
 
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("mut_sequence_forward(int variant, Tensor xp, Tensor h0, Tensor? h_mask, Tensor? w_hz, Tensor? w_hr, "
-        "Tensor w_hh, int[] active, Tensor[]? packed=None) -> Tensor[]");
+        "Tensor w_hh, int[] active, Tensor[]? packed=None, int parts=1) -> Tensor[]");
   m.def("mut_sequence_backward(int variant, Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, "
         "Tensor? w_hz, Tensor? w_hr, Tensor w_hh, Tensor[] records, int[] active, bool need_xp, "
-        "Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor[]? packed_t=None, int parts=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -17,6 +17,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -36,10 +37,12 @@ struct Records {
   Tensor h_in, act;
 };
 
+// The forward of this thread's rows of every step (team.range: all of them when it works alone); the caller
+// keeps the last step's final rows
 template <typename T>
-void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
-                  const Tensor& weight, const Tensor& packed, const Tensor& out, const Tensor& h_final, const Tensor& hp,
-                  Records& rec) {
+void forward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& xp, const Tensor& h0,
+                  const c10::optional<Tensor>& h_mask, const Tensor& weight, const Tensor& packed, const Tensor& out,
+                  const Tensor& h_final, const Tensor& hp, Records& rec) {
   const int64_t steps = pk.T, B = pk.B;
   const Tensor weight_t = weight.t();
   const T* xp_p = xp.data_ptr<T>();
@@ -51,21 +54,29 @@ void forward_loop(const Packing& pk, int64_t H, const Tensor& xp, const Tensor& 
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    keep_final_rows(hf, h, n, rows_in, H);
+    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
+      team.sync();
+      if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);
+    }
     rows_in = n;
-    Tensor h_in = rec.h_in.narrow(0, off, n);
-    masked_copy(h_in.data_ptr<T>(), h, mask_p, n * H);
-    Tensor hp_t = hp.narrow(0, 0, n);
-    recurrent_product(hp_t, h_in, weight_t, packed, Tensor(), Tensor());
+    const auto [lo, hi] = team.range(n);
+    const int64_t c = hi - lo;
+    masked_copy(rec.h_in.data_ptr<T>() + (off + lo) * H, h + lo * H, mask_p != nullptr ? mask_p + lo * H : nullptr,
+                c * H);
     T* h_out = out_p + t * B * H;
-    rnn_rows_forward<T>(n, H, hp_t.data_ptr<T>(), xp_p + t * xs0, xs1, h_out, rec.act.data_ptr<T>() + off * H);
+    if (c > 0) {
+      Tensor hp_t = hp.narrow(0, lo, c);
+      recurrent_product(hp_t, rec.h_in.narrow(0, off + lo, c), weight_t, packed, Tensor(), Tensor());
+      rnn_rows_forward<T>(c, H, hp_t.data_ptr<T>(), xp_p + t * xs0 + lo * xs1, xs1, h_out + lo * H,
+                          rec.act.data_ptr<T>() + (off + lo) * H);
+    }
     h = h_out;
   }
-  keep_final_rows(hf, h, 0, rows_in, H);
 }
 
+// The backward of this thread's rows of every step; the caller finishes dh0
 template <typename T>
-void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
+void backward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& grad_out, const Tensor& grad_final,
                    const c10::optional<Tensor>& h_mask, const Tensor& weight, const Records& rec, const Tensor& dxp,
                    const Tensor& das, const Tensor& dh_a, const Tensor& dh_b, const Tensor& packed_t) {
   const int64_t steps = pk.T, B = pk.B;
@@ -74,30 +85,36 @@ void backward_loop(const Packing& pk, int64_t H, const Tensor& grad_out, const T
   const T* mask_p = ptr_or_null<T>(h_mask);
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
   Tensor dh = dh_a, dh_other = dh_b;  // ∂L/∂h_t, and ∂L/∂h_{t−1} being computed
-  int64_t m = 0;
+  int64_t m = 0, rows_before = -1;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
+    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
+    rows_before = n;
+    const auto [lo, hi] = team.range(n);
+    const int64_t c = hi - lo;
     T* dh_p = dh.data_ptr<T>();
-    state_gradient_at(dh_p, m, n, t, B, H, gf, go);
-    Tensor da = das.narrow(0, off, n);
-    rnn_rows_backward<T>(n, H, dh_p, rec.act.data_ptr<T>() + off * H, da.data_ptr<T>(),
-                         dxp_p != nullptr ? dxp_p + t * B * H : nullptr, H);
-    Tensor prev = dh_other.narrow(0, 0, n);
-    gradient_product(prev, da, weight, packed_t);
-    if (mask_p != nullptr) {
-      T* pp = prev.data_ptr<T>();
-      for (int64_t e = 0; e < n * H; ++e) pp[e] *= mask_p[e];
+    state_gradient_rows(dh_p, m, lo, hi, t, B, H, gf, go);
+    m = std::max(m, n);
+    if (c > 0) {
+      Tensor da = das.narrow(0, off + lo, c);
+      rnn_rows_backward<T>(c, H, dh_p + lo * H, rec.act.data_ptr<T>() + (off + lo) * H, da.data_ptr<T>(),
+                           dxp_p != nullptr ? dxp_p + (t * B + lo) * H : nullptr, H);
+      Tensor prev = dh_other.narrow(0, lo, c);
+      gradient_product(prev, da, weight, packed_t);
+      if (mask_p != nullptr) {
+        T* pp = prev.data_ptr<T>();
+        const T* mp = mask_p + lo * H;
+        for (int64_t e = 0; e < c * H; ++e) pp[e] *= mp[e];
+      }
     }
     std::swap(dh, dh_other);
   }
-  final_rows(dh.data_ptr<T>(), gf, m, B, H);  // rows that never ran (no step): h0 is their final state
-  if (dh.data_ptr() != dh_a.data_ptr()) dh_a.copy_(dh);  // the caller reads dh0 from dh_a
 }
 
 // → [out [T, B, H], h_T [B, H], then the records h_in, act [N, H]]
 std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, const c10::optional<Tensor>& h_mask,
                                          const Tensor& weight, at::IntArrayRef active,
-                                         const c10::optional<at::TensorList>& packed) {
+                                         const c10::optional<at::TensorList>& packed, int64_t parts) {
   check_step_input(kOp, xp, h0, 1);
   const int64_t T = xp.size(0), B = xp.size(1), H = h0.size(1);
   check_tensor(kOp, "h0", h0, xp);
@@ -114,7 +131,10 @@ std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, con
   rec.act = at::empty({pk.N, H}, opts);
   const Tensor packed_w = packed_weights(kOp, packed, {weight})[0];
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rnn_sequence_forward", [&] {
-    forward_loop<scalar_t>(pk, H, xp, h0, h_mask, weight, packed_w, out, h_final, hp, rec);
+    run_loop(parts, 0, [&](Team& team) {
+      forward_loop<scalar_t>(team, pk, H, xp, h0, h_mask, weight, packed_w, out, h_final, hp, rec);
+    });
+    keep_final_rows(h_final.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + (T - 1) * B * H, 0, pk.rows.back(), H);
   });
   return {out, h_final, rec.h_in, rec.act};
 }
@@ -123,7 +143,7 @@ std::vector<Tensor> rnn_sequence_forward(const Tensor& xp, const Tensor& h0, con
 std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
     const c10::optional<Tensor>& grad_out, const c10::optional<Tensor>& grad_final, int64_t T, int64_t B,
     const c10::optional<Tensor>& h_mask, const Tensor& weight, at::TensorList records, at::IntArrayRef active,
-    bool need_xp, const c10::optional<at::TensorList>& packed_t) {
+    bool need_xp, const c10::optional<at::TensorList>& packed_t, int64_t parts) {
   TORCH_CHECK(records.size() == 2, kOp, ": expected 2 records");
   const Tensor packed_w_t = packed_transposed_weights(kOp, packed_t, {weight})[0];
   Records rec;
@@ -138,7 +158,10 @@ std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
   Tensor das = at::empty({pk.N, H}, opts);
   Tensor dh_a = at::empty({B, H}, opts), dh_b = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "rnn_sequence_backward", [&] {
-    backward_loop<scalar_t>(pk, H, go, gf, h_mask, weight, rec, dxp, das, dh_a, dh_b, packed_w_t);
+    run_loop(parts, 0, [&](Team& team) {
+      backward_loop<scalar_t>(team, pk, H, go, gf, h_mask, weight, rec, dxp, das, dh_a, dh_b, packed_w_t);
+    });
+    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b);
   });
   return {dxp, dh_a, at::mm(das.t(), rec.h_in)};
 }
@@ -148,9 +171,9 @@ std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
 
 TORCH_LIBRARY_FRAGMENT(bnrhn_gates, m) {
   m.def("rnn_sequence_forward(Tensor xp, Tensor h0, Tensor? h_mask, Tensor weight, int[] active, "
-        "Tensor[]? packed=None) -> Tensor[]");
+        "Tensor[]? packed=None, int parts=1) -> Tensor[]");
   m.def("rnn_sequence_backward(Tensor? grad_out, Tensor? grad_final, int T, int B, Tensor? h_mask, Tensor weight, "
-        "Tensor[] records, int[] active, bool need_xp, Tensor[]? packed_t=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor[] records, int[] active, bool need_xp, Tensor[]? packed_t=None, int parts=1) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnrhn_gates, CPU, m) {

@@ -70,7 +70,8 @@ class Team {
  public:
   Team() = default;
   Team(int size, int id, SpinBarrier& barrier, std::vector<double>& scratch)
-      : size_(size), id_(id), barrier_(&barrier), scratch_(&scratch) {}
+      : size_(size), id_(id), barrier_(&barrier), scratch_(&scratch),
+        per_part_(static_cast<int64_t>(scratch.size()) / (3 * size)) {}
 
   int size() const { return size_; }
   int id() const { return id_; }
@@ -90,18 +91,21 @@ class Team {
   // done reading slot i.
   int64_t next_slot() { return slot_++; }
 
-  // The column sums [count] of thread `part` in scratch slot `slot`, as T (the scratch holds
-  // team_scratch_size<T>(size, count) doubles)
+  // The column sums [count] of thread `part` in scratch slot `slot`, as T. Every slot and part has the same room
+  // (team_scratch_size's largest count), whatever the count of the reduction: a slot's place must not move
+  // with the widths of the reductions around it (BN-LSTM's norms are 4H and H wide)
   template <typename T>
   T* sums(int64_t slot, int part, int64_t count) const {
-    const int64_t per_part = (count * static_cast<int64_t>(sizeof(T)) + 7) / 8;
-    return reinterpret_cast<T*>(scratch_->data() + ((slot % 3) * size_ + part) * per_part);
+    TORCH_CHECK(count * static_cast<int64_t>(sizeof(T)) <= per_part_ * 8, "team scratch too small for ", count,
+                " sums");
+    return reinterpret_cast<T*>(scratch_->data() + ((slot % 3) * size_ + part) * per_part_);
   }
 
  private:
   int size_ = 1, id_ = 0;
   SpinBarrier* barrier_ = nullptr;
   std::vector<double>* scratch_ = nullptr;
+  int64_t per_part_ = 0;  // doubles per slot and part
   int64_t slot_ = 0;
 };
 
