@@ -33,7 +33,7 @@ def ops(monkeypatch):
 
 @pytest.fixture
 def parts_used(monkeypatch):
-    """The parts the highway loop was given, call by call."""
+    """The parts the C++ loops were given, call by call."""
     seen: list[int] = []
     original = batch_split.parts
     monkeypatch.setattr(batch_split, "parts", lambda *a: seen.append(original(*a)) or seen[-1])
@@ -77,20 +77,23 @@ def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, 
         assert torch.equal(bf, br) if not bf.dtype.is_floating_point else torch.allclose(bf, br, atol=1e-12), bname
 
 
-@pytest.mark.parametrize("name,opts", [("rhn", {}), ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}),
-                                       ("bn_rhn", {"stats": "renorm", "renorm_rmax": 1.05, "renorm_dmax": 0.01,
-                                                   "renorm_warmup": 0, "normalize": "h,c"}),
-                                       ("bn_rhn_tf", {"normalize": "h,c"})])
-def test_split_loop_gradcheck(name, opts, ops, parts_used, monkeypatch):
-    """The split loop against finite differences: lengths 5, 5, 2, 3 in two parts (4, 4, 3, 2, 2 rows: the rows
-    move at the third and fourth steps), recurrent dropout, an initial state, two layers of depth 2; every input
-    and parameter."""
+@pytest.mark.parametrize("name,opts,steps", [
+    ("rhn", {}, 5), ("bn_rhn", {"stats": "momentum", "normalize": "h,t"}, 5),
+    ("bn_rhn", {"stats": "renorm", "renorm_rmax": 1.05, "renorm_dmax": 0.01, "renorm_warmup": 0, "normalize": "h,c"}, 5),
+    ("bn_rhn_tf", {"normalize": "h,c"}, 4), ("gru", {}, 5), ("rnn", {}, 4), ("mut2", {}, 5), ("mut3", {}, 4),
+    ("bn_lstm", {"stats": "momentum"}, 5), ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"}, 4)])
+def test_split_loop_gradcheck(name, opts, steps, ops, parts_used, monkeypatch):
+    """The split loops against finite differences: lengths (steps, steps, 2, 3) in two parts (the rows move at
+    the third and fourth steps), recurrent dropout, an initial state (h0, and c0 for BN-LSTM: their gradients
+    are the loops' last swap, at an odd and an even number of steps), two layers (RHN depth 2); every input and
+    parameter."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "2")
     torch.manual_seed(0)
-    rnn = Recurrent(name, 3, 4, num_layers=2, recurrent_dropout=0.3, depth=2, **opts).double()
+    extra = {"depth": 2} if "rhn" in name else {}
+    rnn = Recurrent(name, 4, 4, num_layers=2, recurrent_dropout=0.3, **extra, **opts).double()
     names = [n for n, _ in rnn.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in rnn.parameters()]
-    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(steps, 4, 4, dtype=torch.float64, requires_grad=True)
     s0 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     norms = [m for m in rnn.modules() if isinstance(m, SequenceBatchNorm)]
 
@@ -100,8 +103,9 @@ def test_split_loop_gradcheck(name, opts, ops, parts_used, monkeypatch):
             bn.running_mean.fill_(50.0)
             bn.running_var.fill_(100.0)
             bn.num_batches_tracked.fill_(1)
+        state = [(s0, s0.flip(0)), (s0.flip(1), s0)] if name == "bn_lstm" else [(s0,), (s0,)]
         out, final = torch.func.functional_call(rnn, dict(zip(names, ps)), (x,),
-                                                {"lengths": torch.tensor([5, 5, 2, 3]), "state": [(s0,), (s0,)]})
+                                                {"lengths": torch.tensor([steps, steps, 2, 3]), "state": state})
         return out, *(a for layer in final for a in layer)
 
     assert torch.autograd.gradcheck(f, (x, s0, *params), fast_mode=True)
@@ -138,24 +142,28 @@ def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts
 
 @pytest.mark.parametrize("name,opts", [("bn_rhn", {}), ("rhn", {}), ("bn_rhn_tf", {}), ("bn_lstm", {}),
                                        ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}), ("gru", {}),
-                                       ("rnn", {}), ("mut3", {})])
+                                       ("rnn", {}), ("mut1", {}), ("mut3", {})])
 def test_a_larger_batch_in_three_parts_repeatedly(name, opts, ops, parts_used, monkeypatch):
     """Races show more on more rows: 48 rows of 32 units in 3 parts (more threads than this machine's cores),
     lengths 1–12 (rows leave at nearly every step), five runs, each against the composition in float64."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "3")
     torch.manual_seed(0)
     kw = dict(recurrent_dropout=0.2, **({"depth": 3} if "rhn" in name else {}), **opts)
-    fused = Recurrent(name, 8, 32, **kw).double()
-    reference = Recurrent(name, 8, 32, fused=False, **kw).double()
+    inputs = 32 if name == "mut1" else 8  # MUT1 adds x_t to hidden-sized vectors
+    fused = Recurrent(name, inputs, 32, **kw).double()
+    reference = Recurrent(name, inputs, 32, fused=False, **kw).double()
     reference.load_state_dict(fused.state_dict())
     for run in range(5):
-        x = torch.randn(12, 48, 8, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(12, 48, inputs, dtype=torch.float64, requires_grad=True)
         lengths = torch.randint(2, 13, (48,))
         lengths[:2] = 12
-        out_f, _, grads_f = _run(fused, x, lengths, seed=run)
+        out_f, final_f, grads_f = _run(fused, x, lengths, seed=run)
         assert ops.last_team_size() == 3
-        out_r, _, grads_r = _run(reference, x, lengths, seed=run)
+        out_r, final_r, grads_r = _run(reference, x, lengths, seed=run)
         assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0), run
+        for sf, sr in zip(final_f, final_r):
+            for a, b in zip(sf, sr):
+                assert torch.allclose(a, b, atol=1e-12, rtol=0), run
         for gf, gr in zip(grads_f, grads_r):
             assert torch.allclose(gf, gr, atol=1e-10, rtol=0), run
 

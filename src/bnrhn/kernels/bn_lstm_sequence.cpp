@@ -232,7 +232,7 @@ std::vector<Tensor> bn_lstm_sequence_forward(const Tensor& xp, const Tensor& h0,
   const Tensor r = at::empty({B, 4 * H}, opts);                       // the step's product
   const Tensor c_buf = at::empty({B, H}, opts), c_hat = at::empty({B, H}, opts);  // c and ĉ
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "bn_lstm_sequence_forward", [&] {
-    run_loop(parts, team_scratch_size<scalar_t>(parts, 8 * H), [&](Team& team) {
+    run_loop(parts, team_scratch_size<scalar_t>(parts, 4 * H), [&](Team& team) {  // the 4H-wide norm's sums
       forward_loop<scalar_t>(team, pk, H, xp, h0, c0, h_mask, weight, gamma_h, gamma_c, beta_c, carry_normed, eps,
                              renorm_h, renorm_c, packed_w, out, h_final, c_final, r, c_buf, c_hat, rec);
     });
@@ -287,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
   Tensor dgamma_h = at::zeros({4 * H}, opts), dgamma_c = at::zeros({H}, opts), dbeta_c = at::zeros({H}, opts);
   Tensor dc_other = at::empty({B, H}, opts), dc_hat = at::empty({B, H}, opts);  // scratch
   AT_DISPATCH_FLOATING_TYPES(rec.act.scalar_type(), "bn_lstm_sequence_backward", [&] {
-    run_loop(parts, team_scratch_size<scalar_t>(parts, 8 * H), [&](Team& team) {
+    run_loop(parts, team_scratch_size<scalar_t>(parts, 8 * H), [&](Team& team) {  // its Σ dy and Σ dy x̂
       backward_loop<scalar_t>(team, pk, H, go, gh, gc, h_mask, weight, gamma_h, gamma_c, carry_normed, rec, dxp, drs,
                               dh, dc, dc_other, dc_hat, dgamma_h, dgamma_c, dbeta_c, packed_w_t);
     });

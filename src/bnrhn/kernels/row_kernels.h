@@ -349,15 +349,16 @@ void normalise_forward(Team& team, int64_t n, const T* x, int64_t ld_x, T* y, in
   }
   // the team's totals, summed in thread order: every thread computes the same
   auto total = [&](int64_t slot, int64_t j, int64_t w) {
-    V sum = V::loadu(team.sums<T>(slot, 0, W) + j, w);
-    for (int p = 1; p < team.size(); ++p) sum = sum + V::loadu(team.sums<T>(slot, p, W) + j, w);
+    V sum = V::loadu(team.sums<T>(slot, 0) + j, w);
+    for (int p = 1; p < team.size(); ++p) sum = sum + V::loadu(team.sums<T>(slot, p) + j, w);
     return sum;
   };
+  team.check_room<T>(W);
   const int64_t sums = team.next_slot(), squares = team.next_slot();
-  pieces<T>(W, [&](int64_t j, int64_t w) { column_sum(j, w).store(team.sums<T>(sums, team.id(), W) + j, w); });
+  pieces<T>(W, [&](int64_t j, int64_t w) { column_sum(j, w).store(team.sums<T>(sums, team.id()) + j, w); });
   team.sync();
   pieces<T>(W, [&](int64_t j, int64_t w) {
-    centred_squares(j, w, total(sums, j, w) / count).store(team.sums<T>(squares, team.id(), W) + j, w);
+    centred_squares(j, w, total(sums, j, w) / count).store(team.sums<T>(squares, team.id()) + j, w);
   });
   team.sync();
   pieces<T>(W, [&](int64_t j, int64_t w) { apply(j, w, total(sums, j, w) / count, total(squares, j, w) / count); });
@@ -407,20 +408,21 @@ void normalise_backward(Team& team, int64_t n, T* dy, int64_t ld, const ColumnNo
     });
     return;
   }
+  team.check_room<T>(2 * W);
   const int64_t slot = team.next_slot();  // [Σ dy | Σ dy x̂] of each thread
   pieces<T>(W, [&](int64_t j, int64_t w) {
     V sdy, sdyx;
     column_sums(j, w, sdy, sdyx);
-    T* mine = team.sums<T>(slot, team.id(), 2 * W);
+    T* mine = team.sums<T>(slot, team.id());
     sdy.store(mine + j, w);
     sdyx.store(mine + W + j, w);
   });
   team.sync();
   pieces<T>(W, [&](int64_t j, int64_t w) {
-    const T* first = team.sums<T>(slot, 0, 2 * W);
+    const T* first = team.sums<T>(slot, 0);
     V sdy = V::loadu(first + j, w), sdyx = V::loadu(first + W + j, w);
     for (int p = 1; p < team.size(); ++p) {
-      const T* other = team.sums<T>(slot, p, 2 * W);
+      const T* other = team.sums<T>(slot, p);
       sdy = sdy + V::loadu(other + j, w);
       sdyx = sdyx + V::loadu(other + W + j, w);
     }

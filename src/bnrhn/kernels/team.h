@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -49,15 +50,23 @@ class SpinBarrier {
       generation_.fetch_add(1, std::memory_order_release);
       return;
     }
+    std::chrono::steady_clock::time_point since;
     for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
       if (failed_.load(std::memory_order_relaxed)) throw TeamAbandoned();
-      if (spins > 2000) std::this_thread::yield();  // more threads than cores (a test, a busy machine)
+      if (spins < 2000) continue;
+      std::this_thread::yield();  // more threads than cores (a test, a busy machine)
+      if (spins == 2000) since = std::chrono::steady_clock::now();
+      if (spins % 4096 == 0 && std::chrono::steady_clock::now() - since > kPatience) {
+        fail();  // a thread never came: a defect, reported rather than waited for forever
+        TORCH_CHECK(false, "a team's barrier waited ", kPatience.count(), " s for a thread that never came");
+      }
     }
   }
 
   void fail() { failed_.store(true, std::memory_order_relaxed); }
 
  private:
+  static constexpr std::chrono::seconds kPatience{120};
   const int size_;
   std::atomic<int> waiting_{0};
   alignas(64) std::atomic<int> generation_{0};  // the line the waiting threads spin on, apart from the arrivals'
@@ -91,14 +100,19 @@ class Team {
   // done reading slot i.
   int64_t next_slot() { return slot_++; }
 
-  // The column sums [count] of thread `part` in scratch slot `slot`, as T. Every slot and part has the same room
+  // The column sums of thread `part` in scratch slot `slot`, as T. Every slot and part has the same room
   // (team_scratch_size's largest count), whatever the count of the reduction: a slot's place must not move
   // with the widths of the reductions around it (BN-LSTM's norms are 4H and H wide)
   template <typename T>
-  T* sums(int64_t slot, int part, int64_t count) const {
+  T* sums(int64_t slot, int part) const {
+    return reinterpret_cast<T*>(scratch_->data() + ((slot % 3) * size_ + part) * per_part_);
+  }
+
+  // A reduction of `count` sums fits in the scratch (checked once per reduction, before its first write)
+  template <typename T>
+  void check_room(int64_t count) const {
     TORCH_CHECK(count * static_cast<int64_t>(sizeof(T)) <= per_part_ * 8, "team scratch too small for ", count,
                 " sums");
-    return reinterpret_cast<T*>(scratch_->data() + ((slot % 3) * size_ + part) * per_part_);
   }
 
  private:
