@@ -5,6 +5,11 @@ mechanics (a thread's error, no team to be had)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -208,3 +213,41 @@ def test_no_team_inside_a_parallel_region_runs_one_part(ops):
     """Asked for from inside another OpenMP parallel region, where OpenMP gives no more threads, the loop runs
     in one part instead of waiting for threads that never come."""
     assert ops.team_check(2, -1, True) == [0]
+
+
+_UNSPLIT = """
+import os, torch
+from bnrhn import kernels
+from bnrhn.nn import Recurrent
+ops = kernels.build()
+os.environ["BNRHN_BATCH_SPLIT"] = "2"
+torch.manual_seed(0)
+rnn = Recurrent("bn_rhn", 5, 6, depth=2).double()
+out, _ = rnn(torch.randn(4, 8, 5, dtype=torch.float64))
+out.sum().backward()
+print(ops.last_team_size())
+"""
+
+
+@pytest.mark.slow
+def test_a_compiler_without_openmp_builds_the_kernels_unsplit(tmp_path):
+    """A compiler that refuses -fopenmp (clang without its OpenMP library): the kernels are built without it,
+    said in one line, and the loops run in one part; the next process finds that build and tries no other."""
+    real = shutil.which(os.environ.get("CXX", "c++"))
+    if real is None:
+        pytest.skip("no C++ compiler here")
+    cxx = tmp_path / "c++"
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do if [ "$a" = "-fopenmp" ]; then '
+                   'echo "c++: error: unsupported option -fopenmp" >&2; exit 1; fi; done\n'
+                   f'exec {real} "$@"\n')
+    cxx.chmod(0o755)
+    env = {**os.environ, "CXX": str(cxx), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+           "BNRHN_GATE_KERNELS": "on"}
+    first = subprocess.run([sys.executable, "-c", _UNSPLIT], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split()[-1] == "1"  # one part: no OpenMP team
+    said = [line for line in first.stderr.splitlines() if "could not build with OpenMP" in line]
+    assert len(said) == 1 and "unsplit" in said[0], first.stderr
+    again = subprocess.run([sys.executable, "-c", _UNSPLIT], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.split()[-1] == "1", again.stderr
+    assert "building" not in again.stderr and "OpenMP" not in again.stderr, again.stderr

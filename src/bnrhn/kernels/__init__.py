@@ -74,13 +74,13 @@ def compiler_missing() -> str | None:
 _loaded: dict = {}  # the library loaded into this process (never twice: a second TORCH_LIBRARY aborts)
 
 
-def _build_name() -> tuple[str, list[str]]:
+def _build_name(openmp: bool = True) -> tuple[str, list[str]]:
     """The extension's name and flags: one build per source, flags, PyTorch and environment, so that
-    checkouts and virtual environments sharing PyTorch's extension cache never rebuild each other's."""
+    checkouts and virtual environments sharing PyTorch's extension cache never rebuild each other's. ``openmp``:
+    with -fopenmp (the loops' batch split, team.h, runs on OpenMP's threads: PyTorch's own libgomp, already
+    loaded, serves the extension's calls too — one thread pool in the process)."""
     cap = capability()
-    # -fopenmp: the loops' batch split (team.h) runs on OpenMP's threads, PyTorch's own (its libgomp, already
-    # loaded, serves the extension's calls too: one thread pool in the process)
-    flags = ["-O3", "-DNDEBUG", "-fopenmp", *_FLAGS.get(cap, [])]
+    flags = ["-O3", "-DNDEBUG", *(["-fopenmp"] if openmp else []), *_FLAGS.get(cap, [])]
     sources = [f.read_text(encoding="utf-8") for f in (*_SOURCES, *_HEADERS)]
     key = "\0".join([*sources, *flags, torch.__version__, sys.prefix])
     return f"bnrhn_gates_{cap.lower()}_{hashlib.sha256(key.encode()).hexdigest()[:10]}", flags
@@ -88,17 +88,19 @@ def _build_name() -> tuple[str, list[str]]:
 
 def build(verbose: bool = False):
     """Compile (or find in PyTorch's extension cache, ``$TORCH_EXTENSIONS_DIR``) and load the kernels; returns
-    ``torch.ops.bnrhn_gates``. Raises RuntimeError with the reason when it cannot."""
-    name, flags = _build_name()
+    ``torch.ops.bnrhn_gates``. Raises RuntimeError with the reason when it cannot. Where the compiler cannot build
+    with OpenMP (clang without its OpenMP library, say), the kernels are built without it, said in one line: the
+    loops then run in one part (no batch split)."""
+    builds = [_build_name(openmp=True), _build_name(openmp=False)]
     if "name" in _loaded:
-        if _loaded["name"] != name:
-            raise RuntimeError(f"this process already loaded {_loaded['name']}; {name} (a changed source) "
+        if _loaded["name"] not in (name for name, _ in builds):
+            raise RuntimeError(f"this process already loaded {_loaded['name']}; {builds[0][0]} (a changed source) "
                                "needs a new process")
         return torch.ops.bnrhn_gates
     why = compiler_missing()
     if why:
         raise RuntimeError(why)
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import _get_build_directory
 
     if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary in the venv's bin/
         try:
@@ -107,7 +109,26 @@ def build(verbose: bool = False):
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             raise RuntimeError("ninja not found (pip install ninja)") from None
-    folder = Path(_get_build_directory(name, verbose=False))
+    folders = [Path(_get_build_directory(name, verbose=False)) for name, _ in builds]
+    if not (folders[0] / f"{builds[0][0]}.so").exists() and (folders[1] / f"{builds[1][0]}.so").exists():
+        builds, folders = builds[1:], folders[1:]  # built without OpenMP before: this compiler has none
+    try:
+        _build_and_load(*builds[0], folders[0], verbose)
+    except RuntimeError as exc:
+        if len(builds) == 1:
+            raise
+        try:
+            _build_and_load(*builds[1], folders[1], verbose)
+        except RuntimeError:
+            raise exc from None
+        _say(f"the C++ compiler could not build with OpenMP ({_first_error(exc)}); the kernels are built without "
+             "it and the loops run unsplit (BNRHN_BATCH_SPLIT has no effect)")
+    return torch.ops.bnrhn_gates
+
+
+def _build_and_load(name: str, flags: list[str], folder: Path, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load
+
     lock = folder / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         # left by a build that was killed (PyTorch's build lock waits for it forever)
@@ -115,10 +136,10 @@ def build(verbose: bool = False):
         lock.unlink(missing_ok=True)
     if not (folder / f"{name}.so").exists():
         _say(f"building the fused CPU gate kernels in {folder} (once per machine, about 20 s)")
-    load(name, [str(f) for f in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
-         verbose=verbose, build_directory=str(folder))
+    load(name, [str(f) for f in _SOURCES], extra_cflags=flags,
+         extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], is_python_module=False, verbose=verbose,
+         build_directory=str(folder))
     _loaded["name"] = name
-    return torch.ops.bnrhn_gates
 
 
 _STALE_LOCK_S = 600
