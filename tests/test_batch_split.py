@@ -198,6 +198,26 @@ def test_the_rule(monkeypatch):
             batch_split.parts(64, 128, onednn_products=False)
 
 
+def test_a_mistyped_setting_stops_training_before_it_starts(monkeypatch, tmp_path, capsys):
+    from bnrhn.cli import main
+
+    from bnrhn.training import Trainer
+
+    monkeypatch.setenv("BNRHN_BATCH_SPLIT", "two")
+    fits: list[int] = []
+    original_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: fits.append(1) or original_fit(self, *a, **k))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    rc = main(["lm", "train", "--text", str(text), "--cell", "rnn", "--hidden", "8", "--embed", "4", "--batch-size", "4",
+               "--seq-len", "10", "--max-steps", "2", "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "BNRHN_BATCH_SPLIT must be auto, off or a number of parts from 1 to 256, got 'two'" in err
+    assert not fits  # said before training began
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_a_team_runs_its_parts_at_once(ops):
     """Each thread of a team of three sees the team whole, and all pass three barriers."""
     assert sorted(ops.team_check(3, -1, False)) == [0, 1, 2]
