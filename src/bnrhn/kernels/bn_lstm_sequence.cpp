@@ -89,12 +89,10 @@ void forward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& xp, co
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
-      team.sync();
-      if (team.leader()) {
-        keep_final_rows(hf, h, n, rows_in, H);
-        keep_final_rows(cf, c, n, rows_in, H);
-      }
+    team.enter_step(n);
+    if (team.leader()) {  // rows ending before step t
+      keep_final_rows(hf, h, n, rows_in, H);
+      keep_final_rows(cf, c, n, rows_in, H);
     }
     rows_in = n;
     const auto [lo, hi] = team.range(n);
@@ -144,11 +142,10 @@ void backward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& grad_
   T* dch = dc_hat.data_ptr<T>();
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
   const c10::optional<Tensor> no_bounds;
-  int64_t m = 0, rows_before = -1;  // rows of dh and dc in use
+  int64_t m = 0;  // rows of dh and dc in use
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
-    rows_before = n;
+    team.enter_step(n);
     const auto [lo, hi] = team.range(n);
     const int64_t nr = hi - lo;  // this thread's rows lo..hi−1 of the step's n
     final_rows(dc_cur.data_ptr<T>(), gc, std::max(lo, m), hi, H);  // rows whose last step is t (c: no output gradient)
@@ -291,13 +288,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_lstm_seque
       backward_loop<scalar_t>(team, pk, H, go, gh, gc, h_mask, weight, gamma_h, gamma_c, carry_normed, rec, dxp, drs,
                               dh, dc, dc_other, dc_hat, dgamma_h, dgamma_c, dbeta_c, packed_w_t);
     });
-    // rows that never ran (no step): the initial state is their final state; T swaps of dc leave dc0 in dc when
-    // T is even
-    const int64_t first = pk.rows.front();
-    final_rows(dh.data_ptr<scalar_t>(), gh.defined() ? gh.data_ptr<scalar_t>() : nullptr, first, B, H);
-    const Tensor& dc_cur = T % 2 == 0 ? dc : dc_other;
-    final_rows(dc_cur.data_ptr<scalar_t>(), gc.defined() ? gc.data_ptr<scalar_t>() : nullptr, first, B, H);
-    if (dc_cur.data_ptr() != dc.data_ptr()) dc.copy_(dc_cur);  // the caller reads dc0 from dc
+    // rows that never ran (no step): the initial state is their final state (dh is one buffer; dc swaps per step)
+    final_rows(dh.data_ptr<scalar_t>(), gh.defined() ? gh.data_ptr<scalar_t>() : nullptr, pk.rows.front(), B, H);
+    finish_state_gradient<scalar_t>(pk, H, gc, dc, dc_other, pk.T);
   });
   Tensor dweight = at::mm(drs.t(), rec.h_in);
   return {dxp.defined() ? dxp.transpose(0, 1) : dxp, dh, dc, dweight, dgamma_h, dgamma_c, dbeta_c};

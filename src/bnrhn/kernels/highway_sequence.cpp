@@ -124,10 +124,8 @@ void forward_loop(Team& team, const Shape& sh, const Tensor& xp, const Tensor& s
   int64_t s_rows = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = sh.rows[t], off = sh.offset[t];
-    if (n != s_rows) {  // the rows end or move between threads: every thread's last step is written
-      team.sync();
-      if (team.leader()) keep_final_rows(final_p, s, n, s_rows, H);
-    }
+    team.enter_step(n);
+    if (team.leader()) keep_final_rows(final_p, s, n, s_rows, H);  // rows ending before step t
     s_rows = n;
     const auto [lo, hi] = team.range(n);
     const int64_t c = hi - lo;  // this thread's rows lo..hi−1 of the step's n
@@ -271,11 +269,9 @@ void backward_loop(Team& team, const Shape& sh, const Tensor& grad_out, const Te
   for (int64_t l = 0; l < L; ++l) das_l.push_back(das[l]);
   Tensor ds = ds_a, ds_other = ds_b;  // [B, H] each: ∂L/∂s of the current layer input, and the next
   int64_t m = 0;  // rows of ds in use
-  int64_t rows_before = -1;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = sh.rows[t], off = sh.offset[t];
-    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
-    rows_before = n;
+    team.enter_step(n);
     const auto [lo, hi] = team.range(n);
     const int64_t c = hi - lo;  // this thread's rows lo..hi−1 of the step's n
     const T* mask = mask_p != nullptr ? mask_p + lo * H : nullptr;

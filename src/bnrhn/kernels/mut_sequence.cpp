@@ -66,10 +66,8 @@ void forward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, con
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t];
-    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
-      team.sync();
-      if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);
-    }
+    team.enter_step(n);
+    if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);  // rows ending before step t
     rows_in = n;
     const auto [lo, end] = team.range(n);
     const int64_t nr = end - lo, off = pk.offset[t] + lo;  // this thread's rows, and where they are recorded
@@ -97,7 +95,7 @@ void forward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, con
     T* zp = z.data_ptr<T>();
     T* rp = r.data_ptr<T>();
     T* rhp = rec.rh.data_ptr<T>() + off * H;
-    rows(nr, H, [&](int64_t b) {
+    rows(nr, [&](int64_t b) {
       const T* xb = xp_p + t * xs0 + (lo + b) * xs1;
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
@@ -111,7 +109,7 @@ void forward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, con
     Tensor c = rec.c.narrow(0, off, nr);
     recurrent_product(c, rec.rh.narrow(0, off, nr), w_hh_t, packed[2], xt.narrow(1, 2 * H, H), Tensor());
     T* cp = c.data_ptr<T>();
-    rows(nr, H, [&](int64_t b) {
+    rows(nr, [&](int64_t b) {
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V cv = A::tanh(V::loadu(cp + e, w)), hv = V::loadu(hp + e, w);
@@ -138,11 +136,10 @@ void backward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, co
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
   Tensor g = dh_a, g_next = dh_b;  // ∂L/∂h_t and ∂L/∂h_{t−1}
   const V one(1);
-  int64_t m = 0, rows_before = -1;
+  int64_t m = 0;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t];
-    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
-    rows_before = n;
+    team.enter_step(n);
     const auto [lo, end] = team.range(n);
     const int64_t nr = end - lo, off = pk.offset[t] + lo;  // this thread's rows, and where they are recorded
     state_gradient_rows(g.data_ptr<T>(), m, lo, end, t, B, H, gf, go);
@@ -161,7 +158,7 @@ void backward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, co
     T* dpz = dpz_all.defined() ? dpz_all.data_ptr<T>() + off * H : nullptr;
     T* gn = g_next.data_ptr<T>() + lo * H;
     T* dx = dxp_p != nullptr ? dxp_p + (t * B + lo) * H3 : nullptr;
-    rows(nr, H, [&](int64_t b) {
+    rows(nr, [&](int64_t b) {
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V gv = V::loadu(gp + e, w), z = V::loadu(zp + e, w), cv = V::loadu(cp + e, w);
@@ -181,7 +178,7 @@ void backward_loop(Team& team, int64_t variant, const Packing& pk, int64_t H, co
     const T* drhp = drh_t.data_ptr<T>();
     T* dhi = dh_in.data_ptr<T>() + lo * H;
     T* dpr = dpr_all.defined() ? dpr_all.data_ptr<T>() + off * H : nullptr;
-    rows(nr, H, [&](int64_t b) {
+    rows(nr, [&](int64_t b) {
       pieces<T>(H, [&](int64_t j, int64_t w) {
         const int64_t e = b * H + j;
         const V d = V::loadu(drhp + e, w), rv = V::loadu(rp + e, w);
@@ -300,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mut_sequence_backward(
       backward_loop<scalar_t>(team, variant, pk, H, go, gf, h_mask, w_hz, w_hr, w_hh, rec, dxp, da, dpz, dpr, dh_a,
                               dh_b, drh, dh_in, tmp, packed_w_t);
     });
-    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b);
+    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b, pk.T);  // one swap per step
   });
   Tensor dw_hz = variant == 1 ? at::empty({0}, opts) : at::mm(dpz.t(), variant == 3 ? rec.tanh_h : rec.h_in);
   Tensor dw_hr = variant == 2 ? at::empty({0}, opts) : at::mm(dpr.t(), rec.h_in);

@@ -54,10 +54,8 @@ void forward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& xp, co
   int64_t rows_in = B;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n != rows_in) {  // the rows end or move between threads: every thread's last step is written
-      team.sync();
-      if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);
-    }
+    team.enter_step(n);
+    if (team.leader()) keep_final_rows(hf, h, n, rows_in, H);  // rows ending before step t
     rows_in = n;
     const auto [lo, hi] = team.range(n);
     const int64_t c = hi - lo;
@@ -85,11 +83,10 @@ void backward_loop(Team& team, const Packing& pk, int64_t H, const Tensor& grad_
   const T* mask_p = ptr_or_null<T>(h_mask);
   T* dxp_p = dxp.defined() ? dxp.data_ptr<T>() : nullptr;
   Tensor dh = dh_a, dh_other = dh_b;  // ∂L/∂h_t, and ∂L/∂h_{t−1} being computed
-  int64_t m = 0, rows_before = -1;
+  int64_t m = 0;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t n = pk.rows[t], off = pk.offset[t];
-    if (n != rows_before && rows_before >= 0) team.sync();  // the rows move between threads
-    rows_before = n;
+    team.enter_step(n);
     const auto [lo, hi] = team.range(n);
     const int64_t c = hi - lo;
     T* dh_p = dh.data_ptr<T>();
@@ -161,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_sequence_backward(
     run_loop(parts, 0, [&](Team& team) {
       backward_loop<scalar_t>(team, pk, H, go, gf, h_mask, weight, rec, dxp, das, dh_a, dh_b, packed_w_t);
     });
-    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b);
+    finish_state_gradient<scalar_t>(pk, H, gf, dh_a, dh_b, pk.T);  // one swap per step
   });
   return {dxp, dh_a, at::mm(das.t(), rec.h_in)};
 }

@@ -21,7 +21,7 @@ void highway_rows_forward(int64_t n, int64_t H, int64_t G, T* act, const T* bias
   using V = Vectorized<T>;
   using A = Act<T>;
   const bool biased[3] = {bias && add_bias[0], bias && add_bias[1], bias && G == 3 && add_bias[2]};
-  rows(n, G * H, [&](int64_t i) {
+  rows(n, [&](int64_t i) {
     T* a = act + i * G * H;
     const T* sp = s + i * H;
     T* op = s_out + i * H;
@@ -56,7 +56,7 @@ template <typename T>
 void highway_rows_backward(int64_t n, int64_t H, int64_t G, const T* ds, const T* act, const T* s, T* dp, T* ds_prev) {
   using V = Vectorized<T>;
   const V one(1);
-  rows(n, G * H, [&](int64_t i) {
+  rows(n, [&](int64_t i) {
     const T* a = act + i * G * H;
     const T* sp = s + i * H;
     const T* gp = ds + i * H;
@@ -88,7 +88,7 @@ void lstm_gates_rows_forward(int64_t n, int64_t H, T* act, const T* c_prev, T* c
                              int64_t ld_add = 0) {
   using V = Vectorized<T>;
   using A = Act<T>;
-  rows(n, 4 * H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     T* a = act + b * 4 * H;
     const T* x = add != nullptr ? add + b * ld_add : nullptr;
     const T* cp = c_prev + b * H;
@@ -116,7 +116,7 @@ template <typename T>
 void lstm_output_rows_forward(int64_t n, int64_t H, const T* act, const T* c_hat, T* h, T* tc) {
   using V = Vectorized<T>;
   using A = Act<T>;
-  rows(n, H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     const T* o = act + b * 4 * H + 3 * H;
     const T* cp = c_hat + b * H;
     T* hp = h + b * H;
@@ -134,7 +134,7 @@ template <typename T>
 void lstm_output_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, const T* tc, T* dc_hat) {
   using V = Vectorized<T>;
   const V one(1);
-  rows(n, H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     const T* o = act + b * 4 * H + 3 * H;
     const T* g = dh + b * H;
     const T* tp = tc + b * H;
@@ -154,7 +154,7 @@ void lstm_gates_rows_backward(int64_t n, int64_t H, const T* dc, const T* dh, co
                               const T* tc, T* dgates, T* dc_prev) {
   using V = Vectorized<T>;
   const V one(1);
-  rows(n, 4 * H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     const T* a = act + b * 4 * H;
     const T* dcp = dc + b * H;
     const T* dhp = dh + b * H;
@@ -182,7 +182,7 @@ template <typename T>
 void gru_rows_forward(int64_t n, int64_t H, T* act, const T* x, int64_t ld_x, const T* h, T* h_out, T* hpn) {
   using V = Vectorized<T>;
   using A = Act<T>;
-  rows(n, 3 * H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     T* a = act + b * 3 * H;
     const T* xb = x + b * ld_x;
     pieces<T>(H, [&](int64_t j, int64_t w) {
@@ -209,7 +209,7 @@ void gru_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, const T*
                        int64_t ld_dx, T* dh_prev) {
   using V = Vectorized<T>;
   const V one(1);
-  rows(n, 3 * H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     const T* a = act + b * 3 * H;
     T* d = dhp + b * 3 * H;
     T* e = dx != nullptr ? dx + b * ld_dx : nullptr;
@@ -237,7 +237,7 @@ void gru_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, const T*
 template <typename T>
 void rnn_rows_forward(int64_t n, int64_t H, const T* hp, const T* x, int64_t ld_x, T* h_out, T* act) {
   using V = Vectorized<T>;
-  rows(n, H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     pieces<T>(H, [&](int64_t j, int64_t w) {
       const V h = Act<T>::tanh(V::loadu(x + b * ld_x + j, w) + V::loadu(hp + b * H + j, w));
       h.store(h_out + b * H + j, w);
@@ -251,7 +251,7 @@ template <typename T>
 void rnn_rows_backward(int64_t n, int64_t H, const T* dh, const T* act, T* da, T* dx, int64_t ld_dx) {
   using V = Vectorized<T>;
   const V one(1);
-  rows(n, H, [&](int64_t b) {
+  rows(n, [&](int64_t b) {
     pieces<T>(H, [&](int64_t j, int64_t w) {
       const V h = V::loadu(act + b * H + j, w);
       const V d = V::loadu(dh + b * H + j, w) * (one - h * h);
@@ -285,6 +285,15 @@ struct ColumnNorm {
   T* r;             // [W] (renormalization only)
   T* d;             // [W]
 };
+
+// The team's total of column sums j..j+w−1 (at `offset` in each thread's sums of scratch slot `slot`), added in
+// thread order: every thread computes the same
+template <typename T>
+Vectorized<T> team_total(const Team& team, int64_t slot, int64_t offset, int64_t j, int64_t w) {
+  Vectorized<T> sum = Vectorized<T>::loadu(team.sums<T>(slot, 0) + offset + j, w);
+  for (int p = 1; p < team.size(); ++p) sum = sum + Vectorized<T>::loadu(team.sums<T>(slot, p) + offset + j, w);
+  return sum;
+}
 
 // y [n, W] (row stride ld_y; may be x itself) ← the normalised x [n, W] (row stride ld_x). With a team, each
 // thread normalises its own rows (team.range(n)) and the column sums of all of them meet in the team's scratch;
@@ -347,12 +356,7 @@ void normalise_forward(Team& team, int64_t n, const T* x, int64_t ld_x, T* y, in
     });
     return;
   }
-  // the team's totals, summed in thread order: every thread computes the same
-  auto total = [&](int64_t slot, int64_t j, int64_t w) {
-    V sum = V::loadu(team.sums<T>(slot, 0) + j, w);
-    for (int p = 1; p < team.size(); ++p) sum = sum + V::loadu(team.sums<T>(slot, p) + j, w);
-    return sum;
-  };
+  auto total = [&](int64_t slot, int64_t j, int64_t w) { return team_total<T>(team, slot, 0, j, w); };
   team.check_room<T>(W);
   const int64_t sums = team.next_slot(), squares = team.next_slot();
   pieces<T>(W, [&](int64_t j, int64_t w) { column_sum(j, w).store(team.sums<T>(sums, team.id()) + j, w); });
@@ -419,28 +423,8 @@ void normalise_backward(Team& team, int64_t n, T* dy, int64_t ld, const ColumnNo
   });
   team.sync();
   pieces<T>(W, [&](int64_t j, int64_t w) {
-    const T* first = team.sums<T>(slot, 0);
-    V sdy = V::loadu(first + j, w), sdyx = V::loadu(first + W + j, w);
-    for (int p = 1; p < team.size(); ++p) {
-      const T* other = team.sums<T>(slot, p);
-      sdy = sdy + V::loadu(other + j, w);
-      sdyx = sdyx + V::loadu(other + W + j, w);
-    }
-    apply(j, w, sdy, sdyx);
+    apply(j, w, team_total<T>(team, slot, 0, j, w), team_total<T>(team, slot, W, j, w));
   });
-}
-
-// The same without a team: all n rows on the calling thread
-template <typename T>
-void normalise_forward(int64_t n, const T* x, int64_t ld_x, T* y, int64_t ld_y, const ColumnNorm<T>& g, double eps) {
-  Team alone;
-  normalise_forward(alone, n, x, ld_x, y, ld_y, g, eps);
-}
-
-template <typename T>
-void normalise_backward(int64_t n, T* dy, int64_t ld, const ColumnNorm<T>& g, T* dgamma, T* dbeta) {
-  Team alone;
-  normalise_backward(alone, n, dy, ld, g, dgamma, dbeta);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -464,7 +448,7 @@ template <typename T>
 void layer_norm_rows_forward(int64_t n, int64_t W, const T* x, int64_t ld_x, T* y, int64_t ld_y, const T* gamma,
                              const T* beta, double eps, T* xhat, T* invstd) {
   using V = Vectorized<T>;
-  rows(n, W, [&](int64_t i) {
+  rows(n, [&](int64_t i) {
     const T* xi = x + i * ld_x;
     V acc(0);
     pieces<T>(W, [&](int64_t j, int64_t w) { acc = acc + V::loadu(xi + j, w); });  // partial loads fill zeros
@@ -501,7 +485,7 @@ void layer_norm_rows_backward(int64_t n, int64_t W, T* dy, int64_t ld, const T* 
     sdy.store(dgamma + j, w);
     if (dbeta != nullptr) sb.store(dbeta + j, w);
   });
-  rows(n, W, [&](int64_t i) {
+  rows(n, [&](int64_t i) {
     T* di = dy + i * ld;
     const T* xi = xhat + i * W;
     V s1(0), s2(0);

@@ -226,21 +226,13 @@ void state_gradient_rows(T* ds, int64_t m, int64_t lo, int64_t hi, int64_t t, in
   }
 }
 
-// The same for all n rows of step t; m becomes the rows in use after it
-template <typename T>
-void state_gradient_at(T* ds, int64_t& m, int64_t n, int64_t t, int64_t B, int64_t H, const T* grad_final,
-                       const T* grad_out) {
-  state_gradient_rows(ds, m, 0, n, t, B, H, grad_final, grad_out);
-  m = std::max(m, n);
-}
-
-// After a backward loop that swapped its two state-gradient buffers once per step (and layer: `swaps` in all):
-// the rows that never ran (no step) take the final state's gradient, h0 being their final state, and the caller
-// reads ∂L/∂h0 from dh_a
+// After a backward loop that swapped its two state-gradient buffers `swaps` times (once per step, or per step and
+// layer): the rows that never ran (no step) take the final state's gradient, h0 being their final state, and the
+// caller reads ∂L/∂h0 from dh_a
 template <typename T>
 void finish_state_gradient(const Packing& pk, int64_t H, const at::Tensor& grad_final, const at::Tensor& dh_a,
-                           const at::Tensor& dh_b, int64_t swaps = -1) {
-  const at::Tensor& dh = (swaps < 0 ? pk.T : swaps) % 2 == 0 ? dh_a : dh_b;
+                           const at::Tensor& dh_b, int64_t swaps) {
+  const at::Tensor& dh = swaps % 2 == 0 ? dh_a : dh_b;
   final_rows(dh.data_ptr<T>(), grad_final.defined() ? grad_final.data_ptr<T>() : nullptr, pk.rows.front(), pk.B, H);
   if (dh.data_ptr() != dh_a.data_ptr()) dh_a.copy_(dh);
 }

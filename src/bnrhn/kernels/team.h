@@ -93,6 +93,13 @@ class Team {
     if (barrier_ != nullptr) barrier_->wait();
   }
 
+  // A loop's next step has n rows: where that differs from the step before (not at the first), the ranges move
+  // and a thread may read rows another one wrote, so the team meets first
+  void enter_step(int64_t n) {
+    if (rows_ >= 0 && n != rows_) sync();
+    rows_ = n;
+  }
+
   // The next reduction's scratch slot (each thread counts its own; all count alike). Three slots in turn:
   // batch norm's forward reads its column sums (slot i) again after the barrier of its squares (slot i + 1),
   // while a thread already past that barrier may write the next reduction's sums (slot i + 2) before meeting
@@ -121,6 +128,7 @@ class Team {
   std::vector<double>* scratch_ = nullptr;
   int64_t per_part_ = 0;  // doubles per slot and part
   int64_t slot_ = 0;
+  int64_t rows_ = -1;  // the rows of the step entered last
 };
 
 // Scratch doubles a team of `size` needs for column sums of up to `count` values of T in each of three slots

@@ -65,10 +65,9 @@ inline void pieces(int64_t cols, const F& f) {
 // per task), which ran serially while the extension was built without -fopenmp; built with it (tried 2026-12-07,
 // docs/performance.md) the training steps at hidden size 128 and 512 were no faster. The extension is now built
 // with -fopenmp for the loops' batch split (team.h), which shares a step's rows among threads instead; a pass
-// here stays on its thread. (The `cols` argument, the row length, is kept for the callers' clarity.)
+// here stays on its thread.
 template <typename F>
-inline void rows(int64_t B, int64_t cols, const F& f) {
-  (void)cols;
+inline void rows(int64_t B, const F& f) {
   for (int64_t b = 0; b < B; ++b) f(b);
 }
 
