@@ -25,6 +25,21 @@ def feature_cache(shared_cache):
     return shared_cache
 
 
+@pytest.fixture
+def loop_ops(monkeypatch):
+    """The fused kernels and C++ loops forced on and built (skips, saying why, where they cannot be built): their
+    op namespace, ``torch.ops.bnrhn_gates``."""
+    from bnrhn import kernels
+
+    why = kernels.compiler_missing()
+    if why:
+        pytest.skip(f"the C++ loops cannot be built here: {why}")
+    monkeypatch.setenv("BNRHN_GATE_KERNELS", "on")
+    kernels.reset()
+    yield kernels.build()
+    kernels.reset()
+
+
 @pytest.fixture(params=["kernels", "composed"])
 def gate_kernels(request, monkeypatch):
     """Runs a test twice: with the fused CPU gate kernels (:mod:`bnrhn.kernels`, forced on; skips, saying why,

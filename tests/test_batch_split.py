@@ -13,27 +13,14 @@ import sys
 import pytest
 import torch
 
-from bnrhn import kernels
-from bnrhn.cells.highway_sequence import NativeHighwaySequence
 from bnrhn.kernels import batch_split
 from bnrhn.nn import Recurrent, SequenceBatchNorm
 
-from test_fused_paths import FUSED_CASES, _run
+from test_fused_paths import FUSED_CASES, _run, check_fused_equals_composition
 
 # the cases a C++ loop runs (steps sharing statistics stay in Python: max_steps, per_step=False), and MUT1–3
 LOOP_CASES = [(n, o) for n, o in FUSED_CASES if "max_steps" not in o and o.get("per_step", True)] + [
     ("mut1", {}), ("mut2", {}), ("mut3", {})]
-
-
-@pytest.fixture
-def ops(monkeypatch):
-    why = kernels.compiler_missing()
-    if why:
-        pytest.skip(f"the C++ loops cannot be built here: {why}")
-    monkeypatch.setenv("BNRHN_GATE_KERNELS", "on")
-    kernels.reset()
-    yield kernels.build()
-    kernels.reset()
 
 
 @pytest.fixture
@@ -48,38 +35,17 @@ def parts_used(monkeypatch):
 @pytest.mark.parametrize("name,opts", LOOP_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LOOP_CASES)])
 @pytest.mark.parametrize("lengths", [None, (7, 4, 6, 7), (7, 4, 6, 2)], ids=["full", "packed", "one-row-step"])
 @pytest.mark.parametrize("parts", [2, 3])
-def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, ops, parts_used, monkeypatch):
+def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, loop_ops, parts_used, monkeypatch):
     """Four rows in 2 or 3 parts (3: one thread has one row, and none once the rows drop to 2), with packed
     rows, recurrent dropout, two layers; outputs, final states, every gradient and the population statistics."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", str(parts))
-    torch.manual_seed(0)
-    kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **({"depth": 3} if "rhn" in name else {}), **opts)
     inputs = 6 if name in ("mut1", "mut2") else 5  # MUT1 and MUT2 add x_t to hidden-sized vectors
-    fused = Recurrent(name, inputs, 6, **kw).double()
-    reference = Recurrent(name, inputs, 6, fused=False, **kw).double()
-    reference.load_state_dict(fused.state_dict())
-    x = torch.randn(7, 4, inputs, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor(lengths) if lengths is not None else None
-    for model in (fused, reference):  # population statistics to renormalise against (and to update)
-        torch.manual_seed(5)
-        with torch.no_grad():
-            _ = model(torch.randn(7, 4, inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
-    parts_used.clear()
-    out_f, final_f, grads_f = _run(fused, x, lengths, seed=3)
-    out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
+    check_fused_equals_composition(name, opts, lengths, inputs)
     batch_normed = name == "bn_lstm" or (name == "bn_rhn" and opts.get("normalize", "h") != "")
-    one_row_step = lengths is not None and any(int((lengths > t).sum()) == 1 for t in range(7))
+    one_row_step = lengths is not None and any(sum(n > t for n in lengths) == 1 for t in range(7))
     if not (batch_normed and one_row_step):  # no batch statistics of one row: these cells leave the loop for it
         assert parts_used and set(parts_used) == {parts}
-        assert ops.last_team_size() == parts  # and the C++ loop ran on that many threads
-    assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
-    for sf, sr in zip(final_f, final_r):
-        for a, b in zip(sf, sr):
-            assert torch.allclose(a, b, atol=1e-12, rtol=0)
-    for gf, gr, (pname, _) in zip(grads_f, grads_r, [("x", None), *fused.named_parameters()]):
-        assert torch.allclose(gf, gr, atol=1e-11, rtol=0), pname
-    for (bname, bf), br in zip(fused.named_buffers(), reference.buffers()):
-        assert torch.equal(bf, br) if not bf.dtype.is_floating_point else torch.allclose(bf, br, atol=1e-12), bname
+        assert loop_ops.last_team_size() == parts  # and the C++ loop ran on that many threads
 
 
 @pytest.mark.parametrize("name,opts,steps", [
@@ -87,7 +53,7 @@ def test_split_loop_equals_the_autograd_composition(name, opts, lengths, parts, 
     ("bn_rhn", {"stats": "renorm", "renorm_rmax": 1.05, "renorm_dmax": 0.01, "renorm_warmup": 0, "normalize": "h,c"}, 5),
     ("bn_rhn_tf", {"normalize": "h,c"}, 4), ("gru", {}, 5), ("rnn", {}, 4), ("mut2", {}, 5), ("mut3", {}, 4),
     ("bn_lstm", {"stats": "momentum"}, 5), ("bn_lstm", {"stats": "momentum", "carry_norm": "recurrence"}, 4)])
-def test_split_loop_gradcheck(name, opts, steps, ops, parts_used, monkeypatch):
+def test_split_loop_gradcheck(name, opts, steps, loop_ops, parts_used, monkeypatch):
     """The split loops against finite differences: lengths (steps, steps, 2, 3) in two parts (the rows move at
     the third and fourth steps), recurrent dropout, an initial state (h0, and c0 for BN-LSTM: their gradients
     are the loops' last swap, at an odd and an even number of steps), two layers (RHN depth 2); every input and
@@ -115,11 +81,11 @@ def test_split_loop_gradcheck(name, opts, steps, ops, parts_used, monkeypatch):
 
     assert torch.autograd.gradcheck(f, (x, s0, *params), fast_mode=True)
     assert parts_used and set(parts_used) == {2}
-    assert ops.last_team_size() == 2
+    assert loop_ops.last_team_size() == 2
 
 
 @pytest.mark.parametrize("name", ["rhn", "bn_rhn", "bn_rhn_tf"])
-def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts_used, monkeypatch):
+def test_auto_split_in_float32_is_float64s_to_float32_precision(name, loop_ops, parts_used, monkeypatch):
     """``auto`` at 64 rows with two threads splits in two; the float32 result against the float64 composition."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "auto")
     threads = torch.get_num_threads()
@@ -138,7 +104,7 @@ def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts
         torch.set_num_threads(threads)
     out64, final64, grads64 = _run(reference, x.double().requires_grad_(), lengths, seed=3)
     assert parts_used and set(parts_used) == {2}
-    assert ops.last_team_size() == 2
+    assert loop_ops.last_team_size() == 2
     assert torch.allclose(out32.double(), out64, atol=5e-5, rtol=0)
     assert torch.allclose(final32[-1][0].double(), final64[-1][0], atol=2e-5, rtol=0)
     for g32, g64, (pname, _) in zip(grads32, grads64, [("x", None), *fast.named_parameters()]):
@@ -148,7 +114,7 @@ def test_auto_split_in_float32_is_float64s_to_float32_precision(name, ops, parts
 @pytest.mark.parametrize("name,opts", [("bn_rhn", {}), ("rhn", {}), ("bn_rhn_tf", {}), ("bn_lstm", {}),
                                        ("bn_lstm", {"carry_norm": "recurrence", "stats": "momentum"}), ("gru", {}),
                                        ("rnn", {}), ("mut1", {}), ("mut3", {})])
-def test_a_larger_batch_in_three_parts_repeatedly(name, opts, ops, parts_used, monkeypatch):
+def test_a_larger_batch_in_three_parts_repeatedly(name, opts, loop_ops, parts_used, monkeypatch):
     """Races show more on more rows: 48 rows of 32 units in 3 parts (more threads than this machine's cores),
     lengths 1–12 (rows leave at nearly every step), five runs, each against the composition in float64."""
     monkeypatch.setenv("BNRHN_BATCH_SPLIT", "3")
@@ -163,7 +129,7 @@ def test_a_larger_batch_in_three_parts_repeatedly(name, opts, ops, parts_used, m
         lengths = torch.randint(2, 13, (48,))
         lengths[:2] = 12
         out_f, final_f, grads_f = _run(fused, x, lengths, seed=run)
-        assert ops.last_team_size() == 3
+        assert loop_ops.last_team_size() == 3
         out_r, final_r, grads_r = _run(reference, x, lengths, seed=run)
         assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0), run
         for sf, sr in zip(final_f, final_r):
@@ -218,21 +184,21 @@ def test_a_mistyped_setting_stops_training_before_it_starts(monkeypatch, tmp_pat
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_a_team_runs_its_parts_at_once(ops):
+def test_a_team_runs_its_parts_at_once(loop_ops):
     """Each thread of a team of three sees the team whole, and all pass three barriers."""
-    assert sorted(ops.team_check(3, -1, False)) == [0, 1, 2]
+    assert sorted(loop_ops.team_check(3, -1, False)) == [0, 1, 2]
 
 
-def test_a_failing_thread_releases_the_others_and_its_error_reaches_the_caller(ops):
+def test_a_failing_thread_releases_the_others_and_its_error_reaches_the_caller(loop_ops):
     with pytest.raises(RuntimeError, match="team_check: thread 1 fails"):
-        ops.team_check(3, 1, False)
-    assert sorted(ops.team_check(2, -1, False)) == [0, 1]  # the next team forms as usual
+        loop_ops.team_check(3, 1, False)
+    assert sorted(loop_ops.team_check(2, -1, False)) == [0, 1]  # the next team forms as usual
 
 
-def test_no_team_inside_a_parallel_region_runs_one_part(ops):
+def test_no_team_inside_a_parallel_region_runs_one_part(loop_ops):
     """Asked for from inside another OpenMP parallel region, where OpenMP gives no more threads, the loop runs
     in one part instead of waiting for threads that never come."""
-    assert ops.team_check(2, -1, True) == [0]
+    assert loop_ops.team_check(2, -1, True) == [0]
 
 
 _UNSPLIT = """

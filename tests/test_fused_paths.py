@@ -58,18 +58,25 @@ def _run(rnn, x, lengths, seed):
 # nodes); (7, 4, 6, 2): the last step has one row, whose batch statistics cannot apply (they run step by step)
 @pytest.mark.parametrize("lengths", [None, (7, 4, 6, 7), (7, 4, 6, 2)], ids=["full", "packed", "one-row-step"])
 def test_fused_training_path_equals_the_autograd_composition(name, opts, lengths, gate_kernels):
+    check_fused_equals_composition(name, opts, lengths)
+
+
+def check_fused_equals_composition(name, opts, lengths, inputs=5):
+    """Two layers of ``name`` (fused, and ``fused=False``: the autograd composition) with the same weights, in
+    float64 on 4 rows of ``lengths`` (None: full) with recurrent dropout and dropout, after a first batch has given
+    the population statistics: outputs, final states, every gradient and the statistics equal to 1e-12."""
     torch.manual_seed(0)
     extra = {"depth": 3} if "rhn" in name else {}
     kw = dict(num_layers=2, recurrent_dropout=0.25, dropout=0.1, **extra, **opts)
-    fused = Recurrent(name, 5, 6, **kw).double()
-    reference = Recurrent(name, 5, 6, fused=False, **kw).double()
+    fused = Recurrent(name, inputs, 6, **kw).double()
+    reference = Recurrent(name, inputs, 6, fused=False, **kw).double()
     reference.load_state_dict(fused.state_dict())
-    x = torch.randn(7, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 4, inputs, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor(lengths) if lengths is not None else None
     for model in (fused, reference):  # population statistics to renormalise against (and to update)
         torch.manual_seed(5)  # the same dropout masks
         with torch.no_grad():
-            _ = model(torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
+            _ = model(torch.randn(7, 4, inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1)
     out_f, final_f, grads_f = _run(fused, x, lengths, seed=3)
     out_r, final_r, grads_r = _run(reference, x, lengths, seed=3)
     assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)

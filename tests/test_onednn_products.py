@@ -15,16 +15,10 @@ needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch w
 
 
 @pytest.fixture
-def loops(monkeypatch):
-    """The fused kernels and C++ loops forced on (skips, saying why, where they cannot be built)."""
-    why = kernels.compiler_missing()
-    if why:
-        pytest.skip(f"the C++ loops cannot be built here: {why}")
-    monkeypatch.setenv("BNRHN_GATE_KERNELS", "on")
+def loops(loop_ops, monkeypatch):
+    """The fused kernels and C++ loops forced on (conftest's loop_ops), oneDNN's products wherever the rule allows."""
     monkeypatch.setenv("BNRHN_RECURRENT_PRODUCTS", "onednn")  # the rule alone, untimed (the timing has its tests)
-    kernels.reset()
     yield
-    kernels.reset()
 
 
 CASES = [  # every way the loops form a product: + the projection's rows (one chunk: contiguous; a chunk
