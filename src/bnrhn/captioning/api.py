@@ -40,7 +40,7 @@ from bnrhn.captioning.task import (CHECKPOINT_KIND, CaptionTask, Prepared, decod
 from bnrhn.data.captions import CaptionDataset
 from bnrhn.data.vocab import Vocabulary, unknown_fraction
 from bnrhn import kernels
-from bnrhn.kernels import batch_split, onednn
+from bnrhn.kernels import onednn
 from bnrhn.decoding import METHODS, decode
 from bnrhn.encoders import ImageFileError, build_encoder, load_image, stack_images
 from bnrhn.models import Captioner, CaptionerConfig, build_captioner
@@ -234,8 +234,7 @@ def _train(config: CaptionConfig, resume: bool, log: Log, device: torch.device, 
         f"-> {config.run_dir}")
     if device.type == "cpu":
         log(f"train: {kernels.status()}")
-        onednn.mode()  # a mistyped BNRHN_RECURRENT_PRODUCTS stops the run here, not after training
-        batch_split.setting()  # and a mistyped BNRHN_BATCH_SPLIT, not at the first step
+        kernels.check_settings()  # a mistyped setting stops the run here
     init_scores = None
     if config.init and has_val and not resume and (distributed is None or distributed.rank == 0):
         init_scores = task.validate()  # the starting point, for "before and after" (CIDEr before SCST)

@@ -60,6 +60,17 @@ def mode() -> str:
     return value
 
 
+def check_settings() -> None:
+    """Raise ValueError, naming the variable, for a mistyped kernel setting (``BNRHN_GATE_KERNELS``,
+    ``BNRHN_RECURRENT_PRODUCTS``, ``BNRHN_BATCH_SPLIT``): the training commands call it before training, so that
+    a typo stops the run there rather than at its first step or after it."""
+    from bnrhn.kernels import batch_split, onednn
+
+    mode()
+    onednn.mode()
+    batch_split.setting()
+
+
 def capability() -> str:
     """ATen's CPU capability in use ("AVX512", "AVX2", "DEFAULT", …), which the build targets."""
     return torch.backends.cpu.get_cpu_capability()

@@ -193,16 +193,18 @@ def applies(weight: Tensor, rows: int, transposed: bool = False) -> bool:
 def packed_transposed_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:
     """Every weight's transpose reordered by oneDNN, for the backward's products ``d W``; None where
     :func:`applies` says no. Reordered once per backward, as the forward reorders the weights once per sequence."""
-    if not weights or not all(applies(w, batch, transposed=True) for w in weights):
-        return None
-    with torch.no_grad():
-        return [torch.ops.mkldnn._reorder_linear_weight(w.detach().t().contiguous(), batch) for w in weights]
+    return _reordered(weights, batch, transposed=True)
 
 
 def packed_recurrent_weights(weights: Sequence[Tensor], batch: int) -> list[Tensor] | None:
     """Every weight reordered by oneDNN for products of ``batch`` rows, or None where :func:`applies` says no
     (the loop then uses PyTorch's mm). A reordered weight is a copy: pack again after each optimiser step."""
-    if not weights or not all(applies(w, batch) for w in weights):
+    return _reordered(weights, batch, transposed=False)
+
+
+def _reordered(weights: Sequence[Tensor], batch: int, transposed: bool) -> list[Tensor] | None:
+    if not weights or not all(applies(w, batch, transposed=transposed) for w in weights):
         return None
     with torch.no_grad():
-        return [torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), batch) for w in weights]
+        return [torch.ops.mkldnn._reorder_linear_weight((w.detach().t() if transposed else w.detach()).contiguous(),
+                                                        batch) for w in weights]

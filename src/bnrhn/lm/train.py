@@ -18,7 +18,7 @@ import torch
 
 from bnrhn.cells import legacy_statistics, pin_statistics
 from bnrhn.data.text import CharCorpus, check_seq_len
-from bnrhn.kernels import batch_split, onednn
+from bnrhn.kernels import onednn
 from bnrhn.lm.evaluate import LMScore
 from bnrhn.lm.task import CharLMTask
 from bnrhn.models.char_lm import CharLM
@@ -238,8 +238,7 @@ def _train_char_lm(cfg: LMTrainConfig, resume: bool, corpus: CharCorpus | None, 
         from bnrhn import kernels
 
         log(f"model: {kernels.status()}")
-        onednn.mode()  # a mistyped BNRHN_RECURRENT_PRODUCTS stops the run here, not after training
-        batch_split.setting()  # and a mistyped BNRHN_BATCH_SPLIT, not at the first step
+        kernels.check_settings()  # a mistyped setting stops the run here
     t0 = time.perf_counter()
     summary = trainer.fit(resume=resume)
     if device.type == "cpu" and main:
